@@ -1,0 +1,152 @@
+"""Attention over a paged KV cache, for a flat batch of tokens from many sequences.
+
+Legend: T tokens of the step (flat, no padding), B sequences, H query heads, G KV heads,
+d head dim, N KV blocks, S block size, M blocks per sequence (block table width),
+Q longest query chunk of the step, L = M*S key positions per sequence.
+
+KV cache of one layer: `kv_2NSGd` = [2, N, S, G, d] (K then V), the layout paged decode kernels
+read (vLLM's). A token at position p of a sequence lives in slot `block_table[p // S] * S + p % S`.
+
+One step:
+  1. q, k, v of the step's tokens (QK-norm and RoPE applied by the caller),
+  2. k, v written into their slots (`slot_mapping_T`),
+  3. each sequence's queries attend to its cached keys through its block table, causally.
+The metadata is built once per step (`AttentionMetadata.build`) and shared by every layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step attention inputs, on the model's device.
+
+    positions_T:     position of each token in its sequence (int64).
+    slot_mapping_T:  KV slot each token's k/v is written to (int64).
+    block_table_BM:  KV block ids of each sequence, padded with 0 (int64; padding is masked).
+    seq_lens_B:      keys each sequence has after this step (cached + new).
+    query_start_B1:  offsets of each sequence's tokens in the flat batch (int64, B+1 entries).
+    q_pad_index_T:   where each token sits in the padded [B*Q] query layout.
+    mask_B1QL:       True where a (query, key) pair may attend (causal, in-sequence, window).
+    max_query_len:   Q.
+    """
+
+    positions_T: torch.Tensor
+    slot_mapping_T: torch.Tensor
+    block_table_BM: torch.Tensor
+    seq_lens_B: torch.Tensor
+    query_start_B1: torch.Tensor
+    q_pad_index_T: torch.Tensor
+    mask_B1QL: torch.Tensor
+    max_query_len: int
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        query_lens: list[int],
+        starts: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device,
+        sliding_window: int | None = None,
+    ) -> "AttentionMetadata":
+        """From plain per-sequence lists: tokens this step, first position, block ids."""
+        B = len(query_lens)
+        Q = max(query_lens)
+        M = max(len(t) for t in block_tables)
+        query_lens_B = torch.tensor(query_lens, dtype=torch.int64)
+        starts_B = torch.tensor(starts, dtype=torch.int64)
+        block_table_BM = torch.zeros(B, M, dtype=torch.int64)
+        for i, table in enumerate(block_tables):
+            block_table_BM[i, : len(table)] = torch.tensor(table, dtype=torch.int64)
+        query_start_B1 = torch.zeros(B + 1, dtype=torch.int64)
+        query_start_B1[1:] = torch.cumsum(query_lens_B, 0)
+        T = int(query_start_B1[-1])
+        seq_of_T = torch.repeat_interleave(torch.arange(B), query_lens_B)
+        offset_T = torch.arange(T) - query_start_B1[:-1][seq_of_T]
+        positions_T = starts_B[seq_of_T] + offset_T
+        block_T = block_table_BM[seq_of_T, positions_T // block_size]
+        slot_mapping_T = block_T * block_size + positions_T % block_size
+        q_pad_index_T = seq_of_T * Q + offset_T
+        # Query position per padded row; padding rows look at key 0 only, so softmax stays finite.
+        q_pos_BQ = starts_B[:, None] + torch.arange(Q)[None, :]
+        q_pos_BQ = torch.where(torch.arange(Q)[None, :] < query_lens_B[:, None], q_pos_BQ, 0)
+        key_pos_L = torch.arange(M * block_size)
+        mask_BQL = key_pos_L[None, None, :] <= q_pos_BQ[:, :, None]
+        if sliding_window is not None:
+            mask_BQL &= key_pos_L[None, None, :] > q_pos_BQ[:, :, None] - sliding_window
+        return cls(
+            positions_T=positions_T.to(device),
+            slot_mapping_T=slot_mapping_T.to(device),
+            block_table_BM=block_table_BM.to(device),
+            seq_lens_B=(starts_B + query_lens_B).to(device),
+            query_start_B1=query_start_B1.to(device),
+            q_pad_index_T=q_pad_index_T.to(device),
+            mask_B1QL=mask_BQL[:, None].to(device),
+            max_query_len=Q,
+        )
+
+
+def paged_attention(
+    q_THd: torch.Tensor, kv_2NSGd: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Reference paged attention with torch SDPA: gather each sequence's blocks, pad queries."""
+    T, H, d = q_THd.shape
+    B, M = meta.block_table_BM.shape
+    _, _, S, G, _ = kv_2NSGd.shape
+    Q = meta.max_query_len
+    k_BGLd = kv_2NSGd[0][meta.block_table_BM].reshape(B, M * S, G, d).transpose(1, 2)
+    v_BGLd = kv_2NSGd[1][meta.block_table_BM].reshape(B, M * S, G, d).transpose(1, 2)
+    q_pad = q_THd.new_zeros(B * Q, H, d).index_copy_(0, meta.q_pad_index_T, q_THd)
+    q_BHQd = q_pad.view(B, Q, H, d).transpose(1, 2)
+    out_BHQd = F.scaled_dot_product_attention(
+        q_BHQd, k_BGLd, v_BGLd, attn_mask=meta.mask_B1QL, scale=scale, enable_gqa=H != G
+    )
+    return out_BHQd.transpose(1, 2).reshape(B * Q, H * d)[meta.q_pad_index_T]
+
+
+class Attention(nn.Module):
+    """GQA self-attention with optional QK-norm (Qwen3) and q/k/v bias (Qwen2), fused qkv GEMM."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_2NSGd: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        T = x_TD.shape[0]
+        q, k, v = self.qkv_proj(x_TD).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q_THd = q.view(T, self.num_heads, self.head_dim)
+        k_TGd = k.view(T, self.num_kv_heads, self.head_dim)
+        v_TGd = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_THd, k_TGd = self.q_norm(q_THd), self.k_norm(k_TGd)
+        cos, sin = rope_cos_sin
+        q_THd, k_TGd = apply_rope(q_THd, cos, sin), apply_rope(k_TGd, cos, sin)
+        slots = kv_2NSGd.view(2, -1, self.num_kv_heads, self.head_dim)
+        slots[0].index_copy_(0, meta.slot_mapping_T, k_TGd.to(kv_2NSGd.dtype))
+        slots[1].index_copy_(0, meta.slot_mapping_T, v_TGd.to(kv_2NSGd.dtype))
+        return self.o_proj(paged_attention(q_THd, kv_2NSGd, meta, self.scale))
+
+
+__all__ = ["Attention", "AttentionMetadata", "paged_attention", "RotaryEmbedding"]

@@ -1,0 +1,97 @@
+"""Decoder assembly for Qwen3-MoE, Qwen3 dense, Qwen2-MoE and Mixtral over a flat token batch.
+
+    input_ids_T ─ embed ─▶ [ RMSNorm ─ attention(paged KV) ─ + ─ RMSNorm ─ MoE or MLP ─ + ] x L
+                                                                    ─ RMSNorm ─▶ hidden_TD
+    compute_logits(hidden of the rows that sample) ─ lm_head ─▶ logits (float32)
+
+A rank builds the model with the global ids of the experts it owns (`expert_ids`, None = all)
+and a dispatcher; the model itself never communicates.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from expertmesh.model.attention import Attention, AttentionMetadata
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.layers import DenseMLP, RMSNorm, RotaryEmbedding
+from expertmesh.model.moe import SparseMoeBlock
+from expertmesh.router import ExpertLoadStats, LocalDispatcher
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, mlp: nn.Module) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x_TD, rope_cos_sin, kv_2NSGd, meta: AttentionMetadata) -> torch.Tensor:
+        x_TD = x_TD + self.attn(self.input_layernorm(x_TD), rope_cos_sin, kv_2NSGd, meta)
+        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+
+
+class CausalLM(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        expert_ids: Sequence[int] | None = None,
+        dispatcher=None,
+        expert_impl: str = "auto",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.expert_ids = list(range(config.num_experts)) if expert_ids is None else list(expert_ids)
+        self.expert_load = ExpertLoadStats(len(config.moe_layers), config.num_experts, device) if config.is_moe else None
+        if dispatcher is None and config.is_moe:
+            expert_to_local = torch.full((config.num_experts,), -1, dtype=torch.int64)
+            expert_to_local[self.expert_ids] = torch.arange(len(self.expert_ids))
+            dispatcher = LocalDispatcher(expert_to_local.to(device))
+        self.dispatcher = dispatcher
+        # Built on the meta device, then given uninitialised storage of the target dtype on the
+        # target device: no random init, no float32 copy of a large model. The loader fills it.
+        with torch.device("meta"):
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            layers = []
+            for i in range(config.num_layers):
+                if i in config.moe_layers:
+                    mlp = SparseMoeBlock(config, len(self.expert_ids), config.moe_layers.index(i),
+                                         dispatcher=dispatcher, stats=self.expert_load,
+                                         expert_impl=expert_impl, device=device, dtype=dtype)
+                else:
+                    mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+                layers.append(DecoderLayer(config, i, mlp))
+            self.layers = nn.ModuleList(layers)
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        _materialize(self, device, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings).to(device)
+
+    def forward(
+        self, input_ids_T: torch.Tensor, meta: AttentionMetadata, kv_caches: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Hidden states [T, D] of a flat batch; kv_caches[i] is layer i's [2, N, S, G, d]."""
+        x_TD = self.embed_tokens(input_ids_T)
+        rope_cos_sin = self.rotary(meta.positions_T, x_TD.dtype)
+        for layer, kv in zip(self.layers, kv_caches):
+            x_TD = layer(x_TD, rope_cos_sin, kv, meta)
+        return self.norm(x_TD)
+
+    def compute_logits(self, hidden_BD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_BD).float()
+
+
+def _materialize(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = nn.Parameter(
+                    torch.empty(param.shape, device=device, dtype=dtype), requires_grad=False)

@@ -1,0 +1,105 @@
+"""Small building blocks: RMSNorm, rotary embeddings (default, linear, YaRN) and the dense SiLU MLP.
+
+Shapes: T tokens (flat over all sequences of a step), D hidden, H query heads, d head dim.
+RoPE follows transformers' formulas exactly (inverse frequencies and the YaRN attention factor),
+so logits agree with it to float32 rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.model.config import RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [d/2] and the attention factor that scales cos and sin."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    base_inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.rope_type == "default":
+        return base_inv_freq, 1.0
+    if rope.rope_type == "linear":
+        return base_inv_freq / rope.factor, 1.0
+    return _yarn_inv_freq(rope, head_dim, max_position_embeddings)
+
+
+def _yarn_inv_freq(rope: RopeConfig, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    original = rope.original_max_position_embeddings
+    factor = rope.factor if rope.factor else max_position_embeddings / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = float(mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim))
+        else:
+            attention_factor = mscale(factor)
+    beta_fast = rope.beta_fast or 32
+    beta_slow = rope.beta_slow or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for the positions of a step, computed from float32 inverse frequencies."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> None:
+        super().__init__()
+        inv_freq, self.attention_factor = rope_inv_freq(rope, head_dim, max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_Td = positions_T[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs_Td, freqs_Td), dim=-1)
+        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+
+
+def apply_rope(x_THd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> torch.Tensor:
+    half = x_THd.shape[-1] // 2
+    rotated = torch.cat((-x_THd[..., half:], x_THd[..., :half]), dim=-1)
+    return x_THd * cos_Td[:, None, :] + rotated * sin_Td[:, None, :]
+
+
+class DenseMLP(nn.Module):
+    """SiLU-gated FFN with gate and up fused into one GEMM: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        gate_TF, up_TF = self.gate_up_proj(x_TD).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate_TF) * up_TF)

@@ -1,0 +1,226 @@
+"""Checkpoint loading through one declarative name table.
+
+Each `Rule` maps a Hugging Face tensor name (with `{L}` layer and `{E}` expert placeholders)
+to one of our parameters, optionally into one part of a fused parameter (q/k/v into qkv_proj,
+gate/up into gate_up_proj or w13) or into one local expert's slice of a stacked tensor:
+
+    model.layers.{L}.self_attn.k_proj.weight   -> layers.{L}.attn.qkv_proj.weight, part 1 of (q, k, v)
+    model.layers.{L}.mlp.experts.{E}.up_proj.weight -> layers.{L}.mlp.experts.w13_EFD[local(E)], part 1 of (gate, up)
+
+A rank passes the global ids of the experts it owns; tensors of other experts are never read.
+Loading proves every tensor of the checkpoint was used (or belongs to an expert this rank does
+not own) and every parameter element was filled, and names the key when either fails.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from expertmesh.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Rule:
+    hf: str
+    """Checkpoint name pattern; {L} layer, {E} expert."""
+    param: str
+    """Our parameter name pattern; {L} layer."""
+    part: int = 0
+    part_rows: tuple[int, ...] = ()
+    """For fused parameters: the rows of each part along dim 0 (of each expert's slice, for
+    expert parameters); the tensor fills part `part`. Empty: the tensor fills the parameter."""
+    per_expert: bool = False
+    """`{E}` names one expert: the tensor goes to that expert's local slot."""
+    stacked_experts: bool = False
+    """The tensor holds all experts stacked on dim 0 (transformers 5's fused layout)."""
+
+
+def weight_rules(config: ModelConfig) -> list[Rule]:
+    L = "model.layers.{L}"
+    rules = [
+        Rule("model.embed_tokens.weight", "embed_tokens.weight"),
+        Rule("model.norm.weight", "norm.weight"),
+        Rule(f"{L}.input_layernorm.weight", "layers.{L}.input_layernorm.weight"),
+        Rule(f"{L}.post_attention_layernorm.weight", "layers.{L}.post_attention_layernorm.weight"),
+        Rule(f"{L}.self_attn.o_proj.weight", "layers.{L}.attn.o_proj.weight"),
+    ]
+    if not config.tie_word_embeddings:
+        rules.append(Rule("lm_head.weight", "lm_head.weight"))
+    qkv_rows = (config.q_size, config.kv_size, config.kv_size)
+    suffixes = ["weight"] + (["bias"] if config.qkv_bias else [])
+    for suffix in suffixes:
+        for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            rules.append(Rule(f"{L}.self_attn.{name}.{suffix}", "layers.{L}.attn.qkv_proj." + suffix, part, qkv_rows))
+    if config.o_bias:
+        rules.append(Rule(f"{L}.self_attn.o_proj.bias", "layers.{L}.attn.o_proj.bias"))
+    if config.qk_norm:
+        rules += [Rule(f"{L}.self_attn.q_norm.weight", "layers.{L}.attn.q_norm.weight"),
+                  Rule(f"{L}.self_attn.k_norm.weight", "layers.{L}.attn.k_norm.weight")]
+    rules += _mlp_rules(f"{L}.mlp", "layers.{L}.mlp", config.intermediate_size)  # dense layers
+    if config.model_type == "mixtral":
+        moe, w13 = f"{L}.block_sparse_moe", (config.moe_intermediate_size,) * 2
+        rules += [
+            Rule(f"{moe}.gate.weight", "layers.{L}.mlp.gate.weight"),
+            Rule(moe + ".experts.{E}.w1.weight", "layers.{L}.mlp.experts.w13_EFD", 0, w13, per_expert=True),
+            Rule(moe + ".experts.{E}.w3.weight", "layers.{L}.mlp.experts.w13_EFD", 1, w13, per_expert=True),
+            Rule(moe + ".experts.{E}.w2.weight", "layers.{L}.mlp.experts.w2_EDF", per_expert=True),
+        ]
+    elif config.is_moe:
+        moe, w13 = f"{L}.mlp", (config.moe_intermediate_size,) * 2
+        rules += [
+            Rule(f"{moe}.gate.weight", "layers.{L}.mlp.gate.weight"),
+            Rule(moe + ".experts.{E}.gate_proj.weight", "layers.{L}.mlp.experts.w13_EFD", 0, w13, per_expert=True),
+            Rule(moe + ".experts.{E}.up_proj.weight", "layers.{L}.mlp.experts.w13_EFD", 1, w13, per_expert=True),
+            Rule(moe + ".experts.{E}.down_proj.weight", "layers.{L}.mlp.experts.w2_EDF", per_expert=True),
+            Rule(f"{moe}.experts.gate_up_proj", "layers.{L}.mlp.experts.w13_EFD", stacked_experts=True),
+            Rule(f"{moe}.experts.down_proj", "layers.{L}.mlp.experts.w2_EDF", stacked_experts=True),
+        ]
+        if config.shared_expert_intermediate_size:
+            rules += _mlp_rules(f"{moe}.shared_expert", "layers.{L}.mlp.shared_expert",
+                                config.shared_expert_intermediate_size)
+            rules.append(Rule(f"{moe}.shared_expert_gate.weight", "layers.{L}.mlp.shared_expert_gate.weight"))
+    return rules
+
+
+def _mlp_rules(hf_prefix: str, prefix: str, intermediate_size: int) -> list[Rule]:
+    rows = (intermediate_size, intermediate_size)
+    return [
+        Rule(f"{hf_prefix}.gate_proj.weight", f"{prefix}.gate_up_proj.weight", 0, rows),
+        Rule(f"{hf_prefix}.up_proj.weight", f"{prefix}.gate_up_proj.weight", 1, rows),
+        Rule(f"{hf_prefix}.down_proj.weight", f"{prefix}.down_proj.weight"),
+    ]
+
+
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (one file, or shards with an index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no safetensors weights in {str(path)!r}")
+    names = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
+                 expert_ids: list[int] | None = None, progress: bool = True) -> None:
+    """Fill every parameter of `model` from the checkpoint at `path` (see the module docstring)."""
+    path = Path(path)
+    expert_ids = list(range(config.num_experts)) if expert_ids is None else list(expert_ids)
+    local_slot = {e: i for i, e in enumerate(expert_ids)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    matchers = [(_compile(rule.hf), rule) for rule in weight_rules(config)]
+    filled: dict[str, set] = defaultdict(set)
+    unexpected: list[str] = []
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, file in checkpoint_files(path).items():
+        by_file[file].append(name)
+
+    bar = tqdm(total=sum(len(v) for v in by_file.values()), desc="Loading weights", unit="tensor",
+               disable=not progress)
+    for file, names in sorted(by_file.items()):
+        with safe_open(file, "pt") as f:
+            for name in sorted(names):
+                bar.update()
+                match = _match(matchers, name)
+                if match is None and name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # some tied checkpoints still carry the copy
+                if match is None:
+                    if not IGNORED.match(name):
+                        unexpected.append(name)
+                    continue
+                rule, groups = match
+                target = rule.param.format(L=groups.get("L"))
+                if target not in params:
+                    unexpected.append(name)
+                    continue
+                param = params[target]
+                if rule.stacked_experts:
+                    for slot, expert in enumerate(expert_ids):
+                        _copy(param[slot], f.get_slice(name)[expert], rule, name)
+                        filled[target].add((slot, rule.part))
+                elif rule.per_expert:
+                    expert = int(groups["E"])
+                    if expert not in local_slot:
+                        if expert >= config.num_experts:
+                            unexpected.append(name)
+                        continue  # another rank's expert: never read
+                    _copy(param[local_slot[expert]], f.get_tensor(name), rule, name)
+                    filled[target].add((local_slot[expert], rule.part))
+                else:
+                    _copy(param, f.get_tensor(name), rule, name)
+                    filled[target].add((None, rule.part))
+    bar.close()
+    if unexpected:
+        raise ValueError(f"checkpoint {str(path)!r} has tensors this {config.model_type} model does not use: "
+                         f"{', '.join(sorted(unexpected)[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+    missing = _missing(params, filled, matchers, len(expert_ids), expert_ids)
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is missing tensor(s): "
+                         f"{', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+
+
+def _compile(pattern: str) -> re.Pattern:
+    regex = re.escape(pattern).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
+    return re.compile(regex + "$")
+
+
+def _match(matchers, name):
+    for regex, rule in matchers:
+        m = regex.match(name)
+        if m:
+            return rule, m.groupdict()
+    return None
+
+
+def _copy(dest: torch.Tensor, src: torch.Tensor, rule: Rule, name: str) -> None:
+    if rule.part_rows:
+        dest = dest.narrow(0, sum(rule.part_rows[: rule.part]), rule.part_rows[rule.part])
+    if tuple(src.shape) != tuple(dest.shape):
+        raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)}")
+    dest.copy_(src)
+
+
+def _missing(params, filled, matchers, num_local, expert_ids) -> list[str]:
+    """Checkpoint names that would have filled what is still empty."""
+    missing = []
+    for target, param in params.items():
+        layer = re.match(r"layers\.(\d+)\.", target)
+        layer_id = layer.group(1) if layer else None
+        rules = [r for _, r in matchers if r.param.format(L=layer_id) == target]
+        if not rules:
+            if target == "lm_head.weight":  # tied to the embedding
+                continue
+            missing.append(f"(no rule fills {target})")
+            continue
+        done = filled.get(target, set())
+        stacked = [r for r in rules if r.stacked_experts]
+        if any(r.per_expert for r in rules):
+            per_expert = [r for r in rules if r.per_expert]
+            for slot in range(num_local):
+                for rule in per_expert:
+                    if (slot, rule.part) not in done:
+                        if stacked and all((slot, s.part) in done for s in stacked):
+                            continue
+                        missing.append(rule.hf.format(L=layer_id, E=expert_ids[slot]))
+        else:
+            for rule in rules:
+                if (None, rule.part) not in done:
+                    missing.append(rule.hf.format(L=layer_id))
+    return missing

@@ -1,0 +1,48 @@
+"""The sparse MoE block: gate -> dispatch -> experts -> combine (+ Qwen2-MoE's shared expert).
+
+The block knows no communication: its dispatcher is handed in (the local one for EP=1, the
+all-to-all one under expert parallelism) and it only calls dispatch() and combine().
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.experts import Experts
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.layers import DenseMLP
+from expertmesh.router import ExpertLoadStats, GateConfig, gate
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: ModelConfig, num_local_experts: int, moe_index: int, *,
+                 dispatcher, stats: ExpertLoadStats | None, expert_impl: str = "auto",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(num_local_experts, config.hidden_size, config.moe_intermediate_size,
+                               impl=expert_impl, device=device, dtype=dtype)
+        self.gate_config = GateConfig(
+            top_k=config.top_k,
+            renormalize=config.norm_topk_prob,
+            scoring="topk_softmax" if config.model_type == "mixtral" else "softmax_topk",
+        )
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.moe_index = moe_index
+        self.dispatcher = dispatcher
+        self.stats = stats
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        topk_weights_TK, topk_ids_TK = gate(self.gate(x_TD), self.gate_config)
+        if self.stats is not None:
+            self.stats.record(self.moe_index, topk_ids_TK)
+        routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
+        y_ND = self.experts(routed.x_ND, routed.counts_E)
+        out_TD = self.dispatcher.combine(y_ND, routed.handle)
+        if self.shared_expert is not None:
+            out_TD = out_TD + F.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+        return out_TD
