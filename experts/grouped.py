@@ -1,0 +1,102 @@
+"""The experts of one rank: stacked SiLU-gated FFN weights and the GEMM paths that run them.
+
+Legend: N token copies routed to this rank, sorted by local expert; E local experts;
+D hidden; F expert FFN width.
+
+    w13_EFD = [E, 2F, D]   gate rows [0:F], up rows [F:2F]  (x @ w13[e].T -> [gate | up])
+    w2_EDF  = [E, D, F]    down projection
+
+Every path takes tokens already sorted by expert with per-expert counts (`counts_E`, which sum
+to N) and returns the outputs in the same order:
+
+- "reference": a Python loop over experts; the oracle the others are tested against.
+- "grouped":   `torch._grouped_mm` with the counts' prefix sums as group offsets (one kernel
+               for all experts; Hopper bf16 on CUDA, float32 on recent CPU builds).
+- "batched":   tokens scattered into a padded [E, C, D] block (C = the largest count) and
+               two `bmm`s; no per-expert loop, for devices without grouped GEMM.
+
+The path is chosen once, at construction ("auto" probes grouped_mm on the weights' device
+and dtype, and falls back to "batched").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERT_IMPLS = ("auto", "grouped", "batched", "reference")
+
+
+class Experts(nn.Module):
+    def __init__(
+        self,
+        num_local_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        impl: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"unknown expert impl {impl!r}; choose one of {', '.join(EXPERT_IMPLS)}")
+        self.num_local_experts = num_local_experts
+        self.intermediate_size = intermediate_size
+        factory = dict(device=device, dtype=dtype)
+        self.w13_EFD = nn.Parameter(torch.empty(num_local_experts, 2 * intermediate_size, hidden_size, **factory),
+                                    requires_grad=False)
+        self.w2_EDF = nn.Parameter(torch.empty(num_local_experts, hidden_size, intermediate_size, **factory),
+                                   requires_grad=False)
+        self.impl = impl if impl != "auto" else ("grouped" if _grouped_mm_works(self.w13_EFD) else "batched")
+        self._forward = {"grouped": self._grouped, "batched": self._batched, "reference": self._reference}[self.impl]
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_ND sorted by local expert, counts_E (int) per local expert -> y_ND in the same order."""
+        if x_ND.shape[0] == 0:
+            return x_ND.new_empty(0, self.w2_EDF.shape[1])
+        return self._forward(x_ND, counts_E)
+
+    def _act(self, h_N2F: torch.Tensor) -> torch.Tensor:
+        gate, up = h_N2F.split(self.intermediate_size, dim=-1)
+        return F.silu(gate) * up
+
+    def _reference(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        outputs, begin = [], 0
+        for e, count in enumerate(counts_E.tolist()):
+            x = x_ND[begin: begin + count]
+            outputs.append(self._act(x @ self.w13_EFD[e].T) @ self.w2_EDF[e].T)
+            begin += count
+        return torch.cat(outputs)
+
+    def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        h_N2F = torch._grouped_mm(x_ND, self.w13_EFD.transpose(-2, -1), offs=offsets_E)
+        return torch._grouped_mm(self._act(h_N2F), self.w2_EDF.transpose(-2, -1), offs=offsets_E)
+
+    def _batched(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        N, D = x_ND.shape
+        E = self.num_local_experts
+        capacity = int(counts_E.max())
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
+        row_N = expert_N * capacity + (torch.arange(N, device=x_ND.device) - starts_E[expert_N])
+        x_ECD = x_ND.new_zeros(E * capacity, D).index_copy_(0, row_N, x_ND).view(E, capacity, D)
+        h_EC2F = torch.bmm(x_ECD, self.w13_EFD.transpose(1, 2))
+        y_ECD = torch.bmm(self._act(h_EC2F), self.w2_EDF.transpose(1, 2))
+        return y_ECD.view(E * capacity, D)[row_N]
+
+
+def _grouped_mm_works(w13_EFD: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs for these weights' device, dtype and strides."""
+    if not hasattr(torch, "_grouped_mm") or w13_EFD.device.type == "meta":
+        return False
+    E, F2, D = w13_EFD.shape
+    try:
+        x = torch.zeros(2 * E, D, device=w13_EFD.device, dtype=w13_EFD.dtype)
+        w = torch.zeros(E, F2, D, device=w13_EFD.device, dtype=w13_EFD.dtype)
+        offsets = torch.arange(1, E + 1, device=w13_EFD.device, dtype=torch.int32) * 2
+        torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False

@@ -1,0 +1,7 @@
+"""Gating, dispatch/combine and expert-load statistics."""
+from expertmesh.router.dispatch import Dispatched, DispatchHandle, LocalDispatcher
+from expertmesh.router.gating import GateConfig, gate, softmax_topk, topk_softmax
+from expertmesh.router.stats import ExpertLoadStats
+
+__all__ = ["Dispatched", "DispatchHandle", "ExpertLoadStats", "GateConfig", "LocalDispatcher", "gate",
+           "softmax_topk", "topk_softmax"]

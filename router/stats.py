@@ -1,0 +1,30 @@
+"""Expert-load counters: tokens routed to each expert of each MoE layer, kept on the device.
+
+Recording is one `index_add_` per layer and never synchronises with the host; `snapshot()`
+copies the counts out when someone (metrics, the load balancer) asks.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ExpertLoadStats:
+    def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device | str = "cpu") -> None:
+        self.counts_LE = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64, device=device)
+
+    def record(self, moe_layer: int, topk_ids_TK: torch.Tensor) -> None:
+        ids = topk_ids_TK.reshape(-1)
+        self.counts_LE[moe_layer].index_add_(0, ids, torch.ones_like(ids))
+
+    def snapshot(self) -> torch.Tensor:
+        """[num_moe_layers, num_experts] int64 on the CPU: tokens routed since the last reset."""
+        return self.counts_LE.cpu()
+
+    def reset(self) -> None:
+        self.counts_LE.zero_()
+
+    def imbalance(self) -> torch.Tensor:
+        """Per layer: max over mean tokens per expert (1.0 is perfect balance; 0 when idle)."""
+        counts = self.counts_LE.float()
+        mean = counts.mean(dim=1)
+        return torch.where(mean > 0, counts.max(dim=1).values / mean.clamp(min=1e-9), 0.0).cpu()
