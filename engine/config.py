@@ -1,0 +1,82 @@
+"""`EngineConfig`: built once (CLI, Python API or Serve config) and handed down whole.
+
+Each part of the engine gets only the sub-config it uses: the scheduler its `SchedulerConfig`,
+the block manager its `CacheConfig`, the model runner `ModelLoadConfig` and `CacheConfig`.
+Nothing below the entry points reads the environment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelLoadConfig:
+    model: str
+    """Directory of a Hugging Face checkpoint (config.json, safetensors, tokenizer.json)."""
+    dtype: str = "auto"
+    """"auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16"."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt plus output); defaults to the model's max_position_embeddings."""
+    expert_impl: str = "auto"
+    """Experts' GEMM path: "auto" (grouped where the device runs it), "grouped", "batched" or "reference"."""
+    seed: int = 0
+    """Seed of the engine's default generator (requests without their own seed)."""
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """KV blocks per rank; None sizes the cache from memory (kv_memory_fraction or kv_cache_memory_bytes)."""
+    kv_cache_memory_bytes: int | None = None
+    """Bytes for the KV cache when num_blocks is None; None uses kv_memory_fraction of free device memory."""
+    kv_memory_fraction: float = 0.85
+    """Fraction of the device's free memory (after weights) given to the KV cache, on CUDA."""
+    cpu_kv_cache_bytes: int = 1 << 30
+    """Default KV cache size on CPU when neither num_blocks nor kv_cache_memory_bytes is set."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of full prompt blocks already computed (hash of the block and its prefix)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    """Most requests running in one step."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (decode tokens plus prefill chunks). Prompts longer than the
+    budget are prefilled in chunks of at most this many tokens."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1
+    """Expert-parallel ranks of one EP group (1 runs in-process)."""
+
+    def __post_init__(self) -> None:
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+
+
+@dataclass
+class EngineConfig:
+    load: ModelLoadConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
