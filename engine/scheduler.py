@@ -1,0 +1,206 @@
+"""Continuous batching with chunked prefill and preemption by recompute (vLLM v1's policy).
+
+One step, `schedule()`, shares one token budget (`max_num_batched_tokens`) among all requests:
+
+1. Running requests, in admission order: each gets `min(tokens left to compute, budget left)`
+   tokens: 1 for a decode, a chunk for an unfinished prefill. When its blocks cannot be allocated,
+   the most recently admitted running request is preempted (LIFO): its blocks are freed, it goes
+   back to the FRONT of the waiting queue with num_computed_tokens = 0 and its output tokens kept,
+   to be prefilled again as prompt + output. This repeats until the allocation fits or the request
+   has preempted itself.
+2. Only if nothing was preempted this step, waiting requests in FIFO order while budget and
+   `max_num_seqs` allow: the prefix cache is consulted (`BlockManager.match_prefix`), the request
+   gets a chunk of up to the budget left, its blocks are allocated and it joins the running list.
+   The first one that does not fit stops admission (no skipping ahead, to stay fair); its matched
+   blocks are released so that a waiting request never pins blocks.
+
+A request whose tokens need more blocks than the whole cache holds, or more positions than
+`max_model_len`, can never run: the scheduler finishes it with FINISHED_ERROR and reports it in
+`SchedulerOutput.errors` instead of preempting everyone for it or waiting forever.
+
+`update()` applies a step's results: computed tokens advance, sampled tokens are appended and
+newly full blocks enter the prefix cache. Stops (EOS, stop strings, max_tokens, max_model_len)
+are the engine's to decide; it calls `finish()`.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from expertmesh.engine.block_manager import BlockManager
+from expertmesh.engine.config import SchedulerConfig
+from expertmesh.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    start: int
+    """Position of the first token computed this step (num_computed_tokens when scheduled)."""
+    num_tokens: int
+    """Tokens computed this step, >= 1: positions start .. start + num_tokens - 1."""
+    samples: bool
+    """True when start + num_tokens == request.num_tokens: this step yields a next-token sample."""
+
+
+@dataclass(frozen=True)
+class RequestError:
+    request_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    preempted: tuple[str, ...]
+    """Ids of requests preempted this step (back in the waiting queue, blocks freed)."""
+    num_batched_tokens: int
+    errors: tuple[RequestError, ...] = ()
+    """Requests the scheduler finished with FINISHED_ERROR this step, and why."""
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        """In admission order: the last one is the preemption victim."""
+        self._requests: dict[str, Request] = {}
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self._requests.get(request_id)
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self._requests:
+            raise ValueError(f"request id {req.request_id!r} is already scheduled")
+        if req.status is not RequestStatus.WAITING or req.num_computed_tokens or req.block_ids:
+            raise ValueError(f"request {req.request_id!r} must be new (WAITING, nothing computed)")
+        self._requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        errors: list[RequestError] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            req = self.running[index]
+            if self._reject_if_too_long(req, errors):
+                continue
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:  # nothing to compute until update() appends its sample
+                index += 1
+                continue
+            while not self.block_manager.allocate(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                scheduled.append(self._scheduled(req, num_new))
+                budget -= num_new
+                index += 1
+                continue
+            break  # req preempted itself; it was the last running request
+
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[0]
+            if self._reject_if_too_long(req, errors):
+                continue
+            self.block_manager.match_prefix(req)
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.block_manager.allocate(req, num_new):
+                self.block_manager.free(req)
+                req.num_computed_tokens = req.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(self._scheduled(req, num_new))
+            budget -= num_new
+
+        return SchedulerOutput(
+            scheduled=tuple(scheduled),
+            preempted=tuple(preempted),
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            errors=tuple(errors),
+        )
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Apply one step: advance computed tokens, append samples (`sampled[request_id]` for every
+        ScheduledRequest with samples=True), cache newly full blocks. Requests finished since
+        `schedule()` (aborted) are skipped."""
+        for item in output.scheduled:
+            req = item.request
+            if req.finished or self._requests.get(req.request_id) is not req:
+                continue
+            req.num_computed_tokens = item.start + item.num_tokens
+            if item.samples:
+                req.output_token_ids.append(sampled[req.request_id])
+            self.block_manager.cache_blocks(req, req.num_computed_tokens)
+
+    def finish(self, req_or_id: Request | str, status: RequestStatus) -> None:
+        """End a request: free its blocks, drop it from the queues. Unknown or finished: no-op."""
+        if not status.finished:
+            raise ValueError(f"finish needs a FINISHED_* status, got {status}")
+        request_id = req_or_id if isinstance(req_or_id, str) else req_or_id.request_id
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.block_manager.free(req)
+        req.status = status
+
+    def abort(self, request_ids: str | list[str] | tuple[str, ...]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.finish(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        return ScheduledRequest(req, start, num_new, samples=start + num_new == req.num_tokens)
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req)
+        req.num_computed_tokens = req.num_cached_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _reject_if_too_long(self, req: Request, errors: list[RequestError]) -> bool:
+        """Finish req with FINISHED_ERROR if its tokens can never fit; True if it did."""
+        bm = self.block_manager
+        if req.num_tokens > self.max_model_len:
+            message = f"{req.num_tokens} tokens exceed max_model_len={self.max_model_len}"
+        elif bm.num_blocks_for(req.num_tokens) > bm.num_blocks:
+            message = (f"{req.num_tokens} tokens need {bm.num_blocks_for(req.num_tokens)} KV blocks of "
+                       f"{bm.block_size}; the cache has {bm.num_blocks}")
+        else:
+            return False
+        self.finish(req, RequestStatus.FINISHED_ERROR)
+        errors.append(RequestError(req.request_id, message))
+        return True
