@@ -1,0 +1,155 @@
+"""Output token ids to text, a few tokens at a time, and stop strings over the growing text.
+
+`IncrementalDetokenizer` keeps two offsets into a short window of token ids (the prefix/read
+offset method of vLLM and text-generation-inference):
+
+    window: | prefix tokens | pending tokens |
+            0               read_offset      end
+    delta = decode(window)[len(decode(window[:read_offset])):]
+
+ 1. Each new token is appended; the window is decoded with the prefix tokens in front, so
+    spacing and merges come out as they would inside the whole sequence.
+ 2. While the window's text ends in U+FFFD (a character whose bytes have not all arrived) or
+    adds nothing (skipped special tokens), the tokens stay pending.
+ 3. Otherwise the new text is emitted, the pending tokens become the next prefix, and older
+    ids are dropped, so a call costs O(new tokens + window), never a re-decode of the output.
+ 4. Should more than `_MAX_PENDING` tokens pile up (a model emitting invalid UTF-8), all but
+    the last 4 are released as they decode (with U+FFFD, as the full decode has it).
+
+`StopChecker` finds stop strings in the text and says how much of it is safe to stream:
+it holds back any tail that could still grow into a stop string.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tokenizers
+
+_REPLACEMENT = "\ufffd"
+_PROMPT_CONTEXT = 5
+"""Prompt tokens decoded ahead of the first output token, for its leading space."""
+_MAX_PENDING = 16
+_KEEP_PENDING = 4
+"""A UTF-8 character is at most 4 bytes, so at most 4 byte tokens can be waiting for it."""
+
+
+class IncrementalDetokenizer:
+    """Streams one request's output text. `add` returns only complete new text; `text` is all so far."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, prompt_token_ids: list[int],
+                 skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        """The window: prefix tokens (already released, kept as context), then pending ones."""
+        self._read_offset = len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        self.text = ""
+        """All output text released so far."""
+
+    def add(self, token_ids: list[int]) -> str:
+        """Append output tokens; return the text they complete (possibly "")."""
+        deltas = []
+        for token_id in token_ids:
+            self._ids.append(token_id)
+            deltas.append(self._step())
+        delta = "".join(deltas)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """Release whatever is pending, incomplete characters included (at the end of a request)."""
+        delta = self._release(len(self._ids), force=True)
+        self.text += delta
+        return delta
+
+    def _step(self) -> str:
+        delta = self._release(len(self._ids), force=False)
+        if not delta and len(self._ids) - self._read_offset > _MAX_PENDING:
+            delta = self._release(len(self._ids) - _KEEP_PENDING, force=True)
+        return delta
+
+    def _release(self, end: int, force: bool) -> str:
+        text = self._decode(self._ids[:end])
+        if not force and (len(text) <= len(self._prefix_text) or text.endswith(_REPLACEMENT)):
+            return ""
+        delta = text[len(self._prefix_text):]
+        # The released tokens become the next prefix; ids before them are no longer needed.
+        del self._ids[:self._read_offset]
+        self._read_offset = end - self._read_offset
+        self._prefix_text = self._decode(self._ids[:self._read_offset])
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+
+def find_stop_string(text: str, new_text_len: int, stops: list[str]) -> tuple[int, str] | None:
+    """The stop string that ends first inside the last new_text_len chars of text (it may begin
+    in older text), as (index where it begins, the stop string); None if none does.
+
+    "First" is by end position, as if the text had arrived one character at a time, so the
+    answer does not depend on how the text was cut into deltas; on a tie the longer one wins.
+    """
+    best: tuple[int, int, str] | None = None  # (end, -len, stop)
+    for stop in stops:
+        start = max(0, len(text) - new_text_len - len(stop) + 1)
+        index = text.find(stop, start)
+        if index >= 0:
+            candidate = (index + len(stop), -len(stop), stop)
+            if best is None or candidate < best:
+                best = candidate
+    if best is None:
+        return None
+    end, _, stop = best
+    return end - len(stop), stop
+
+
+@dataclass(frozen=True)
+class StopUpdate:
+    delta: str
+    """Text newly safe to stream to the client."""
+    stop_str: str | None
+    """The stop string matched in this update; None while running."""
+    text_end: int | None
+    """When stopped: the request's final text is text[:text_end]."""
+
+
+class StopChecker:
+    """Per request: call `update(detokenizer.text, len(delta))` after each `add`, and
+    `update(..., finished=True)` once when the request ends otherwise (EOS, length), to
+    release the text held back. Streamed deltas concatenate to the request's final text."""
+
+    def __init__(self, stops: list[str], include_stop_str_in_output: bool = False) -> None:
+        self._stops = list(stops)
+        self._include = include_stop_str_in_output
+        self._streamed = 0
+        self.stopped = False
+
+    def update(self, text: str, new_text_len: int, finished: bool = False) -> StopUpdate:
+        if self.stopped:
+            return StopUpdate("", None, None)
+        match = find_stop_string(text, new_text_len, self._stops) if self._stops else None
+        if match is not None:
+            index, stop = match
+            self.stopped = True
+            end = index + len(stop) if self._include else index
+            return StopUpdate(self._advance(text, end), stop, end)
+        if finished:
+            return StopUpdate(self._advance(text, len(text)), None, None)
+        return StopUpdate(self._advance(text, len(text) - self._held_back(text)), None, None)
+
+    def _advance(self, text: str, end: int) -> str:
+        delta = text[self._streamed:end]
+        self._streamed = max(self._streamed, end)
+        return delta
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest tail of text that is a proper prefix of some stop string."""
+        longest = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
