@@ -13,10 +13,13 @@ to N) and returns the outputs in the same order:
 - "grouped":   `torch._grouped_mm` with the counts' prefix sums as group offsets (one kernel
                for all experts; Hopper bf16 on CUDA, float32 on recent CPU builds).
 - "batched":   tokens scattered into a padded [E, C, D] block (C = the largest count) and
-               two `bmm`s; no per-expert loop, for devices without grouped GEMM.
+               two `bmm`s; no per-expert loop, for devices without grouped GEMM. With fewer
+               rows than experts (decode), each row is multiplied by its own expert's
+               gathered weights instead, which skips the scatter.
 
-The path is chosen once, at construction ("auto" probes grouped_mm on the weights' device
-and dtype, and falls back to "batched").
+The path is chosen once, at construction: "auto" takes "grouped" on CUDA when a probe shows
+grouped_mm runs for the weights' dtype and strides, and "batched" otherwise (on the CPU,
+grouped_mm is a loop of small matmuls, slower than one padded bmm).
 """
 from __future__ import annotations
 
@@ -51,17 +54,18 @@ class Experts(nn.Module):
         self.impl = impl if impl != "auto" else ("grouped" if _grouped_mm_works(self.w13_EFD) else "batched")
         self._forward = {"grouped": self._grouped, "batched": self._batched, "reference": self._reference}[self.impl]
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x_ND sorted by local expert, counts_E (int) per local expert -> y_ND in the same order."""
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, expert_N: torch.Tensor | None = None) -> torch.Tensor:
+        """x_ND sorted by local expert, counts_E (int64) per local expert, optionally expert_N (the
+        local expert of each row, if the caller has it) -> y_ND in the same order."""
         if x_ND.shape[0] == 0:
             return x_ND.new_empty(0, self.w2_EDF.shape[1])
-        return self._forward(x_ND, counts_E)
+        return self._forward(x_ND, counts_E, expert_N)
 
     def _act(self, h_N2F: torch.Tensor) -> torch.Tensor:
         gate, up = h_N2F.split(self.intermediate_size, dim=-1)
         return F.silu(gate) * up
 
-    def _reference(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _reference(self, x_ND: torch.Tensor, counts_E: torch.Tensor, expert_N=None) -> torch.Tensor:
         outputs, begin = [], 0
         for e, count in enumerate(counts_E.tolist()):
             x = x_ND[begin: begin + count]
@@ -69,17 +73,22 @@ class Experts(nn.Module):
             begin += count
         return torch.cat(outputs)
 
-    def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor, expert_N=None) -> torch.Tensor:
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         h_N2F = torch._grouped_mm(x_ND, self.w13_EFD.transpose(-2, -1), offs=offsets_E)
         return torch._grouped_mm(self._act(h_N2F), self.w2_EDF.transpose(-2, -1), offs=offsets_E)
 
-    def _batched(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _batched(self, x_ND: torch.Tensor, counts_E: torch.Tensor, expert_N: torch.Tensor | None) -> torch.Tensor:
         N, D = x_ND.shape
         E = self.num_local_experts
+        if expert_N is None:
+            expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
+        if N <= E:
+            # Fewer rows than experts (decode): each row multiplies its own expert's weights.
+            h_N2F = torch.bmm(self.w13_EFD[expert_N], x_ND[:, :, None])[:, :, 0]
+            return torch.bmm(self.w2_EDF[expert_N], self._act(h_N2F)[:, :, None])[:, :, 0]
         capacity = int(counts_E.max())
         starts_E = torch.cumsum(counts_E, 0) - counts_E
-        expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
         row_N = expert_N * capacity + (torch.arange(N, device=x_ND.device) - starts_E[expert_N])
         x_ECD = x_ND.new_zeros(E * capacity, D).index_copy_(0, row_N, x_ND).view(E, capacity, D)
         h_EC2F = torch.bmm(x_ECD, self.w13_EFD.transpose(1, 2))
@@ -88,8 +97,8 @@ class Experts(nn.Module):
 
 
 def _grouped_mm_works(w13_EFD: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm runs for these weights' device, dtype and strides."""
-    if not hasattr(torch, "_grouped_mm") or w13_EFD.device.type == "meta":
+    """Whether torch._grouped_mm has a kernel for these weights' device, dtype and strides."""
+    if not hasattr(torch, "_grouped_mm") or w13_EFD.device.type != "cuda":
         return False
     E, F2, D = w13_EFD.shape
     try:

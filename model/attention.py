@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope
+from expertmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize
 
 
 @dataclass(frozen=True)
@@ -58,40 +59,44 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device,
         sliding_window: int | None = None,
-    ) -> "AttentionMetadata":
-        """From plain per-sequence lists: tokens this step, first position, block ids."""
+    ) -> AttentionMetadata:
+        """From plain per-sequence lists: tokens this step, first position, block ids.
+        Index arithmetic runs in numpy on the host; one copy per tensor to the device."""
         B = len(query_lens)
         Q = max(query_lens)
         M = max(len(t) for t in block_tables)
-        query_lens_B = torch.tensor(query_lens, dtype=torch.int64)
-        starts_B = torch.tensor(starts, dtype=torch.int64)
-        block_table_BM = torch.zeros(B, M, dtype=torch.int64)
+        query_lens_B = np.asarray(query_lens, dtype=np.int64)
+        starts_B = np.asarray(starts, dtype=np.int64)
+        block_table_BM = np.zeros((B, M), dtype=np.int64)
         for i, table in enumerate(block_tables):
-            block_table_BM[i, : len(table)] = torch.tensor(table, dtype=torch.int64)
-        query_start_B1 = torch.zeros(B + 1, dtype=torch.int64)
-        query_start_B1[1:] = torch.cumsum(query_lens_B, 0)
+            block_table_BM[i, : len(table)] = table
+        query_start_B1 = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(query_lens_B, out=query_start_B1[1:])
         T = int(query_start_B1[-1])
-        seq_of_T = torch.repeat_interleave(torch.arange(B), query_lens_B)
-        offset_T = torch.arange(T) - query_start_B1[:-1][seq_of_T]
+        seq_of_T = np.repeat(np.arange(B), query_lens_B)
+        offset_T = np.arange(T) - query_start_B1[:-1][seq_of_T]
         positions_T = starts_B[seq_of_T] + offset_T
-        block_T = block_table_BM[seq_of_T, positions_T // block_size]
-        slot_mapping_T = block_T * block_size + positions_T % block_size
+        slot_mapping_T = block_table_BM[seq_of_T, positions_T // block_size] * block_size + positions_T % block_size
         q_pad_index_T = seq_of_T * Q + offset_T
         # Query position per padded row; padding rows look at key 0 only, so softmax stays finite.
-        q_pos_BQ = starts_B[:, None] + torch.arange(Q)[None, :]
-        q_pos_BQ = torch.where(torch.arange(Q)[None, :] < query_lens_B[:, None], q_pos_BQ, 0)
-        key_pos_L = torch.arange(M * block_size)
+        q_pos_BQ = starts_B[:, None] + np.arange(Q)[None, :]
+        q_pos_BQ = np.where(np.arange(Q)[None, :] < query_lens_B[:, None], q_pos_BQ, 0)
+        key_pos_L = np.arange(M * block_size)
         mask_BQL = key_pos_L[None, None, :] <= q_pos_BQ[:, :, None]
         if sliding_window is not None:
             mask_BQL &= key_pos_L[None, None, :] > q_pos_BQ[:, :, None] - sliding_window
+
+        def dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
         return cls(
-            positions_T=positions_T.to(device),
-            slot_mapping_T=slot_mapping_T.to(device),
-            block_table_BM=block_table_BM.to(device),
-            seq_lens_B=(starts_B + query_lens_B).to(device),
-            query_start_B1=query_start_B1.to(device),
-            q_pad_index_T=q_pad_index_T.to(device),
-            mask_B1QL=mask_BQL[:, None].to(device),
+            positions_T=dev(positions_T),
+            slot_mapping_T=dev(slot_mapping_T),
+            block_table_BM=dev(block_table_BM),
+            seq_lens_B=dev(starts_B + query_lens_B),
+            query_start_B1=dev(query_start_B1),
+            q_pad_index_T=dev(q_pad_index_T),
+            mask_B1QL=dev(mask_BQL[:, None]),
             max_query_len=Q,
         )
 
@@ -99,18 +104,23 @@ class AttentionMetadata:
 def paged_attention(
     q_THd: torch.Tensor, kv_2NSGd: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Reference paged attention with torch SDPA: gather each sequence's blocks, pad queries."""
-    T, H, d = q_THd.shape
+    """Reference paged attention with torch SDPA: gather each sequence's blocks (K and V in one
+    gather), pad queries to Q (a decode-only step, Q = 1, needs no padding)."""
+    _T, H, d = q_THd.shape
     B, M = meta.block_table_BM.shape
     _, _, S, G, _ = kv_2NSGd.shape
     Q = meta.max_query_len
-    k_BGLd = kv_2NSGd[0][meta.block_table_BM].reshape(B, M * S, G, d).transpose(1, 2)
-    v_BGLd = kv_2NSGd[1][meta.block_table_BM].reshape(B, M * S, G, d).transpose(1, 2)
-    q_pad = q_THd.new_zeros(B * Q, H, d).index_copy_(0, meta.q_pad_index_T, q_THd)
-    q_BHQd = q_pad.view(B, Q, H, d).transpose(1, 2)
+    kv_2BGLd = kv_2NSGd[:, meta.block_table_BM].reshape(2, B, M * S, G, d).transpose(2, 3)
+    if Q == 1:
+        q_BHQd = q_THd[:, :, None, :]
+    else:
+        q_pad = q_THd.new_zeros(B * Q, H, d).index_copy_(0, meta.q_pad_index_T, q_THd)
+        q_BHQd = q_pad.view(B, Q, H, d).transpose(1, 2)
     out_BHQd = F.scaled_dot_product_attention(
-        q_BHQd, k_BGLd, v_BGLd, attn_mask=meta.mask_B1QL, scale=scale, enable_gqa=H != G
+        q_BHQd, kv_2BGLd[0], kv_2BGLd[1], attn_mask=meta.mask_B1QL, scale=scale, enable_gqa=H != G
     )
+    if Q == 1:
+        return out_BHQd.reshape(B, H * d)
     return out_BHQd.transpose(1, 2).reshape(B * Q, H * d)[meta.q_pad_index_T]
 
 
@@ -126,6 +136,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.eps = config.rms_norm_eps
 
     def forward(
         self,
@@ -135,18 +146,20 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T = x_TD.shape[0]
-        q, k, v = self.qkv_proj(x_TD).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q_THd = q.view(T, self.num_heads, self.head_dim)
-        k_TGd = k.view(T, self.num_kv_heads, self.head_dim)
-        v_TGd = v.view(T, self.num_kv_heads, self.head_dim)
+        H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
+        # q and k heads sit side by side in the qkv output: normalise and rotate them together.
+        qkv_T3d = self.qkv_proj(x_TD).view(T, H + 2 * G, d)
+        qk_THd, v_TGd = qkv_T3d[:, : H + G], qkv_T3d[:, H + G:]
         if self.q_norm is not None:
-            q_THd, k_TGd = self.q_norm(q_THd), self.k_norm(k_TGd)
+            weight = torch.cat((self.q_norm.weight.expand(H, d), self.k_norm.weight.expand(G, d)))
+            qk_THd = weight * rms_normalize(qk_THd, self.eps)
         cos, sin = rope_cos_sin
-        q_THd, k_TGd = apply_rope(q_THd, cos, sin), apply_rope(k_TGd, cos, sin)
+        qk_THd = apply_rope(qk_THd, cos, sin)
+        q_THd, k_TGd = qk_THd[:, :H], qk_THd[:, H:]
         slots = kv_2NSGd.view(2, -1, self.num_kv_heads, self.head_dim)
         slots[0].index_copy_(0, meta.slot_mapping_T, k_TGd.to(kv_2NSGd.dtype))
         slots[1].index_copy_(0, meta.slot_mapping_T, v_TGd.to(kv_2NSGd.dtype))
         return self.o_proj(paged_attention(q_THd, kv_2NSGd, meta, self.scale))
 
 
-__all__ = ["Attention", "AttentionMetadata", "paged_attention", "RotaryEmbedding"]
+__all__ = ["Attention", "AttentionMetadata", "RotaryEmbedding", "paged_attention"]

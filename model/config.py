@@ -75,7 +75,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"model directory {str(path)!r} does not exist")
@@ -86,7 +86,7 @@ class ModelConfig:
             return cls.from_hf_dict(json.load(f))
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(

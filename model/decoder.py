@@ -48,7 +48,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.expert_ids = list(range(config.num_experts)) if expert_ids is None else list(expert_ids)
-        self.expert_load = ExpertLoadStats(len(config.moe_layers), config.num_experts, device) if config.is_moe else None
+        self.expert_load = (ExpertLoadStats(len(config.moe_layers), config.num_experts, device)
+                            if config.is_moe else None)
         if dispatcher is None and config.is_moe:
             expert_to_local = torch.full((config.num_experts,), -1, dtype=torch.int64)
             expert_to_local[self.expert_ids] = torch.arange(len(self.expert_ids))

@@ -22,10 +22,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * rms_normalize(x, self.eps)
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, computed in float32 and cast back (transformers' order)."""
+    x32 = x if x.dtype == torch.float32 else x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return normed if x.dtype == torch.float32 else normed.to(x.dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
@@ -80,15 +84,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, [T, 1, d]: broadcast over heads, computed once per step for all layers."""
         freqs_Td = positions_T[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs_Td, freqs_Td), dim=-1)
+        emb = torch.cat((freqs_Td, freqs_Td), dim=-1)[:, None, :]
         return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
 
-def apply_rope(x_THd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> torch.Tensor:
-    half = x_THd.shape[-1] // 2
-    rotated = torch.cat((-x_THd[..., half:], x_THd[..., :half]), dim=-1)
-    return x_THd * cos_Td[:, None, :] + rotated * sin_Td[:, None, :]
+def apply_rope(x_THd: torch.Tensor, cos_T1d: torch.Tensor, sin_T1d: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with cos/sin as RotaryEmbedding returns them ([T, 1, d])."""
+    x1, x2 = x_THd.chunk(2, dim=-1)
+    return x_THd * cos_T1d + torch.cat((-x2, x1), dim=-1) * sin_T1d
 
 
 class DenseMLP(nn.Module):

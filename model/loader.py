@@ -114,7 +114,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     names = {}
     for file in files:
         with safe_open(file, "pt") as f:
-            names.update({name: file for name in f.keys()})
+            names.update(dict.fromkeys(f.keys(), file))
     return names
 
 
@@ -154,7 +154,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
                 if rule.stacked_experts:
                     for slot, expert in enumerate(expert_ids):
                         _copy(param[slot], f.get_slice(name)[expert], rule, name)
-                        filled[target].add((slot, rule.part))
+                        filled[target].add((slot, "whole"))
                 elif rule.per_expert:
                     expert = int(groups["E"])
                     if expert not in local_slot:
@@ -197,10 +197,10 @@ def _copy(dest: torch.Tensor, src: torch.Tensor, rule: Rule, name: str) -> None:
     dest.copy_(src)
 
 
-def _missing(params, filled, matchers, num_local, expert_ids) -> list[str]:
+def _missing(params, filled, matchers, num_local: int, expert_ids: list[int]) -> list[str]:
     """Checkpoint names that would have filled what is still empty."""
     missing = []
-    for target, param in params.items():
+    for target in params:
         layer = re.match(r"layers\.(\d+)\.", target)
         layer_id = layer.group(1) if layer else None
         rules = [r for _, r in matchers if r.param.format(L=layer_id) == target]
@@ -210,14 +210,13 @@ def _missing(params, filled, matchers, num_local, expert_ids) -> list[str]:
             missing.append(f"(no rule fills {target})")
             continue
         done = filled.get(target, set())
-        stacked = [r for r in rules if r.stacked_experts]
         if any(r.per_expert for r in rules):
             per_expert = [r for r in rules if r.per_expert]
             for slot in range(num_local):
+                if (slot, "whole") in done:  # filled from a stacked all-experts tensor
+                    continue
                 for rule in per_expert:
                     if (slot, rule.part) not in done:
-                        if stacked and all((slot, s.part) in done for s in stacked):
-                            continue
                         missing.append(rule.hf.format(L=layer_id, E=expert_ids[slot]))
         else:
             for rule in rules:

@@ -41,7 +41,7 @@ class SparseMoeBlock(nn.Module):
         if self.stats is not None:
             self.stats.record(self.moe_index, topk_ids_TK)
         routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
-        y_ND = self.experts(routed.x_ND, routed.counts_E)
+        y_ND = self.experts(routed.x_ND, routed.counts_E, routed.expert_N)
         out_TD = self.dispatcher.combine(y_ND, routed.handle)
         if self.shared_expert is not None:
             out_TD = out_TD + F.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)

@@ -3,5 +3,13 @@ from expertmesh.router.dispatch import Dispatched, DispatchHandle, LocalDispatch
 from expertmesh.router.gating import GateConfig, gate, softmax_topk, topk_softmax
 from expertmesh.router.stats import ExpertLoadStats
 
-__all__ = ["Dispatched", "DispatchHandle", "ExpertLoadStats", "GateConfig", "LocalDispatcher", "gate",
-           "softmax_topk", "topk_softmax"]
+__all__ = [
+           "DispatchHandle",
+           "Dispatched",
+           "ExpertLoadStats",
+           "GateConfig",
+           "LocalDispatcher",
+           "gate",
+           "softmax_topk",
+           "topk_softmax",
+]

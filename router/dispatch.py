@@ -39,6 +39,8 @@ class Dispatched:
     """Token copies sorted by local expert."""
     counts_E: torch.Tensor
     """Rows per local expert (int64, sums to N)."""
+    expert_N: torch.Tensor
+    """The local expert of each row (non-decreasing)."""
     handle: DispatchHandle
 
 
@@ -50,15 +52,15 @@ class LocalDispatcher:
         self.num_local_experts = int(expert_to_local_E.max()) + 1 if expert_to_local_E.numel() else 0
 
     @classmethod
-    def identity(cls, num_experts: int, device: torch.device | str = "cpu") -> "LocalDispatcher":
+    def identity(cls, num_experts: int, device: torch.device | str = "cpu") -> LocalDispatcher:
         return cls(torch.arange(num_experts, device=device))
 
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> Dispatched:
         K = topk_ids_TK.shape[1]
         local_N = self.expert_to_local_E[topk_ids_TK.reshape(-1)]
-        order_N = torch.argsort(local_N, stable=True)
+        expert_N, order_N = torch.sort(local_N, stable=True)
         counts_E = torch.bincount(local_N, minlength=self.num_local_experts)
-        return Dispatched(x_TD[order_N // K], counts_E, DispatchHandle(order_N, topk_weights_TK))
+        return Dispatched(x_TD[order_N // K], counts_E, expert_N, DispatchHandle(order_N, topk_weights_TK))
 
     def combine(self, y_ND: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         T, K = handle.topk_weights_TK.shape

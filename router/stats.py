@@ -11,10 +11,13 @@ import torch
 class ExpertLoadStats:
     def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device | str = "cpu") -> None:
         self.counts_LE = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64, device=device)
+        self._ones = torch.ones(256, dtype=torch.int64, device=device)
 
     def record(self, moe_layer: int, topk_ids_TK: torch.Tensor) -> None:
         ids = topk_ids_TK.reshape(-1)
-        self.counts_LE[moe_layer].index_add_(0, ids, torch.ones_like(ids))
+        if self._ones.numel() < ids.numel():
+            self._ones = torch.ones(2 * ids.numel(), dtype=torch.int64, device=ids.device)
+        self.counts_LE[moe_layer].index_add_(0, ids, self._ones[: ids.numel()])
 
     def snapshot(self) -> torch.Tensor:
         """[num_moe_layers, num_experts] int64 on the CPU: tokens routed since the last reset."""

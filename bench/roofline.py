@@ -1,0 +1,79 @@
+"""Rooflines: the fastest a step could possibly run on this device, from measured rates.
+
+`measure_rates` times a large device copy (bytes moved = read + write) and a large matmul in the
+model's dtype; `step_ceiling` holds one forward step of a model against them:
+
+  bytes  = dense weights + lm_head + the experts the step's tokens touch + KV read
+  FLOPs  = 2 * active parameters * tokens + attention (QK and PV over the context)
+  time  >= max(bytes / bandwidth, FLOPs / matmul rate)
+
+Experts touched per layer, with T tokens each picking k of E experts at random:
+E * (1 - (1 - k/E)^T) (all E once T is large).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from expertmesh.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    copy_gb_s: float
+    matmul_tflop_s: float
+
+
+def _timed(fn, device, repeats: int = 5) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_rates(device: torch.device, dtype: torch.dtype) -> DeviceRates:
+    n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    copy_s = _timed(lambda: dst.copy_(src), device)
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    mm_s = _timed(lambda: a @ b, device)
+    return DeviceRates(copy_gb_s=2 * n_bytes / copy_s / 1e9, matmul_tflop_s=2 * size ** 3 / mm_s / 1e12)
+
+
+def step_ceiling(config: ModelConfig, rates: DeviceRates, dtype: torch.dtype, num_tokens: int,
+                 num_seqs: int, context_len: int) -> float:
+    """Lower bound, in seconds, of one step computing `num_tokens` tokens of `num_seqs` sequences
+    whose context is about `context_len` tokens."""
+    c = config
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    attn_params = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
+    expert_params = 3 * c.hidden_size * c.moe_intermediate_size
+    dense_ffn = 3 * c.hidden_size * c.intermediate_size
+    shared = 3 * c.hidden_size * c.shared_expert_intermediate_size
+    num_moe = len(c.moe_layers)
+    num_dense = c.num_layers - num_moe
+    lm_head = c.vocab_size * c.hidden_size
+    if c.is_moe:
+        touched = c.num_experts * (1 - (1 - c.top_k / c.num_experts) ** num_tokens)
+    else:
+        touched = 0.0
+    weight_bytes = itemsize * (
+        c.num_layers * attn_params + num_dense * dense_ffn + num_moe * (touched * expert_params + shared)
+        + lm_head)
+    kv_bytes = itemsize * 2 * c.kv_size * c.num_layers * num_seqs * context_len
+    active = c.num_layers * attn_params + num_dense * dense_ffn + num_moe * (c.top_k * expert_params + shared)
+    attn_flops = 4 * c.q_size * c.num_layers * num_tokens * context_len
+    flops = 2 * active * num_tokens + 2 * lm_head * num_seqs + attn_flops
+    return max((weight_bytes + kv_bytes) / (rates.copy_gb_s * 1e9), flops / (rates.matmul_tflop_s * 1e12))

@@ -1,0 +1,248 @@
+"""`EngineCore`: requests in, token and text deltas out; one `step()` per model step.
+
+    add_request ─▶ Scheduler (waiting) ─schedule()─▶ StepPlan ─executor.execute()─▶ sampled tokens
+        ─▶ Scheduler.update ─▶ stops (EOS, stop tokens, stop strings, max_tokens, max_model_len)
+        ─▶ incremental detokenizer ─▶ RequestOutput deltas
+
+A request with n > 1 becomes n sequences ("id#0", "id#1", ...) that share the prompt's KV
+blocks through the prefix cache; their outputs come back together under the request's id.
+A failure inside a step ends that step's requests with finish_reason "error" and the engine
+goes on: a bad request never takes the engine down.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+from expertmesh.engine.block_manager import BlockManager
+from expertmesh.engine.config import EngineConfig
+from expertmesh.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from expertmesh.engine.executor import Executor
+from expertmesh.engine.outputs import CompletionOutput, RequestOutput
+from expertmesh.engine.request import Request, RequestStatus
+from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.scheduler import Scheduler, SchedulerOutput
+from expertmesh.engine.step import Chunk, NewRequest, SampledToken, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    parent: str
+    detokenizer: IncrementalDetokenizer
+    stop_checker: StopChecker
+    output: CompletionOutput
+    changed: bool = False
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    stream: bool = True
+    children: list[str] = field(default_factory=list)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: Executor, tokenizer) -> None:
+        model_config = executor.model_config
+        self.max_model_len = config.load.max_model_len or model_config.max_position_embeddings
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.vocab_size = model_config.vocab_size
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
+        self.block_manager = BlockManager(executor.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self._sequences: dict[str, _Sequence] = {}
+        self._parents: dict[str, _Parent] = {}
+        self._new: list[NewRequest] = []
+        self._dropped: list[str] = []
+        self.num_steps = 0
+        self.num_preemptions = 0
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the problem if this request cannot run."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt is {len(prompt_token_ids)} tokens, longer than this model allows: "
+                f"max_model_len is {self.max_model_len} (prompt plus at least one generated token)")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, stream: bool = True) -> None:
+        """Queue a request. With stream=True, every step that changes it yields a RequestOutput
+        (deltas and totals so far); with stream=False, only the final one (vLLM's FINAL_ONLY)."""
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_token_ids = list(prompt_token_ids)
+        self.validate(prompt_token_ids, params)
+        parent = _Parent(request_id, prompt, prompt_token_ids, stream)
+        for index in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            child_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + index
+                child_params = replace(params, n=1, seed=seed)
+            req = Request(child_id, prompt_token_ids, child_params, self.eos_token_ids)
+            self._sequences[child_id] = _Sequence(
+                req, request_id,
+                IncrementalDetokenizer(self.tokenizer.raw, prompt_token_ids, params.skip_special_tokens),
+                StopChecker(params.stop, params.include_stop_str_in_output),
+                CompletionOutput(index, logprobs=[] if params.logprobs is not None else None,
+                                 cumulative_logprob=0.0 if params.logprobs is not None else None))
+            parent.children.append(child_id)
+            self.scheduler.add_request(req)
+            self._new.append(NewRequest(child_id, prompt_token_ids, child_params, self.eos_token_ids))
+        self._parents[request_id] = parent
+
+    def abort(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self._parents.pop(request_id, None)
+            if parent is None:
+                continue
+            for child_id in parent.children:
+                seq = self._sequences.pop(child_id)
+                self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
+                self._dropped.append(child_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._parents)
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        self.num_preemptions += len(out.preempted)
+        for error in out.errors:
+            self._finish(self._sequences[error.request_id], RequestStatus.FINISHED_ERROR, error=error.message)
+        if out.scheduled:
+            self._run(out)
+        return self._collect()
+
+    def _run(self, out: SchedulerOutput) -> None:
+        plan = StepPlan(
+            new_requests=tuple(self._new),
+            chunks=tuple(Chunk(s.request.request_id, s.start, s.num_tokens, list(s.request.block_ids), s.samples)
+                         for s in out.scheduled),
+            finished_request_ids=tuple(self._dropped),
+        )
+        self._new, self._dropped = [], []
+        try:
+            result = self.executor.execute(plan)
+        except Exception as exc:
+            log.exception("step failed")
+            for s in out.scheduled:
+                self._finish(self._sequences[s.request.request_id], RequestStatus.FINISHED_ERROR,
+                             error=f"{type(exc).__name__}: {exc}")
+            return
+        self.num_steps += 1
+        self.scheduler.update(out, {rid: tok.token_id for rid, tok in result.sampled.items()})
+        for rid, token in result.sampled.items():
+            self._on_token(self._sequences[rid], token)
+
+    def _on_token(self, seq: _Sequence, token: SampledToken) -> None:
+        req, params, output = seq.request, seq.request.params, seq.output
+        output.token_ids.append(token.token_id)
+        output.token_ids_delta.append(token.token_id)
+        if output.logprobs is not None:
+            entry = dict(token.top_logprobs)
+            entry[token.token_id] = token.logprob
+            output.logprobs.append(entry)
+            output.logprobs_delta = (output.logprobs_delta or []) + [entry]
+            output.cumulative_logprob += token.logprob
+        seq.changed = True
+
+        num_out = len(req.output_token_ids)
+        status, stop_reason = None, None
+        if num_out >= params.min_tokens:
+            if token.token_id in params.stop_token_ids:
+                status, stop_reason = RequestStatus.FINISHED_STOPPED, token.token_id
+            elif not params.ignore_eos and token.token_id in req.eos_token_ids:
+                status = RequestStatus.FINISHED_STOPPED
+        if status is None:  # a stop token's own text never reaches the output
+            delta = seq.detokenizer.add([token.token_id])
+            update = seq.stop_checker.update(seq.detokenizer.text, len(delta))
+            output.text_delta += update.delta
+            output.text += update.delta
+            if update.stop_str is not None:
+                status, stop_reason = RequestStatus.FINISHED_STOPPED, update.stop_str
+        if status is None and (
+            (params.max_tokens is not None and num_out >= params.max_tokens) or req.num_tokens >= self.max_model_len
+        ):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            req.stop_reason = stop_reason
+            self._finish(seq, status)
+
+    def _finish(self, seq: _Sequence, status: RequestStatus, error: str | None = None) -> None:
+        if status is not RequestStatus.FINISHED_ERROR and not seq.stop_checker.stopped:
+            delta = seq.detokenizer.flush()
+            update = seq.stop_checker.update(seq.detokenizer.text, len(delta), finished=True)
+            seq.output.text_delta += update.delta
+            seq.output.text += update.delta
+        self.scheduler.finish(seq.request, status)
+        seq.output.finish_reason = status.value
+        seq.output.stop_reason = seq.request.stop_reason
+        seq.output.error = error
+        seq.changed = True
+        self._dropped.append(seq.request.request_id)
+
+    def _collect(self) -> list[RequestOutput]:
+        outputs = []
+        for parent_id in list(self._parents):
+            parent = self._parents[parent_id]
+            seqs = [self._sequences[c] for c in parent.children]
+            changed = [s for s in seqs if s.changed]
+            finished = all(s.output.finished for s in seqs)
+            if not changed or not (parent.stream or finished):
+                continue
+            outputs.append(RequestOutput(
+                parent_id, parent.prompt, parent.prompt_token_ids,
+                [_snapshot(s.output) for s in changed], finished,
+                num_cached_tokens=max(s.request.num_cached_tokens for s in seqs)))
+            for s in changed:
+                s.changed = False
+                s.output.text_delta, s.output.token_ids_delta, s.output.logprobs_delta = "", [], None
+            if finished:
+                del self._parents[parent_id]
+                for c in parent.children:
+                    del self._sequences[c]
+        return outputs
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_usage": bm.usage,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_blocks": self.executor.num_blocks,
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "num_steps": self.num_steps,
+            "num_preemptions": self.num_preemptions,
+        }
+
+    def expert_load(self):
+        return self.executor.expert_load()
+
+
+def _snapshot(output: CompletionOutput) -> CompletionOutput:
+    return replace(output, token_ids=list(output.token_ids), token_ids_delta=list(output.token_ids_delta),
+                   logprobs=None if output.logprobs is None else list(output.logprobs))

@@ -1,0 +1,49 @@
+"""The `Executor` protocol between `EngineCore` and whatever runs the model.
+
+`EngineCore` builds one `StepPlan` per step and calls `execute` once; the executor delivers
+it to every rank (in-process: one `ModelRunner`; under expert parallelism: one message to all
+RankWorkers) and returns the sampled tokens. Errors raised by a rank propagate out of
+`execute`; the core then fails the step's requests and goes on.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from expertmesh.engine.config import EngineConfig
+from expertmesh.engine.model_runner import ModelRunner
+from expertmesh.engine.step import StepPlan, StepResult
+from expertmesh.model.config import ModelConfig
+
+
+class Executor(Protocol):
+    model_config: ModelConfig
+    num_blocks: int
+    """KV blocks each rank holds (the core's block manager hands out exactly these)."""
+
+    def execute(self, plan: StepPlan) -> StepResult: ...
+
+    def expert_load(self) -> torch.Tensor | None:
+        """Tokens routed per (MoE layer, expert) since start, summed over ranks; None for dense models."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+class InProcessExecutor:
+    """One `ModelRunner` in this process (EP=1)."""
+
+    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+        self.runner = ModelRunner(config.load, config.cache, progress=progress)
+        self.model_config = self.runner.model_config
+        self.num_blocks = self.runner.num_blocks
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.runner.execute(plan)
+
+    def expert_load(self) -> torch.Tensor | None:
+        return self.runner.expert_load()
+
+    def shutdown(self) -> None:
+        self.runner = None

@@ -1,0 +1,148 @@
+"""The model runner: one device's model, KV cache and sampler; turns a `StepPlan` into tokens.
+
+One step:
+  1. register new requests (tokens, sampling params, seeded generator), drop finished ones;
+  2. flatten the chunks into one token batch (no padding) and build the attention metadata;
+  3. forward, logits only at the last position of each chunk that samples;
+  4. sample all of them at once; append each sampled token to its request's tokens.
+
+The runner is device-agnostic and knows nothing of Ray: the in-process executor calls it
+directly, and each rank of an EP group will run one.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from expertmesh.engine.config import CacheConfig, ModelLoadConfig
+from expertmesh.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator
+from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.step import SampledToken, StepPlan, StepResult
+from expertmesh.model.attention import AttentionMetadata
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.decoder import CausalLM
+from expertmesh.model.loader import load_weights
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass
+class _RequestState:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    generator: torch.Generator | None
+    output_token_ids: list[int] = field(default_factory=list)
+
+    def tokens(self, start: int, n: int) -> list[int]:
+        prompt_len = len(self.prompt_token_ids)
+        if start + n <= prompt_len:
+            return self.prompt_token_ids[start: start + n]
+        head = self.prompt_token_ids[start: prompt_len] if start < prompt_len else []
+        tail_start = max(start - prompt_len, 0)
+        return head + self.output_token_ids[tail_start: start + n - prompt_len]
+
+
+class ModelRunner:
+    def __init__(self, load: ModelLoadConfig, cache: CacheConfig, model_config: ModelConfig | None = None,
+                 *, expert_ids: list[int] | None = None, dispatcher=None, progress: bool = True,
+                 weights: str = "checkpoint") -> None:
+        self.device = resolve_device(load.device)
+        self.dtype = resolve_dtype(load.dtype, self.device)
+        self.model_config = model_config or ModelConfig.from_pretrained(load.model)
+        self.block_size = cache.block_size
+        self.model = CausalLM(self.model_config, expert_ids=expert_ids, dispatcher=dispatcher,
+                              expert_impl=load.expert_impl, device=self.device, dtype=self.dtype)
+        if weights == "checkpoint":
+            load_weights(self.model, load.model, self.model_config, expert_ids, progress=progress)
+        self.num_blocks = cache.num_blocks or self._blocks_that_fit(cache)
+        c = self.model_config
+        self.kv_caches = [
+            torch.zeros(2, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
+                        device=self.device, dtype=self.dtype)
+            for _ in range(c.num_layers)
+        ]
+        self.sampler = Sampler()
+        self.requests: dict[str, _RequestState] = {}
+
+    @property
+    def bytes_per_block(self) -> int:
+        c = self.model_config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.block_size * c.num_kv_heads * c.head_dim * itemsize * c.num_layers
+
+    def _blocks_that_fit(self, cache: CacheConfig) -> int:
+        budget = cache.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cache.kv_memory_fraction)
+        if budget is None:
+            budget = cache.cpu_kv_cache_bytes
+        blocks = budget // self.bytes_per_block
+        if blocks < 1:
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {self.bytes_per_block} bytes")
+        return int(blocks)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        for new in plan.new_requests:
+            self.requests[new.request_id] = _RequestState(
+                list(new.prompt_token_ids), new.params, new.eos_token_ids,
+                make_generator(new.params.seed, self.device), list(new.output_token_ids))
+        for request_id in plan.finished_request_ids:  # after: a request may arrive and end in one plan
+            self.requests.pop(request_id, None)
+        if not plan.chunks:
+            return StepResult({})
+        states = [self.requests[c.request_id] for c in plan.chunks]
+        input_ids = list(itertools.chain.from_iterable(
+            s.tokens(c.start, c.num_tokens) for s, c in zip(states, plan.chunks)))
+        meta = AttentionMetadata.build(
+            query_lens=[c.num_tokens for c in plan.chunks], starts=[c.start for c in plan.chunks],
+            block_tables=[c.block_ids for c in plan.chunks], block_size=self.block_size,
+            device=self.device, sliding_window=self.model_config.sliding_window)
+        hidden_TD = self.model(torch.tensor(input_ids, device=self.device), meta, self.kv_caches)
+
+        sampling = [i for i, c in enumerate(plan.chunks) if c.sample]
+        if not sampling:
+            return StepResult({})
+        last_rows = meta.query_start_B1[1:][torch.tensor(sampling, device=self.device)] - 1
+        logits_BV = self.model.compute_logits(hidden_TD[last_rows])
+        rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids,
+                            s.generator, s.eos_token_ids)
+                for s in (states[i] for i in sampling)]
+        out = self.sampler(logits_BV, SamplingBatch.build(rows, logits_BV.shape[-1], self.device)).cpu()
+        token_ids = out.token_ids_B.tolist()
+        sampled = {}
+        for row, (i, token_id) in enumerate(zip(sampling, token_ids)):
+            state, chunk = states[i], plan.chunks[i]
+            state.output_token_ids.append(token_id)
+            n = state.params.logprobs
+            if n is None:
+                sampled[chunk.request_id] = SampledToken(token_id)
+            else:
+                logprob, top = out.row_logprobs(row, n)
+                sampled[chunk.request_id] = SampledToken(token_id, logprob, tuple(top))
+        return StepResult(sampled)
+
+    def expert_load(self) -> torch.Tensor | None:
+        stats = self.model.expert_load
+        return None if stats is None else stats.snapshot()

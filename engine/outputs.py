@@ -1,0 +1,41 @@
+"""What the engine hands back, in vLLM's shapes: `RequestOutput` holding `CompletionOutput`s.
+
+Each step's output carries both the whole text so far and the delta since the last output
+(`text_delta`, `token_ids_delta`), so one object serves `LLM.generate` and streaming alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, float]] | None = None
+    """Per generated token: {token_id: logprob} of the sampled token and the top alternatives."""
+    finish_reason: str | None = None
+    """"stop", "length", "abort" or "error"; None while running."""
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended it, if one did."""
+    error: str | None = None
+    text_delta: str = ""
+    token_ids_delta: list[int] = field(default_factory=list)
+    logprobs_delta: list[dict[int, float]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""

@@ -1,0 +1,5 @@
+import sys
+
+from expertmesh.gateway.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""`LLM`: the offline Python API, in vLLM's shape.
+
+    llm = LLM(model="path/to/checkpoint")          # or LLM() for the embedded default model
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    outs[0].outputs[0].text
+
+It composes the tokenizer, an executor (in-process for ep_size=1) and `EngineCore`, then
+drives the engine until the given requests are done.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from expertmesh.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelLoadConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+from expertmesh.engine.core import EngineCore
+from expertmesh.engine.executor import InProcessExecutor
+from expertmesh.engine.outputs import RequestOutput
+from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.model.default import default_model_path
+from expertmesh.model.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        ep_size: int = 1,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        expert_impl: str = "auto",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        model_path = Path(model) if model is not None else default_model_path()
+        if not model_path.is_dir():
+            raise ValueError(f"model directory {str(model_path)!r} does not exist")
+        self.config = EngineConfig(
+            load=ModelLoadConfig(str(model_path), dtype=dtype, device=device, max_model_len=max_model_len,
+                                 expert_impl=expert_impl, seed=seed),
+            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
+                              kv_cache_memory_bytes=kv_cache_memory_bytes,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            parallel=ParallelConfig(ep_size=ep_size),
+        )
+        self.tokenizer = Tokenizer.from_pretrained(model_path)
+        if ep_size != 1:
+            raise ValueError("ep_size > 1 runs on Ray through expertmesh.cluster; this build serves ep_size=1")
+        self.engine = EngineCore(self.config, InProcessExecutor(self.config, progress=progress), self.tokenizer)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (a string, or a list of token ids); outputs in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        for ids, p in zip(encoded, params):
+            self.engine.validate(ids, p)  # every request is checked before any is admitted
+        request_ids = []
+        for prompt, ids, p in zip(prompts, encoded, params):
+            request_id = f"llm-{next(self._ids)}"
+            self.engine.add_request(request_id, ids, p, prompt=prompt if isinstance(prompt, str) else None,
+                                    stream=False)
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Chat completion for one conversation (a list of messages) or several."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            self.tokenizer.apply_chat_template(conv, tools=tools, add_generation_prompt=add_generation_prompt,
+                                               **(chat_template_kwargs or {}))
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _encode(self, prompt: Prompt, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise ValueError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    @staticmethod
+    def _params_per_prompt(params, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        return params
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        merged: dict[str, dict[int, object]] = {rid: {} for rid in request_ids}
+        bar = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm)
+        while len(done) < len(request_ids):
+            for out in self.engine.step():
+                if out.request_id not in merged:
+                    continue
+                for completion in out.outputs:
+                    merged[out.request_id][completion.index] = completion
+                if out.finished:
+                    out.outputs = [merged[out.request_id][i] for i in sorted(merged[out.request_id])]
+                    done[out.request_id] = out
+                    bar.update()
+        bar.close()
+        return [done[rid] for rid in request_ids]

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny checkpoints of each supported family, built once per test session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertmesh.model.tiny import make_tiny
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+MODEL_KWARGS = {
+    "qwen3_moe": dict(model_type="qwen3_moe"),
+    "qwen3": dict(model_type="qwen3"),
+    "qwen2_moe": dict(model_type="qwen2_moe"),
+    "mixtral": dict(model_type="mixtral"),
+    "qwen3_moe_yarn": dict(model_type="qwen3_moe", max_position_embeddings=512,
+                           rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    """name -> checkpoint directory, for every entry of MODEL_KWARGS."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: make_tiny(root / name, **kwargs) for name, kwargs in MODEL_KWARGS.items()}
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_path(tiny_models):
+    return tiny_models["qwen3_moe"]

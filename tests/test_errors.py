@@ -1,0 +1,130 @@
+"""Bad input raises a ValueError that names the problem, before anything runs."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from expertmesh import LLM, SamplingParams
+from expertmesh.model.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_moe_path):
+    return LLM(qwen3_moe_path, device="cpu", max_model_len=64, progress=False)
+
+
+def test_prompt_longer_than_max_model_len(llm):
+    with pytest.raises(ValueError, match=r"prompt is 80 tokens.*max_model_len is 64"):
+        llm.generate([[5] * 80], SamplingParams(max_tokens=4))
+    # Nothing was admitted: the engine is idle and a good request still runs.
+    assert not llm.engine.has_unfinished()
+    assert llm.generate([[5] * 8], SamplingParams(max_tokens=2))[0].outputs[0].finish_reason == "length"
+
+
+def test_one_bad_prompt_admits_none_of_the_batch(llm):
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([[1, 2, 3], [5] * 100], SamplingParams(max_tokens=4))
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.block_manager.usage == 0.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+    ({"max_tokens": -3}, "max_tokens must be an integer >= 1"),
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ({"top_k": -2}, "top_k must be"),
+    ({"n": 0}, "n must be an integer >= 1"),
+    ({"logprobs": 50}, "logprobs must be an integer in"),
+    ({"presence_penalty": 3.0}, "presence_penalty must be in"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+])
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_token_ids_out_of_vocab(llm):
+    with pytest.raises(ValueError, match="prompt token ids must be integers in"):
+        llm.generate([[1, 2, 10**9]], SamplingParams(max_tokens=2))
+
+
+def test_empty_prompt(llm):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([[]], SamplingParams(max_tokens=2))
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(ValueError, match=r"model directory .*nowhere.* does not exist"):
+        LLM(tmp_path / "nowhere", progress=False)
+
+
+def test_unsupported_model_type_lists_the_supported_ones(qwen3_moe_path, tmp_path):
+    bad = tmp_path / "llama"
+    shutil.copytree(qwen3_moe_path, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["model_type"] = "llama"
+    (bad / "config.json").write_text(json.dumps(config))
+    expected = "unsupported model_type 'llama'; supported: qwen3_moe, qwen3, qwen2_moe, mixtral"
+    with pytest.raises(ValueError, match=expected):
+        LLM(bad, progress=False)
+
+
+def test_unsupported_rope_type(qwen3_moe_path):
+    with pytest.raises(ValueError, match="unsupported rope_type 'longrope'"):
+        ModelConfig.from_hf_dict({**json.loads((qwen3_moe_path / "config.json").read_text()),
+                                  "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+
+
+def test_checkpoint_missing_a_tensor_names_it(qwen3_moe_path, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "missing"
+    shutil.copytree(qwen3_moe_path, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    victim = "model.layers.1.mlp.experts.3.up_proj.weight"
+    shard = bad / index["weight_map"].pop(victim)
+    tensors = load_file(shard)
+    del tensors[victim]
+    save_file(tensors, shard)
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"missing tensor\(s\): model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight"):
+        LLM(bad, progress=False)
+
+
+def test_checkpoint_with_a_stray_tensor_names_it(qwen3_moe_path, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "stray"
+    shutil.copytree(qwen3_moe_path, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    save_file({"model.layers.0.mlp.mystery.weight": torch.zeros(2)}, bad / "extra.safetensors")
+    index["weight_map"]["model.layers.0.mlp.mystery.weight"] = "extra.safetensors"
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"does not use: model\.layers\.0\.mlp\.mystery\.weight"):
+        LLM(bad, progress=False)
+
+
+def test_checkpoint_tensor_of_the_wrong_shape_names_it(qwen3_moe_path, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "shape"
+    shutil.copytree(qwen3_moe_path, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    name = "model.norm.weight"
+    shard = bad / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = torch.ones(3)
+    save_file(tensors, shard)
+    with pytest.raises(ValueError, match=r"tensor 'model\.norm\.weight' has shape \(3,\), expected \(64,\)"):
+        LLM(bad, progress=False)
+
+
+def test_unknown_dtype_and_device(qwen3_moe_path):
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        LLM(qwen3_moe_path, dtype="float8", progress=False)
