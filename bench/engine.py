@@ -33,25 +33,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def bench_ours(llm: LLM, prompts: list[list[int]], new_tokens: int, repeats: int) -> tuple[float, float]:
+def ours_runners(llm: LLM, prompts: list[list[int]], new_tokens: int):
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate(prompts, full)  # warm-up
-    t_prefill = _best_of(lambda: llm.generate(prompts, first), repeats)
-    t_full = _best_of(lambda: llm.generate(prompts, full), repeats)
-    return t_prefill, t_full
+    return lambda: llm.generate(prompts, first), lambda: llm.generate(prompts, full)
 
 
-def bench_hf(model, prompts: list[list[int]], new_tokens: int, repeats: int, device) -> tuple[float, float]:
+def hf_runners(model, prompts: list[list[int]], new_tokens: int, device):
     ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
 
@@ -61,8 +55,20 @@ def bench_hf(model, prompts: list[list[int]], new_tokens: int, repeats: int, dev
                            pad_token_id=0)
         _sync(device)
 
-    run(new_tokens)  # warm-up
-    return _best_of(lambda: run(1), repeats), _best_of(lambda: run(new_tokens), repeats)
+    return lambda: run(1), lambda: run(new_tokens)
+
+
+def measure_interleaved(systems: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Best (prefill, full) time of each system; the systems take turns in every repeat, so a
+    slow spell of the machine falls on all of them alike."""
+    for _prefill, full in systems.values():  # warm-up
+        full()
+    best = {name: [float("inf"), float("inf")] for name in systems}
+    for _ in range(repeats):
+        for name, (prefill, full) in systems.items():
+            best[name][0] = min(best[name][0], _timed(prefill))
+            best[name][1] = min(best[name][1], _timed(full))
+    return {name: (p, f) for name, (p, f) in best.items()}
 
 
 def load_hf(path: str, device, dtype, impl: str):
@@ -93,15 +99,11 @@ def run(args) -> dict:
             print(f"transformers experts path {impl!r} unavailable: {exc}")
     for batch in args.batch:
         prompts = torch.randint(0, config.vocab_size - 64, (batch, args.prompt_len), generator=gen).tolist()
-        t_prefill, t_full = bench_ours(llm, prompts, args.new_tokens, args.repeats)
-        ours = _rates(batch, args.prompt_len, args.new_tokens, t_prefill, t_full)
-        peers = {}
-        for impl, model in hf_models.items():
-            try:
-                peers[impl] = _rates(batch, args.prompt_len, args.new_tokens,
-                                     *bench_hf(model, prompts, args.new_tokens, args.repeats, device))
-            except Exception as exc:
-                print(f"transformers {impl!r} failed at batch {batch}: {exc}")
+        systems = {"ours": ours_runners(llm, prompts, args.new_tokens)}
+        systems.update({impl: hf_runners(model, prompts, args.new_tokens, device) for impl, model in hf_models.items()})
+        times = measure_interleaved(systems, args.repeats)
+        ours = _rates(batch, args.prompt_len, args.new_tokens, *times.pop("ours"))
+        peers = {impl: _rates(batch, args.prompt_len, args.new_tokens, *t) for impl, t in times.items()}
         best = max(peers, key=lambda k: peers[k]["decode_tok_s"]) if peers else None
         prefill_ceiling = step_ceiling(config, rates, dtype, batch * args.prompt_len, batch, args.prompt_len)
         decode_ceiling = step_ceiling(config, rates, dtype, batch, batch, args.prompt_len + args.new_tokens // 2)

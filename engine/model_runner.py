@@ -124,8 +124,11 @@ class ModelRunner:
         sampling = [i for i, c in enumerate(plan.chunks) if c.sample]
         if not sampling:
             return StepResult({})
-        last_rows = meta.query_start_B1[1:][torch.tensor(sampling, device=self.device)] - 1
-        logits_BV = self.model.compute_logits(hidden_TD[last_rows])
+        if len(sampling) == hidden_TD.shape[0]:  # a decode-only step: every row samples
+            logits_BV = self.model.compute_logits(hidden_TD)
+        else:
+            last_rows = meta.query_start_B1[1:][torch.tensor(sampling, device=self.device)] - 1
+            logits_BV = self.model.compute_logits(hidden_TD[last_rows])
         rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids,
                             s.generator, s.eos_token_ids)
                 for s in (states[i] for i in sampling)]

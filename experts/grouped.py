@@ -13,13 +13,10 @@ to N) and returns the outputs in the same order:
 - "grouped":   `torch._grouped_mm` with the counts' prefix sums as group offsets (one kernel
                for all experts; Hopper bf16 on CUDA, float32 on recent CPU builds).
 - "batched":   tokens scattered into a padded [E, C, D] block (C = the largest count) and
-               two `bmm`s; no per-expert loop, for devices without grouped GEMM. With fewer
-               rows than experts (decode), each row is multiplied by its own expert's
-               gathered weights instead, which skips the scatter.
+               two `bmm`s; no per-expert loop, for devices without grouped GEMM.
 
-The path is chosen once, at construction: "auto" takes "grouped" on CUDA when a probe shows
-grouped_mm runs for the weights' dtype and strides, and "batched" otherwise (on the CPU,
-grouped_mm is a loop of small matmuls, slower than one padded bmm).
+The path is chosen once, at construction: "auto" takes "grouped" where a probe shows
+grouped_mm runs for the weights' device, dtype and strides, and "batched" otherwise.
 """
 from __future__ import annotations
 
@@ -83,10 +80,6 @@ class Experts(nn.Module):
         E = self.num_local_experts
         if expert_N is None:
             expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
-        if N <= E:
-            # Fewer rows than experts (decode): each row multiplies its own expert's weights.
-            h_N2F = torch.bmm(self.w13_EFD[expert_N], x_ND[:, :, None])[:, :, 0]
-            return torch.bmm(self.w2_EDF[expert_N], self._act(h_N2F)[:, :, None])[:, :, 0]
         capacity = int(counts_E.max())
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         row_N = expert_N * capacity + (torch.arange(N, device=x_ND.device) - starts_E[expert_N])
@@ -97,8 +90,8 @@ class Experts(nn.Module):
 
 
 def _grouped_mm_works(w13_EFD: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm has a kernel for these weights' device, dtype and strides."""
-    if not hasattr(torch, "_grouped_mm") or w13_EFD.device.type != "cuda":
+    """Whether torch._grouped_mm runs for these weights' device, dtype and strides."""
+    if not hasattr(torch, "_grouped_mm") or w13_EFD.device.type == "meta":
         return False
     E, F2, D = w13_EFD.shape
     try:

@@ -38,6 +38,8 @@ class AttentionMetadata:
     q_pad_index_T:   where each token sits in the padded [B*Q] query layout.
     mask_B1QL:       True where a (query, key) pair may attend (causal, in-sequence, window).
     max_query_len:   Q.
+    prefill_only:    no sequence has cached keys (every start is 0): attention reads the step's
+                     own k/v, padded like the queries, and the mask is [B, 1, Q, Q].
     """
 
     positions_T: torch.Tensor
@@ -48,6 +50,7 @@ class AttentionMetadata:
     q_pad_index_T: torch.Tensor
     mask_B1QL: torch.Tensor
     max_query_len: int
+    prefill_only: bool = False
 
     @classmethod
     def build(
@@ -81,7 +84,8 @@ class AttentionMetadata:
         # Query position per padded row; padding rows look at key 0 only, so softmax stays finite.
         q_pos_BQ = starts_B[:, None] + np.arange(Q)[None, :]
         q_pos_BQ = np.where(np.arange(Q)[None, :] < query_lens_B[:, None], q_pos_BQ, 0)
-        key_pos_L = np.arange(M * block_size)
+        prefill_only = not starts_B.any()
+        key_pos_L = np.arange(Q if prefill_only else M * block_size)
         mask_BQL = key_pos_L[None, None, :] <= q_pos_BQ[:, :, None]
         if sliding_window is not None:
             mask_BQL &= key_pos_L[None, None, :] > q_pos_BQ[:, :, None] - sliding_window
@@ -98,26 +102,34 @@ class AttentionMetadata:
             q_pad_index_T=dev(q_pad_index_T),
             mask_B1QL=dev(mask_BQL[:, None]),
             max_query_len=Q,
+            prefill_only=prefill_only,
         )
 
 
 def paged_attention(
-    q_THd: torch.Tensor, kv_2NSGd: torch.Tensor, meta: AttentionMetadata, scale: float
+    q_THd: torch.Tensor, k_TGd: torch.Tensor, v_TGd: torch.Tensor, kv_2NSGd: torch.Tensor,
+    meta: AttentionMetadata, scale: float,
 ) -> torch.Tensor:
-    """Reference paged attention with torch SDPA: gather each sequence's blocks (K and V in one
-    gather), pad queries to Q (a decode-only step, Q = 1, needs no padding)."""
-    _T, H, d = q_THd.shape
+    """Reference paged attention with torch SDPA. Keys come from each sequence's blocks (K and V
+    in one gather), or, when no sequence has cached context, straight from this step's k/v.
+    Queries are padded to Q; a decode-only step (Q = 1) needs no padding."""
+    _, H, d = q_THd.shape
     B, M = meta.block_table_BM.shape
     _, _, S, G, _ = kv_2NSGd.shape
     Q = meta.max_query_len
-    kv_2BGLd = kv_2NSGd[:, meta.block_table_BM].reshape(2, B, M * S, G, d).transpose(2, 3)
-    if Q == 1:
-        q_BHQd = q_THd[:, :, None, :]
+
+    def pad(x_TXd: torch.Tensor) -> torch.Tensor:  # [T, X, d] -> [B, X, Q, d]
+        padded = x_TXd.new_zeros(B * Q, x_TXd.shape[1], d).index_copy_(0, meta.q_pad_index_T, x_TXd)
+        return padded.view(B, Q, -1, d).transpose(1, 2)
+
+    if meta.prefill_only:
+        k_BGLd, v_BGLd = pad(k_TGd), pad(v_TGd)
     else:
-        q_pad = q_THd.new_zeros(B * Q, H, d).index_copy_(0, meta.q_pad_index_T, q_THd)
-        q_BHQd = q_pad.view(B, Q, H, d).transpose(1, 2)
+        kv_2BGLd = kv_2NSGd[:, meta.block_table_BM].reshape(2, B, M * S, G, d).transpose(2, 3)
+        k_BGLd, v_BGLd = kv_2BGLd[0], kv_2BGLd[1]
+    q_BHQd = q_THd[:, :, None, :] if Q == 1 else pad(q_THd)
     out_BHQd = F.scaled_dot_product_attention(
-        q_BHQd, kv_2BGLd[0], kv_2BGLd[1], attn_mask=meta.mask_B1QL, scale=scale, enable_gqa=H != G
+        q_BHQd, k_BGLd, v_BGLd, attn_mask=meta.mask_B1QL, scale=scale, enable_gqa=H != G
     )
     if Q == 1:
         return out_BHQd.reshape(B, H * d)
@@ -137,6 +149,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.eps = config.rms_norm_eps
+        self._qk_weight_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _qk_norm_weight(self) -> torch.Tensor:
+        """q_norm's weight for the H query heads and k_norm's for the G key heads, [H + G, d];
+        rebuilt only when either weight changes (loading bumps the tensors' versions)."""
+        q, k = self.q_norm.weight, self.k_norm.weight
+        key = (q.data_ptr(), q._version, k.data_ptr(), k._version)
+        if self._qk_weight_cache is None or self._qk_weight_cache[0] != key:
+            weight = torch.cat((q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)))
+            self._qk_weight_cache = (key, weight)
+        return self._qk_weight_cache[1]
 
     def forward(
         self,
@@ -151,15 +174,15 @@ class Attention(nn.Module):
         qkv_T3d = self.qkv_proj(x_TD).view(T, H + 2 * G, d)
         qk_THd, v_TGd = qkv_T3d[:, : H + G], qkv_T3d[:, H + G:]
         if self.q_norm is not None:
-            weight = torch.cat((self.q_norm.weight.expand(H, d), self.k_norm.weight.expand(G, d)))
-            qk_THd = weight * rms_normalize(qk_THd, self.eps)
+            qk_THd = self._qk_norm_weight() * rms_normalize(qk_THd, self.eps)
         cos, sin = rope_cos_sin
         qk_THd = apply_rope(qk_THd, cos, sin)
         q_THd, k_TGd = qk_THd[:, :H], qk_THd[:, H:]
-        slots = kv_2NSGd.view(2, -1, self.num_kv_heads, self.head_dim)
-        slots[0].index_copy_(0, meta.slot_mapping_T, k_TGd.to(kv_2NSGd.dtype))
-        slots[1].index_copy_(0, meta.slot_mapping_T, v_TGd.to(kv_2NSGd.dtype))
-        return self.o_proj(paged_attention(q_THd, kv_2NSGd, meta, self.scale))
+        k_TGd, v_TGd = k_TGd.to(kv_2NSGd.dtype), v_TGd.to(kv_2NSGd.dtype)
+        slots = kv_2NSGd.view(2, -1, G, d)
+        slots[0].index_copy_(0, meta.slot_mapping_T, k_TGd)
+        slots[1].index_copy_(0, meta.slot_mapping_T, v_TGd)
+        return self.o_proj(paged_attention(q_THd, k_TGd, v_TGd, kv_2NSGd, meta, self.scale))
 
 
 __all__ = ["Attention", "AttentionMetadata", "RotaryEmbedding", "paged_attention"]

@@ -26,7 +26,9 @@ class SparseMoeBlock(nn.Module):
         self.gate_config = GateConfig(
             top_k=config.top_k,
             renormalize=config.norm_topk_prob,
-            scoring="topk_softmax" if config.model_type == "mixtral" else "softmax_topk",
+            # With renormalisation, softmax over the top-k logits equals softmax -> top-k -> renormalise
+            # (test_mixtral_topk_then_softmax_equals_softmax_topk_renormalised) in two ops instead of four.
+            scoring="topk_softmax" if config.norm_topk_prob else "softmax_topk",
         )
         self.shared_expert = None
         if config.shared_expert_intermediate_size:

@@ -59,7 +59,11 @@ class LocalDispatcher:
         K = topk_ids_TK.shape[1]
         local_N = self.expert_to_local_E[topk_ids_TK.reshape(-1)]
         expert_N, order_N = torch.sort(local_N, stable=True)
-        counts_E = torch.bincount(local_N, minlength=self.num_local_experts)
+        if local_N.is_cuda:  # bincount sizes its output from the data, so on a GPU it waits for it
+            counts_E = torch.zeros(self.num_local_experts, dtype=torch.int64, device=local_N.device)
+            counts_E.index_add_(0, local_N, torch.ones_like(local_N))
+        else:
+            counts_E = torch.bincount(local_N, minlength=self.num_local_experts)
         return Dispatched(x_TD[order_N // K], counts_E, expert_N, DispatchHandle(order_N, topk_weights_TK))
 
     def combine(self, y_ND: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:

@@ -18,12 +18,15 @@ def _experts(impl, E=6, D=32, F=16, seed=0):
 
 
 @pytest.mark.parametrize("impl", ["grouped", "batched", "auto"])
-@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 7], [0, 0, 0, 0, 0, 1], [4, 4, 4, 4, 4, 4]])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 7], [0, 0, 0, 0, 0, 1], [1, 0, 2, 0, 1, 0], [4, 4, 4, 4, 4, 4]])
 def test_expert_paths_match_the_reference(impl, counts):
     reference, fast = _experts("reference"), _experts(impl)
     counts_E = torch.tensor(counts)
     x_ND = torch.randn(int(counts_E.sum()), 32)
-    torch.testing.assert_close(fast(x_ND, counts_E), reference(x_ND, counts_E), atol=1e-5, rtol=1e-5)
+    expected = reference(x_ND, counts_E)
+    torch.testing.assert_close(fast(x_ND, counts_E), expected, atol=1e-5, rtol=1e-5)
+    expert_N = torch.repeat_interleave(torch.arange(6), counts_E)
+    torch.testing.assert_close(fast(x_ND, counts_E, expert_N), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_experts_with_no_tokens():
