@@ -21,8 +21,15 @@ class ModelLoadConfig:
     """Longest sequence (prompt plus output); defaults to the model's max_position_embeddings."""
     expert_impl: str = "auto"
     """Experts' GEMM path: "auto" (grouped where the device runs it), "grouped", "batched" or "reference"."""
+    load_format: str = "safetensors"
+    """"safetensors" reads the checkpoint; "dummy" fills random weights on the device from `seed`
+    (benchmarks of shapes no checkpoint exists for; only config.json and the tokenizer are read)."""
     seed: int = 0
-    """Seed of the engine's default generator (requests without their own seed)."""
+    """Seed of dummy weights."""
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
 
 
 @dataclass
@@ -67,11 +74,24 @@ class SchedulerConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
-    """Expert-parallel ranks of one EP group (1 runs in-process)."""
+    """Expert-parallel ranks of one EP group (1 runs in-process; more run as Ray actors, one per
+    GPU on CUDA, with attention data-parallel over the same ranks)."""
+    ray_address: str | None = None
+    """None starts a local Ray instance; "auto" or "ray://host:port" joins a cluster."""
+    cpus_per_rank: int = 1
+    """CPUs each rank reserves in its placement-group bundle (and its torch threads on the CPU)."""
+    step_timeout_s: float = 600.0
+    """A step that takes longer is taken for a hung group: the group is replaced."""
+    startup_timeout_s: float = 600.0
+    """How long the group may take to get its resources, rendezvous and load the model."""
+    time_collectives: bool = False
+    """Time every all-to-all (CUDA events; for benchmarks)."""
 
     def __post_init__(self) -> None:
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.cpus_per_rank < 1:
+            raise ValueError(f"cpus_per_rank must be >= 1, got {self.cpus_per_rank}")
 
 
 @dataclass

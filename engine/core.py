@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from expertmesh.engine.block_manager import BlockManager
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from expertmesh.engine.executor import Executor
+from expertmesh.engine.executor import Executor, ExecutorDiedError
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.request import Request, RequestStatus
 from expertmesh.engine.sampling_params import SamplingParams
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class _Sequence:
     request: Request
     parent: str
+    rank: int
     detokenizer: IncrementalDetokenizer
     stop_checker: StopChecker
     output: CompletionOutput
@@ -56,15 +57,38 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.vocab_size = model_config.vocab_size
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
-        self.block_manager = BlockManager(executor.num_blocks, config.cache.block_size,
-                                          config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.config = config
+        self.num_ranks = getattr(executor, "num_ranks", 1)
+        self._reset_schedulers()
         self._sequences: dict[str, _Sequence] = {}
         self._parents: dict[str, _Parent] = {}
         self._new: list[NewRequest] = []
         self._dropped: list[str] = []
         self.num_steps = 0
         self.num_preemptions = 0
+        self.compute_seconds = 0.0
+
+    def _reset_schedulers(self) -> None:
+        """One scheduler and block manager per data-parallel rank (each rank's KV is its own)."""
+        cache = self.config.cache
+        self.block_managers = [BlockManager(self.executor.num_blocks, cache.block_size, cache.enable_prefix_caching)
+                               for _ in range(self.num_ranks)]
+        self.schedulers = [Scheduler(self.config.scheduler, bm, self.max_model_len) for bm in self.block_managers]
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """Rank 0's scheduler (the only one when attention is not data-parallel)."""
+        return self.schedulers[0]
+
+    @property
+    def block_manager(self) -> BlockManager:
+        """Rank 0's block manager (the only one when attention is not data-parallel)."""
+        return self.block_managers[0]
+
+    def _pick_rank(self) -> int:
+        """The data-parallel rank with the fewest requests (lowest index on a tie)."""
+        load = [s.num_running + s.num_waiting for s in self.schedulers]
+        return load.index(min(load))
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -91,6 +115,7 @@ class EngineCore:
         prompt_token_ids = list(prompt_token_ids)
         self.validate(prompt_token_ids, params)
         parent = _Parent(request_id, prompt, prompt_token_ids, stream)
+        rank = self._pick_rank()  # all n sequences on one rank: they share the prompt's blocks
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             child_params = params
@@ -99,14 +124,14 @@ class EngineCore:
                 child_params = replace(params, n=1, seed=seed)
             req = Request(child_id, prompt_token_ids, child_params, self.eos_token_ids)
             self._sequences[child_id] = _Sequence(
-                req, request_id,
+                req, request_id, rank,
                 IncrementalDetokenizer(self.tokenizer.raw, prompt_token_ids, params.skip_special_tokens),
                 StopChecker(params.stop, params.include_stop_str_in_output),
                 CompletionOutput(index, logprobs=[] if params.logprobs is not None else None,
                                  cumulative_logprob=0.0 if params.logprobs is not None else None))
             parent.children.append(child_id)
-            self.scheduler.add_request(req)
-            self._new.append(NewRequest(child_id, prompt_token_ids, child_params, self.eos_token_ids))
+            self.schedulers[rank].add_request(req)
+            self._new.append(NewRequest(child_id, prompt_token_ids, child_params, self.eos_token_ids, rank))
         self._parents[request_id] = parent
 
     def abort(self, request_ids: str | list[str]) -> None:
@@ -116,7 +141,7 @@ class EngineCore:
                 continue
             for child_id in parent.children:
                 seq = self._sequences.pop(child_id)
-                self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
+                self.schedulers[seq.rank].finish(seq.request, RequestStatus.FINISHED_ABORTED)
                 self._dropped.append(child_id)
 
     def has_unfinished(self) -> bool:
@@ -125,34 +150,56 @@ class EngineCore:
     # ---- one step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        self.num_preemptions += len(out.preempted)
-        for error in out.errors:
-            self._finish(self._sequences[error.request_id], RequestStatus.FINISHED_ERROR, error=error.message)
-        if out.scheduled:
-            self._run(out)
+        outs = [scheduler.schedule() for scheduler in self.schedulers]
+        for out in outs:
+            self.num_preemptions += len(out.preempted)
+            for error in out.errors:
+                self._finish(self._sequences[error.request_id], RequestStatus.FINISHED_ERROR, error=error.message)
+        if any(out.scheduled for out in outs):
+            self._run(outs)
         return self._collect()
 
-    def _run(self, out: SchedulerOutput) -> None:
+    def _run(self, outs: list[SchedulerOutput]) -> None:
         plan = StepPlan(
             new_requests=tuple(self._new),
-            chunks=tuple(Chunk(s.request.request_id, s.start, s.num_tokens, list(s.request.block_ids), s.samples)
-                         for s in out.scheduled),
+            chunks_by_rank=tuple(
+                tuple(Chunk(s.request.request_id, s.start, s.num_tokens, list(s.request.block_ids), s.samples)
+                      for s in out.scheduled)
+                for out in outs),
             finished_request_ids=tuple(self._dropped),
         )
         self._new, self._dropped = [], []
         try:
             result = self.executor.execute(plan)
+        except ExecutorDiedError as exc:
+            log.error("the executor's workers died: %s", exc)
+            self._fail_all(f"the engine's workers failed and were replaced: {exc}")
+            self.executor.restart()
+            return
         except Exception as exc:
             log.exception("step failed")
-            for s in out.scheduled:
-                self._finish(self._sequences[s.request.request_id], RequestStatus.FINISHED_ERROR,
-                             error=f"{type(exc).__name__}: {exc}")
+            for out in outs:
+                for s in out.scheduled:
+                    self._finish(self._sequences[s.request.request_id], RequestStatus.FINISHED_ERROR,
+                                 error=f"{type(exc).__name__}: {exc}")
             return
         self.num_steps += 1
-        self.scheduler.update(out, {rid: tok.token_id for rid, tok in result.sampled.items()})
+        self.compute_seconds += result.compute_seconds
+        sampled = {rid: tok.token_id for rid, tok in result.sampled.items()}
+        for scheduler, out in zip(self.schedulers, outs):
+            scheduler.update(out, sampled)
         for rid, token in result.sampled.items():
             self._on_token(self._sequences[rid], token)
+
+    def _fail_all(self, error: str) -> None:
+        """Every request in flight ends with an error; its KV lived on the workers that died."""
+        for seq in list(self._sequences.values()):
+            if not seq.output.finished:
+                seq.output.finish_reason = RequestStatus.FINISHED_ERROR.value
+                seq.output.error = error
+                seq.changed = True
+        self._new, self._dropped = [], []
+        self._reset_schedulers()
 
     def _on_token(self, seq: _Sequence, token: SampledToken) -> None:
         req, params, output = seq.request, seq.request.params, seq.output
@@ -194,7 +241,7 @@ class EngineCore:
             update = seq.stop_checker.update(seq.detokenizer.text, len(delta), finished=True)
             seq.output.text_delta += update.delta
             seq.output.text += update.delta
-        self.scheduler.finish(seq.request, status)
+        self.schedulers[seq.rank].finish(seq.request, status)
         seq.output.finish_reason = status.value
         seq.output.stop_reason = seq.request.stop_reason
         seq.output.error = error
@@ -226,15 +273,17 @@ class EngineCore:
     # ---- introspection ----------------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
-        bm = self.block_manager
+        """Totals over the data-parallel ranks."""
+        bms = self.block_managers
+        num_blocks = sum(bm.num_blocks for bm in bms)
         return {
-            "num_running": self.scheduler.num_running,
-            "num_waiting": self.scheduler.num_waiting,
-            "kv_usage": bm.usage,
-            "num_free_blocks": bm.num_free_blocks,
-            "num_blocks": self.executor.num_blocks,
-            "prefix_cache_queries": bm.prefix_cache_queries,
-            "prefix_cache_hits": bm.prefix_cache_hits,
+            "num_running": sum(s.num_running for s in self.schedulers),
+            "num_waiting": sum(s.num_waiting for s in self.schedulers),
+            "kv_usage": sum(bm.usage * bm.num_blocks for bm in bms) / num_blocks,
+            "num_free_blocks": sum(bm.num_free_blocks for bm in bms),
+            "num_blocks": num_blocks,
+            "prefix_cache_queries": sum(bm.prefix_cache_queries for bm in bms),
+            "prefix_cache_hits": sum(bm.prefix_cache_hits for bm in bms),
             "num_steps": self.num_steps,
             "num_preemptions": self.num_preemptions,
         }

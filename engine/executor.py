@@ -17,10 +17,17 @@ from expertmesh.engine.step import StepPlan, StepResult
 from expertmesh.model.config import ModelConfig
 
 
+class ExecutorDiedError(RuntimeError):
+    """The executor's workers are gone (a rank died or hung): every request in flight is lost.
+    The core fails them and calls `restart()`."""
+
+
 class Executor(Protocol):
     model_config: ModelConfig
     num_blocks: int
-    """KV blocks each rank holds (the core's block manager hands out exactly these)."""
+    """KV blocks each rank holds (the core's block manager per rank hands out exactly these)."""
+    num_ranks: int
+    """Data-parallel attention ranks: the core schedules each rank's sequences separately."""
 
     def execute(self, plan: StepPlan) -> StepResult: ...
 
@@ -28,11 +35,17 @@ class Executor(Protocol):
         """Tokens routed per (MoE layer, expert) since start, summed over ranks; None for dense models."""
         ...
 
+    def restart(self) -> None:
+        """Replace dead workers with a fresh group (after ExecutorDiedError)."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
 class InProcessExecutor:
     """One `ModelRunner` in this process (EP=1)."""
+
+    num_ranks = 1
 
     def __init__(self, config: EngineConfig, progress: bool = True) -> None:
         self.runner = ModelRunner(config.load, config.cache, progress=progress)
@@ -44,6 +57,9 @@ class InProcessExecutor:
 
     def expert_load(self) -> torch.Tensor | None:
         return self.runner.expert_load()
+
+    def restart(self) -> None:
+        """Nothing to replace in-process: a failed step raised an ordinary error."""
 
     def shutdown(self) -> None:
         self.runner = None

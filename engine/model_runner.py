@@ -12,7 +12,8 @@ directly, and each rank of an EP group will run one.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -23,7 +24,7 @@ from expertmesh.engine.step import SampledToken, StepPlan, StepResult
 from expertmesh.model.attention import AttentionMetadata
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import CausalLM
-from expertmesh.model.loader import load_weights
+from expertmesh.model.loader import init_dummy_weights, load_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,15 +65,18 @@ class _RequestState:
 
 class ModelRunner:
     def __init__(self, load: ModelLoadConfig, cache: CacheConfig, model_config: ModelConfig | None = None,
-                 *, expert_ids: list[int] | None = None, dispatcher=None, progress: bool = True,
-                 weights: str = "checkpoint") -> None:
-        self.device = resolve_device(load.device)
+                 *, rank: int = 0, ep_size: int = 1, expert_ids: list[int] | None = None, dispatcher=None,
+                 device: torch.device | None = None, progress: bool = True) -> None:
+        self.rank, self.ep_size = rank, ep_size
+        self.device = device or resolve_device(load.device)
         self.dtype = resolve_dtype(load.dtype, self.device)
         self.model_config = model_config or ModelConfig.from_pretrained(load.model)
         self.block_size = cache.block_size
         self.model = CausalLM(self.model_config, expert_ids=expert_ids, dispatcher=dispatcher,
                               expert_impl=load.expert_impl, device=self.device, dtype=self.dtype)
-        if weights == "checkpoint":
+        if load.load_format == "dummy":
+            init_dummy_weights(self.model, seed=load.seed)
+        else:
             load_weights(self.model, load.model, self.model_config, expert_ids, progress=progress)
         self.num_blocks = cache.num_blocks or self._blocks_that_fit(cache)
         c = self.model_config
@@ -104,24 +108,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        start = time.perf_counter()
+        result = self._execute(plan)
+        return replace(result, compute_seconds=time.perf_counter() - start)
+
+    def _execute(self, plan: StepPlan) -> StepResult:
         for new in plan.new_requests:
+            if new.rank != self.rank:
+                continue
             self.requests[new.request_id] = _RequestState(
                 list(new.prompt_token_ids), new.params, new.eos_token_ids,
                 make_generator(new.params.seed, self.device), list(new.output_token_ids))
         for request_id in plan.finished_request_ids:  # after: a request may arrive and end in one plan
             self.requests.pop(request_id, None)
-        if not plan.chunks:
+        chunks = plan.chunks_by_rank[self.rank]
+        if not chunks:
+            if plan.num_chunks and self.ep_size > 1:  # other ranks compute: join their all-to-alls
+                self.model(torch.empty(0, dtype=torch.int64, device=self.device), None, self.kv_caches)
             return StepResult({})
-        states = [self.requests[c.request_id] for c in plan.chunks]
+        states = [self.requests[c.request_id] for c in chunks]
         input_ids = list(itertools.chain.from_iterable(
-            s.tokens(c.start, c.num_tokens) for s, c in zip(states, plan.chunks)))
+            s.tokens(c.start, c.num_tokens) for s, c in zip(states, chunks)))
         meta = AttentionMetadata.build(
-            query_lens=[c.num_tokens for c in plan.chunks], starts=[c.start for c in plan.chunks],
-            block_tables=[c.block_ids for c in plan.chunks], block_size=self.block_size,
+            query_lens=[c.num_tokens for c in chunks], starts=[c.start for c in chunks],
+            block_tables=[c.block_ids for c in chunks], block_size=self.block_size,
             device=self.device, sliding_window=self.model_config.sliding_window)
         hidden_TD = self.model(torch.tensor(input_ids, device=self.device), meta, self.kv_caches)
 
-        sampling = [i for i, c in enumerate(plan.chunks) if c.sample]
+        sampling = [i for i, c in enumerate(chunks) if c.sample]
         if not sampling:
             return StepResult({})
         if len(sampling) == hidden_TD.shape[0]:  # a decode-only step: every row samples
@@ -136,7 +150,7 @@ class ModelRunner:
         token_ids = out.token_ids_B.tolist()
         sampled = {}
         for row, (i, token_id) in enumerate(zip(sampling, token_ids)):
-            state, chunk = states[i], plan.chunks[i]
+            state, chunk = states[i], chunks[i]
             state.output_token_ids.append(token_id)
             n = state.params.logprobs
             if n is None:

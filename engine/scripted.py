@@ -34,7 +34,7 @@ class ScriptedExecutor:
         for new in plan.new_requests:
             self._pending[new.request_id] = list(self.script(list(new.prompt_token_ids)))
         sampled = {}
-        for chunk in plan.chunks:
+        for chunk in (c for chunks in plan.chunks_by_rank for c in chunks):
             if chunk.sample:
                 tokens = self._pending.setdefault(chunk.request_id, [])
                 sampled[chunk.request_id] = SampledToken(tokens.pop(0) if tokens else self.fallback_token)
@@ -42,8 +42,13 @@ class ScriptedExecutor:
             self._pending.pop(request_id, None)
         return StepResult(sampled)
 
+    num_ranks = 1
+
     def expert_load(self):
         return None
+
+    def restart(self) -> None:
+        self._pending.clear()
 
     def shutdown(self) -> None:
         self._pending.clear()

@@ -18,6 +18,8 @@ class NewRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_token_ids: frozenset[int]
+    rank: int = 0
+    """The data-parallel rank that holds this request's KV blocks and samples its tokens."""
     output_token_ids: list[int] = ()
     """Tokens already generated (a request moved between ranks, or re-sent after preemption)."""
 
@@ -37,9 +39,15 @@ class Chunk:
 @dataclass(frozen=True)
 class StepPlan:
     new_requests: tuple[NewRequest, ...]
-    chunks: tuple[Chunk, ...]
+    chunks_by_rank: tuple[tuple[Chunk, ...], ...]
+    """Each rank's chunks (attention is data-parallel: a rank computes its own sequences). A rank
+    with none still runs the step, to take part in every MoE layer's all-to-all."""
     finished_request_ids: tuple[str, ...]
     """Requests whose state the ranks can drop (finished or aborted since the last step)."""
+
+    @property
+    def num_chunks(self) -> int:
+        return sum(len(chunks) for chunks in self.chunks_by_rank)
 
 
 @dataclass(frozen=True)
@@ -53,3 +61,5 @@ class SampledToken:
 class StepResult:
     sampled: dict[str, SampledToken]
     """request id -> its new token, for every chunk with sample=True."""
+    compute_seconds: float = 0.0
+    """Wall time of the slowest rank's forward and sampling (the executor's own overhead is the rest)."""

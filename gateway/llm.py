@@ -48,7 +48,9 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         expert_impl: str = "auto",
+        load_format: str = "safetensors",
         seed: int = 0,
+        ray_address: str | None = None,
         progress: bool = True,
     ) -> None:
         model_path = Path(model) if model is not None else default_model_path()
@@ -56,18 +58,26 @@ class LLM:
             raise ValueError(f"model directory {str(model_path)!r} does not exist")
         self.config = EngineConfig(
             load=ModelLoadConfig(str(model_path), dtype=dtype, device=device, max_model_len=max_model_len,
-                                 expert_impl=expert_impl, seed=seed),
+                                 expert_impl=expert_impl, load_format=load_format, seed=seed),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-            parallel=ParallelConfig(ep_size=ep_size),
+            parallel=ParallelConfig(ep_size=ep_size, ray_address=ray_address),
         )
         self.tokenizer = Tokenizer.from_pretrained(model_path)
-        if ep_size != 1:
-            raise ValueError("ep_size > 1 runs on Ray through expertmesh.cluster; this build serves ep_size=1")
-        self.engine = EngineCore(self.config, InProcessExecutor(self.config, progress=progress), self.tokenizer)
+        if ep_size == 1:
+            executor = InProcessExecutor(self.config, progress=progress)
+        else:
+            from expertmesh.cluster.executor import RayExecutor
+
+            executor = RayExecutor(self.config)
+        self.engine = EngineCore(self.config, executor, self.tokenizer)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Release the executor's workers (an EP group's actors and GPUs)."""
+        self.engine.executor.shutdown()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer

@@ -29,8 +29,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
 
-    def forward(self, x_TD, rope_cos_sin, kv_2NSGd, meta: AttentionMetadata) -> torch.Tensor:
-        x_TD = x_TD + self.attn(self.input_layernorm(x_TD), rope_cos_sin, kv_2NSGd, meta)
+    def forward(self, x_TD, rope_cos_sin, kv_2NSGd, meta: AttentionMetadata | None) -> torch.Tensor:
+        if meta is not None:  # None: this rank has no tokens and only joins the MoE exchanges
+            x_TD = x_TD + self.attn(self.input_layernorm(x_TD), rope_cos_sin, kv_2NSGd, meta)
         return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
 
 
@@ -77,11 +78,13 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings).to(device)
 
     def forward(
-        self, input_ids_T: torch.Tensor, meta: AttentionMetadata, kv_caches: Sequence[torch.Tensor]
+        self, input_ids_T: torch.Tensor, meta: AttentionMetadata | None, kv_caches: Sequence[torch.Tensor]
     ) -> torch.Tensor:
-        """Hidden states [T, D] of a flat batch; kv_caches[i] is layer i's [2, N, S, G, d]."""
+        """Hidden states [T, D] of a flat batch; kv_caches[i] is layer i's [2, N, S, G, d].
+        With meta None (and T = 0) the layers skip attention: an idle rank's pass through the
+        MoE exchanges under expert parallelism."""
         x_TD = self.embed_tokens(input_ids_T)
-        rope_cos_sin = self.rotary(meta.positions_T, x_TD.dtype)
+        rope_cos_sin = None if meta is None else self.rotary(meta.positions_T, x_TD.dtype)
         for layer, kv in zip(self.layers, kv_caches):
             x_TD = layer(x_TD, rope_cos_sin, kv, meta)
         return self.norm(x_TD)

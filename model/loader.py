@@ -223,3 +223,15 @@ def _missing(params, filled, matchers, num_local: int, expert_ids: list[int]) ->
                 if (None, rule.part) not in done:
                     missing.append(rule.hf.format(L=layer_id))
     return missing
+
+
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights generated on the model's device (no checkpoint): normal(0, std) for
+    matrices, 1 + small noise for norm weights, so the shapes and the work are real."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1 and "norm" in name:
+            param.normal_(1.0, 0.01, generator=generator)
+        else:
+            param.normal_(0.0, std, generator=generator)

@@ -69,5 +69,5 @@ class LocalDispatcher:
     def combine(self, y_ND: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         T, K = handle.topk_weights_TK.shape
         y_unsorted = torch.empty_like(y_ND).index_copy_(0, handle.order_N, y_ND)
-        weighted = y_unsorted.view(T, K, -1).float() * handle.topk_weights_TK[:, :, None]
+        weighted = y_unsorted.view(T, K, y_ND.shape[1]).float() * handle.topk_weights_TK[:, :, None]
         return weighted.sum(dim=1).to(y_ND.dtype)

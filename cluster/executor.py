@@ -1,0 +1,154 @@
+"""`RayExecutor`: an EP group of `RankWorker` actors behind the engine's `Executor` protocol.
+
+    placement group, one bundle per rank (a GPU each on CUDA), gang-scheduled: all or nothing
+      -> one RankWorker per bundle -> rendezvous (rank 0 picks a free port) -> load
+    every step: the plan is put in the object store once and each rank gets a reference:
+      one message to all ranks, one reply from each; never a call per layer or per token.
+
+A rank that dies or a step that outlives `step_timeout_s` takes the whole group down (the
+others would wait in their collectives forever): the group is killed at once and
+`ExecutorDiedError` tells the core, which fails the requests in flight and calls `restart()`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from expertmesh.cluster.bootstrap import NCCL_ENV, ensure_ray
+from expertmesh.cluster.placement import ExpertPlacement, rank_bundles
+from expertmesh.cluster.worker import RankWorker
+from expertmesh.engine.config import EngineConfig
+from expertmesh.engine.executor import ExecutorDiedError
+from expertmesh.engine.step import StepPlan, StepResult
+from expertmesh.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class RayExecutor:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.num_ranks = config.parallel.ep_size
+        self.model_config = ModelConfig.from_pretrained(config.load.model)
+        if not self.model_config.is_moe:
+            raise ValueError(f"ep_size > 1 needs a Mixture-of-Experts model; {self.model_config.model_type} is dense")
+        self.placement = ExpertPlacement.contiguous(self.model_config.num_experts, self.num_ranks)
+        self.workers: list = []
+        self.placement_group = None
+        self.control_seconds = 0.0
+        self.num_steps = 0
+        self._start()
+
+    # ---- group lifecycle --------------------------------------------------------------------
+
+    def _device_type(self) -> str:
+        import ray
+
+        requested = self.config.load.device
+        if requested == "auto":
+            return "cuda" if ray.cluster_resources().get("GPU", 0) >= self.num_ranks else "cpu"
+        return torch.device(requested).type
+
+    def _start(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        parallel = self.config.parallel
+        ensure_ray(parallel.ray_address)
+        device_type = self._device_type()
+        bundles = rank_bundles(self.num_ranks, device_type, parallel.cpus_per_rank)
+        self.placement_group = placement_group(bundles, strategy="PACK")
+        try:
+            ray.get(self.placement_group.ready(), timeout=parallel.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self._kill()
+            raise RuntimeError(f"Ray could not reserve {bundles} for an EP group of {self.num_ranks} "
+                               f"within {parallel.startup_timeout_s:.0f} s") from None
+        actor = ray.remote(RankWorker)
+        self.workers = [
+            actor.options(
+                num_cpus=bundles[r]["CPU"], num_gpus=bundles[r].get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
+                                                                     placement_group_bundle_index=r),
+                runtime_env={"env_vars": dict(NCCL_ENV)},
+            ).remote(r, self.config, self.placement, device_type)
+            for r in range(self.num_ranks)
+        ]
+        try:
+            address, port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=parallel.startup_timeout_s)
+            ray.get([w.init_group.remote(address, port) for w in self.workers], timeout=parallel.startup_timeout_s)
+            infos = ray.get([w.load.remote() for w in self.workers], timeout=parallel.startup_timeout_s)
+        except Exception:
+            self._kill()
+            raise
+        self.num_blocks = min(info["num_blocks"] for info in infos)
+        self.expert_params = [info["expert_params"] for info in infos]
+        log.info("EP group of %d ranks on %s ready", self.num_ranks, device_type)
+
+    def _kill(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+        self.workers = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+    def restart(self) -> None:
+        self._kill()
+        self._start()
+
+    def shutdown(self) -> None:
+        self._kill()
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        import ray
+
+        start = time.perf_counter()
+        plan_ref = ray.put(plan)
+        results = self._gather([w.execute.remote(plan_ref) for w in self.workers])
+        sampled = {}
+        for result in results:
+            sampled.update(result.sampled)
+        compute = max(result.compute_seconds for result in results)
+        self.control_seconds += time.perf_counter() - start - compute
+        self.num_steps += 1
+        return StepResult(sampled, compute)
+
+    def _gather(self, futures: list) -> list:
+        """Every rank's reply, or ExecutorDiedError as soon as one rank fails or the step hangs."""
+        import ray
+
+        deadline = time.monotonic() + self.config.parallel.step_timeout_s
+        pending = list(futures)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                self._kill()
+                raise ExecutorDiedError(f"a step took longer than {self.config.parallel.step_timeout_s:.0f} s")
+            try:
+                ray.get(ready[0])
+            except Exception as exc:
+                self._kill()
+                raise ExecutorDiedError(f"rank failed: {type(exc).__name__}: {exc}") from exc
+        return ray.get(futures)
+
+    def _call_all(self, method: str) -> list:
+        import ray
+
+        return ray.get([getattr(w, method).remote() for w in self.workers])
+
+    def expert_load(self) -> torch.Tensor | None:
+        loads = self._call_all("expert_load")
+        return torch.stack(loads).sum(dim=0)
+
+    def collective_seconds(self) -> list[float]:
+        """Each rank's seconds inside all-to-alls since the last call (with time_collectives)."""
+        return self._call_all("collective_seconds")

@@ -1,0 +1,70 @@
+"""`RankWorker`: one rank of an EP group, a Ray actor holding a model runner over its experts.
+
+Lifecycle, driven by the Ray executor: `rendezvous_address()` (rank 0 only) -> `init_group()`
+on every rank at once -> `load()` -> `execute(plan)` once per step -> `shutdown()`.
+"""
+from __future__ import annotations
+
+import torch
+
+from expertmesh.cluster.collective import ProcessGroupAllToAll, free_port, host_address, init_process_group
+from expertmesh.cluster.placement import ExpertPlacement
+from expertmesh.engine.config import EngineConfig
+from expertmesh.engine.model_runner import ModelRunner
+from expertmesh.engine.step import StepPlan, StepResult
+from expertmesh.router.all_to_all import AllToAllDispatcher, CollectiveTimer
+
+
+class RankWorker:
+    def __init__(self, rank: int, config: EngineConfig, placement: ExpertPlacement, device_type: str) -> None:
+        self.rank = rank
+        self.config = config
+        self.placement = placement
+        if device_type == "cuda":
+            # Ray gives each rank one GPU through CUDA_VISIBLE_DEVICES: it is device 0 here.
+            self.device = torch.device("cuda", 0)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(config.parallel.cpus_per_rank)
+        self.runner: ModelRunner | None = None
+        self.timer = CollectiveTimer() if config.parallel.time_collectives else None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        return host_address(), free_port()
+
+    def init_group(self, address: str, port: int) -> None:
+        init_process_group(self.rank, self.placement.ep_size, address, port, self.device.type,
+                           timeout_s=self.config.parallel.step_timeout_s)
+
+    def load(self, progress: bool = False) -> dict:
+        owner_E = torch.tensor(self.placement.owner_E, device=self.device)
+        slot_E = torch.tensor(self.placement.slot_E, device=self.device)
+        experts = list(self.placement.rank_experts[self.rank])
+        dispatcher = AllToAllDispatcher(owner_E, slot_E, len(experts), ProcessGroupAllToAll(), self.timer)
+        self.runner = ModelRunner(self.config.load, self.config.cache, rank=self.rank,
+                                  ep_size=self.placement.ep_size, expert_ids=experts, dispatcher=dispatcher,
+                                  device=self.device, progress=progress)
+        return {"num_blocks": self.runner.num_blocks, "expert_params": self.expert_param_count()}
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.runner.execute(plan)
+
+    def expert_param_count(self) -> int:
+        return sum(p.numel() for name, p in self.runner.model.named_parameters() if ".experts." in name)
+
+    def expert_load(self) -> torch.Tensor | None:
+        return self.runner.expert_load()
+
+    def collective_seconds(self) -> float:
+        """Seconds spent inside all-to-alls since the last call (0 unless time_collectives)."""
+        return self.timer.take_seconds() if self.timer else 0.0
+
+    def ping(self) -> int:
+        return self.rank
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

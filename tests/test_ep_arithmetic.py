@@ -1,0 +1,57 @@
+"""Expert parallelism without Ray or a process group: placement tables and the dispatch/combine
+index arithmetic on hand-worked layouts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertmesh.cluster.placement import ExpertPlacement, rank_bundles
+from expertmesh.router.all_to_all import plan_receive, plan_send
+
+
+def test_contiguous_placement():
+    p = ExpertPlacement.contiguous(num_experts=8, ep_size=3)
+    assert p.rank_experts == ((0, 1, 2), (3, 4, 5), (6, 7))
+    assert p.owner_E == (0, 0, 0, 1, 1, 1, 2, 2)
+    assert p.slot_E == (0, 1, 2, 0, 1, 2, 0, 1)
+    assert p.max_local_experts == 3
+    assert ExpertPlacement.contiguous(128, 8).rank_experts[7] == tuple(range(112, 128))
+
+
+def test_a_placement_must_cover_every_expert_once():
+    with pytest.raises(ValueError, match="exactly one rank"):
+        ExpertPlacement(4, ((0, 1), (1, 2)))
+    with pytest.raises(ValueError, match="cannot be spread"):
+        ExpertPlacement.contiguous(2, 4)
+
+
+def test_bundles():
+    assert rank_bundles(2, "cuda") == [{"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
+    assert rank_bundles(3, "cpu", cpus_per_rank=2) == [{"CPU": 2}] * 3
+
+
+def test_send_plan_orders_copies_by_rank_then_expert():
+    # 4 experts over 2 ranks: rank 0 owns experts 0, 1; rank 1 owns 2, 3 (slots 0, 1 on each).
+    p = ExpertPlacement.contiguous(4, 2)
+    owner, slot = torch.tensor(p.owner_E), torch.tensor(p.slot_E)
+    # 3 tokens, top-2. Copy c = t*2 + k:  c0 e2, c1 e0 | c2 e1, c3 e3 | c4 e3, c5 e2
+    ids = torch.tensor([[2, 0], [1, 3], [3, 2]])
+    plan = plan_send(ids, owner, slot, num_ranks=2, max_slots=2)
+    # keys (rank*2 + slot): c0 2, c1 0, c2 1, c3 3, c4 3, c5 2 -> stable order by key
+    assert plan.order_N.tolist() == [1, 2, 0, 5, 3, 4]
+    assert plan.counts_RX.tolist() == [[1, 1], [2, 2]]  # to rank 0: e0 x1, e1 x1; to rank 1: e2 x2, e3 x2
+
+
+def test_receive_plan_regroups_rows_by_local_expert():
+    # Rows arrive grouped by source rank, each source's rows sorted by slot:
+    #   from rank 0: slot 0 x1, slot 1 x2   -> rows 0 (s0), 1 (s1), 2 (s1)
+    #   from rank 1: slot 0 x2, slot 1 x0   -> rows 3 (s0), 4 (s0)
+    recv = plan_receive(torch.tensor([[1, 2], [2, 0]]), num_local_experts=2, num_rows=5)
+    assert recv.perm_M.tolist() == [0, 3, 4, 1, 2]
+    assert recv.expert_M.tolist() == [0, 0, 0, 1, 1]
+    assert recv.counts_E.tolist() == [3, 2]
+
+
+def test_receive_plan_of_a_rank_with_fewer_experts_and_no_rows():
+    recv = plan_receive(torch.zeros(3, 2, dtype=torch.int64), num_local_experts=1, num_rows=0)
+    assert recv.perm_M.numel() == 0 and recv.counts_E.tolist() == [0]
