@@ -53,11 +53,14 @@ def measure_rates(device: torch.device, dtype: torch.dtype) -> DeviceRates:
 
 
 def step_ceiling(config: ModelConfig, rates: DeviceRates, dtype: torch.dtype, num_tokens: int,
-                 num_seqs: int, context_len: int) -> float:
+                 num_seqs: int, context_len: int, ep_size: int = 1) -> float:
     """Lower bound, in seconds, of one step computing `num_tokens` tokens of `num_seqs` sequences
-    whose context is about `context_len` tokens."""
+    whose context is about `context_len` tokens, on each of `ep_size` expert-parallel ranks with
+    data-parallel attention (each rank: all dense weights, 1/ep_size of the sequences and of the
+    experts). Communication is not counted: this is the compute-side ceiling."""
     c = config
     itemsize = torch.empty((), dtype=dtype).element_size()
+    tokens, seqs = num_tokens / ep_size, num_seqs / ep_size
     attn_params = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
     expert_params = 3 * c.hidden_size * c.moe_intermediate_size
     dense_ffn = 3 * c.hidden_size * c.intermediate_size
@@ -65,15 +68,13 @@ def step_ceiling(config: ModelConfig, rates: DeviceRates, dtype: torch.dtype, nu
     num_moe = len(c.moe_layers)
     num_dense = c.num_layers - num_moe
     lm_head = c.vocab_size * c.hidden_size
-    if c.is_moe:
-        touched = c.num_experts * (1 - (1 - c.top_k / c.num_experts) ** num_tokens)
-    else:
-        touched = 0.0
+    # Experts of this rank that the step's copies (from every rank's tokens) touch.
+    touched = (c.num_experts / ep_size) * (1 - (1 - c.top_k / c.num_experts) ** num_tokens) if c.is_moe else 0.0
     weight_bytes = itemsize * (
-        c.num_layers * attn_params + num_dense * dense_ffn + num_moe * (touched * expert_params + shared)
-        + lm_head)
-    kv_bytes = itemsize * 2 * c.kv_size * c.num_layers * num_seqs * context_len
-    active = c.num_layers * attn_params + num_dense * dense_ffn + num_moe * (c.top_k * expert_params + shared)
-    attn_flops = 4 * c.q_size * c.num_layers * num_tokens * context_len
-    flops = 2 * active * num_tokens + 2 * lm_head * num_seqs + attn_flops
+        c.num_layers * attn_params + num_dense * dense_ffn + num_moe * (touched * expert_params + shared) + lm_head)
+    kv_bytes = itemsize * 2 * c.kv_size * c.num_layers * seqs * context_len
+    dense_flops = 2 * tokens * (c.num_layers * attn_params + num_dense * dense_ffn + num_moe * shared)
+    expert_flops = 2 * num_moe * expert_params * c.top_k * num_tokens / ep_size
+    attn_flops = 4 * c.q_size * c.num_layers * tokens * context_len
+    flops = dense_flops + expert_flops + attn_flops + 2 * lm_head * seqs
     return max((weight_bytes + kv_bytes) / (rates.copy_gb_s * 1e9), flops / (rates.matmul_tflop_s * 1e12))

@@ -149,6 +149,19 @@ class RayExecutor:
         loads = self._call_all("expert_load")
         return torch.stack(loads).sum(dim=0)
 
-    def collective_seconds(self) -> list[float]:
-        """Each rank's seconds inside all-to-alls since the last call (with time_collectives)."""
-        return self._call_all("collective_seconds")
+    def stage_seconds(self) -> list[dict[str, float]]:
+        """Each rank's seconds in all-to-alls and MoE layers since the last call (with time_collectives)."""
+        return self._call_all("stage_seconds")
+
+    def ping_seconds(self, repeats: int = 20) -> float:
+        """Median round trip of an empty call to every rank at once (the control path's floor)."""
+        import statistics
+
+        import ray
+
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ray.get([w.ping.remote() for w in self.workers])
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)

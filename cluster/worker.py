@@ -12,7 +12,9 @@ from expertmesh.cluster.placement import ExpertPlacement
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.step import StepPlan, StepResult
-from expertmesh.router.all_to_all import AllToAllDispatcher, CollectiveTimer
+from expertmesh.model.moe import SparseMoeBlock
+from expertmesh.router.all_to_all import AllToAllDispatcher
+from expertmesh.router.timing import StageTimer
 
 
 class RankWorker:
@@ -28,7 +30,7 @@ class RankWorker:
             self.device = torch.device("cpu")
             torch.set_num_threads(config.parallel.cpus_per_rank)
         self.runner: ModelRunner | None = None
-        self.timer = CollectiveTimer() if config.parallel.time_collectives else None
+        self.timer = StageTimer() if config.parallel.time_collectives else None
 
     def rendezvous_address(self) -> tuple[str, int]:
         return host_address(), free_port()
@@ -45,6 +47,8 @@ class RankWorker:
         self.runner = ModelRunner(self.config.load, self.config.cache, rank=self.rank,
                                   ep_size=self.placement.ep_size, expert_ids=experts, dispatcher=dispatcher,
                                   device=self.device, progress=progress)
+        if self.timer is not None:
+            attach_moe_timer(self.runner.model, self.timer)
         return {"num_blocks": self.runner.num_blocks, "expert_params": self.expert_param_count()}
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -56,9 +60,9 @@ class RankWorker:
     def expert_load(self) -> torch.Tensor | None:
         return self.runner.expert_load()
 
-    def collective_seconds(self) -> float:
-        """Seconds spent inside all-to-alls since the last call (0 unless time_collectives)."""
-        return self.timer.take_seconds() if self.timer else 0.0
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds in all-to-alls and in whole MoE layers since the last call (with time_collectives)."""
+        return self.timer.take() if self.timer else {}
 
     def ping(self) -> int:
         return self.rank
@@ -68,3 +72,11 @@ class RankWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def attach_moe_timer(model: torch.nn.Module, timer: StageTimer) -> None:
+    """Time every MoE layer's forward as the stage "moe" (forward hooks, CUDA events)."""
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            module.register_forward_pre_hook(lambda mod, args: timer.start("moe", args[0].device))
+            module.register_forward_hook(lambda mod, args, out: timer.stop("moe"))

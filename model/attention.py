@@ -64,7 +64,7 @@ class AttentionMetadata:
         sliding_window: int | None = None,
     ) -> AttentionMetadata:
         """From plain per-sequence lists: tokens this step, first position, block ids.
-        Index arithmetic runs in numpy on the host; one copy per tensor to the device."""
+        Index arithmetic runs in numpy on the host; one copy to the device; the mask is built there."""
         B = len(query_lens)
         Q = max(query_lens)
         M = max(len(t) for t in block_tables)
@@ -85,22 +85,31 @@ class AttentionMetadata:
         q_pos_BQ = starts_B[:, None] + np.arange(Q)[None, :]
         q_pos_BQ = np.where(np.arange(Q)[None, :] < query_lens_B[:, None], q_pos_BQ, 0)
         prefill_only = not starts_B.any()
-        key_pos_L = np.arange(Q if prefill_only else M * block_size)
-        mask_BQL = key_pos_L[None, None, :] <= q_pos_BQ[:, :, None]
+        num_keys = Q if prefill_only else M * block_size
+        if device.type == "cpu":
+            pieces = [torch.from_numpy(a) for a in
+                      (positions_T, slot_mapping_T, block_table_BM, starts_B + query_lens_B, query_start_B1,
+                       q_pad_index_T, q_pos_BQ)]
+        else:  # one host-to-device copy for all index tensors, cut into views on the device
+            flat = np.concatenate([a.reshape(-1) for a in (positions_T, slot_mapping_T, block_table_BM,
+                                                           starts_B + query_lens_B, query_start_B1,
+                                                           q_pad_index_T, q_pos_BQ)])
+            sizes = [T, T, B * M, B, B + 1, T, B * Q]
+            pieces = list(torch.from_numpy(flat).pin_memory().to(device, non_blocking=True).split(sizes))
+        positions, slots, table, seq_lens, query_start, q_pad, q_pos = pieces
+        q_pos_BQ_dev = q_pos.view(B, Q)
+        key_pos_L = torch.arange(num_keys, device=device)
+        mask_BQL = key_pos_L[None, None, :] <= q_pos_BQ_dev[:, :, None]
         if sliding_window is not None:
-            mask_BQL &= key_pos_L[None, None, :] > q_pos_BQ[:, :, None] - sliding_window
-
-        def dev(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(device, non_blocking=True)
-
+            mask_BQL &= key_pos_L[None, None, :] > q_pos_BQ_dev[:, :, None] - sliding_window
         return cls(
-            positions_T=dev(positions_T),
-            slot_mapping_T=dev(slot_mapping_T),
-            block_table_BM=dev(block_table_BM),
-            seq_lens_B=dev(starts_B + query_lens_B),
-            query_start_B1=dev(query_start_B1),
-            q_pad_index_T=dev(q_pad_index_T),
-            mask_B1QL=dev(mask_BQL[:, None]),
+            positions_T=positions,
+            slot_mapping_T=slots,
+            block_table_BM=table.view(B, M),
+            seq_lens_B=seq_lens,
+            query_start_B1=query_start,
+            q_pad_index_T=q_pad,
+            mask_B1QL=mask_BQL[:, None],
             max_query_len=Q,
             prefill_only=prefill_only,
         )

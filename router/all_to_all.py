@@ -20,13 +20,13 @@ handed in (`AllToAll`); this module never looks up a process group.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from expertmesh.router.dispatch import Dispatched, DispatchHandle, LocalDispatcher
+from expertmesh.router.timing import StageTimer
 
 
 class AllToAll(Protocol):
@@ -85,37 +85,9 @@ class AllToAllHandle(DispatchHandle):
     recv_splits: tuple[int, ...] = ()
 
 
-class CollectiveTimer:
-    """Accumulates time spent in collectives (CUDA events on a GPU, so no sync per call)."""
-
-    def __init__(self) -> None:
-        self.events: list = []
-        self.cpu_seconds = 0.0
-
-    def measure(self, fn, device: torch.device) -> None:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            self.events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            self.cpu_seconds += time.perf_counter() - t0
-
-    def take_seconds(self) -> float:
-        """Time accumulated since the last call (synchronises on a GPU)."""
-        if self.events:
-            torch.cuda.synchronize()
-        total = self.cpu_seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1e3
-        self.events, self.cpu_seconds = [], 0.0
-        return total
-
-
 class AllToAllDispatcher(LocalDispatcher):
     def __init__(self, owner_E: torch.Tensor, slot_E: torch.Tensor, num_local_experts: int,
-                 collective: AllToAll, timer: CollectiveTimer | None = None) -> None:
+                 collective: AllToAll, timer: StageTimer | None = None) -> None:
         rank = collective.rank
         super().__init__(torch.where(owner_E == rank, slot_E, -1))
         self.owner_E, self.slot_E = owner_E, slot_E
@@ -131,7 +103,7 @@ class AllToAllDispatcher(LocalDispatcher):
         if self.timer is None:
             call()
         else:
-            self.timer.measure(call, input.device)
+            self.timer.measure("all_to_all", call, input.device)
 
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> Dispatched:
         K = topk_ids_TK.shape[1]
