@@ -68,7 +68,7 @@ def build_engine(model_dir: Path, ep: int, args) -> EngineCore:
         scheduler=SchedulerConfig(max_num_seqs=max(args.batch),
                                   max_num_batched_tokens=max(args.batch) * args.prompt_len),
         parallel=ParallelConfig(ep_size=ep, time_collectives=True, cpus_per_rank=args.cpus_per_rank,
-                                startup_timeout_s=300),
+                                startup_timeout_s=300, step_channel=args.step_channel),
     )
     if ep == 1:
         executor = InProcessExecutor(config, progress=False)
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda or cpu")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
     p.add_argument("--cpus-per-rank", type=int, default=1, help="CPUs each rank reserves")
+    p.add_argument("--step-channel", choices=["compiled", "ray_call"], default="compiled",
+                   help="how the step plan reaches the ranks (EP > 1)")
     p.add_argument("--out", default=None, help="directory for ep{N}.json and ep{N}.md")
     args = p.parse_args(argv)
 
@@ -156,14 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     result = {"ep": args.ep, "layers": args.layers, "gpu": name, "shape": args.shape, "rates": rates.__dict__,
+              "step_channel": args.step_channel if args.ep > 1 else "in-process",
               "startup_s": startup_s, "ray_ping_ms": ping * 1e3, "prompt_len": args.prompt_len, "rows": rows}
     table = markdown(result)
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"ep{args.ep}.json").write_text(json.dumps(result, indent=2))
-        (out / f"ep{args.ep}.md").write_text(table)
+        name = f"ep{args.ep}" + (f"-{args.step_channel}" if args.ep > 1 else "")
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{name}.md").write_text(table)
     engine.executor.shutdown()
     return 0
 
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(result: dict) -> str:
     lines = [f"EP={result['ep']}, {result['layers']} layers of the {result['shape']} shape, {result['gpu']}; "
              f"copy {result['rates']['copy_gb_s']:.0f} GB/s, matmul {result['rates']['matmul_tflop_s']:.0f} TFLOP/s; "
-             f"Ray ping {result['ray_ping_ms']:.2f} ms",
+             f"Ray ping {result['ray_ping_ms']:.2f} ms; step channel {result['step_channel']}",
              "",
              "| batch | step ms | ceiling ms | tokens/s | MoE layer us | a2a us/layer | a2a share | control ms |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -2,8 +2,11 @@
 
     placement group, one bundle per rank (a GPU each on CUDA), gang-scheduled: all or nothing
       -> one RankWorker per bundle -> rendezvous (rank 0 picks a free port) -> load
-    every step: the plan is put in the object store once and each rank gets a reference:
-      one message to all ranks, one reply from each; never a call per layer or per token.
+    every step: one message to all ranks, one reply from each; never a call per layer or per
+      token. The default channel is a Ray Compiled Graph (InputNode -> every rank's execute ->
+      MultiOutputNode), compiled once per group: shared-memory channels, no task submission per
+      step. The plain channel ("ray_call") puts the plan in the object store once and calls each
+      rank with a reference to it.
 
 A rank that dies or a step that outlives `step_timeout_s` takes the whole group down (the
 others would wait in their collectives forever): the group is killed at once and
@@ -37,6 +40,7 @@ class RayExecutor:
         self.placement = ExpertPlacement.contiguous(self.model_config.num_experts, self.num_ranks)
         self.workers: list = []
         self.placement_group = None
+        self._graph = None
         self.control_seconds = 0.0
         self.num_steps = 0
         self._start()
@@ -86,15 +90,27 @@ class RayExecutor:
             raise
         self.num_blocks = min(info["num_blocks"] for info in infos)
         self.expert_params = [info["expert_params"] for info in infos]
+        if parallel.step_channel == "compiled":
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as plan:
+                graph = MultiOutputNode([w.execute.bind(plan) for w in self.workers])
+            self._graph = graph.experimental_compile()
         log.info("EP group of %d ranks on %s ready", self.num_ranks, device_type)
 
     def _kill(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for worker in self.workers:
+        for worker in self.workers:  # first: a graph's teardown waits for ranks stuck in a collective
             ray.kill(worker, no_restart=True)
         self.workers = []
+        if self._graph is not None:
+            try:
+                self._graph.teardown()
+            except Exception:
+                log.debug("compiled graph teardown after kill", exc_info=True)
+            self._graph = None
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
             self.placement_group = None
@@ -104,6 +120,17 @@ class RayExecutor:
         self._start()
 
     def shutdown(self) -> None:
+        """Stop the group in order: the graph's loops, the process groups, then the actors."""
+        import ray
+
+        if self._graph is not None:
+            self._graph.teardown()
+            self._graph = None
+        if self.workers:
+            try:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+            except Exception:
+                log.warning("EP group did not shut down cleanly", exc_info=True)
         self._kill()
 
     # ---- steps ----------------------------------------------------------------------------
@@ -112,8 +139,11 @@ class RayExecutor:
         import ray
 
         start = time.perf_counter()
-        plan_ref = ray.put(plan)
-        results = self._gather([w.execute.remote(plan_ref) for w in self.workers])
+        if self._graph is not None:
+            results = self._gather_compiled(self._graph.execute(plan))
+        else:
+            plan_ref = ray.put(plan)
+            results = self._gather([w.execute.remote(plan_ref) for w in self.workers])
         sampled = {}
         for result in results:
             sampled.update(result.sampled)
@@ -139,6 +169,20 @@ class RayExecutor:
                 self._kill()
                 raise ExecutorDiedError(f"rank failed: {type(exc).__name__}: {exc}") from exc
         return ray.get(futures)
+
+    def _gather_compiled(self, refs: list) -> list:
+        """A compiled graph's replies; a dead rank makes every ref raise at once."""
+        import ray
+
+        deadline = time.monotonic() + self.config.parallel.step_timeout_s
+        results = []
+        try:
+            for ref in refs:
+                results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0)))
+        except Exception as exc:
+            self._kill()
+            raise ExecutorDiedError(f"rank failed: {type(exc).__name__}: {exc}") from exc
+        return results
 
     def _call_all(self, method: str) -> list:
         import ray

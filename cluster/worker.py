@@ -47,6 +47,9 @@ class RankWorker:
         self.runner = ModelRunner(self.config.load, self.config.cache, rank=self.rank,
                                   ep_size=self.placement.ep_size, expert_ids=experts, dispatcher=dispatcher,
                                   device=self.device, progress=progress)
+        # Fixed-capacity exchanges need experts that stop at the last valid row (grouped_mm).
+        dispatcher.supports_fixed_capacity = all(
+            m.experts.impl == "grouped" for m in self.runner.model.modules() if isinstance(m, SparseMoeBlock))
         if self.timer is not None:
             attach_moe_timer(self.runner.model, self.timer)
         return {"num_blocks": self.runner.num_blocks, "expert_params": self.expert_param_count()}

@@ -122,6 +122,11 @@ class ModelRunner:
         for request_id in plan.finished_request_ids:  # after: a request may arrive and end in one plan
             self.requests.pop(request_id, None)
         chunks = plan.chunks_by_rank[self.rank]
+        dispatcher = self.model.dispatcher
+        if self.ep_size > 1 and hasattr(dispatcher, "begin_step"):
+            max_tokens = max(sum(c.num_tokens for c in rank_chunks) for rank_chunks in plan.chunks_by_rank)
+            row_bytes = self.model_config.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+            dispatcher.begin_step(max_tokens, self.model_config.top_k, row_bytes=row_bytes)
         if not chunks:
             if plan.num_chunks and self.ep_size > 1:  # other ranks compute: join their all-to-alls
                 self.model(torch.empty(0, dtype=torch.int64, device=self.device), None, self.kv_caches)

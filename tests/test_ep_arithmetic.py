@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from expertmesh.cluster.placement import ExpertPlacement, rank_bundles
-from expertmesh.router.all_to_all import plan_receive, plan_send
+from expertmesh.router.all_to_all import padded_positions, plan_receive, plan_receive_padded, plan_send
 
 
 def test_contiguous_placement():
@@ -55,3 +55,15 @@ def test_receive_plan_regroups_rows_by_local_expert():
 def test_receive_plan_of_a_rank_with_fewer_experts_and_no_rows():
     recv = plan_receive(torch.zeros(3, 2, dtype=torch.int64), num_local_experts=1, num_rows=0)
     assert recv.perm_M.numel() == 0 and recv.counts_E.tolist() == [0]
+
+
+def test_fixed_capacity_positions_and_regrouping():
+    # Send side: 2 copies to rank 0, 1 to rank 1, capacity 3 rows per rank -> rows 0, 1 and 3.
+    rows = padded_positions(torch.tensor([[1, 1], [1, 0]]), capacity=3, num_copies=3)
+    assert rows.tolist() == [0, 1, 3]
+    # Receive side, capacity 3: from rank 0 slot 0 x1, slot 1 x1 (rows 0, 1; row 2 padding);
+    # from rank 1 slot 1 x2 (rows 3, 4; row 5 padding). Slots of the 6 rows: 0 1 X | 1 1 X.
+    recv = plan_receive_padded(torch.tensor([[1, 1], [0, 2]]), capacity=3, num_local_experts=2)
+    assert recv.perm_M.tolist() == [0, 1, 3, 4, 2, 5]
+    assert recv.expert_M.tolist() == [0, 1, 1, 1, 2, 2]  # 2 = X: padding, after every real row
+    assert recv.counts_E.tolist() == [1, 3]

@@ -34,7 +34,7 @@ def _logits(runner, prompts, device):
     return [logits[offsets[i]:offsets[i + 1]] for i in range(len(prompts))]
 
 
-def _rank_main(rank, world, port, path, assignment, out_dir):
+def _rank_main(rank, world, port, path, assignment, out_dir, padded):
     import torch.distributed as dist
 
     from expertmesh.cluster.collective import ProcessGroupAllToAll
@@ -52,25 +52,36 @@ def _rank_main(rank, world, port, path, assignment, out_dir):
     runner = ModelRunner(ModelLoadConfig(str(path), dtype="float32", device="cpu"),
                          CacheConfig(block_size=BLOCK, num_blocks=64), rank=rank, ep_size=world,
                          expert_ids=experts, dispatcher=dispatcher, progress=False)
+    assert runner.model.layers[0].mlp.experts.impl == "grouped"
+    dispatcher.supports_fixed_capacity = padded
+
+    def begin_step(prompt_lists):  # what the runner does from the plan every rank sees
+        max_tokens = max(sum(len(p) for p in prompts) for prompts in prompt_lists)
+        dispatcher.begin_step(max_tokens, runner.model_config.top_k, row_bytes=4 * runner.model_config.hidden_size)
+        assert (dispatcher.capacity is not None) == padded
+
     mine = [PROMPTS[i] for i in assignment[rank]]
     with torch.inference_mode():
+        begin_step([[PROMPTS[i] for i in a] for a in assignment])
         torch.save(_logits(runner, mine, torch.device("cpu")), f"{out_dir}/rank{rank}.pt")
         # A second step in which only rank 0 has work: every other rank runs empty.
+        begin_step([[PROMPTS[assignment[0][0]]]])
         torch.save(_logits(runner, mine[:1] if rank == 0 else [], torch.device("cpu")), f"{out_dir}/rank{rank}b.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["exact-splits", "fixed-capacity"])
 @pytest.mark.parametrize("world, assignment", [
     (2, [[0, 1, 2], [3, 4]]),
     (4, [[0, 1], [2], [3, 4], []]),  # rank 3 has no sequences at all
 ])
-def test_ep_logits_equal_single_process(qwen3_moe_path, tmp_path, world, assignment):
+def test_ep_logits_equal_single_process(qwen3_moe_path, tmp_path, world, assignment, padded):
     reference = ModelRunner(ModelLoadConfig(str(qwen3_moe_path), dtype="float32", device="cpu"),
                             CacheConfig(block_size=BLOCK, num_blocks=64), progress=False)
     with torch.inference_mode():
         expected = _logits(reference, PROMPTS, torch.device("cpu"))
-    mp.spawn(_rank_main, args=(world, free_port(), str(qwen3_moe_path), assignment, str(tmp_path)),
+    mp.spawn(_rank_main, args=(world, free_port(), str(qwen3_moe_path), assignment, str(tmp_path), padded),
              nprocs=world, join=True)
     for rank, indices in enumerate(assignment):
         got = torch.load(tmp_path / f"rank{rank}.pt")

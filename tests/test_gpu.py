@@ -64,3 +64,25 @@ def test_bfloat16_logits_close_to_transformers_bf16(qwen3_moe_path):
         ours = runner.model.compute_logits(runner.model(torch.tensor(ids, device="cuda"), meta, runner.kv_caches))
         ref = _hf(qwen3_moe_path, torch.bfloat16)(torch.tensor([ids], device="cuda")).logits[0].float()
     torch.testing.assert_close(ours, ref, atol=0.03, rtol=0.05)
+
+
+def test_two_rank_workers_over_nccl_give_the_tokens_of_one_gpu(qwen3_moe_path):
+    """EP=2: two RankWorker actors on two GPUs, all-to-all over NCCL, data-parallel attention."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    pytest.importorskip("ray")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
+    one = LLM(qwen3_moe_path, device="cuda", dtype="float32", progress=False)
+    expected = one.generate(PROMPTS, params)
+    del one
+    torch.cuda.empty_cache()
+    two = LLM(qwen3_moe_path, device="cuda", dtype="float32", ep_size=2, progress=False)
+    try:
+        got = two.generate(PROMPTS, params)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+        for a, b in zip(got, expected):
+            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                for token in x:
+                    assert x[token] == pytest.approx(y[token], abs=1e-3)
+    finally:
+        two.shutdown()
