@@ -144,13 +144,10 @@ class RayExecutor:
         else:
             plan_ref = ray.put(plan)
             results = self._gather([w.execute.remote(plan_ref) for w in self.workers])
-        sampled = {}
-        for result in results:
-            sampled.update(result.sampled)
-        compute = max(result.compute_seconds for result in results)
-        self.control_seconds += time.perf_counter() - start - compute
+        result = StepResult.merge(results)
+        self.control_seconds += time.perf_counter() - start - result.compute_seconds
         self.num_steps += 1
-        return StepResult(sampled, compute)
+        return result
 
     def _gather(self, futures: list) -> list:
         """Every rank's reply, or ExecutorDiedError as soon as one rank fails or the step hangs."""

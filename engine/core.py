@@ -22,7 +22,7 @@ from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.request import Request, RequestStatus
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import Scheduler, SchedulerOutput
-from expertmesh.engine.step import Chunk, NewRequest, SampledToken, StepPlan
+from expertmesh.engine.step import Chunk, NewRequest, RankChunks, SampledToken, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,8 @@ class EngineCore:
         plan = StepPlan(
             new_requests=tuple(self._new),
             chunks_by_rank=tuple(
-                tuple(Chunk(s.request.request_id, s.start, s.num_tokens, list(s.request.block_ids), s.samples)
-                      for s in out.scheduled)
+                RankChunks.from_chunks(Chunk(s.request.request_id, s.start, s.num_tokens, s.request.block_ids,
+                                             s.samples) for s in out.scheduled)
                 for out in outs),
             finished_request_ids=tuple(self._dropped),
         )
@@ -185,10 +185,11 @@ class EngineCore:
             return
         self.num_steps += 1
         self.compute_seconds += result.compute_seconds
-        sampled = {rid: tok.token_id for rid, tok in result.sampled.items()}
+        sampled = result.sampled
+        token_ids = {rid: tok.token_id for rid, tok in sampled.items()}
         for scheduler, out in zip(self.schedulers, outs):
-            scheduler.update(out, sampled)
-        for rid, token in result.sampled.items():
+            scheduler.update(out, token_ids)
+        for rid, token in sampled.items():
             self._on_token(self._sequences[rid], token)
 
     def _fail_all(self, error: str) -> None:

@@ -15,12 +15,13 @@ import itertools
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from expertmesh.engine.config import CacheConfig, ModelLoadConfig
 from expertmesh.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.engine.step import SampledToken, StepPlan, StepResult
+from expertmesh.engine.step import StepPlan, StepResult
 from expertmesh.model.attention import AttentionMetadata
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import CausalLM
@@ -124,25 +125,26 @@ class ModelRunner:
         chunks = plan.chunks_by_rank[self.rank]
         dispatcher = self.model.dispatcher
         if self.ep_size > 1 and hasattr(dispatcher, "begin_step"):
-            max_tokens = max(sum(c.num_tokens for c in rank_chunks) for rank_chunks in plan.chunks_by_rank)
+            max_tokens = max(rank_chunks.total_tokens for rank_chunks in plan.chunks_by_rank)
             row_bytes = self.model_config.hidden_size * torch.empty((), dtype=self.dtype).element_size()
             dispatcher.begin_step(max_tokens, self.model_config.top_k, row_bytes=row_bytes)
-        if not chunks:
+        if not len(chunks):
             if plan.num_chunks and self.ep_size > 1:  # other ranks compute: join their all-to-alls
                 self.model(torch.empty(0, dtype=torch.int64, device=self.device), None, self.kv_caches)
-            return StepResult({})
-        states = [self.requests[c.request_id] for c in chunks]
+            return StepResult()
+        states = [self.requests[rid] for rid in chunks.request_ids]
+        starts, num_tokens = chunks.starts.tolist(), chunks.num_tokens.tolist()
         input_ids = list(itertools.chain.from_iterable(
-            s.tokens(c.start, c.num_tokens) for s, c in zip(states, chunks)))
+            s.tokens(start, n) for s, start, n in zip(states, starts, num_tokens)))
         meta = AttentionMetadata.build(
-            query_lens=[c.num_tokens for c in chunks], starts=[c.start for c in chunks],
-            block_tables=[c.block_ids for c in chunks], block_size=self.block_size,
+            query_lens=num_tokens, starts=starts,
+            block_tables=[chunks.block_table(i) for i in range(len(chunks))], block_size=self.block_size,
             device=self.device, sliding_window=self.model_config.sliding_window)
         hidden_TD = self.model(torch.tensor(input_ids, device=self.device), meta, self.kv_caches)
 
-        sampling = [i for i, c in enumerate(chunks) if c.sample]
+        sampling = np.flatnonzero(chunks.sample).tolist()
         if not sampling:
-            return StepResult({})
+            return StepResult()
         if len(sampling) == hidden_TD.shape[0]:  # a decode-only step: every row samples
             logits_BV = self.model.compute_logits(hidden_TD)
         else:
@@ -153,17 +155,15 @@ class ModelRunner:
                 for s in (states[i] for i in sampling)]
         out = self.sampler(logits_BV, SamplingBatch.build(rows, logits_BV.shape[-1], self.device)).cpu()
         token_ids = out.token_ids_B.tolist()
-        sampled = {}
+        request_ids = tuple(chunks.request_ids[i] for i in sampling)
+        logprobs = {}
         for row, (i, token_id) in enumerate(zip(sampling, token_ids)):
-            state, chunk = states[i], chunks[i]
+            state = states[i]
             state.output_token_ids.append(token_id)
-            n = state.params.logprobs
-            if n is None:
-                sampled[chunk.request_id] = SampledToken(token_id)
-            else:
-                logprob, top = out.row_logprobs(row, n)
-                sampled[chunk.request_id] = SampledToken(token_id, logprob, tuple(top))
-        return StepResult(sampled)
+            if state.params.logprobs is not None:
+                logprob, top = out.row_logprobs(row, state.params.logprobs)
+                logprobs[request_ids[row]] = (logprob, tuple(top))
+        return StepResult(request_ids, tuple(token_ids), logprobs or None)
 
     def expert_load(self) -> torch.Tensor | None:
         stats = self.model.expert_load

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from expertmesh.engine.step import SampledToken, StepPlan, StepResult
+from expertmesh.engine.step import StepPlan, StepResult
 from expertmesh.model.config import ModelConfig
 
 
@@ -33,14 +33,15 @@ class ScriptedExecutor:
         self.plans.append(plan)
         for new in plan.new_requests:
             self._pending[new.request_id] = list(self.script(list(new.prompt_token_ids)))
-        sampled = {}
+        request_ids, token_ids = [], []
         for chunk in (c for chunks in plan.chunks_by_rank for c in chunks):
             if chunk.sample:
                 tokens = self._pending.setdefault(chunk.request_id, [])
-                sampled[chunk.request_id] = SampledToken(tokens.pop(0) if tokens else self.fallback_token)
+                request_ids.append(chunk.request_id)
+                token_ids.append(tokens.pop(0) if tokens else self.fallback_token)
         for request_id in plan.finished_request_ids:
             self._pending.pop(request_id, None)
-        return StepResult(sampled)
+        return StepResult(tuple(request_ids), tuple(token_ids))
 
     num_ranks = 1
 

@@ -1,13 +1,20 @@
 """The step plan: what the engine core sends to every rank once per step, and what comes back.
 
-Plain frozen dataclasses of Python lists and ints, so the same message travels in-process or
-through one Ray call to all ranks. Ranks keep each request's tokens and sampling state
-(`NewRequest` arrives once); a step then only names, per request, the positions to compute
-and its block table. Sampled tokens are appended by the ranks themselves.
+Frozen dataclasses of Python lists, ints and numpy arrays, so the same message travels
+in-process or through one Ray message to all ranks. Ranks keep each request's tokens and
+sampling state (`NewRequest` arrives once); a step then only names, per request, the positions
+to compute and its block table. Sampled tokens are appended by the ranks themselves.
+
+Chunks and results travel column by column (`RankChunks`, `StepResult`): a step of 256
+sequences serialises as a few arrays instead of 256 objects, which keeps the per-step control
+path short.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+import numpy as np
 
 from expertmesh.engine.sampling_params import SamplingParams
 
@@ -37,9 +44,56 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class RankChunks:
+    """One rank's chunks as columns."""
+
+    request_ids: tuple[str, ...]
+    starts: np.ndarray
+    """int64 [n]: position of each chunk's first token."""
+    num_tokens: np.ndarray
+    """int64 [n]."""
+    sample: np.ndarray
+    """bool [n]."""
+    block_ids: np.ndarray
+    """int64: every chunk's block table, one after another."""
+    block_offsets: np.ndarray
+    """int64 [n + 1]: chunk i's table is block_ids[block_offsets[i]:block_offsets[i + 1]]."""
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[Chunk]) -> RankChunks:
+        chunks = list(chunks)
+        tables = [c.block_ids for c in chunks]
+        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum([len(t) for t in tables], out=offsets[1:])
+        return cls(
+            request_ids=tuple(c.request_id for c in chunks),
+            starts=np.array([c.start for c in chunks], dtype=np.int64),
+            num_tokens=np.array([c.num_tokens for c in chunks], dtype=np.int64),
+            sample=np.array([c.sample for c in chunks], dtype=bool),
+            block_ids=np.fromiter((b for t in tables for b in t), dtype=np.int64, count=int(offsets[-1])),
+            block_offsets=offsets,
+        )
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.num_tokens.sum())
+
+    def block_table(self, i: int) -> np.ndarray:
+        return self.block_ids[self.block_offsets[i]: self.block_offsets[i + 1]]
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for i, request_id in enumerate(self.request_ids):
+            yield Chunk(request_id, int(self.starts[i]), int(self.num_tokens[i]), self.block_table(i).tolist(),
+                        bool(self.sample[i]))
+
+
+@dataclass(frozen=True)
 class StepPlan:
     new_requests: tuple[NewRequest, ...]
-    chunks_by_rank: tuple[tuple[Chunk, ...], ...]
+    chunks_by_rank: tuple[RankChunks, ...]
     """Each rank's chunks (attention is data-parallel: a rank computes its own sequences). A rank
     with none still runs the step, to take part in every MoE layer's all-to-all."""
     finished_request_ids: tuple[str, ...]
@@ -59,7 +113,30 @@ class SampledToken:
 
 @dataclass(frozen=True)
 class StepResult:
-    sampled: dict[str, SampledToken]
-    """request id -> its new token, for every chunk with sample=True."""
+    request_ids: tuple[str, ...] = ()
+    """Every request that sampled a token this step."""
+    token_ids: tuple[int, ...] = ()
+    logprobs: dict[str, tuple[float, tuple[tuple[int, float], ...]]] | None = None
+    """For requests that asked: (logprob of the sampled token, top (token, logprob) pairs)."""
     compute_seconds: float = 0.0
     """Wall time of the slowest rank's forward and sampling (the executor's own overhead is the rest)."""
+
+    @property
+    def sampled(self) -> dict[str, SampledToken]:
+        """request id -> its new token."""
+        logprobs = self.logprobs or {}
+        out = {}
+        for request_id, token_id in zip(self.request_ids, self.token_ids):
+            entry = logprobs.get(request_id)
+            out[request_id] = SampledToken(token_id) if entry is None else SampledToken(token_id, *entry)
+        return out
+
+    @classmethod
+    def merge(cls, results: Iterable[StepResult]) -> StepResult:
+        """The results of every rank, as one."""
+        results = list(results)
+        logprobs = {}
+        for r in results:
+            logprobs.update(r.logprobs or {})
+        return cls(tuple(i for r in results for i in r.request_ids), tuple(t for r in results for t in r.token_ids),
+                   logprobs or None, max((r.compute_seconds for r in results), default=0.0))
