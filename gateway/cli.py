@@ -21,7 +21,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None,
                    help="checkpoint directory (HF format); default: the embedded tiny Qwen3-MoE model")
-    g.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks of the EP group (default 1)")
+    g.add_argument("--ep-size", type=int, default=1,
+                   help="expert-parallel ranks of the EP group: 1 runs in-process; more run as Ray actors, "
+                        "one per GPU (CPUs on a machine without GPUs)")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join with --ep-size > 1 ('auto' or 'ray://host:port'); default: start a "
+                        "local Ray instance")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype; auto is bfloat16 on CUDA, float32 on CPU")
@@ -94,7 +99,8 @@ def _llm(args):
     from expertmesh.model.default import DEFAULT_MODEL_NAME, default_model_path
 
     model = args.model or default_model_path(_cache_dir() / "models" / DEFAULT_MODEL_NAME)
-    return LLM(model, ep_size=args.ep_size, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+    return LLM(model, ep_size=args.ep_size, ray_address=args.ray_address, device=args.device, dtype=args.dtype,
+               max_model_len=args.max_model_len,
                block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, expert_impl=args.expert_impl)

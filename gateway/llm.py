@@ -9,6 +9,7 @@ drives the engine until the given requests are done.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +70,8 @@ class LLM:
         if ep_size == 1:
             executor = InProcessExecutor(self.config, progress=progress)
         else:
+            if importlib.util.find_spec("ray") is None:
+                raise ValueError("ep_size > 1 runs on Ray, which is not installed: pip install 'expertmesh[ray]'")
             from expertmesh.cluster.executor import RayExecutor
 
             executor = RayExecutor(self.config)

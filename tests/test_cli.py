@@ -14,8 +14,8 @@ def _flags(subcommand: str) -> set[str]:
     return {opt for action in sub._actions for opt in action.option_strings}
 
 
-ENGINE_FLAGS = {"--model", "--ep-size", "--device", "--dtype", "--max-model-len", "--block-size", "--num-kv-blocks",
-                "--no-prefix-caching", "--max-num-seqs", "--max-num-batched-tokens", "--expert-impl"}
+ENGINE_FLAGS = {"--model", "--ep-size", "--ray-address", "--device", "--dtype", "--max-model-len", "--block-size",
+                "--num-kv-blocks", "--no-prefix-caching", "--max-num-seqs", "--max-num-batched-tokens", "--expert-impl"}
 SAMPLING_FLAGS = {"--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--seed", "--stop"}
 
 
