@@ -4,8 +4,9 @@
         ─▶ Scheduler.update ─▶ stops (EOS, stop tokens, stop strings, max_tokens, max_model_len)
         ─▶ incremental detokenizer ─▶ RequestOutput deltas
 
-A request with n > 1 becomes n sequences ("id#0", "id#1", ...) that share the prompt's KV
-blocks through the prefix cache; their outputs come back together under the request's id.
+A request with n > 1 becomes n sequences ("id#0", "id#1", ...) on one rank; their outputs come
+back together under the request's id. (They are admitted together, so each prefills the prompt
+itself: the prefix cache only serves blocks registered by an earlier step.)
 A failure inside a step ends that step's requests with finish_reason "error" and the engine
 goes on: a bad request never takes the engine down.
 """
@@ -110,14 +111,15 @@ class EngineCore:
                     prompt: str | None = None, stream: bool = True) -> None:
         """Queue a request. With stream=True, every step that changes it yields a RequestOutput
         (deltas and totals so far); with stream=False, only the final one (vLLM's FINAL_ONLY)."""
-        if request_id in self._parents:
-            raise ValueError(f"request id {request_id!r} is already in use")
         prompt_token_ids = list(prompt_token_ids)
         self.validate(prompt_token_ids, params)
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        taken = [i for i in [request_id, *child_ids] if i in self._parents or i in self._sequences]
+        if taken:  # checked before anything changes, so a rejected request leaves no trace
+            raise ValueError(f"request id {taken[0]!r} is already in use")
         parent = _Parent(request_id, prompt, prompt_token_ids, stream)
         rank = self._pick_rank()  # all n sequences on one rank: they share the prompt's blocks
-        for index in range(params.n):
-            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+        for index, child_id in enumerate(child_ids):
             child_params = params
             if params.n > 1:
                 seed = None if params.seed is None else params.seed + index
@@ -174,7 +176,6 @@ class EngineCore:
         except ExecutorDiedError as exc:
             log.error("the executor's workers died: %s", exc)
             self._fail_all(f"the engine's workers failed and were replaced: {exc}")
-            self.executor.restart()
             return
         except Exception as exc:
             log.exception("step failed")
@@ -193,13 +194,19 @@ class EngineCore:
             self._on_token(self._sequences[rid], token)
 
     def _fail_all(self, error: str) -> None:
-        """Every request in flight ends with an error; its KV lived on the workers that died."""
+        """Every request in flight ends with an error (its KV lived on the workers that died), then
+        a fresh group is started; the block managers are rebuilt for the new group's cache. If the
+        restart fails too, the next step tries again."""
         for seq in list(self._sequences.values()):
             if not seq.output.finished:
                 seq.output.finish_reason = RequestStatus.FINISHED_ERROR.value
                 seq.output.error = error
                 seq.changed = True
         self._new, self._dropped = [], []
+        try:
+            self.executor.restart()
+        except Exception:
+            log.exception("restarting the executor failed")
         self._reset_schedulers()
 
     def _on_token(self, seq: _Sequence, token: SampledToken) -> None:
@@ -237,7 +244,7 @@ class EngineCore:
             self._finish(seq, status)
 
     def _finish(self, seq: _Sequence, status: RequestStatus, error: str | None = None) -> None:
-        if status is not RequestStatus.FINISHED_ERROR and not seq.stop_checker.stopped:
+        if not seq.stop_checker.stopped:  # release held-back text, also of a request that failed
             delta = seq.detokenizer.flush()
             update = seq.stop_checker.update(seq.detokenizer.text, len(delta), finished=True)
             seq.output.text_delta += update.delta

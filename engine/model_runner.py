@@ -114,12 +114,11 @@ class ModelRunner:
         return replace(result, compute_seconds=time.perf_counter() - start)
 
     def _execute(self, plan: StepPlan) -> StepResult:
-        for new in plan.new_requests:
-            if new.rank != self.rank:
-                continue
-            self.requests[new.request_id] = _RequestState(
-                list(new.prompt_token_ids), new.params, new.eos_token_ids,
-                make_generator(new.params.seed, self.device), list(new.output_token_ids))
+        arrivals = {  # built first: a request that cannot be set up leaves the runner as it was
+            new.request_id: _RequestState(list(new.prompt_token_ids), new.params, new.eos_token_ids,
+                                          make_generator(new.params.seed, self.device), list(new.output_token_ids))
+            for new in plan.new_requests if new.rank == self.rank}
+        self.requests.update(arrivals)
         for request_id in plan.finished_request_ids:  # after: a request may arrive and end in one plan
             self.requests.pop(request_id, None)
         chunks = plan.chunks_by_rank[self.rank]

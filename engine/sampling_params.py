@@ -66,7 +66,8 @@ class SamplingParams:
             _check(_is_number(value) and -2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value!r}")
         _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
                f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63 - self.n),
+               f"seed must be an integer in [0, 2**63 - n), got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                f"stop must be non-empty strings, got {self.stop!r}")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),

@@ -134,7 +134,9 @@ def paged_attention(
     if meta.prefill_only:
         k_BGLd, v_BGLd = pad(k_TGd), pad(v_TGd)
     else:
-        kv_2BGLd = kv_2NSGd[:, meta.block_table_BM].reshape(2, B, M * S, G, d).transpose(2, 3)
+        # index_select on a flat view: several times faster than advanced indexing for this gather.
+        blocks = kv_2NSGd.view(2, kv_2NSGd.shape[1], -1).index_select(1, meta.block_table_BM.view(-1))
+        kv_2BGLd = blocks.view(2, B, M * S, G, d).transpose(2, 3)
         k_BGLd, v_BGLd = kv_2BGLd[0], kv_2BGLd[1]
     q_BHQd = q_THd[:, :, None, :] if Q == 1 else pad(q_THd)
     out_BHQd = F.scaled_dot_product_attention(
@@ -142,7 +144,7 @@ def paged_attention(
     )
     if Q == 1:
         return out_BHQd.reshape(B, H * d)
-    return out_BHQd.transpose(1, 2).reshape(B * Q, H * d)[meta.q_pad_index_T]
+    return out_BHQd.transpose(1, 2).reshape(B * Q, H * d).index_select(0, meta.q_pad_index_T)
 
 
 class Attention(nn.Module):

@@ -160,29 +160,29 @@ class AllToAllDispatcher(LocalDispatcher):
             return self._dispatch_padded(x_TD, send, recv_counts_RX, topk_weights_TK, K)
         splits = torch.stack((send.counts_RX.sum(1), recv_counts_RX.sum(1))).tolist()  # the one host sync
         send_splits, recv_splits = splits
-        x_send = x_TD[send.order_N // K]
+        x_send = x_TD.index_select(0, send.order_N // K)
         x_recv = x_TD.new_empty(sum(recv_splits), x_TD.shape[1])
         self._exchange(x_recv, x_send, recv_splits, send_splits)
         recv = plan_receive(recv_counts_RX, self.num_local_experts, x_recv.shape[0])
         handle = AllToAllHandle(send.order_N, topk_weights_TK, recv.perm_M, tuple(send_splits), tuple(recv_splits))
-        return Dispatched(x_recv[recv.perm_M], recv.counts_E, recv.expert_M, handle)
+        return Dispatched(x_recv.index_select(0, recv.perm_M), recv.counts_E, recv.expert_M, handle)
 
     def _dispatch_padded(self, x_TD, send: SendPlan, recv_counts_RX, topk_weights_TK, K: int) -> Dispatched:
         C, R, D = self.capacity, self.num_ranks, x_TD.shape[1]
         rows_N = padded_positions(send.counts_RX, C, send.order_N.shape[0])
-        x_send = x_TD.new_zeros(R * C, D).index_copy_(0, rows_N, x_TD[send.order_N // K])
+        x_send = x_TD.new_zeros(R * C, D).index_copy_(0, rows_N, x_TD.index_select(0, send.order_N // K))
         x_recv = torch.empty_like(x_send)
         self._exchange(x_recv, x_send)
         recv = plan_receive_padded(recv_counts_RX, C, self.num_local_experts)
         handle = AllToAllHandle(send.order_N, topk_weights_TK, recv.perm_M, padded_rows_N=rows_N)
-        return Dispatched(x_recv[recv.perm_M], recv.counts_E, recv.expert_M, handle)
+        return Dispatched(x_recv.index_select(0, recv.perm_M), recv.counts_E, recv.expert_M, handle)
 
     def combine(self, y_ND: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         if handle.padded_rows_N is not None:
             y_recv = torch.empty_like(y_ND).index_copy_(0, handle.perm_M, y_ND)
             y_back = torch.empty_like(y_recv)
             self._exchange(y_back, y_recv)
-            return super().combine(y_back[handle.padded_rows_N], handle)
+            return super().combine(y_back.index_select(0, handle.padded_rows_N), handle)
         y_recv = torch.empty_like(y_ND).index_copy_(0, handle.perm_M, y_ND)
         y_back = y_ND.new_empty(sum(handle.send_splits), y_ND.shape[1])
         self._exchange(y_back, y_recv, list(handle.send_splits), list(handle.recv_splits))

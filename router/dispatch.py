@@ -64,7 +64,8 @@ class LocalDispatcher:
             counts_E.index_add_(0, local_N, torch.ones_like(local_N))
         else:
             counts_E = torch.bincount(local_N, minlength=self.num_local_experts)
-        return Dispatched(x_TD[order_N // K], counts_E, expert_N, DispatchHandle(order_N, topk_weights_TK))
+        return Dispatched(x_TD.index_select(0, order_N // K), counts_E, expert_N,
+                          DispatchHandle(order_N, topk_weights_TK))
 
     def combine(self, y_ND: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         T, K = handle.topk_weights_TK.shape

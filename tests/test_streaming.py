@@ -121,3 +121,22 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on(q
     _, final = stream(engine, "good")
     assert final.outputs[0].token_ids == [40, 41]
     assert engine.block_manager.usage == 0.0
+
+
+def test_request_ids_that_collide_with_children_are_rejected_without_a_trace(qwen3_moe_path):
+    engine, _ = make_engine(qwen3_moe_path, lambda prompt: [50, 51, 52])
+    engine.add_request("x#1", [1, 2], SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="request id 'x#1' is already in use"):
+        engine.add_request("x", [1, 2], SamplingParams(n=2, max_tokens=3))
+    with pytest.raises(ValueError, match="request id 'x#1' is already in use"):
+        engine.add_request("x#1", [1, 2], SamplingParams(max_tokens=3))
+    _, final = stream(engine, "x#1")
+    assert final.outputs[0].token_ids == [50, 51, 52] and final.outputs[0].finish_reason == "length"
+    assert not engine.has_unfinished() and engine.block_manager.usage == 0.0
+
+
+def test_seed_out_of_range_is_rejected():
+    with pytest.raises(ValueError, match="seed must be an integer in"):
+        SamplingParams(seed=2**70)
+    with pytest.raises(ValueError, match="seed must be an integer in"):
+        SamplingParams(seed=-1)
