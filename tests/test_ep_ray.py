@@ -105,3 +105,4 @@ def test_a_killed_rank_fails_its_requests_fast_and_a_new_group_serves(ray_sessio
         assert [o.outputs[0].token_ids for o in again] == refs
     finally:
         llm.shutdown()
+
