@@ -27,30 +27,42 @@ from expertmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_no
 
 
 @dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences attended together: in a step that mixes decodes (one query each) with prefill
+    chunks, the decodes form one group and the prefills another, so no decode row is padded to
+    a prefill chunk's length.
+
+    token_index_T:   rows of the step's flat batch in this group (None: every row, in order).
+    block_table_BM:  KV block ids of each sequence, padded with 0 (int64; padding is masked).
+    q_pad_index_T:   where each of the group's tokens sits in the padded [B*Q] query layout.
+    mask_B1QL:       True where a (query, key) pair may attend (causal, in-sequence, window).
+    max_query_len:   Q.
+    prefill_only:    no sequence of the group has cached keys: attention reads the step's own
+                     k/v, padded like the queries, and the mask is [B, 1, Q, Q].
+    """
+
+    token_index_T: torch.Tensor | None
+    block_table_BM: torch.Tensor
+    q_pad_index_T: torch.Tensor
+    mask_B1QL: torch.Tensor
+    max_query_len: int
+    prefill_only: bool
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Per-step attention inputs, on the model's device.
 
     positions_T:     position of each token in its sequence (int64).
     slot_mapping_T:  KV slot each token's k/v is written to (int64).
-    block_table_BM:  KV block ids of each sequence, padded with 0 (int64; padding is masked).
-    seq_lens_B:      keys each sequence has after this step (cached + new).
     query_start_B1:  offsets of each sequence's tokens in the flat batch (int64, B+1 entries).
-    q_pad_index_T:   where each token sits in the padded [B*Q] query layout.
-    mask_B1QL:       True where a (query, key) pair may attend (causal, in-sequence, window).
-    max_query_len:   Q.
-    prefill_only:    no sequence has cached keys (every start is 0): attention reads the step's
-                     own k/v, padded like the queries, and the mask is [B, 1, Q, Q].
+    groups:          one AttentionGroup, or two (decodes, prefills) in a mixed step.
     """
 
     positions_T: torch.Tensor
     slot_mapping_T: torch.Tensor
-    block_table_BM: torch.Tensor
-    seq_lens_B: torch.Tensor
     query_start_B1: torch.Tensor
-    q_pad_index_T: torch.Tensor
-    mask_B1QL: torch.Tensor
-    max_query_len: int
-    prefill_only: bool = False
+    groups: tuple[AttentionGroup, ...]
 
     @classmethod
     def build(
@@ -58,93 +70,129 @@ class AttentionMetadata:
         *,
         query_lens: list[int],
         starts: list[int],
-        block_tables: list[list[int]],
+        block_tables: list,
         block_size: int,
         device: torch.device,
         sliding_window: int | None = None,
     ) -> AttentionMetadata:
-        """From plain per-sequence lists: tokens this step, first position, block ids.
-        Index arithmetic runs in numpy on the host; one copy to the device; the mask is built there."""
-        B = len(query_lens)
-        Q = max(query_lens)
-        M = max(len(t) for t in block_tables)
+        """From plain per-sequence lists: tokens this step, first position, block ids. Index
+        arithmetic runs in numpy on the host; masks are built on the device."""
         query_lens_B = np.asarray(query_lens, dtype=np.int64)
         starts_B = np.asarray(starts, dtype=np.int64)
-        block_table_BM = np.zeros((B, M), dtype=np.int64)
-        for i, table in enumerate(block_tables):
-            block_table_BM[i, : len(table)] = table
+        B = len(query_lens_B)
         query_start_B1 = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(query_lens_B, out=query_start_B1[1:])
         T = int(query_start_B1[-1])
         seq_of_T = np.repeat(np.arange(B), query_lens_B)
-        offset_T = np.arange(T) - query_start_B1[:-1][seq_of_T]
-        positions_T = starts_B[seq_of_T] + offset_T
-        slot_mapping_T = block_table_BM[seq_of_T, positions_T // block_size] * block_size + positions_T % block_size
-        q_pad_index_T = seq_of_T * Q + offset_T
-        # Query position per padded row; padding rows look at key 0 only, so softmax stays finite.
-        q_pos_BQ = starts_B[:, None] + np.arange(Q)[None, :]
-        q_pos_BQ = np.where(np.arange(Q)[None, :] < query_lens_B[:, None], q_pos_BQ, 0)
-        prefill_only = not starts_B.any()
-        num_keys = Q if prefill_only else M * block_size
-        if device.type == "cpu":
-            pieces = [torch.from_numpy(a) for a in
-                      (positions_T, slot_mapping_T, block_table_BM, starts_B + query_lens_B, query_start_B1,
-                       q_pad_index_T, q_pos_BQ)]
-        else:  # one host-to-device copy for all index tensors, cut into views on the device
-            flat = np.concatenate([a.reshape(-1) for a in (positions_T, slot_mapping_T, block_table_BM,
-                                                           starts_B + query_lens_B, query_start_B1,
-                                                           q_pad_index_T, q_pos_BQ)])
-            sizes = [T, T, B * M, B, B + 1, T, B * Q]
-            pieces = list(torch.from_numpy(flat).pin_memory().to(device, non_blocking=True).split(sizes))
-        positions, slots, table, seq_lens, query_start, q_pad, q_pos = pieces
-        q_pos_BQ_dev = q_pos.view(B, Q)
-        key_pos_L = torch.arange(num_keys, device=device)
-        mask_BQL = key_pos_L[None, None, :] <= q_pos_BQ_dev[:, :, None]
-        if sliding_window is not None:
-            mask_BQL &= key_pos_L[None, None, :] > q_pos_BQ_dev[:, :, None] - sliding_window
+        positions_T = starts_B[seq_of_T] + (np.arange(T) - query_start_B1[:-1][seq_of_T])
+        table_of = [np.asarray(t, dtype=np.int64) for t in block_tables]
+        all_tables_BM = np.zeros((B, max(len(t) for t in table_of)), dtype=np.int64)
+        for b, table in enumerate(table_of):
+            all_tables_BM[b, : len(table)] = table
+        slot_mapping_T = all_tables_BM[seq_of_T, positions_T // block_size] * block_size + positions_T % block_size
+        decodes = np.flatnonzero(query_lens_B == 1)
+        if 0 < len(decodes) < B:  # mixed step: decodes and prefill chunks attend separately
+            prefills = np.flatnonzero(query_lens_B > 1)
+            members = [decodes, prefills]
+        else:
+            members = [None]
+        groups = tuple(
+            _group(query_lens_B, starts_B, query_start_B1, table_of, seqs, block_size, sliding_window, device)
+            for seqs in members)
         return cls(
-            positions_T=positions,
-            slot_mapping_T=slots,
-            block_table_BM=table.view(B, M),
-            seq_lens_B=seq_lens,
-            query_start_B1=query_start,
-            q_pad_index_T=q_pad,
-            mask_B1QL=mask_BQL[:, None],
-            max_query_len=Q,
-            prefill_only=prefill_only,
+            positions_T=_to(positions_T, device),
+            slot_mapping_T=_to(slot_mapping_T, device),
+            query_start_B1=_to(query_start_B1, device),
+            groups=groups,
         )
+
+
+def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+def _group(query_lens_B, starts_B, query_start_B1, table_of, seqs, block_size, sliding_window, device):
+    """An AttentionGroup over sequences `seqs` (None: all of them, in batch order)."""
+    if seqs is None:
+        seqs = np.arange(len(query_lens_B))
+        token_index = None
+    else:
+        token_index = np.concatenate([np.arange(query_start_B1[b], query_start_B1[b + 1]) for b in seqs])
+    q_lens, g_starts = query_lens_B[seqs], starts_B[seqs]
+    B, Q = len(seqs), int(q_lens.max())
+    M = max(len(table_of[b]) for b in seqs)
+    block_table_BM = np.zeros((B, M), dtype=np.int64)
+    for i, b in enumerate(seqs):
+        block_table_BM[i, : len(table_of[b])] = table_of[b]
+    local_start = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=local_start[1:])
+    seq_of_t = np.repeat(np.arange(B), q_lens)
+    offset_t = np.arange(int(local_start[-1])) - local_start[:-1][seq_of_t]
+    q_pad_index = seq_of_t * Q + offset_t
+    # Query position per padded row; padding rows look at key 0 only, so softmax stays finite.
+    q_pos_BQ = g_starts[:, None] + np.arange(Q)[None, :]
+    q_pos_BQ = np.where(np.arange(Q)[None, :] < q_lens[:, None], q_pos_BQ, 0)
+    prefill_only = not g_starts.any()
+    q_pos = _to(q_pos_BQ, device)
+    key_pos_L = torch.arange(Q if prefill_only else M * block_size, device=device)
+    mask_BQL = key_pos_L[None, None, :] <= q_pos[:, :, None]
+    if sliding_window is not None:
+        mask_BQL &= key_pos_L[None, None, :] > q_pos[:, :, None] - sliding_window
+    return AttentionGroup(
+        token_index_T=None if token_index is None else _to(token_index, device),
+        block_table_BM=_to(block_table_BM, device),
+        q_pad_index_T=_to(q_pad_index, device),
+        mask_B1QL=mask_BQL[:, None],
+        max_query_len=Q,
+        prefill_only=bool(prefill_only),
+    )
 
 
 def paged_attention(
     q_THd: torch.Tensor, k_TGd: torch.Tensor, v_TGd: torch.Tensor, kv_2NSGd: torch.Tensor,
     meta: AttentionMetadata, scale: float,
 ) -> torch.Tensor:
+    """Attention of every token of the step, group by group (see AttentionGroup). Returns [T, H*d]."""
+    if len(meta.groups) == 1:
+        return _attend_group(q_THd, k_TGd, v_TGd, kv_2NSGd, meta.groups[0], scale)
+    T, H, d = q_THd.shape
+    out = q_THd.new_empty(T, H * d)
+    for group in meta.groups:
+        idx = group.token_index_T
+        part = _attend_group(q_THd.index_select(0, idx), k_TGd.index_select(0, idx), v_TGd.index_select(0, idx),
+                             kv_2NSGd, group, scale)
+        out.index_copy_(0, idx, part)
+    return out
+
+
+def _attend_group(q_THd, k_TGd, v_TGd, kv_2NSGd, g: AttentionGroup, scale: float) -> torch.Tensor:
     """Reference paged attention with torch SDPA. Keys come from each sequence's blocks (K and V
     in one gather), or, when no sequence has cached context, straight from this step's k/v.
-    Queries are padded to Q; a decode-only step (Q = 1) needs no padding."""
+    Queries are padded to Q; a decode-only group (Q = 1) needs no padding."""
     _, H, d = q_THd.shape
-    B, M = meta.block_table_BM.shape
+    B, M = g.block_table_BM.shape
     _, _, S, G, _ = kv_2NSGd.shape
-    Q = meta.max_query_len
+    Q = g.max_query_len
 
     def pad(x_TXd: torch.Tensor) -> torch.Tensor:  # [T, X, d] -> [B, X, Q, d]
-        padded = x_TXd.new_zeros(B * Q, x_TXd.shape[1], d).index_copy_(0, meta.q_pad_index_T, x_TXd)
+        padded = x_TXd.new_zeros(B * Q, x_TXd.shape[1], d).index_copy_(0, g.q_pad_index_T, x_TXd)
         return padded.view(B, Q, -1, d).transpose(1, 2)
 
-    if meta.prefill_only:
+    if g.prefill_only:
         k_BGLd, v_BGLd = pad(k_TGd), pad(v_TGd)
     else:
         # index_select on a flat view: several times faster than advanced indexing for this gather.
-        blocks = kv_2NSGd.view(2, kv_2NSGd.shape[1], -1).index_select(1, meta.block_table_BM.view(-1))
+        blocks = kv_2NSGd.view(2, kv_2NSGd.shape[1], -1).index_select(1, g.block_table_BM.view(-1))
         kv_2BGLd = blocks.view(2, B, M * S, G, d).transpose(2, 3)
         k_BGLd, v_BGLd = kv_2BGLd[0], kv_2BGLd[1]
     q_BHQd = q_THd[:, :, None, :] if Q == 1 else pad(q_THd)
     out_BHQd = F.scaled_dot_product_attention(
-        q_BHQd, k_BGLd, v_BGLd, attn_mask=meta.mask_B1QL, scale=scale, enable_gqa=H != G
+        q_BHQd, k_BGLd, v_BGLd, attn_mask=g.mask_B1QL, scale=scale, enable_gqa=H != G
     )
     if Q == 1:
         return out_BHQd.reshape(B, H * d)
-    return out_BHQd.transpose(1, 2).reshape(B * Q, H * d).index_select(0, meta.q_pad_index_T)
+    return out_BHQd.transpose(1, 2).reshape(B * Q, H * d).index_select(0, g.q_pad_index_T)
 
 
 class Attention(nn.Module):
@@ -196,4 +244,4 @@ class Attention(nn.Module):
         return self.o_proj(paged_attention(q_THd, k_TGd, v_TGd, kv_2NSGd, meta, self.scale))
 
 
-__all__ = ["Attention", "AttentionMetadata", "RotaryEmbedding", "paged_attention"]
+__all__ = ["Attention", "AttentionGroup", "AttentionMetadata", "RotaryEmbedding", "paged_attention"]
