@@ -85,17 +85,17 @@ class RayExecutor:
             address, port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=parallel.startup_timeout_s)
             ray.get([w.init_group.remote(address, port) for w in self.workers], timeout=parallel.startup_timeout_s)
             infos = ray.get([w.load.remote() for w in self.workers], timeout=parallel.startup_timeout_s)
+            if parallel.step_channel == "compiled":
+                from ray.dag import InputNode, MultiOutputNode
+
+                with InputNode() as plan:
+                    graph = MultiOutputNode([w.execute.bind(plan) for w in self.workers])
+                self._graph = graph.experimental_compile()
         except Exception:
-            self._kill()
+            self._kill()  # nothing of a group that did not start may keep holding GPUs
             raise
         self.num_blocks = min(info["num_blocks"] for info in infos)
         self.expert_params = [info["expert_params"] for info in infos]
-        if parallel.step_channel == "compiled":
-            from ray.dag import InputNode, MultiOutputNode
-
-            with InputNode() as plan:
-                graph = MultiOutputNode([w.execute.bind(plan) for w in self.workers])
-            self._graph = graph.experimental_compile()
         log.info("EP group of %d ranks on %s ready", self.num_ranks, device_type)
 
     def _kill(self) -> None:
@@ -123,15 +123,16 @@ class RayExecutor:
         """Stop the group in order: the graph's loops, the process groups, then the actors."""
         import ray
 
-        if self._graph is not None:
-            self._graph.teardown()
-            self._graph = None
-        if self.workers:
-            try:
+        try:
+            if self._graph is not None:
+                self._graph.teardown()
+                self._graph = None
+            if self.workers:
                 ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
-            except Exception:
-                log.warning("EP group did not shut down cleanly", exc_info=True)
-        self._kill()
+        except Exception:
+            log.warning("EP group did not shut down cleanly; killing it", exc_info=True)
+        finally:
+            self._kill()
 
     # ---- steps ----------------------------------------------------------------------------
 
@@ -139,8 +140,15 @@ class RayExecutor:
         import ray
 
         start = time.perf_counter()
+        if not self.workers:
+            raise ExecutorDiedError("no EP group is running (its restart failed)")
         if self._graph is not None:
-            results = self._gather_compiled(self._graph.execute(plan))
+            try:
+                refs = self._graph.execute(plan)
+            except Exception as exc:  # a rank died between steps: the graph's channels are closed
+                self._kill()
+                raise ExecutorDiedError(f"rank failed: {type(exc).__name__}: {exc}") from exc
+            results = self._gather_compiled(refs)
         else:
             plan_ref = ray.put(plan)
             results = self._gather([w.execute.remote(plan_ref) for w in self.workers])
@@ -184,7 +192,8 @@ class RayExecutor:
     def _call_all(self, method: str) -> list:
         import ray
 
-        return ray.get([getattr(w, method).remote() for w in self.workers])
+        return ray.get([getattr(w, method).remote() for w in self.workers],
+                       timeout=self.config.parallel.step_timeout_s)
 
     def expert_load(self) -> torch.Tensor | None:
         loads = self._call_all("expert_load")
