@@ -230,7 +230,7 @@ class EngineCore:
                 status = RequestStatus.FINISHED_STOPPED
         if status is None:  # a stop token's own text never reaches the output
             delta = seq.detokenizer.add([token.token_id])
-            update = seq.stop_checker.update(seq.detokenizer.text, len(delta))
+            update = seq.stop_checker.update(seq.detokenizer.text, len(delta), check=num_out >= params.min_tokens)
             output.text_delta += update.delta
             output.text += update.delta
             if update.stop_str is not None:

@@ -126,9 +126,12 @@ class StopChecker:
         self._streamed = 0
         self.stopped = False
 
-    def update(self, text: str, new_text_len: int, finished: bool = False) -> StopUpdate:
+    def update(self, text: str, new_text_len: int, finished: bool = False, check: bool = True) -> StopUpdate:
+        """check=False (the request is still under min_tokens): release the text, match nothing."""
         if self.stopped:
             return StopUpdate("", None, None)
+        if not check:
+            return StopUpdate(self._advance(text, len(text)), None, None)
         match = find_stop_string(text, new_text_len, self._stops) if self._stops else None
         if match is not None:
             index, stop = match

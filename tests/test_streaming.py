@@ -140,3 +140,14 @@ def test_seed_out_of_range_is_rejected():
         SamplingParams(seed=2**70)
     with pytest.raises(ValueError, match="seed must be an integer in"):
         SamplingParams(seed=-1)
+
+
+def test_stop_strings_wait_for_min_tokens(qwen3_moe_path):
+    engine, tok = make_engine(qwen3_moe_path, lambda prompt: tok.encode("a. b. c. d. e. f."))
+    n_first = len(tok.encode("a. b."))
+    engine.add_request("r", [1, 2], SamplingParams(max_tokens=100, stop=["."], min_tokens=n_first + 1))
+    deltas, final = stream(engine, "r")
+    # Periods among the first min_tokens tokens do not stop ("a. b." is 4 tokens); the next one does.
+    assert final.outputs[0].stop_reason == "."
+    assert final.outputs[0].text == "a. b. c"
+    assert "".join(deltas) == final.outputs[0].text
