@@ -122,7 +122,9 @@ class BlockManager:
             req.block_ids.append(block_id)
             state.num_hashed, state.last_hash = index + 1, block_hash
         num_cached = state.num_hashed * self.block_size
-        req.num_computed_tokens = req.num_cached_tokens = num_cached
+        req.num_computed_tokens = num_cached
+        # Prompt tokens only: a resumed request also finds blocks of its own output.
+        req.num_cached_tokens = min(num_cached, req.num_prompt_tokens)
         self.prefix_cache_hits += num_cached
         return num_cached
 
