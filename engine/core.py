@@ -179,10 +179,12 @@ class EngineCore:
             return
         except Exception as exc:
             log.exception("step failed")
-            for out in outs:
-                for s in out.scheduled:
-                    self._finish(self._sequences[s.request.request_id], RequestStatus.FINISHED_ERROR,
-                                 error=f"{type(exc).__name__}: {exc}")
+            failed = {s.request.request_id for out in outs for s in out.scheduled}
+            for request_id in failed:
+                self._finish(self._sequences[request_id], RequestStatus.FINISHED_ERROR,
+                             error=f"{type(exc).__name__}: {exc}")
+            # Requests that arrived with this plan but did not run it are announced again.
+            self._new = [n for n in plan.new_requests if n.request_id not in failed] + self._new
             return
         self.num_steps += 1
         self.compute_seconds += result.compute_seconds

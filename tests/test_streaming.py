@@ -151,3 +151,20 @@ def test_stop_strings_wait_for_min_tokens(qwen3_moe_path):
     assert final.outputs[0].stop_reason == "."
     assert final.outputs[0].text == "a. b. c"
     assert "".join(deltas) == final.outputs[0].text
+
+
+def test_requests_announced_with_a_failed_step_are_announced_again(qwen3_moe_path):
+    def script(prompt):
+        if prompt == [9, 9]:
+            raise RuntimeError("bad request")
+        return [60, 61]
+
+    engine, _ = make_engine(qwen3_moe_path, script, max_num_seqs=1)
+    engine.add_request("bad", [9, 9], SamplingParams(max_tokens=5))
+    engine.add_request("good", [1, 2], SamplingParams(max_tokens=2))  # waits: one sequence at a time
+    outputs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id] = out.outputs[0]
+    assert outputs["bad"].finish_reason == "error" and "bad request" in outputs["bad"].error
+    assert outputs["good"].token_ids == [60, 61] and outputs["good"].finish_reason == "length"
