@@ -140,13 +140,19 @@ def main(argv: list[str] | None = None) -> int:
                              intermediate_size=args.intermediate_size, dtype=args.dtype, seed=args.seed,
                              num_shards=args.num_shards)
             print(path)
-        elif args.command == "generate":
-            _print_outputs(_llm(args).generate(args.prompts, _params(args)), args.json)
-        elif args.command == "chat":
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            messages.append({"role": "user", "content": args.message})
-            kwargs = {"enable_thinking": False} if args.no_thinking else {}
-            _print_outputs(_llm(args).chat(messages, _params(args), chat_template_kwargs=kwargs), False)
+        elif args.command in ("generate", "chat"):
+            params = _params(args)
+            llm = _llm(args)
+            try:
+                if args.command == "generate":
+                    _print_outputs(llm.generate(args.prompts, params), args.json)
+                else:
+                    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+                    messages.append({"role": "user", "content": args.message})
+                    kwargs = {"enable_thinking": False} if args.no_thinking else {}
+                    _print_outputs(llm.chat(messages, params, chat_template_kwargs=kwargs), False)
+            finally:
+                llm.shutdown()  # an EP group's actors and GPUs are released before exit
         elif args.command == "bench":
             from expertmesh.bench import engine as bench_engine
 
