@@ -22,9 +22,10 @@ ToolCallParser:
                                                           (or the raw block as content if
                                                            its body is not a valid call)
 
-Whitespace that borders a parsed call (Qwen writes newlines between parallel calls) is
-dropped from content; for that the tool parser holds trailing whitespace until the next
-non-whitespace character. `finish()` releases whatever is still held, as text.
+Whitespace right before a parsed call, between calls, and after the last call at the end
+(Qwen writes newlines around its calls) is dropped from content; for that the tool parser
+holds trailing whitespace until the next non-whitespace character shows it is inner text.
+`finish()` releases whatever else is still held, as text.
 """
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ class ToolCallParser:
         self._inside = False
         self._buf = ""  # outside: a possible partial "<tool_call>"; inside: the block body so far
         self._space = ""  # trailing whitespace held back outside blocks
-        self._after_call = False  # the last thing seen was a parsed call
+        self._after_call = False  # the last thing seen was a parsed call: held whitespace trails it
         self._num_calls = 0
 
     @property
@@ -203,7 +204,7 @@ class ToolCallParser:
         head = text.rstrip()
         self._space = text[len(head):]
         if head:
-            out.append(head.lstrip() if self._after_call else head)
+            out.append(head)
             self._after_call = False
 
     def _parse(self, body: str) -> ToolCall | None:
