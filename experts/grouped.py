@@ -20,6 +20,8 @@ grouped_mm runs for the weights' device, dtype and strides, and "batched" otherw
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,12 +95,22 @@ def _grouped_mm_works(w13_EFD: torch.Tensor) -> bool:
     """Whether torch._grouped_mm runs for these weights' device, dtype and strides."""
     if not hasattr(torch, "_grouped_mm") or w13_EFD.device.type == "meta":
         return False
-    E, F2, D = w13_EFD.shape
+    _, F2, D = w13_EFD.shape
+    return _probe_grouped_mm(str(w13_EFD.device), w13_EFD.dtype, F2, D)
+
+
+@functools.cache
+def _probe_grouped_mm(device: str, dtype: torch.dtype, F2: int, D: int) -> bool:
+    """Both GEMMs of an expert with two experts' worth of weights: support depends on the device,
+    the dtype and the row strides (D and F), not on the number of experts, so every layer of a
+    model shares one small probe instead of allocating a full copy of its experts."""
     try:
-        x = torch.zeros(2 * E, D, device=w13_EFD.device, dtype=w13_EFD.dtype)
-        w = torch.zeros(E, F2, D, device=w13_EFD.device, dtype=w13_EFD.dtype)
-        offsets = torch.arange(1, E + 1, device=w13_EFD.device, dtype=torch.int32) * 2
-        torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+        offsets = torch.tensor([2, 4], device=device, dtype=torch.int32)
+        x = torch.zeros(4, D, device=device, dtype=dtype)
+        w13 = torch.zeros(2, F2, D, device=device, dtype=dtype)
+        w2 = torch.zeros(2, D, F2 // 2, device=device, dtype=dtype)
+        h = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offsets)
+        torch._grouped_mm(h[:, : F2 // 2].contiguous(), w2.transpose(-2, -1), offs=offsets)
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False

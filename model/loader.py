@@ -65,20 +65,12 @@ def weight_rules(config: ModelConfig) -> list[Rule]:
                   Rule(f"{L}.self_attn.k_norm.weight", "layers.{L}.attn.k_norm.weight")]
     rules += _mlp_rules(f"{L}.mlp", "layers.{L}.mlp", config.intermediate_size)  # dense layers
     if config.model_type == "mixtral":
-        moe, w13 = f"{L}.block_sparse_moe", (config.moe_intermediate_size,) * 2
-        rules += [
-            Rule(f"{moe}.gate.weight", "layers.{L}.mlp.gate.weight"),
-            Rule(moe + ".experts.{E}.w1.weight", "layers.{L}.mlp.experts.w13_EFD", 0, w13, per_expert=True),
-            Rule(moe + ".experts.{E}.w3.weight", "layers.{L}.mlp.experts.w13_EFD", 1, w13, per_expert=True),
-            Rule(moe + ".experts.{E}.w2.weight", "layers.{L}.mlp.experts.w2_EDF", per_expert=True),
-        ]
+        moe = f"{L}.block_sparse_moe"
+        rules += _expert_rules(moe, ("w1", "w3", "w2"), config.moe_intermediate_size)
     elif config.is_moe:
-        moe, w13 = f"{L}.mlp", (config.moe_intermediate_size,) * 2
-        rules += [
-            Rule(f"{moe}.gate.weight", "layers.{L}.mlp.gate.weight"),
-            Rule(moe + ".experts.{E}.gate_proj.weight", "layers.{L}.mlp.experts.w13_EFD", 0, w13, per_expert=True),
-            Rule(moe + ".experts.{E}.up_proj.weight", "layers.{L}.mlp.experts.w13_EFD", 1, w13, per_expert=True),
-            Rule(moe + ".experts.{E}.down_proj.weight", "layers.{L}.mlp.experts.w2_EDF", per_expert=True),
+        moe = f"{L}.mlp"
+        rules += _expert_rules(moe, ("gate_proj", "up_proj", "down_proj"), config.moe_intermediate_size)
+        rules += [  # transformers 5's in-memory layout, all experts stacked
             Rule(f"{moe}.experts.gate_up_proj", "layers.{L}.mlp.experts.w13_EFD", stacked_experts=True),
             Rule(f"{moe}.experts.down_proj", "layers.{L}.mlp.experts.w2_EDF", stacked_experts=True),
         ]
@@ -87,6 +79,19 @@ def weight_rules(config: ModelConfig) -> list[Rule]:
                                 config.shared_expert_intermediate_size)
             rules.append(Rule(f"{moe}.shared_expert_gate.weight", "layers.{L}.mlp.shared_expert_gate.weight"))
     return rules
+
+
+def _expert_rules(hf_moe: str, names: tuple[str, str, str], intermediate_size: int) -> list[Rule]:
+    """Router and per-expert tensors; `names` are the checkpoint's (gate, up, down) names."""
+    gate, up, down = names
+    w13 = (intermediate_size, intermediate_size)
+    experts = hf_moe + ".experts.{E}"
+    return [
+        Rule(f"{hf_moe}.gate.weight", "layers.{L}.mlp.gate.weight"),
+        Rule(f"{experts}.{gate}.weight", "layers.{L}.mlp.experts.w13_EFD", 0, w13, per_expert=True),
+        Rule(f"{experts}.{up}.weight", "layers.{L}.mlp.experts.w13_EFD", 1, w13, per_expert=True),
+        Rule(f"{experts}.{down}.weight", "layers.{L}.mlp.experts.w2_EDF", per_expert=True),
+    ]
 
 
 def _mlp_rules(hf_prefix: str, prefix: str, intermediate_size: int) -> list[Rule]:

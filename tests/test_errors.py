@@ -79,48 +79,57 @@ def test_unsupported_rope_type(qwen3_moe_path):
                                   "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
 
 
-def test_checkpoint_missing_a_tensor_names_it(qwen3_moe_path, tmp_path):
+def _edited_checkpoint(src, dst, edit):
+    """A copy of the checkpoint at `src` whose index and one shard `edit(index, shards)` changes:
+    `shards` maps a shard file name to its tensors, loaded on first access and written back."""
     from safetensors.torch import load_file, save_file
 
-    bad = tmp_path / "missing"
-    shutil.copytree(qwen3_moe_path, bad)
-    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+
+    class Shards(dict):
+        def __missing__(self, name):
+            self[name] = load_file(dst / name) if (dst / name).exists() else {}
+            return self[name]
+
+    shards = Shards()
+    edit(index, shards)
+    for name, tensors in shards.items():
+        save_file(tensors, dst / name)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_checkpoint_missing_a_tensor_names_it(qwen3_moe_path, tmp_path):
     victim = "model.layers.1.mlp.experts.3.up_proj.weight"
-    shard = bad / index["weight_map"].pop(victim)
-    tensors = load_file(shard)
-    del tensors[victim]
-    save_file(tensors, shard)
-    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    def drop(index, shards):
+        del shards[index["weight_map"].pop(victim)][victim]
+
+    bad = _edited_checkpoint(qwen3_moe_path, tmp_path / "missing", drop)
     with pytest.raises(ValueError, match=r"missing tensor\(s\): model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight"):
         LLM(bad, progress=False)
 
 
 def test_checkpoint_with_a_stray_tensor_names_it(qwen3_moe_path, tmp_path):
     import torch
-    from safetensors.torch import save_file
 
-    bad = tmp_path / "stray"
-    shutil.copytree(qwen3_moe_path, bad)
-    index = json.loads((bad / "model.safetensors.index.json").read_text())
-    save_file({"model.layers.0.mlp.mystery.weight": torch.zeros(2)}, bad / "extra.safetensors")
-    index["weight_map"]["model.layers.0.mlp.mystery.weight"] = "extra.safetensors"
-    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    def add(index, shards):
+        shards["extra.safetensors"]["model.layers.0.mlp.mystery.weight"] = torch.zeros(2)
+        index["weight_map"]["model.layers.0.mlp.mystery.weight"] = "extra.safetensors"
+
+    bad = _edited_checkpoint(qwen3_moe_path, tmp_path / "stray", add)
     with pytest.raises(ValueError, match=r"does not use: model\.layers\.0\.mlp\.mystery\.weight"):
         LLM(bad, progress=False)
 
 
 def test_checkpoint_tensor_of_the_wrong_shape_names_it(qwen3_moe_path, tmp_path):
     import torch
-    from safetensors.torch import load_file, save_file
 
-    bad = tmp_path / "shape"
-    shutil.copytree(qwen3_moe_path, bad)
-    index = json.loads((bad / "model.safetensors.index.json").read_text())
-    name = "model.norm.weight"
-    shard = bad / index["weight_map"][name]
-    tensors = load_file(shard)
-    tensors[name] = torch.ones(3)
-    save_file(tensors, shard)
+    def reshape(index, shards):
+        shards[index["weight_map"]["model.norm.weight"]]["model.norm.weight"] = torch.ones(3)
+
+    bad = _edited_checkpoint(qwen3_moe_path, tmp_path / "shape", reshape)
     with pytest.raises(ValueError, match=r"tensor 'model\.norm\.weight' has shape \(3,\), expected \(64,\)"):
         LLM(bad, progress=False)
 
