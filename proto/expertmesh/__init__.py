@@ -1,0 +1,1 @@
+"""Protocol package `expertmesh.*` (the folder layout follows the proto package names)."""
