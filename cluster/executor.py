@@ -31,15 +31,21 @@ log = logging.getLogger(__name__)
 
 
 class RayExecutor:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, placement_group=None, bundle_offset: int = 0) -> None:
+        """With `placement_group` given (a Ray Serve replica's own, from its
+        `placement_group_bundles`), rank r runs in bundle `bundle_offset + r` of it and the group
+        never creates or removes a placement group itself: the replica and its ranks are
+        gang-scheduled together, and Serve adds or removes whole EP groups."""
         self.config = config
+        self._own_placement_group = placement_group is None
+        self._bundle_offset = bundle_offset
         self.num_ranks = config.parallel.ep_size
         self.model_config = ModelConfig.from_pretrained(config.load.model)
         if not self.model_config.is_moe:
             raise ValueError(f"ep_size > 1 needs a Mixture-of-Experts model; {self.model_config.model_type} is dense")
         self.placement = ExpertPlacement.contiguous(self.model_config.num_experts, self.num_ranks)
         self.workers: list = []
-        self.placement_group = None
+        self.placement_group = placement_group
         self._graph = None
         self.control_seconds = 0.0
         self.num_steps = 0
@@ -64,7 +70,14 @@ class RayExecutor:
         ensure_ray(parallel.ray_address)
         device_type = self._device_type()
         bundles = rank_bundles(self.num_ranks, device_type, parallel.cpus_per_rank)
-        self.placement_group = placement_group(bundles, strategy="PACK")
+        if self._own_placement_group:
+            self.placement_group = placement_group(bundles, strategy="PACK")
+        else:
+            specs = self.placement_group.bundle_specs[self._bundle_offset:]
+            if len(specs) < self.num_ranks:
+                raise ValueError(f"the placement group has {len(specs)} bundles from index {self._bundle_offset}; "
+                                 f"an EP group of {self.num_ranks} ranks needs one per rank")
+            bundles = [{"CPU": spec.get("CPU", 0), "GPU": spec.get("GPU", 0)} for spec in specs[:self.num_ranks]]
         try:
             ray.get(self.placement_group.ready(), timeout=parallel.startup_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -75,8 +88,8 @@ class RayExecutor:
         self.workers = [
             actor.options(
                 num_cpus=bundles[r]["CPU"], num_gpus=bundles[r].get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
-                                                                     placement_group_bundle_index=r),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=self._bundle_offset + r),
                 runtime_env={"env_vars": dict(NCCL_ENV)},
             ).remote(r, self.config, self.placement, device_type)
             for r in range(self.num_ranks)
@@ -111,7 +124,7 @@ class RayExecutor:
             except Exception:
                 log.debug("compiled graph teardown after kill", exc_info=True)
             self._graph = None
-        if self.placement_group is not None:
+        if self.placement_group is not None and self._own_placement_group:
             remove_placement_group(self.placement_group)
             self.placement_group = None
 

@@ -1,5 +1,7 @@
 """The `expertmesh` command line. The environment is read here and nowhere below.
 
+    expertmesh serve [MODEL] [--port 8000] [--grpc-port 50051] [--api-key KEY] ...
+                                                        OpenAI HTTP + gRPC API on Ray Serve
     expertmesh generate [--model DIR] "prompt" ...     complete prompts (streams one prompt)
     expertmesh chat [--model DIR] --message "hi"        one chat turn through the chat template
     expertmesh make-tiny OUT_DIR [--model-type ...]     write a random-weight HF checkpoint
@@ -58,6 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="Serve sparse Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API on Ray Serve",
+                         description="Start (or join) Ray, deploy the expertmesh Serve application (a gateway and "
+                                     "one model replica per EP group) and print the HTTP and gRPC addresses. "
+                                     "With no MODEL, the embedded default model is served.")
+    srv.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                     help="checkpoint directory (HF format); same as --model")
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (0.0.0.0 for every interface)")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port (Ray Serve's proxy)")
+    srv.add_argument("--grpc-port", type=int, default=50051, help="gRPC port of the gateway; 0 turns gRPC off")
+    srv.add_argument("--api-key", action="append", default=[], dest="api_keys",
+                     help="accepted API key (repeatable); without one the API is open")
+    srv.add_argument("--redis-url", default=None,
+                     help="redis://host:port/db for shared state (API keys, rate limits); default: in-process")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients send; default: the checkpoint directory's name")
+    srv.add_argument("--max-n", type=int, default=16, help="largest n (completions per request) accepted")
+    srv.add_argument("--engine-replicas", type=int, default=1, help="EP groups (model replicas) to run")
+    srv.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
+                     help="dummy: random weights of the checkpoint's shapes (benchmarks); no weight files read")
+    srv.add_argument("--print-config", action="store_true",
+                     help="print the Ray Serve config file (YAML) for these flags and exit; run it on a cluster "
+                          "with `serve deploy FILE` or `serve run FILE`")
+    _engine_args(srv)
+
     gen = sub.add_parser("generate", help="complete prompts with a model")
     gen.add_argument("prompts", nargs="+", help="prompt text (several prompts run as one batch)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -92,6 +118,70 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["engine"], help="engine: prefill and decode tokens/s beside transformers")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
+
+
+def _serve_config(args) -> dict:
+    from expertmesh.gateway.app_config import AppConfig
+    from expertmesh.model.default import DEFAULT_MODEL_NAME, default_model_path
+
+    model = args.model_path or args.model
+    if model is None:  # generated once here, so the replicas never race to write it
+        model = str(default_model_path(_cache_dir() / "models" / DEFAULT_MODEL_NAME))
+    cfg = AppConfig(
+        model=model, served_model_name=args.served_model_name, ep_size=args.ep_size, device=args.device,
+        dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        expert_impl=args.expert_impl, load_format=args.load_format, max_n=args.max_n, api_keys=args.api_keys,
+        redis_url=args.redis_url, grpc_port=args.grpc_port or None, engine_replicas=args.engine_replicas)
+    return cfg.model_dump(exclude_defaults=True)
+
+
+def serve_config_file(app_args: dict, host: str, port: int) -> dict:
+    """A Ray Serve config file (the schema of `serve deploy`) running the expertmesh application."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": host, "port": port},
+        "applications": [{"name": "expertmesh", "route_prefix": "/",
+                          "import_path": "expertmesh.gateway.serve_app:build_app", "args": app_args}],
+    }
+
+
+def _serve(args) -> int:
+    import signal
+    import threading
+
+    from pydantic import ValidationError
+
+    try:
+        app_args = _serve_config(args)
+    except ValidationError as exc:
+        raise ValueError(str(exc)) from None
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(serve_config_file(app_args, args.host, args.port), sort_keys=False), end="")
+        return 0
+    import ray
+    from ray import serve
+
+    from expertmesh.gateway.serve_app import build_app
+
+    ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(app_args), name="expertmesh", route_prefix="/")
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"expertmesh: serving {app_args.get('served_model_name') or os.path.basename(app_args['model'])}", flush=True)
+    print(f"HTTP  http://{host}:{args.port}/v1  (health: /health, metrics: /metrics)", flush=True)
+    if app_args.get("grpc_port"):
+        print(f"gRPC  {host}:{app_args['grpc_port']}  (service expertmesh.v1.ExpertMesh)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+    return 0
 
 
 def _llm(args):
@@ -130,6 +220,8 @@ def _print_outputs(outputs, as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "make-tiny":
             from expertmesh.model.tiny import make_tiny
 

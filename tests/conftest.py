@@ -36,3 +36,25 @@ def tiny_models(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def qwen3_moe_path(tiny_models):
     return tiny_models["qwen3_moe"]
+
+
+def opening_think_template(template: str) -> str:
+    """The default template made Qwen3-2507-thinking style: with thinking on, the generation
+    prompt ends in `<think>\\n`, so the model's output holds only the closing tag."""
+    tail = "{%- endif -%}\n{%- endif -%}"
+    assert template.rstrip().endswith(tail)
+    return template.rstrip()[: -len(tail)] + "{%- else -%}\n{{- '<think>\\n' -}}\n" + tail + "\n"
+
+
+@pytest.fixture(scope="session")
+def thinking_model_path(qwen3_moe_path, tmp_path_factory):
+    """The tiny Qwen3-MoE checkpoint with a template that opens `<think>` in the prompt."""
+    import shutil
+
+    from expertmesh.model.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("thinking") / "tiny-thinking"
+    shutil.copytree(qwen3_moe_path, path)
+    template = Tokenizer.from_pretrained(qwen3_moe_path).chat_template
+    (path / "chat_template.jinja").write_text(opening_think_template(template), encoding="utf-8")
+    return path

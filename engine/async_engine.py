@@ -1,0 +1,216 @@
+"""`AsyncEngine`: an `EngineCore` driven by its own thread, with requests as async streams.
+
+    asyncio callers ──add/abort (command queue)──▶ engine thread: loop { apply commands; step() }
+                    ◀──RequestOutput per step (loop.call_soon_threadsafe into a per-request queue)──
+
+Only the engine thread touches the `EngineCore`, so a long model step never blocks the event
+loop and callers never race the scheduler. A request's stream is an async generator: leaving it
+early (a client that disconnected, a cancelled task) aborts the request on the next loop turn,
+which frees its KV blocks. A stream yields lists: everything that arrived for the request since
+the consumer last looked, so a slow consumer catches up in one message instead of one per step.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from expertmesh.engine.core import EngineCore
+from expertmesh.engine.outputs import CompletionOutput, RequestOutput
+from expertmesh.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (shut down, or crashed); no request can run."""
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, idle_wait_s: float = 0.5) -> None:
+        self.core = core
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # guards _streams (event loop threads vs the engine thread)
+        self._wake = threading.Event()
+        self._idle_wait_s = idle_wait_s
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._stats: dict[str, float] = core.stats()
+        self._thread = threading.Thread(target=self._loop, name="expertmesh-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any event loop) ----------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the problem; reads only immutable engine settings."""
+        self.core.validate(prompt_token_ids, params)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None) -> AsyncIterator[list[RequestOutput]]:
+        """Stream a request's outputs (each a list of one or more step outputs, deltas in order).
+        Bad input raises ValueError before anything is queued."""
+        self._check_alive()
+        self.validate(prompt_token_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        added = stream.loop.create_future()
+        self._submit(("add", request_id, list(prompt_token_ids), params, prompt, added))
+        finished = False
+        try:
+            await added  # add_request's own ValueError (e.g. a grammar that does not compile) lands here
+            while not finished:
+                batch = [await stream.queue.get()]
+                while not stream.queue.empty():
+                    batch.append(stream.queue.get_nowait())
+                if isinstance(batch[-1], BaseException):
+                    raise batch[-1]
+                finished = batch[-1].finished
+                yield batch
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id))
+
+    def stats(self) -> dict[str, float]:
+        """The engine's counters as of its last step (a snapshot; no wait on the engine)."""
+        return dict(self._stats)
+
+    async def call(self, fn):
+        """Run fn(core) on the engine thread between steps (e.g. reading counters the workers hold)."""
+        self._check_alive()
+        future = asyncio.get_running_loop().create_future()
+        self._submit(("call", fn, future))
+        return await future
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.core.executor.shutdown()
+
+    def _submit(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            raise EngineDeadError(f"the engine is not running{f': {self._error}' if self._error else ''}")
+
+    # ---- engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopped:
+                self._apply_commands()
+                if not self.core.has_unfinished():
+                    self._stats = self.core.stats()
+                    self._wake.wait(self._idle_wait_s)
+                    self._wake.clear()
+                    continue
+                outputs = self.core.step()
+                self._stats = self.core.stats()
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:  # the engine cannot go on: fail every stream, loudly
+            log.exception("the engine loop crashed")
+            self._error = exc
+            with self._lock:
+                streams = list(self._streams.items())
+            for request_id, _ in streams:
+                self._deliver(request_id, EngineDeadError(f"the engine crashed: {exc}"))
+            raise
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "abort":
+                self.core.abort(command[1])
+                continue
+            if command[0] == "call":
+                _, fn, future = command
+                try:
+                    result, error = fn(self.core), None
+                except Exception as exc:
+                    result, error = None, exc
+                _settle(future.get_loop(), future, error, result)
+                continue
+            _, request_id, ids, params, prompt, added = command
+            with self._lock:
+                stream = self._streams.get(request_id)
+            if stream is None:  # the caller left before its request was added
+                continue
+            try:
+                self.core.add_request(request_id, ids, params, prompt=prompt, stream=True)
+            except ValueError as exc:
+                _settle(stream.loop, added, exc)
+            else:
+                _settle(stream.loop, added, None)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: it is not listening any more
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, error: BaseException | None,
+            result=None) -> None:
+    def settle() -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(settle)
+
+
+def merge_outputs(batch: list[RequestOutput]) -> RequestOutput:
+    """Several step outputs of one request as one: deltas joined, totals from the newest."""
+    if len(batch) == 1:
+        return batch[0]
+    by_index: dict[int, CompletionOutput] = {}
+    for out in batch:
+        for c in out.outputs:
+            prev = by_index.get(c.index)
+            if prev is None:
+                by_index[c.index] = c
+                continue
+            logprobs_delta = None
+            if prev.logprobs_delta is not None or c.logprobs_delta is not None:
+                logprobs_delta = (prev.logprobs_delta or []) + (c.logprobs_delta or [])
+            by_index[c.index] = CompletionOutput(
+                c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason, c.stop_reason,
+                c.error, prev.text_delta + c.text_delta, prev.token_ids_delta + c.token_ids_delta, logprobs_delta)
+    last = batch[-1]
+    return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids,
+                         [by_index[i] for i in sorted(by_index)], last.finished, last.num_cached_tokens)

@@ -1,0 +1,76 @@
+"""Prometheus metrics of one gateway, in vLLM's vocabulary under the `expertmesh_` prefix.
+
+Request-side series (counters and latency histograms) are recorded by the serving layer as
+requests run; engine-side gauges (running and waiting requests, KV block usage, expert-load
+imbalance per layer) are read from the engine at scrape time, so `/metrics` is always current.
+Each gateway has its own registry: several apps in one process never collide.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges from the latest engine snapshot, set by `Metrics.observe_engine` before a scrape."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, float] = {}
+        self.expert_load: list[list[float]] | None = None
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        s = self.stats
+        for name, key, doc in (
+            ("expertmesh_num_requests_running", "num_running", "Requests in the running batch."),
+            ("expertmesh_num_requests_waiting", "num_waiting", "Requests waiting to be scheduled."),
+            ("expertmesh_kv_cache_usage_ratio", "kv_usage", "Fraction of KV cache blocks in use (0 to 1)."),
+            ("expertmesh_kv_cache_free_blocks", "num_free_blocks", "KV cache blocks free."),
+            ("expertmesh_kv_cache_blocks", "num_blocks", "KV cache blocks in all."),
+            ("expertmesh_prefix_cache_queries", "prefix_cache_queries", "Prompt blocks looked up in the prefix cache."),
+            ("expertmesh_prefix_cache_hits", "prefix_cache_hits", "Prompt blocks found in the prefix cache."),
+            ("expertmesh_num_preemptions", "num_preemptions", "Requests preempted (recomputed) so far."),
+        ):
+            if key in s:
+                yield GaugeMetricFamily(name, doc, value=float(s[key]))
+        if self.expert_load:
+            imbalance = GaugeMetricFamily(
+                "expertmesh_expert_load_imbalance",
+                "Per MoE layer: tokens routed to the busiest expert over the mean per expert (1 is even).",
+                labels=["layer"])
+            for layer, counts in enumerate(self.expert_load):
+                mean = sum(counts) / max(len(counts), 1)
+                imbalance.add_metric([str(layer)], max(counts) / mean if mean > 0 else 1.0)
+            yield imbalance
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("expertmesh_requests", "Requests finished, by endpoint and HTTP-style status.",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("expertmesh_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("expertmesh_generation_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram("expertmesh_time_to_first_token_seconds", "Time to first token.",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("expertmesh_inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("expertmesh_e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             buckets=_E2E_BUCKETS, registry=r)
+        self._engine = _EngineCollector()
+        r.register(self._engine)
+
+    def observe_engine(self, stats: dict[str, float], expert_load: list[list[float]] | None) -> None:
+        self._engine.stats, self._engine.expert_load = dict(stats), expert_load
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,183 @@
+"""The Ray Serve application: an ingress deployment and a model deployment.
+
+    HTTP (Serve proxy) ──▶ Gateway replica: FastAPI app + gRPC server (auth, template, parsers)
+                              │  handle.generate (a stream of step outputs per request)
+                              ▼
+                           EngineServer replica = one EP group: AsyncEngine(EngineCore) with an
+                           in-process runner (ep_size 1) or N RankWorker actors scheduled into the
+                           replica's own placement group (bundle 0: the replica, 1..N: the ranks)
+
+`build_app(args)` is the import path of a Serve config file (`serve run`/`serve deploy`, and the
+Helm chart's `serveConfigV2`); `args` is an `AppConfig`. `expertmesh serve` builds the same app
+from its flags. Both deployments allow many ongoing requests: the engine batches them itself.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+
+from expertmesh.engine.async_engine import AsyncEngine
+from expertmesh.engine.core import EngineCore
+from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.gateway.app_config import AppConfig
+from expertmesh.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+ENGINE_DEPLOYMENT, GATEWAY_DEPLOYMENT = "ExpertMeshEngine", "ExpertMeshGateway"
+
+
+@serve.deployment(name=ENGINE_DEPLOYMENT, health_check_period_s=10, health_check_timeout_s=60,
+                  graceful_shutdown_timeout_s=10)
+class EngineServer:
+    """One replica = one EP group and its engine loop."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from ray.util import get_current_placement_group
+
+        cfg = AppConfig.model_validate(config)
+        engine_config = cfg.engine_config()
+        tokenizer = Tokenizer.from_pretrained(cfg.model_path())
+        if cfg.ep_size == 1:
+            from expertmesh.engine.executor import InProcessExecutor
+
+            executor = InProcessExecutor(engine_config, progress=False)
+        else:
+            from expertmesh.cluster.executor import RayExecutor
+
+            executor = RayExecutor(engine_config, placement_group=get_current_placement_group(), bundle_offset=1)
+        self.engine = AsyncEngine(EngineCore(engine_config, executor, tokenizer))
+        self.info_dict = {"model_name": cfg.model_name(), "max_model_len": self.engine.core.max_model_len,
+                          "vocab_size": self.engine.core.vocab_size}
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None):
+        """Streams lists of RequestOutput; a refused request yields {"error": message} once."""
+        try:
+            async for batch in self.engine.generate(request_id, prompt_token_ids, params, prompt):
+                yield batch
+        except ValueError as exc:
+            yield {"error": str(exc)}
+
+    async def info(self) -> dict[str, Any]:
+        return self.info_dict
+
+    async def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    async def expert_load(self) -> list[list[float]] | None:
+        from expertmesh.gateway.serving import expert_load_lists
+
+        return await self.engine.call(expert_load_lists)
+
+    def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError("the engine loop is not running")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+class ServeEngineClient:
+    """The serving layer's engine client over the model deployment's handle."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None):
+        gen = self.handle.options(stream=True).generate.remote(request_id, prompt_token_ids, params, prompt)
+        finished = False
+        try:
+            async for item in gen:
+                if isinstance(item, dict):
+                    raise ValueError(item["error"])
+                finished = item[-1].finished
+                yield item
+        finally:
+            if not finished:
+                gen.cancel()  # the replica's generator is cancelled, which aborts the request
+
+    async def stats(self) -> dict[str, float]:
+        return await self.handle.stats.remote()
+
+    async def expert_load(self) -> list[list[float]] | None:
+        return await self.handle.expert_load.remote()
+
+    async def info(self) -> dict[str, Any]:
+        return await self.handle.info.remote()
+
+
+@serve.deployment(name=GATEWAY_DEPLOYMENT, graceful_shutdown_timeout_s=10)
+@serve.ingress()
+class Gateway:
+    """FastAPI over HTTP (through Serve's proxy) and a gRPC server on `grpc_port`."""
+
+    async def __init__(self, engine_handle, config: dict[str, Any]) -> None:
+        from expertmesh.gateway.auth import Authenticator
+        from expertmesh.gateway.serving import OpenAIServing, ServingSettings
+
+        cfg = AppConfig.model_validate(config)
+        client = ServeEngineClient(engine_handle)
+        info = await client.info()  # waits for the model: the gateway is ready once it is loaded
+        tokenizer = Tokenizer.from_pretrained(cfg.model_path())
+        aliases = tuple(a for a in (cfg.model, str(cfg.model_path())) if a)
+        self.serving = OpenAIServing(client, tokenizer, ServingSettings(
+            info["model_name"], info["max_model_len"], max_n=cfg.max_n, model_aliases=aliases,
+            vocab_size=info["vocab_size"]))
+        self.auth = Authenticator(cfg.api_keys)
+        self.grpc = None
+        if cfg.grpc_port:
+            from expertmesh.gateway.grpc_server import build_grpc_server
+
+            self.grpc = build_grpc_server(self.serving, self.auth, cfg.grpc_port)
+            await self.grpc.start()
+
+    def __serve_build_asgi_app__(self):
+        from expertmesh.gateway.http import build_http_app
+
+        return build_http_app(self.serving, self.auth)
+
+    async def __del__(self) -> None:
+        if getattr(self, "grpc", None) is not None:
+            await self.grpc.stop(grace=2)
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The Serve application for `args` (an AppConfig's fields): `serve run
+    expertmesh.gateway.serve_app:build_app model=/path ep_size=2`, or `import_path` in a config file."""
+    cfg = AppConfig.model_validate(dict(args or {}))
+    config = cfg.model_dump()
+    engine_options: dict[str, Any] = {"num_replicas": cfg.engine_replicas,
+                                      "max_ongoing_requests": cfg.max_ongoing_requests}
+    gpus = _uses_gpus(cfg.device)
+    if cfg.ep_size == 1:
+        engine_options["ray_actor_options"] = {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1 if gpus else 0}
+    else:
+        rank = {"CPU": cfg.cpus_per_rank, **({"GPU": 1} if gpus else {})}
+        engine_options["ray_actor_options"] = {"num_cpus": 0.5}
+        engine_options["placement_group_bundles"] = [{"CPU": 0.5}] + [dict(rank) for _ in range(cfg.ep_size)]
+        engine_options["placement_group_strategy"] = "PACK"
+    engine = EngineServer.options(**engine_options).bind(config)
+    gateway = Gateway.options(num_replicas=cfg.gateway_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+                              ray_actor_options={"num_cpus": 0.5})
+    return gateway.bind(engine, config)
+
+
+def _uses_gpus(device: str) -> bool:
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
+

@@ -1,0 +1,618 @@
+"""The OpenAI serving layer: one request in, an OpenAI response (or a stream of chunks) out.
+
+Transport-free: HTTP (`http.py`) and gRPC (`grpc_server.py`) both call `OpenAIServing`, so a
+chat behaves the same on either. One chat request:
+
+    validate (model, tools, tool_choice, tool messages) → chat template → token ids
+      → limits (max_model_len, max_tokens, n) → SamplingParams (guided decoding, thinking budget)
+      → engine client stream ─▶ per choice: ReasoningParser ─content─▶ ToolCallParser
+      → response, or chunks (role first, then reasoning/content/tool-call deltas, finish, usage)
+
+Every refusal is an `APIError` (status, OpenAI error fields) raised before the engine sees the
+request. The engine client is anything with `generate(request_id, prompt_token_ids, params,
+prompt)` (an async iterator of lists of `RequestOutput`), `stats()` and `expert_load()`: the
+in-process `AsyncEngine`, or the Ray Serve model deployment's handle (`serve_app.py`).
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from expertmesh.engine.async_engine import AsyncEngine, merge_outputs
+from expertmesh.engine.outputs import CompletionOutput, RequestOutput
+from expertmesh.engine.parsers import ParsedDelta, ReasoningParser, ToolCall, ToolCallParser
+from expertmesh.engine.sampling_params import GuidedDecodingParams, SamplingParams, ToolCallConstraint
+from expertmesh.gateway.metrics import Metrics
+from expertmesh.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest, _SamplingFields
+from expertmesh.model.tokenizer import Tokenizer
+
+MAX_N = 16
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs",
+                    "thinking_budget", "guided_decoding")
+
+
+class EngineClient(Protocol):
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 prompt: str | None = None) -> AsyncIterator[list[RequestOutput]]: ...
+
+    async def stats(self) -> dict[str, float]: ...
+
+    async def expert_load(self) -> list[list[float]] | None: ...
+
+
+class LocalEngineClient:
+    """The in-process engine (no Ray Serve): `expertmesh serve --no-ray` style apps and tests."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def generate(self, request_id, prompt_token_ids, params, prompt=None):
+        return self.engine.generate(request_id, prompt_token_ids, params, prompt)
+
+    async def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    async def expert_load(self) -> list[list[float]] | None:
+        return await self.engine.call(expert_load_lists)
+
+
+def expert_load_lists(core) -> list[list[float]] | None:
+    load = core.expert_load()
+    return None if load is None else load.tolist()
+
+
+@dataclass
+class ServingSettings:
+    model_name: str
+    max_model_len: int
+    max_n: int = MAX_N
+    model_aliases: tuple[str, ...] = ()
+    """Other names accepted in `model` (e.g. the checkpoint's path)."""
+    vocab_size: int | None = None
+    """The model's vocabulary: token ids in prompts and stop_token_ids must be below it."""
+
+
+@dataclass
+class PreparedChat:
+    prompt_token_ids: list[int]
+    prompt: str
+    params: SamplingParams
+    tool_names: set[str] | None
+    """Tools whose calls are parsed from the output; None when tool calls are not parsed."""
+    starts_in_reasoning: bool
+    """The prompt leaves the model inside <think> (the output holds only the closing tag)."""
+    guided_param: str | None
+    """The request field that asked for an output constraint (named in errors)."""
+
+
+@dataclass
+class _Choice:
+    """The parsing state of one choice of a streamed chat."""
+    reasoning: ReasoningParser
+    tools: ToolCallParser | None
+    sent_role: bool = False
+    calls: list[ToolCall] = field(default_factory=list)
+    num_tokens: int = 0
+    finished: bool = False
+
+
+class OpenAIServing:
+    def __init__(self, client: EngineClient, tokenizer: Tokenizer, settings: ServingSettings,
+                 metrics: Metrics | None = None) -> None:
+        self.client, self.tokenizer, self.settings = client, tokenizer, settings
+        self.metrics = metrics or Metrics()
+        self.created = int(time.time())
+
+    # ---- models ----------------------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._model_card()]}
+
+    def model(self, name: str) -> dict[str, Any]:
+        self._check_model(name, param=None)
+        return self._model_card()
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "expertmesh",
+                "max_model_len": self.settings.max_model_len}
+
+    def _check_model(self, name: str | None, param: str | None = "model") -> None:
+        if name is None or name == self.settings.model_name or name in self.settings.model_aliases:
+            return
+        raise APIError(f"The model `{name}` does not exist; this server serves `{self.settings.model_name}`.",
+                       status=404, type="not_found_error", param=param, code="model_not_found")
+
+    async def engine_stats(self) -> tuple[dict[str, float], list[list[float]] | None]:
+        return await self.client.stats(), await self.client.expert_load()
+
+    # ---- chat ------------------------------------------------------------------------------
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> PreparedChat:
+        """Validate and render a chat (raises APIError naming the problem)."""
+        self._check_model(req.model)
+        tools = [t.model_dump(exclude_none=True, by_alias=True) for t in req.tools or []]
+        tool_names = [t["function"]["name"] for t in tools]
+        if len(set(tool_names)) != len(tool_names):
+            raise APIError("tools must have distinct function names", param="tools")
+        choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+        named = None
+        if not isinstance(choice, str):
+            named = choice.function.name
+            if named not in tool_names:
+                raise APIError(f"tool_choice names the function {named!r}, which is not among the tools "
+                               f"({', '.join(tool_names) or 'none given'})", param="tool_choice")
+        elif choice == "required" and not tools:
+            raise APIError("tool_choice is 'required' but no tools were given", param="tool_choice")
+        _check_tool_messages(req.messages)
+
+        kwargs = dict(req.chat_template_kwargs or {})
+        kwargs.setdefault("enable_thinking", True)
+        try:
+            prompt = self.tokenizer.apply_chat_template(
+                req.messages, tools=tools if tools and choice != "none" else None,
+                add_generation_prompt=req.add_generation_prompt, **kwargs)
+        except ValueError as exc:
+            raise APIError(str(exc), param="messages") from None
+        ids = self.tokenizer.encode(prompt)
+
+        guided_param, guided = self._guided(req)
+        if choice == "required" or named is not None:
+            if guided is not None:
+                raise APIError("tool_choice 'required' or a named function cannot be combined with "
+                               "response_format or guided decoding", param="tool_choice")
+            specs = [{"name": t["function"]["name"], "parameters": t["function"].get("parameters") or {}}
+                     for t in tools]
+            guided_param, guided = "tools", GuidedDecodingParams(tool_calls=ToolCallConstraint(
+                specs, "named" if named else "required", named))
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self._params(req, ids, max_tokens, guided,
+                              logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                              thinking_budget=req.thinking_budget, reasoning=True, guided_param=guided_param)
+        parse_tools = set(tool_names) if tools and choice != "none" else None
+        return PreparedChat(ids, prompt, params, parse_tools, _starts_in_reasoning(prompt), guided_param)
+
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
+        p = self.prepare_chat(req)
+        ids, params, tool_names, in_reasoning = p.prompt_token_ids, p.params, p.tool_names, p.starts_in_reasoning
+        request_id = f"chatcmpl-{secrets.token_hex(12)}"
+        stream = self._run("chat", request_id, ids, p.prompt, params, p.guided_param)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._chat_stream(request_id, stream, params, tool_names, in_reasoning, include_usage, len(ids))
+        final = await _last(stream)
+        choices = []
+        for out in final.outputs:
+            reasoning_parser = ReasoningParser(in_reasoning)
+            parsed = _join(reasoning_parser.feed(out.text), reasoning_parser.finish())
+            content, calls = parsed.content, []
+            if tool_names is not None:
+                tool_parser = ToolCallParser(tool_names)
+                first, last = tool_parser.feed(content), tool_parser.finish()
+                content, calls = first.content + last.content, [*first.calls, *last.calls]
+            message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None,
+                                       "reasoning_content": parsed.reasoning or None}
+            if calls:
+                message["tool_calls"] = [_call_dict(c) for c in calls]
+            choices.append({"index": out.index, "message": message,
+                            "logprobs": self._chat_logprobs(out.logprobs, out.token_ids, params.logprobs)
+                            if params.logprobs is not None
+                            else None,
+                            "finish_reason": _finish_reason(out, bool(calls)), "stop_reason": out.stop_reason})
+        return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+                "model": self.settings.model_name, "choices": choices, "usage": _usage(final)}
+
+    async def _chat_stream(self, request_id: str, stream: AsyncIterator[RequestOutput], params: SamplingParams,
+                           tool_names: set[str] | None, in_reasoning: bool, include_usage: bool,
+                           num_prompt: int) -> AsyncIterator[dict[str, Any]]:
+        created, model = int(time.time()), self.settings.model_name
+        states = [_Choice(ReasoningParser(in_reasoning), ToolCallParser(tool_names) if tool_names is not None else None)
+                  for _ in range(params.n)]
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs=None, **extra) -> dict:
+            return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                                 **extra}]}
+
+        last: RequestOutput | None = None
+        async for out in stream:
+            last = out
+            for c in out.outputs:
+                st = states[c.index]
+                if not st.sent_role:
+                    st.sent_role = True
+                    yield chunk(c.index, {"role": "assistant", "content": ""})
+                st.num_tokens = len(c.token_ids)
+                parsed = st.reasoning.feed(c.text_delta)
+                if c.finished:
+                    parsed = _join(parsed, st.reasoning.finish())
+                delta = self._delta(st, parsed, c.finished)
+                logprobs = (self._chat_logprobs(c.logprobs_delta, c.token_ids_delta, params.logprobs)
+                            if params.logprobs is not None and c.token_ids_delta else None)
+                if delta or logprobs:
+                    yield chunk(c.index, delta or {"content": ""}, logprobs=logprobs)
+                if c.finished:
+                    if c.finish_reason == "error":
+                        raise APIError(c.error or "the engine failed this request", status=500, type="server_error")
+                    yield chunk(c.index, {}, _finish_reason(c, bool(st.calls)), stop_reason=c.stop_reason)
+        if include_usage and last is not None:
+            completion = sum(st.num_tokens for st in states)
+            yield {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": _usage_counts(num_prompt, completion, last.num_cached_tokens)}
+
+    @staticmethod
+    def _delta(st: _Choice, parsed: ParsedDelta, finished: bool) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if parsed.reasoning:
+            delta["reasoning_content"] = parsed.reasoning
+        content = parsed.content
+        if st.tools is not None:
+            outs = [st.tools.feed(content)] + ([st.tools.finish()] if finished else [])
+            content = "".join(o.content for o in outs)
+            calls = [c for o in outs for c in o.calls]
+            if calls:
+                delta["tool_calls"] = [{"index": c.index, **_call_dict(c)} for c in calls]
+                st.calls.extend(calls)
+        if content:
+            delta["content"] = content
+        return delta
+
+    def _chat_logprobs(self, entries: list[dict[int, float]] | None, token_ids: list[int],
+                       num_top: int) -> dict[str, Any] | None:
+        """OpenAI's chat logprobs: per token its logprob and the num_top most likely tokens."""
+        if entries is None:
+            return None
+        content = []
+        for token_id, entry in zip(token_ids, entries):
+            top = sorted(entry.items(), key=lambda kv: -kv[1])[:num_top]
+            content.append({**self._token_logprob(token_id, entry[token_id]),
+                            "top_logprobs": [self._token_logprob(t, lp) for t, lp in top]})
+        return {"content": content}
+
+    def _token_logprob(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    # ---- completions -----------------------------------------------------------------------
+
+    def prepare_completion(self, req: CompletionRequest) -> tuple[list[tuple[list[int], str | None]], SamplingParams,
+                                                                  str | None]:
+        self._check_model(req.model)
+        if req.suffix is not None:
+            raise APIError("suffix is not supported: Qwen3 models have no fill-in-the-middle format", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError("best_of must equal n (or be left out): every sampled completion is returned",
+                           param="best_of")
+        prompts = _prompt_list(req.prompt)
+        encoded = []
+        for p in prompts:
+            encoded.append((self.tokenizer.encode(p), p) if isinstance(p, str) else (list(p), None))
+        guided_param, guided = self._guided(req)
+        params = None
+        for ids, _ in encoded:
+            params = self._params(req, ids, req.max_tokens, guided, logprobs=req.logprobs,
+                                  thinking_budget=None, reasoning=False, guided_param=guided_param)
+        return encoded, params, guided_param
+
+    async def completion(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
+        encoded, params, guided_param = self.prepare_completion(req)
+        request_id = f"cmpl-{secrets.token_hex(12)}"
+        streams = [self._run("completions", f"{request_id}-{i}", ids, text, params, guided_param)
+                   for i, (ids, text) in enumerate(encoded)]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._completion_stream(request_id, streams, encoded, params, req.echo, include_usage)
+        finals = await asyncio.gather(*(_last(s) for s in streams))
+        choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
+        for p_index, ((ids, text), final) in enumerate(zip(encoded, finals)):
+            prompt_tokens += len(ids)
+            cached += final.num_cached_tokens
+            for out in final.outputs:
+                completion_tokens += len(out.token_ids)
+                echo = self._prompt_text(ids, text) if req.echo else ""
+                choices.append({
+                    "index": p_index * params.n + out.index, "text": echo + out.text,
+                    "logprobs": self._completion_logprobs(out.logprobs, out.token_ids, len(echo), params.logprobs)
+                    if params.logprobs is not None else None,
+                    "finish_reason": _finish_reason(out, False), "stop_reason": out.stop_reason})
+        return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+                "model": self.settings.model_name, "choices": choices,
+                "usage": _usage_counts(prompt_tokens, completion_tokens, cached)}
+
+    async def _completion_stream(self, request_id: str, streams: list[AsyncIterator[RequestOutput]],
+                                 encoded: list[tuple[list[int], str | None]], params: SamplingParams, echo: bool,
+                                 include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        created, model = int(time.time()), self.settings.model_name
+        merged: asyncio.Queue = asyncio.Queue()
+        sentinel = object()
+
+        async def pump(p_index: int, stream: AsyncIterator[RequestOutput]) -> None:
+            try:
+                async for out in stream:
+                    await merged.put((p_index, out))
+            except BaseException as exc:
+                await merged.put((p_index, exc))
+                raise
+            finally:
+                await merged.put((p_index, sentinel))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            done, num_tokens, cached = 0, {}, 0
+            echoed: set[int] = set()
+            offsets: dict[int, int] = {}
+            while done < len(tasks):
+                p_index, item = await merged.get()
+                if item is sentinel:
+                    done += 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    cached += item.num_cached_tokens
+                for c in item.outputs:
+                    index = p_index * params.n + c.index
+                    text = c.text_delta
+                    if echo and index not in echoed:
+                        echoed.add(index)
+                        text = self._prompt_text(*encoded[p_index]) + text
+                    num_tokens[index] = len(c.token_ids)
+                    logprobs = None
+                    if params.logprobs is not None and c.token_ids_delta:
+                        logprobs = self._completion_logprobs(c.logprobs_delta, c.token_ids_delta,
+                                                             offsets.get(index, 0), params.logprobs)
+                    offsets[index] = offsets.get(index, 0) + len(text)
+                    if text or logprobs:
+                        yield {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                               "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                            "finish_reason": None}]}
+                    if c.finished:
+                        if c.finish_reason == "error":
+                            raise APIError(c.error or "the engine failed this request", status=500,
+                                           type="server_error")
+                        yield {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                               "choices": [{"index": index, "text": "", "logprobs": None,
+                                            "finish_reason": _finish_reason(c, False),
+                                            "stop_reason": c.stop_reason}]}
+            if include_usage:
+                prompt_tokens = sum(len(ids) for ids, _ in encoded)
+                yield {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                       "choices": [], "usage": _usage_counts(prompt_tokens, sum(num_tokens.values()), cached)}
+        finally:
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                await s.aclose()
+
+    def _prompt_text(self, ids: list[int], text: str | None) -> str:
+        return text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _completion_logprobs(self, entries: list[dict[int, float]] | None, token_ids: list[int],
+                             offset: int, num_top: int) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+        for token_id, entry in zip(token_ids, entries):
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            tokens.append(text)
+            token_logprobs.append(max(entry[token_id], -9999.0))
+            top_logprobs.append({self.tokenizer.decode([t], skip_special_tokens=False): max(lp, -9999.0)
+                                 for t, lp in sorted(entry.items(), key=lambda kv: -kv[1])[:max(num_top, 1)]})
+            text_offset.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": text_offset}
+
+    # ---- shared ----------------------------------------------------------------------------
+
+    def _guided(self, req: _SamplingFields) -> tuple[str | None, GuidedDecodingParams | None]:
+        """The request's one output constraint and the field that asked for it."""
+        chosen: list[tuple[str, dict[str, Any]]] = []
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_object":
+            chosen.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError("response_format of type json_schema needs json_schema.schema",
+                               param="response_format")
+            chosen.append(("response_format", {"json": fmt.json_schema.schema_}))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            value = getattr(req, name)
+            if value is not None:
+                chosen.append((name, {key: value}))
+        if len(chosen) > 1:
+            raise APIError(f"only one kind of guided decoding per request; got {', '.join(n for n, _ in chosen)}",
+                           param=chosen[1][0])
+        if not chosen:
+            return None, None
+        param, kwargs = chosen[0]
+        try:
+            return param, GuidedDecodingParams(**kwargs)
+        except ValueError as exc:
+            raise APIError(f"{param}: {exc}", param=param) from None
+
+    def _params(self, req: _SamplingFields, ids: list[int], max_tokens: int | None,
+                guided: GuidedDecodingParams | None, *, logprobs: int | None, thinking_budget: int | None,
+                reasoning: bool, guided_param: str | None) -> SamplingParams:
+        limit = self.settings.max_model_len
+        if not ids:
+            raise APIError("the prompt is empty: it needs at least one token", param="prompt"
+                           if isinstance(req, CompletionRequest) else "messages")
+        if len(ids) >= limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, your prompt is "
+                           f"{len(ids)} tokens (no room for any completion).",
+                           param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
+        room = limit - len(ids)
+        max_param = ("max_completion_tokens" if isinstance(req, ChatCompletionRequest)
+                     and req.max_completion_tokens is not None else "max_tokens")
+        if max_tokens is None:
+            max_tokens = room
+        elif isinstance(max_tokens, int) and max_tokens > room:
+            raise APIError(f"{max_param} is too large: {max_tokens} tokens requested, but the prompt is "
+                           f"{len(ids)} tokens and the model's maximum context length is {limit}, which leaves "
+                           f"{room}.", param=max_param, code="context_length_exceeded")
+        vocab = self.settings.vocab_size
+        if vocab is not None:
+            bad = [t for t in [*ids, *(req.stop_token_ids or [])] if not 0 <= t < vocab]
+            if bad:
+                where = "stop_token_ids" if set(bad) & set(req.stop_token_ids or []) else "prompt"
+                raise APIError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param=where)
+        if req.n > self.settings.max_n:
+            raise APIError(f"n must be at most {self.settings.max_n}, got {req.n}", param="n")
+        fields = dict(
+            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            seed=req.seed, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
+            max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs, ignore_eos=req.ignore_eos,
+            skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+            guided_decoding=guided, thinking_budget=thinking_budget, reasoning=reasoning)
+        try:
+            params = SamplingParams(**fields)
+        except ValueError as exc:
+            raise APIError(str(exc), param=_param_of(str(exc), max_param, guided_param)) from None
+        return params
+
+    async def _run(self, endpoint: str, request_id: str, ids: list[int], prompt: str | None,
+                   params: SamplingParams, guided_param: str | None) -> AsyncIterator[RequestOutput]:
+        """The engine's stream of one request, merged per message, with metrics recorded."""
+        m = self.metrics
+        arrival = time.perf_counter()
+        first = last_token = None
+        status = "200"
+        stream = self.client.generate(request_id, ids, params, prompt)
+        try:
+            async for batch in stream:
+                out = merge_outputs(batch)
+                now = time.perf_counter()
+                new = sum(len(c.token_ids_delta) for c in out.outputs)
+                if new:
+                    if first is None:
+                        first = now
+                        m.ttft.observe(now - arrival)
+                    elif last_token is not None:
+                        m.itl.observe((now - last_token) / new)
+                    last_token = now
+                    m.generation_tokens.inc(new)
+                yield out
+        except ValueError as exc:  # refused by the engine (e.g. a grammar that does not compile)
+            status = "400"
+            raise APIError(str(exc), param=_param_of(str(exc), "max_tokens", guided_param)) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "499"  # the client went away
+            raise
+        except APIError as exc:
+            status = str(exc.status)
+            raise
+        except Exception:
+            status = "500"
+            raise
+        finally:
+            await stream.aclose()
+            m.requests.labels(endpoint, status).inc()
+            if status == "200":
+                m.prompt_tokens.inc(len(ids))
+                m.e2e.observe(time.perf_counter() - arrival)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """Drain a stream into its final output (every choice complete)."""
+    merged: dict[int, CompletionOutput] = {}
+    final = None
+    async for out in stream:
+        for c in out.outputs:
+            merged[c.index] = c
+        final = out
+    if final is None:
+        raise APIError("the engine returned no output", status=500, type="server_error")
+    for c in merged.values():
+        if c.finish_reason == "error":
+            raise APIError(c.error or "the engine failed this request", status=500, type="server_error")
+    final.outputs = [merged[i] for i in sorted(merged)]
+    return final
+
+
+def _join(a: ParsedDelta, b: ParsedDelta) -> ParsedDelta:
+    return ParsedDelta(a.reasoning + b.reasoning, a.content + b.content)
+
+
+def _call_dict(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _finish_reason(out: CompletionOutput, called: bool) -> str | None:
+    if out.finish_reason == "stop" and called:
+        return "tool_calls"
+    return out.finish_reason
+
+
+def _usage(final: RequestOutput) -> dict[str, Any]:
+    return _usage_counts(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs),
+                         final.num_cached_tokens)
+
+
+def _usage_counts(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _starts_in_reasoning(prompt: str) -> bool:
+    """The prompt leaves the model inside <think> (Qwen3-2507 thinking templates)."""
+    tail = prompt.rsplit("<|im_start|>", 1)[-1]
+    return "<think>" in tail and "</think>" not in tail.rsplit("<think>", 1)[-1]
+
+
+def _check_tool_messages(messages: list[dict[str, Any]]) -> None:
+    """Every `role: tool` message answers a call an earlier assistant message made."""
+    call_ids: set[str] = set()
+    any_call = False
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
+            for c in m["tool_calls"]:
+                any_call = True
+                if isinstance(c, dict) and isinstance(c.get("id"), str):
+                    call_ids.add(c["id"])
+        elif m.get("role") == "tool":
+            call_id = m.get("tool_call_id")
+            if not any_call:
+                raise APIError(f"messages[{i}] is a tool result, but no earlier assistant message made a tool call",
+                               param=f"messages[{i}]")
+            if call_id is not None and call_ids and call_id not in call_ids:
+                raise APIError(f"messages[{i}].tool_call_id {call_id!r} matches no earlier tool call "
+                               f"(known ids: {', '.join(sorted(call_ids))})", param=f"messages[{i}].tool_call_id")
+
+
+def _prompt_list(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError("prompt must not be empty", param="prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def _param_of(message: str, max_param: str, guided_param: str | None = None) -> str | None:
+    """The request field an engine message names (its first word), in OpenAI's names."""
+    word = message.split(" ", 1)[0].rstrip(":")
+    if guided_param is not None and (word.startswith(("guided_decoding", "tool_calls")) or word == "invalid"):
+        return guided_param
+    if word == "max_tokens":
+        return max_param
+    if word == "logprobs":
+        return "top_logprobs"
+    return word if word in _SAMPLING_FIELDS else None
+
