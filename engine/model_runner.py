@@ -4,13 +4,15 @@ One step:
   1. register new requests (tokens, sampling params, seeded generator), drop finished ones;
   2. flatten the chunks into one token batch (no padding) and build the attention metadata;
   3. forward, logits only at the last position of each chunk that samples;
-  4. sample all of them at once; append each sampled token to its request's tokens.
+  4. sample all of them at once (rows the plan sends a token mask for sample only allowed
+     tokens); append each sampled token to its request's tokens.
 
 The runner is device-agnostic and knows nothing of Ray: the in-process executor calls it
 directly, and each rank of an EP group will run one.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field, replace
@@ -21,7 +23,7 @@ import torch
 from expertmesh.engine.config import CacheConfig, ModelLoadConfig
 from expertmesh.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.engine.step import StepPlan, StepResult
+from expertmesh.engine.step import StepPlan, StepResult, TokenMasks
 from expertmesh.model.attention import AttentionMetadata
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import CausalLM
@@ -47,6 +49,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def unpack_token_bitmask(bitmask_NW: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [N, W] packed masks (xgrammar's layout: bit t % 32 of word t // 32) -> bool [N, vocab_size]."""
+    shifts_32 = torch.arange(32, dtype=torch.int32, device=bitmask_NW.device)
+    bits_NW32 = (bitmask_NW.unsqueeze(-1) >> shifts_32) & 1
+    allowed_NV = bits_NW32.flatten(1).bool()
+    if allowed_NV.shape[1] < vocab_size:
+        raise ValueError(f"a token mask of {allowed_NV.shape[1]} tokens for a vocabulary of {vocab_size}")
+    return allowed_NV[:, :vocab_size]
+
+
 @dataclass
 class _RequestState:
     prompt_token_ids: list[int]
@@ -54,6 +66,12 @@ class _RequestState:
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
+
+    @functools.cached_property
+    def masked_params(self) -> SamplingParams:
+        """The params of a step that brings a token mask: min_tokens does not apply there (the
+        grammar decides when the output may end; masking EOS too could leave no token)."""
+        return self.params if self.params.min_tokens == 0 else replace(self.params, min_tokens=0)
 
     def tokens(self, start: int, n: int) -> list[int]:
         prompt_len = len(self.prompt_token_ids)
@@ -149,12 +167,15 @@ class ModelRunner:
         else:
             last_rows = meta.query_start_B1[1:][torch.tensor(sampling, device=self.device)] - 1
             logits_BV = self.model.compute_logits(hidden_TD[last_rows])
-        rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids,
-                            s.generator, s.eos_token_ids)
-                for s in (states[i] for i in sampling)]
-        out = self.sampler(logits_BV, SamplingBatch.build(rows, logits_BV.shape[-1], self.device)).cpu()
-        token_ids = out.token_ids_B.tolist()
         request_ids = tuple(chunks.request_ids[i] for i in sampling)
+        masks = plan.token_masks[self.rank] if plan.token_masks else None
+        masked_rows, allowed_BV = self._allowed_tokens(masks, request_ids, logits_BV.shape[-1])
+        rows = [SamplingRow(s.masked_params if b in masked_rows else s.params, s.prompt_token_ids,
+                            s.output_token_ids, s.generator, s.eos_token_ids)
+                for b, s in enumerate(states[i] for i in sampling)]
+        batch = SamplingBatch.build(rows, logits_BV.shape[-1], self.device, allowed_token_mask_BV=allowed_BV)
+        out = self.sampler(logits_BV, batch).cpu()
+        token_ids = out.token_ids_B.tolist()
         logprobs = {}
         for row, (i, token_id) in enumerate(zip(sampling, token_ids)):
             state = states[i]
@@ -163,6 +184,21 @@ class ModelRunner:
                 logprob, top = out.row_logprobs(row, state.params.logprobs)
                 logprobs[request_ids[row]] = (logprob, tuple(top))
         return StepResult(request_ids, tuple(token_ids), logprobs or None)
+
+    def _allowed_tokens(self, masks: TokenMasks | None, request_ids: tuple[str, ...],
+                        vocab_size: int) -> tuple[frozenset[int], torch.Tensor | None]:
+        """(batch rows with a mask, bool [B, V] allowed tokens: unpacked masks there, True elsewhere)."""
+        if masks is None or not len(masks):
+            return frozenset(), None
+        row_of = {rid: j for j, rid in enumerate(masks.request_ids)}
+        pairs = [(b, row_of[rid]) for b, rid in enumerate(request_ids) if rid in row_of]
+        if not pairs:
+            return frozenset(), None
+        batch_rows, mask_rows = zip(*pairs)
+        bitmask_NW = torch.from_numpy(masks.bitmask[list(mask_rows)]).to(self.device)
+        allowed_BV = torch.ones(len(request_ids), vocab_size, dtype=torch.bool, device=self.device)
+        allowed_BV[torch.tensor(batch_rows, device=self.device)] = unpack_token_bitmask(bitmask_NW, vocab_size)
+        return frozenset(batch_rows), allowed_BV
 
     def expert_load(self) -> torch.Tensor | None:
         stats = self.model.expert_load

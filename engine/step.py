@@ -8,6 +8,10 @@ to compute and its block table. Sampled tokens are appended by the ranks themsel
 Chunks and results travel column by column (`RankChunks`, `StepResult`): a step of 256
 sequences serialises as a few arrays instead of 256 objects, which keeps the per-step control
 path short.
+
+Constrained rows (grammars, a forced `</think>`) bring their allowed tokens as packed bitmasks
+(`TokenMasks`, xgrammar's layout): 4 bytes per 32 tokens, so a row of Qwen3's 151,936 tokens is
+19 KB. The core fills them; ranks unpack them with torch bit operations and never need xgrammar.
 """
 from __future__ import annotations
 
@@ -91,6 +95,18 @@ class RankChunks:
 
 
 @dataclass(frozen=True)
+class TokenMasks:
+    """One rank's allowed-token masks this step, one row per constrained request that samples."""
+
+    request_ids: tuple[str, ...]
+    bitmask: np.ndarray
+    """int32 [n, ceil(V / 32)]: token t is allowed in row i iff bit t % 32 of bitmask[i, t // 32] is set."""
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+
+@dataclass(frozen=True)
 class StepPlan:
     new_requests: tuple[NewRequest, ...]
     chunks_by_rank: tuple[RankChunks, ...]
@@ -98,6 +114,8 @@ class StepPlan:
     with none still runs the step, to take part in every MoE layer's all-to-all."""
     finished_request_ids: tuple[str, ...]
     """Requests whose state the ranks can drop (finished or aborted since the last step)."""
+    token_masks: tuple[TokenMasks | None, ...] = ()
+    """Per rank, the masks of its constrained rows (None: none on that rank); () when no row is."""
 
     @property
     def num_chunks(self) -> int:
