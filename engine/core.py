@@ -9,6 +9,13 @@ back together under the request's id. (They are admitted together, so each prefi
 itself: the prefix cache only serves blocks registered by an earlier step.)
 A failure inside a step ends that step's requests with finish_reason "error" and the engine
 goes on: a bad request never takes the engine down.
+
+Constrained decoding and thinking (`guided_decoding`, `reasoning`, `thinking_budget`) are the
+core's too: each such sequence has a `SequenceGuide` (engine/grammar.py) holding its phase and
+grammar matcher. Before a step, every guided sequence that samples in it fills one row of the
+step's packed token masks (`StepPlan.token_masks`); after it, the sampled token advances the
+guide, and a grammar that accepted its stop token ends the sequence ("stop"). Grammars compile
+in `validate`, so a bad schema, regex or grammar is a ValueError before anything is queued.
 """
 from __future__ import annotations
 
@@ -19,11 +26,12 @@ from expertmesh.engine.block_manager import BlockManager
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from expertmesh.engine.executor import Executor, ExecutorDiedError
+from expertmesh.engine.grammar import CompiledGuide, GrammarBackend, SequenceGuide
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.request import Request, RequestStatus
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import Scheduler, SchedulerOutput
-from expertmesh.engine.step import Chunk, NewRequest, RankChunks, SampledToken, StepPlan
+from expertmesh.engine.step import Chunk, NewRequest, RankChunks, SampledToken, StepPlan, TokenMasks
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,9 @@ class EngineCore:
         self._parents: dict[str, _Parent] = {}
         self._new: list[NewRequest] = []
         self._dropped: list[str] = []
+        self._grammar: GrammarBackend | None = None
+        self._guides: dict[str, SequenceGuide] = {}
+        """Sequences with a grammar or thinking to track (unconstrained ones never appear here)."""
         self.num_steps = 0
         self.num_preemptions = 0
         self.compute_seconds = 0.0
@@ -93,8 +104,32 @@ class EngineCore:
 
     # ---- requests -------------------------------------------------------------------------
 
+    @property
+    def grammar_backend(self) -> GrammarBackend:
+        """The xgrammar vocabulary and compiler, built on first use (unconstrained serving never pays)."""
+        if self._grammar is None:
+            self._grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammar
+
+    def validate_guided_decoding(self, params: SamplingParams,
+                                 prompt_token_ids: list[int] | None = None) -> CompiledGuide | None:
+        """Compile what the request's guided_decoding (and thinking) need; ValueError naming the
+        problem ("invalid JSON schema: ...", "invalid regex ...", "invalid grammar ...") if it cannot
+        be. Without prompt ids, checks the grammar as if the answer started at once and after thinking."""
+        if params.guided_decoding is None and params.thinking_budget is None:
+            return None
+        if prompt_token_ids is None:
+            if params.guided_decoding is not None:
+                self.grammar_backend.compile(params.guided_decoding)
+                self.grammar_backend.compile(params.guided_decoding, after_thinking=True)
+            return None
+        return self.grammar_backend.compile_for(params, prompt_token_ids)
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the problem if this request cannot run."""
+        """Raise ValueError naming the problem if this request cannot run (grammars included)."""
+        self._check(prompt_token_ids, params)
+
+    def _check(self, prompt_token_ids: list[int], params: SamplingParams) -> CompiledGuide | None:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if not prompt_token_ids:
@@ -106,13 +141,14 @@ class EngineCore:
             raise ValueError(
                 f"the prompt is {len(prompt_token_ids)} tokens, longer than this model allows: "
                 f"max_model_len is {self.max_model_len} (prompt plus at least one generated token)")
+        return self.validate_guided_decoding(params, prompt_token_ids)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = True) -> None:
         """Queue a request. With stream=True, every step that changes it yields a RequestOutput
         (deltas and totals so far); with stream=False, only the final one (vLLM's FINAL_ONLY)."""
         prompt_token_ids = list(prompt_token_ids)
-        self.validate(prompt_token_ids, params)
+        compiled = self._check(prompt_token_ids, params)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         taken = [i for i in [request_id, *child_ids] if i in self._parents or i in self._sequences]
         if taken:  # checked before anything changes, so a rejected request leaves no trace
@@ -125,6 +161,8 @@ class EngineCore:
                 seed = None if params.seed is None else params.seed + index
                 child_params = replace(params, n=1, seed=seed)
             req = Request(child_id, prompt_token_ids, child_params, self.eos_token_ids)
+            if compiled is not None:  # one matcher per sequence; the compiled grammar is shared
+                self._guides[child_id] = self.grammar_backend.guide(child_params, prompt_token_ids, compiled)
             self._sequences[child_id] = _Sequence(
                 req, request_id, rank,
                 IncrementalDetokenizer(self.tokenizer.raw, prompt_token_ids, params.skip_special_tokens),
@@ -144,6 +182,7 @@ class EngineCore:
             for child_id in parent.children:
                 seq = self._sequences.pop(child_id)
                 self.schedulers[seq.rank].finish(seq.request, RequestStatus.FINISHED_ABORTED)
+                self._drop_guide(child_id)
                 self._dropped.append(child_id)
 
     def has_unfinished(self) -> bool:
@@ -169,6 +208,7 @@ class EngineCore:
                                              s.samples) for s in out.scheduled)
                 for out in outs),
             finished_request_ids=tuple(self._dropped),
+            token_masks=self._token_masks(outs) if self._guides else (),
         )
         self._new, self._dropped = [], []
         try:
@@ -195,6 +235,31 @@ class EngineCore:
         for rid, token in sampled.items():
             self._on_token(self._sequences[rid], token)
 
+    def _token_masks(self, outs: list[SchedulerOutput]) -> tuple[TokenMasks | None, ...]:
+        """Per rank, the packed masks of guided sequences that sample this step: one int32 array
+        for the step, a row per such sequence, filled by its guide (grammar and thinking phase)."""
+        per_rank = [[(s.request.request_id, guide) for s in out.scheduled if s.samples
+                     and (guide := self._guides.get(s.request.request_id)) is not None and guide.needs_mask]
+                    for out in outs]
+        total = sum(len(rows) for rows in per_rank)
+        if not total:
+            return ()
+        bitmask = self.grammar_backend.allocate(total)
+        array = bitmask.numpy()  # shares memory: the rows filled below are the plan's
+        masks, row = [], 0
+        for rows in per_rank:
+            start = row
+            for _, guide in rows:
+                guide.fill_mask(bitmask, row)
+                row += 1
+            masks.append(TokenMasks(tuple(rid for rid, _ in rows), array[start:row]) if rows else None)
+        return tuple(masks)
+
+    def _drop_guide(self, request_id: str) -> None:
+        guide = self._guides.pop(request_id, None)
+        if guide is not None:
+            guide.close()
+
     def _fail_all(self, error: str) -> None:
         """Every request in flight ends with an error (its KV lived on the workers that died), then
         a fresh group is started; the block managers are rebuilt for the new group's cache. If the
@@ -204,6 +269,8 @@ class EngineCore:
                 seq.output.finish_reason = RequestStatus.FINISHED_ERROR.value
                 seq.output.error = error
                 seq.changed = True
+        for request_id in list(self._guides):
+            self._drop_guide(request_id)
         self._new, self._dropped = [], []
         try:
             self.executor.restart()
@@ -225,7 +292,15 @@ class EngineCore:
 
         num_out = len(req.output_token_ids)
         status, stop_reason = None, None
-        if num_out >= params.min_tokens:
+        guide = self._guides.get(req.request_id) if self._guides else None
+        if guide is not None:
+            if not guide.accept(token.token_id):
+                self._finish(seq, RequestStatus.FINISHED_ERROR,
+                             error=f"sampled token {token.token_id} does not match the request's grammar")
+                return
+            if guide.terminated:  # the grammar is complete and took EOS: ends even with ignore_eos/min_tokens
+                status = RequestStatus.FINISHED_STOPPED
+        if status is None and num_out >= params.min_tokens:
             if token.token_id in params.stop_token_ids:
                 status, stop_reason = RequestStatus.FINISHED_STOPPED, token.token_id
             elif not params.ignore_eos and token.token_id in req.eos_token_ids:
@@ -252,6 +327,7 @@ class EngineCore:
             seq.output.text_delta += update.delta
             seq.output.text += update.delta
         self.schedulers[seq.rank].finish(seq.request, status)
+        self._drop_guide(seq.request.request_id)
         seq.output.finish_reason = status.value
         seq.output.stop_reason = seq.request.stop_reason
         seq.output.error = error

@@ -1,13 +1,122 @@
 """`SamplingParams`: how one request is sampled and when it stops (vLLM's names and defaults).
 
 Every field is checked once, in `__post_init__`; a bad value raises `ValueError` naming the
-field, so nothing malformed reaches the scheduler or the sampler.
+field, so nothing malformed reaches the scheduler or the sampler. `GuidedDecodingParams` (one
+constraint on the output: a JSON schema, any JSON object, a regex, a choice, an EBNF grammar or
+Qwen3 tool calls) is checked the same way for shape; whether a schema, regex or grammar compiles
+is checked by `EngineCore.validate`, which compiles it (see `expertmesh.engine.grammar`).
 """
 from __future__ import annotations
 
+import json as _json
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 _GREEDY_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class ToolCallConstraint:
+    """The output must be one or more Qwen3 tool calls to `tools`, and nothing else:
+
+        <tool_call>\n{"name": "<fn>", "arguments": {...}}\n</tool_call>   (blocks joined by "\n")
+
+    then end of sequence. `arguments` follow the tool's `parameters` JSON schema.
+    """
+
+    tools: list[dict]
+    """OpenAI function specs, `{"name", "description"?, "parameters"?}` (or wrapped as
+    `{"type": "function", "function": {...}}`). A tool without parameters takes `{}`."""
+    mode: Literal["required", "named"] = "required"
+    """"required": one or more calls, each to any of `tools`; "named": every call is to `name`."""
+    name: str | None = None
+    """The tool to call when mode is "named"; must be None otherwise."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.tools, (list, tuple)) and len(self.tools) > 0,
+               f"tool_calls.tools must be a non-empty list of function specs, got {self.tools!r}")
+        functions = [self.function(t) for t in self.tools]
+        names = [f["name"] for f in functions]
+        _check(len(set(names)) == len(names), f"tool_calls.tools has duplicate names: {names}")
+        _check(self.mode in ("required", "named"), f"tool_calls.mode must be 'required' or 'named', got {self.mode!r}")
+        if self.mode == "named":
+            _check(self.name in names, f"tool_calls.name must name one of the tools {names}, got {self.name!r}")
+        else:
+            _check(self.name is None, f"tool_calls.name is only for mode 'named', got {self.name!r}")
+
+    @staticmethod
+    def function(tool: Any) -> dict:
+        """The function spec of a tool, unwrapped and checked: `{"name": str, "parameters": dict | absent}`."""
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        _check(isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"] != "",
+               f"each tool_calls.tools entry needs a non-empty string 'name', got {tool!r}")
+        params = fn.get("parameters")
+        _check(params is None or isinstance(params, dict),
+               f"tool_calls.tools[{fn['name']!r}].parameters must be a JSON schema object, got {params!r}")
+        return fn
+
+    @property
+    def functions(self) -> list[dict]:
+        """The callable functions: all of `tools`, or only `name` in mode "named"."""
+        functions = [self.function(t) for t in self.tools]
+        return functions if self.mode == "required" else [f for f in functions if f["name"] == self.name]
+
+
+@dataclass(frozen=True)
+class GuidedDecodingParams:
+    """Constrained decoding (vLLM's name): set exactly one field. The engine masks every sampled
+    token of the answer so the output matches; the request ends ("stop") once it is complete."""
+
+    json: dict | str | None = None
+    """A JSON schema (dict or JSON text); the output is JSON that validates against it. Strict:
+    objects take no properties beyond the schema's unless it allows them (additionalProperties)."""
+    json_object: bool = False
+    """Any JSON object."""
+    regex: str | None = None
+    """The whole output matches this regular expression."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """An EBNF grammar in xgrammar's (GBNF-like) syntax, with a `root` rule."""
+    tool_calls: ToolCallConstraint | None = None
+    """Qwen3 tool-call blocks only (tool_choice "required" or a named function)."""
+
+    def __post_init__(self) -> None:
+        chosen = self.kinds
+        _check(len(chosen) == 1, "guided_decoding needs exactly one of json, json_object, regex, choice, grammar, "
+               f"tool_calls; got {', '.join(chosen) if chosen else 'none'}")
+        if self.json is not None:
+            _check(isinstance(self.json, (dict, str)), f"guided_decoding.json must be a dict or a JSON string, "
+                   f"got {type(self.json).__name__}")
+            if isinstance(self.json, str):
+                try:
+                    schema = _json.loads(self.json)
+                except ValueError as e:
+                    raise ValueError(f"invalid JSON schema: guided_decoding.json is not JSON: {e}") from e
+                _check(isinstance(schema, dict), "invalid JSON schema: guided_decoding.json must be an object")
+        _check(isinstance(self.json_object, bool), f"guided_decoding.json_object must be a bool, "
+               f"got {self.json_object!r}")
+        _check(self.regex is None or (isinstance(self.regex, str) and self.regex != ""),
+               f"guided_decoding.regex must be a non-empty string, got {self.regex!r}")
+        _check(self.choice is None or (isinstance(self.choice, (list, tuple)) and len(self.choice) > 0
+                                       and all(isinstance(c, str) and c for c in self.choice)),
+               f"guided_decoding.choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+        _check(self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip() != ""),
+               f"guided_decoding.grammar must be a non-empty EBNF string, got {self.grammar!r}")
+        _check(self.tool_calls is None or isinstance(self.tool_calls, ToolCallConstraint),
+               f"guided_decoding.tool_calls must be a ToolCallConstraint, got {type(self.tool_calls).__name__}")
+
+    @property
+    def kinds(self) -> list[str]:
+        """Names of the fields that are set."""
+        values = {"json": self.json, "json_object": self.json_object or None, "regex": self.regex,
+                  "choice": self.choice, "grammar": self.grammar, "tool_calls": self.tool_calls}
+        return [name for name, value in values.items() if value is not None]
+
+    @property
+    def schema(self) -> dict | None:
+        """The `json` schema as a dict (parsed if given as text)."""
+        return _json.loads(self.json) if isinstance(self.json, str) else self.json
 
 
 @dataclass
@@ -35,7 +144,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     """Token ids that end generation, beside the model's end-of-sequence tokens."""
     ignore_eos: bool = False
-    """Keep generating past end-of-sequence tokens (benchmarks)."""
+    """Keep generating past end-of-sequence tokens (benchmarks). A complete grammar still ends the
+    request: under `guided_decoding`, EOS is the grammar's last token and ends it ("stop")."""
     max_tokens: int | None = 16
     """Most tokens to generate; None means up to the model's length."""
     min_tokens: int = 0
@@ -46,6 +156,14 @@ class SamplingParams:
     """Leave special tokens out of the decoded text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text."""
+    guided_decoding: GuidedDecodingParams | None = None
+    """Constrain the answer (after any thinking) to a schema, regex, choice, grammar or tool calls."""
+    reasoning: bool = False
+    """The request is a chat whose output may hold a `<think>…</think>` section first: the engine
+    tracks it (from the prompt's last turn and the generated tags), applies `guided_decoding` only
+    to the answer after it, and enforces `thinking_budget`."""
+    thinking_budget: int | None = None
+    """Most tokens generated inside thinking (tags not counted); then `</think>` is forced. Needs reasoning."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -80,6 +198,15 @@ class SamplingParams:
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        _check(self.guided_decoding is None or isinstance(self.guided_decoding, GuidedDecodingParams),
+               f"guided_decoding must be GuidedDecodingParams, got {type(self.guided_decoding).__name__}")
+        _check(isinstance(self.reasoning, bool), f"reasoning must be a bool, got {self.reasoning!r}")
+        _check(self.thinking_budget is None or (isinstance(self.thinking_budget, int)
+                                                and not isinstance(self.thinking_budget, bool)
+                                                and self.thinking_budget >= 0),
+               f"thinking_budget must be an integer >= 0, got {self.thinking_budget!r}")
+        _check(self.thinking_budget is None or self.reasoning,
+               "thinking_budget needs reasoning=True (the engine only tracks thinking in reasoning requests)")
 
     @property
     def greedy(self) -> bool:
