@@ -7,8 +7,10 @@ are an error that names them, so a typo in a config file never passes silently.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -43,6 +45,11 @@ class AppConfig(BaseModel):
     """Accepted API keys (raw); empty leaves the API open."""
     redis_url: str | None = None
     """Shared state (API keys, rate limits, registry) in Redis; None keeps it in-process."""
+    api_keys_env: str | None = Field(None, min_length=1)
+    """Name of an environment variable holding more accepted keys, comma-separated: the Helm chart
+    fills it from a Kubernetes Secret, so no raw key is written into the Serve config."""
+    redis_password_env: str | None = Field(None, min_length=1)
+    """Name of an environment variable holding the password of `redis_url` (from a Secret, as above)."""
     grpc_port: int | None = Field(50051, ge=0, le=65535)
     """gRPC port of each gateway replica; None or 0 turns gRPC off."""
     engine_replicas: int = Field(1, ge=1)
@@ -67,6 +74,32 @@ class AppConfig(BaseModel):
 
     def model_name(self) -> str:
         return self.served_model_name or self.model_path().name
+
+    def resolved_api_keys(self) -> list[str]:
+        """`api_keys` plus those in the variable `api_keys_env`. A named variable that is unset or
+        holds no key is an error: a missing Secret must not leave the API open."""
+        keys = list(self.api_keys)
+        if self.api_keys_env:
+            extra = [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
+            if not extra:
+                raise ValueError(f"api_keys_env: the environment variable {self.api_keys_env} is unset or "
+                                 "holds no key (comma-separated keys expected)")
+            keys += extra
+        return keys
+
+    def resolved_redis_url(self) -> str | None:
+        """`redis_url` with the password from the variable `redis_password_env` (which must be set)."""
+        if not self.redis_url or not self.redis_password_env:
+            return self.redis_url
+        password = os.environ.get(self.redis_password_env)
+        if not password:
+            raise ValueError(f"redis_password_env: the environment variable {self.redis_password_env} is unset")
+        parts = urlsplit(self.redis_url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"redis_password_env needs a redis:// or rediss:// redis_url, not {parts.scheme}://")
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]  # as written (already URL-quoted)
+        return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
     def engine_config(self, ray_address: str | None = None) -> EngineConfig:
         return EngineConfig(

@@ -129,7 +129,7 @@ class Gateway:
         self.serving = OpenAIServing(client, tokenizer, ServingSettings(
             info["model_name"], info["max_model_len"], max_n=cfg.max_n, model_aliases=aliases,
             vocab_size=info["vocab_size"]))
-        self.auth = Authenticator(cfg.api_keys)
+        self.auth = Authenticator(cfg.resolved_api_keys())
         self.grpc = None
         if cfg.grpc_port:
             from expertmesh.gateway.grpc_server import build_grpc_server
