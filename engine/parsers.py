@@ -209,7 +209,7 @@ class ToolCallParser:
 
     def _parse(self, body: str) -> ToolCall | None:
         try:
-            obj = json.loads(body)
+            obj = json.loads(body, strict=False)  # a raw control character in a string is still a call
             if isinstance(obj, dict) and isinstance(obj.get("arguments"), str):
                 obj["arguments"] = json.loads(obj["arguments"])
         except (ValueError, RecursionError):
