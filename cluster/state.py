@@ -1,0 +1,636 @@
+"""The shared state store: API keys, per-key rate limits and the model/replica registry.
+
+One interface (`StateStore`), two backends:
+
+- `InProcessStateStore` (the default): dicts behind a lock. It lives inside one process, so it
+  suits one machine with one gateway; nothing outside that process can reach it.
+- `RedisStateStore(url)`: every gateway replica (and `expertmesh keys ...`) shares one Redis.
+  Rate limits are decided by Lua scripts, so admission is atomic across replicas and processes,
+  and every time stamp is Redis's own clock (`TIME`), so the gateways' clocks never matter.
+
+`make_state_store(redis_url)` picks one.
+
+API keys. `create_key(name, ...)` returns the raw key (`em-` and 32 URL-safe characters) once;
+the store keeps only its SHA-256 digest (`hash_key`), the key's id (`key_...`), its name, its
+creation time, its limits and, once revoked, the revocation time. `lookup(raw_key)` hashes and
+finds the record; a revoked key is not valid. Revoked keys stay listed (and keep "the store holds
+keys" true, so revoking the last key never opens the API).
+
+Rate limits: a sliding-window log over the last 60 s (`WINDOW_S`), per key.
+`admit(key_id, requests_per_minute, tokens_per_minute, tokens)` admits a request when
+
+- fewer than `requests_per_minute` requests were admitted in the last 60 s, and
+- the tokens logged in the last 60 s plus `max(tokens, 1)` fit in `tokens_per_minute`;
+
+an admitted request logs one request and its `tokens`. So no 60-second window ever holds more
+admitted requests than the limit, whatever the number of callers. A refusal says when to retry
+(`retry_after_s`: when enough of the log will have aged out). A request whose `tokens` alone
+exceed the limit can never fit: it is refused with `retry_after_s=None` (reason "too_large").
+
+TPM, two ways to count (pick one per deployment):
+- reserve at admission: `admit(..., tokens=prompt_tokens + max_tokens)`; nothing afterwards.
+- count what was used: `admit(..., tokens=0)` admits while the key's logged tokens are under the
+  limit, and `record_tokens(key_id, prompt + completion tokens)` logs them when the request ends.
+  A key may overshoot by the requests already running; it is then refused until its usage of the
+  last 60 s falls under the limit again. The gateway does this (its auth check runs before the
+  request body is read); see `expertmesh.gateway.auth`.
+
+Registry: `register_replica(model, replica_id, info, ttl_s)` (re-register before `ttl_s` to stay
+listed), `list_replicas(model) -> {replica_id: info}`, `unregister_replica(model, replica_id)`.
+
+Redis outages: every connection error, timeout or "loading" reply becomes
+`StateStoreUnavailable`, whose message names the (password-redacted) URL. Sockets time out
+quickly and a failed command is retried twice with a short backoff; the connection pool
+reconnects by itself, so once Redis is back the same store object works again (Lua scripts are
+reloaded if the restarted server lost them). Nothing is cached on the client side, so nothing
+is lost that Redis persisted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+WINDOW_S = 60.0
+"""Length of the rate-limit window: limits are per 60 seconds, sliding."""
+
+KEY_PREFIX = "em-"
+KEY_ID_PREFIX = "key_"
+_NAME_MAX = 100
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest under which a raw API key is stored and compared."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_raw_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(24)  # 24 random bytes: 32 URL-safe characters
+
+
+class StateStoreUnavailable(RuntimeError):
+    """The state store cannot be reached (Redis down, timing out or still loading)."""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """An API key as stored: never the raw key, nor its digest."""
+    id: str
+    name: str
+    created_at: float
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def limited(self) -> bool:
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "revoked": self.revoked}
+
+
+@dataclass(frozen=True)
+class Admission:
+    ok: bool
+    retry_after_s: float | None = None
+    """Seconds until the request would be admitted; None when admitted, or when it never can be."""
+    reason: str | None = None
+    """Why not: "requests" (RPM), "tokens" (TPM), "requests,tokens", or "too_large"."""
+
+
+class StateStore(ABC):
+    """API keys, rate limits and the replica registry. Methods block (Redis round trips): call
+    them through `asyncio.to_thread` from an event loop unless `blocking` is False."""
+
+    blocking: bool = True
+    description: str = ""
+    """Where the state lives, for messages ("in-process", or the URL without its password)."""
+
+    # ---- API keys
+    @abstractmethod
+    def create_key(self, name: str, requests_per_minute: int | None = None,
+                   tokens_per_minute: int | None = None) -> tuple[str, KeyRecord]:
+        """A new key named `name` (unique among active keys): (raw key, shown once; its record)."""
+
+    @abstractmethod
+    def list_keys(self) -> list[KeyRecord]:
+        """Every key, revoked ones included, oldest first."""
+
+    @abstractmethod
+    def revoke_key(self, name_or_id: str) -> KeyRecord:
+        """Revoke the key with this id, or the active key with this name; KeyError if none.
+        Revoking a revoked key (by id) returns its record unchanged."""
+
+    @abstractmethod
+    def lookup(self, raw_key: str) -> KeyRecord | None:
+        """The active key's record, or None (unknown or revoked)."""
+
+    @abstractmethod
+    def has_keys(self) -> bool:
+        """Whether any key was ever created (revoked ones count)."""
+
+    # ---- rate limits
+    @abstractmethod
+    def admit(self, key_id: str, requests_per_minute: int | None, tokens_per_minute: int | None,
+              tokens: int = 0) -> Admission:
+        """Atomically decide and log one request (see the module docstring). None: no limit."""
+
+    @abstractmethod
+    def record_tokens(self, key_id: str, n: int) -> None:
+        """Log `n` tokens used now by `key_id` (TPM counted after the fact)."""
+
+    # ---- model/replica registry
+    @abstractmethod
+    def register_replica(self, model: str, replica_id: str, info: dict[str, Any], ttl_s: float) -> None:
+        """List `replica_id` under `model` for `ttl_s` seconds (again to extend)."""
+
+    @abstractmethod
+    def list_replicas(self, model: str) -> dict[str, dict[str, Any]]:
+        """replica_id -> info of the live replicas of `model`."""
+
+    @abstractmethod
+    def unregister_replica(self, model: str, replica_id: str) -> None: ...
+
+    # ---- lifecycle
+    def ping(self) -> None:  # noqa: B027 (answers by default: the in-process store is always there)
+        """Raise StateStoreUnavailable unless the store answers."""
+
+    def close(self) -> None:  # noqa: B027 (nothing to release by default)
+        """Release connections."""
+
+
+def make_state_store(redis_url: str | None) -> StateStore:
+    """Redis at `redis_url`, or the in-process store when it is None or empty."""
+    return RedisStateStore(redis_url) if redis_url else InProcessStateStore()
+
+
+# ---- validation shared by both backends ------------------------------------------------------
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("a key name must be a non-empty string")
+    if len(name) > _NAME_MAX or not name.isprintable():
+        raise ValueError(f"a key name is at most {_NAME_MAX} printable characters (got {name!r})")
+    if name.startswith(KEY_ID_PREFIX):
+        raise ValueError(f"a key name may not start with {KEY_ID_PREFIX!r} (that is how key ids start)")
+    return name
+
+
+def _check_limit(value: int | None, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer or None (got {value!r})")
+    return value
+
+
+def _check_tokens(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"tokens must be a non-negative integer (got {n!r})")
+    return n
+
+
+# ---- in-process ----------------------------------------------------------------------------
+
+class _Window:
+    """One key's log: admitted request times and (time, tokens) entries, oldest first."""
+
+    def __init__(self) -> None:
+        self.requests: deque[float] = deque()
+        self.tokens: deque[tuple[float, int]] = deque()
+        self.token_sum = 0
+
+    def trim(self, now: float) -> None:
+        cutoff = now - WINDOW_S
+        while self.requests and self.requests[0] <= cutoff:
+            self.requests.popleft()
+        while self.tokens and self.tokens[0][0] <= cutoff:
+            self.token_sum -= self.tokens.popleft()[1]
+
+
+class InProcessStateStore(StateStore):
+    """The state of one process (thread-safe). Keys created here live as long as the process."""
+
+    blocking = False
+    description = "in-process"
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._by_digest: dict[str, KeyRecord] = {}
+        self._digest_of: dict[str, str] = {}  # id -> digest
+        self._windows: dict[str, _Window] = {}
+        self._replicas: dict[str, dict[str, tuple[float, dict[str, Any]]]] = {}
+
+    def create_key(self, name, requests_per_minute=None, tokens_per_minute=None):
+        name = _check_name(name)
+        rpm = _check_limit(requests_per_minute, "requests_per_minute")
+        tpm = _check_limit(tokens_per_minute, "tokens_per_minute")
+        raw = new_raw_key()
+        record = KeyRecord(KEY_ID_PREFIX + secrets.token_hex(8), name, time.time(), rpm, tpm)
+        with self._lock:
+            if any(r.name == name and not r.revoked for r in self._by_digest.values()):
+                raise ValueError(f"an active key named {name!r} exists already")
+            digest = hash_key(raw)
+            self._by_digest[digest] = record
+            self._digest_of[record.id] = digest
+        return raw, record
+
+    def list_keys(self):
+        with self._lock:
+            return sorted(self._by_digest.values(), key=lambda r: (r.created_at, r.id))
+
+    def revoke_key(self, name_or_id):
+        with self._lock:
+            digest = self._digest_of.get(name_or_id)
+            if digest is None:
+                digest = next((d for d, r in self._by_digest.items() if r.name == name_or_id and not r.revoked), None)
+            if digest is None:
+                raise KeyError(f"no key with id {name_or_id!r} and no active key named {name_or_id!r}")
+            record = self._by_digest[digest]
+            if not record.revoked:
+                record = self._by_digest[digest] = KeyRecord(**{**asdict(record), "revoked_at": time.time()})
+            return record
+
+    def lookup(self, raw_key):
+        with self._lock:
+            record = self._by_digest.get(hash_key(raw_key))
+        return None if record is None or record.revoked else record
+
+    def has_keys(self):
+        with self._lock:
+            return bool(self._by_digest)
+
+    def admit(self, key_id, requests_per_minute, tokens_per_minute, tokens=0):
+        rpm = _check_limit(requests_per_minute, "requests_per_minute")
+        tpm = _check_limit(tokens_per_minute, "tokens_per_minute")
+        tokens = _check_tokens(tokens)
+        if tpm is not None and tokens > tpm:
+            return Admission(False, None, "too_large")
+        if rpm is None and tpm is None:
+            return Admission(True)
+        with self._lock:
+            now = self._clock()
+            w = self._windows.setdefault(key_id, _Window())
+            w.trim(now)
+            retry, reasons = 0.0, []
+            if rpm is not None and len(w.requests) >= rpm:
+                reasons.append("requests")
+                retry = max(retry, w.requests[len(w.requests) - rpm] + WINDOW_S - now)
+            if tpm is not None:
+                need = w.token_sum + max(tokens, 1) - tpm
+                if need > 0:
+                    reasons.append("tokens")
+                    freed = 0
+                    for ts, n in w.tokens:
+                        freed += n
+                        if freed >= need:
+                            retry = max(retry, ts + WINDOW_S - now)
+                            break
+            if reasons:
+                return Admission(False, max(retry, 1e-3), ",".join(reasons))
+            if rpm is not None:
+                w.requests.append(now)
+            if tpm is not None and tokens:
+                w.tokens.append((now, tokens))
+                w.token_sum += tokens
+            return Admission(True)
+
+    def record_tokens(self, key_id, n):
+        if _check_tokens(n) == 0:
+            return
+        with self._lock:
+            now = self._clock()
+            w = self._windows.setdefault(key_id, _Window())
+            w.trim(now)
+            w.tokens.append((now, n))
+            w.token_sum += n
+
+    def register_replica(self, model, replica_id, info, ttl_s):
+        info = json.loads(json.dumps(info))  # what Redis would keep: JSON, a copy
+        with self._lock:
+            self._replicas.setdefault(model, {})[replica_id] = (self._clock() + ttl_s, info)
+
+    def list_replicas(self, model):
+        with self._lock:
+            now = self._clock()
+            entries = self._replicas.get(model, {})
+            for rid in [rid for rid, (expires, _) in entries.items() if expires <= now]:
+                del entries[rid]
+            return {rid: json.loads(json.dumps(info)) for rid, (_, info) in sorted(entries.items())}
+
+    def unregister_replica(self, model, replica_id):
+        with self._lock:
+            self._replicas.get(model, {}).pop(replica_id, None)
+
+
+# ---- Redis ---------------------------------------------------------------------------------
+
+# KEYS: requests zset, tokens zset. ARGV: rpm (-1: none), tpm (-1: none), tokens, unique id, window s.
+# Returns {1} or {0, retry_after (string; "-1": never), reason}.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local window = tonumber(ARGV[5])
+local cutoff = now - window
+if tpm >= 0 and tokens > tpm then return {0, '-1', 'too_large'} end
+local retry, reasons = 0, {}
+if rpm >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+  local n = redis.call('ZCARD', KEYS[1])
+  if n >= rpm then
+    table.insert(reasons, 'requests')
+    local e = redis.call('ZRANGE', KEYS[1], n - rpm, n - rpm, 'WITHSCORES')
+    retry = math.max(retry, tonumber(e[2]) + window - now)
+  end
+end
+if tpm >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+  local e = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  local used = 0
+  for i = 1, #e, 2 do used = used + tonumber(string.match(e[i], ':(%d+)$')) end
+  local need = used + math.max(tokens, 1) - tpm
+  if need > 0 then
+    table.insert(reasons, 'tokens')
+    local freed = 0
+    for i = 1, #e, 2 do
+      freed = freed + tonumber(string.match(e[i], ':(%d+)$'))
+      if freed >= need then
+        retry = math.max(retry, tonumber(e[i + 1]) + window - now)
+        break
+      end
+    end
+  end
+end
+if #reasons > 0 then return {0, tostring(math.max(retry, 0.001)), table.concat(reasons, ',')} end
+local ttl = math.ceil(window * 1000) + 1000
+if rpm >= 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+if tpm >= 0 and tokens > 0 then
+  redis.call('ZADD', KEYS[2], now, ARGV[4] .. ':' .. ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return {1}
+"""
+
+# KEYS: tokens zset. ARGV: tokens, unique id, window s.
+_RECORD_TOKENS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local window = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZADD', KEYS[1], now, ARGV[2] .. ':' .. ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
+return 1
+"""
+
+# KEYS: record hash, id -> digest, name -> id, set of ids. ARGV: digest, id, name, created_at, rpm, tpm.
+_CREATE = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'id', ARGV[2], 'name', ARGV[3], 'created_at', ARGV[4], 'rpm', ARGV[5], 'tpm', ARGV[6])
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[2])
+return 1
+"""
+
+# ARGV: prefix, name or id. Returns the digest of the revoked key, or false.
+_REVOKE = """
+local p, x = ARGV[1], ARGV[2]
+local id = x
+local digest = redis.call('GET', p .. 'keyid:' .. id)
+if not digest then
+  id = redis.call('GET', p .. 'keyname:' .. x)
+  if not id then return false end
+  digest = redis.call('GET', p .. 'keyid:' .. id)
+  if not digest then return false end
+end
+local rec = p .. 'key:' .. digest
+if redis.call('HEXISTS', rec, 'revoked_at') == 0 then
+  local t = redis.call('TIME')
+  redis.call('HSET', rec, 'revoked_at', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+  local name = redis.call('HGET', rec, 'name')
+  local nk = p .. 'keyname:' .. name
+  if redis.call('GET', nk) == id then redis.call('DEL', nk) end
+end
+return digest
+"""
+
+# KEYS: the model's hash. ARGV: replica id, info JSON, ttl s.
+_REGISTER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({expires = now + ttl, info = ARGV[2]}))
+local ms = math.ceil(ttl * 1000)
+if redis.call('PTTL', KEYS[1]) < ms then redis.call('PEXPIRE', KEYS[1], ms) end
+return 1
+"""
+
+# KEYS: the model's hash. Returns {id, info JSON, ...} of the live replicas; drops the expired ones.
+_LIST_REPLICAS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  local entry = cjson.decode(all[i + 1])
+  if entry.expires <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    table.insert(out, all[i])
+    table.insert(out, entry.info)
+  end
+end
+return out
+"""
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (redis://user:secret@host → redis://user:***@host)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+class RedisStateStore(StateStore):
+    """State in Redis at `url` (redis://[[user]:password@]host[:port][/db], rediss://, unix://).
+
+    `prefix` namespaces every key (default "em:"), so one Redis can hold several deployments.
+    Connecting is lazy: constructing never fails on an unreachable server; the first command does.
+    """
+
+    def __init__(self, url: str, *, prefix: str = "em:", socket_timeout: float = 2.0,
+                 connect_timeout: float = 1.0, retries: int = 2) -> None:
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        self.url = url
+        self.description = f"Redis at {redact_url(url)}"
+        self.prefix = prefix
+        self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                              redis.exceptions.ReadOnlyError, TimeoutError, ConnectionError)
+        self._response_error = redis.exceptions.ResponseError
+        try:
+            self._r = redis.Redis.from_url(
+                url, decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), retries), health_check_interval=10)
+        except ValueError as exc:
+            raise ValueError(f"--redis-url {redact_url(url)!r} is not a Redis URL: {exc}") from None
+        self._admit = self._r.register_script(_ADMIT)
+        self._record = self._r.register_script(_RECORD_TOKENS)
+        self._create = self._r.register_script(_CREATE)
+        self._revoke = self._r.register_script(_REVOKE)
+        self._register = self._r.register_script(_REGISTER)
+        self._list_replicas = self._r.register_script(_LIST_REPLICAS)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except self._redis_errors as exc:
+            raise StateStoreUnavailable(f"the state store ({self.description}) is unreachable: {exc}") from exc
+        except self._response_error as exc:
+            text = str(exc)
+            if text.startswith(("LOADING", "MISCONF", "MASTERDOWN", "READONLY")):
+                raise StateStoreUnavailable(f"the state store ({self.description}) cannot serve: {text}") from exc
+            raise
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def _record_of(self, fields: dict[str, str]) -> KeyRecord | None:
+        if not fields:
+            return None
+
+        def limit(v: str | None) -> int | None:
+            return int(v) if v else None
+
+        revoked = fields.get("revoked_at")
+        return KeyRecord(fields["id"], fields["name"], float(fields["created_at"]), limit(fields.get("rpm")),
+                         limit(fields.get("tpm")), float(revoked) if revoked else None)
+
+    def ping(self) -> None:
+        with self._guard():
+            self._r.ping()
+
+    def close(self) -> None:
+        self._r.close()
+
+    # ---- API keys
+    def create_key(self, name, requests_per_minute=None, tokens_per_minute=None):
+        name = _check_name(name)
+        rpm = _check_limit(requests_per_minute, "requests_per_minute")
+        tpm = _check_limit(tokens_per_minute, "tokens_per_minute")
+        raw = new_raw_key()
+        digest = hash_key(raw)
+        record = KeyRecord(KEY_ID_PREFIX + secrets.token_hex(8), name, time.time(), rpm, tpm)
+        with self._guard():
+            created = self._create(
+                keys=[self._k("key", digest), self._k("keyid", record.id), self._k("keyname", name), self._k("keys")],
+                args=[digest, record.id, name, repr(record.created_at), rpm or "", tpm or ""])
+        if not created:
+            raise ValueError(f"an active key named {name!r} exists already")
+        return raw, record
+
+    def list_keys(self):
+        with self._guard():
+            ids = sorted(self._r.smembers(self._k("keys")))
+            if not ids:
+                return []
+            digests = self._r.mget([self._k("keyid", i) for i in ids])
+            pipe = self._r.pipeline(transaction=False)
+            for d in digests:
+                if d:
+                    pipe.hgetall(self._k("key", d))
+            rows = pipe.execute()
+        records = [r for r in map(self._record_of, rows) if r is not None]
+        return sorted(records, key=lambda r: (r.created_at, r.id))
+
+    def revoke_key(self, name_or_id):
+        with self._guard():
+            digest = self._revoke(args=[self.prefix, name_or_id])
+            record = self._record_of(self._r.hgetall(self._k("key", digest))) if digest else None
+        if record is None:
+            raise KeyError(f"no key with id {name_or_id!r} and no active key named {name_or_id!r}")
+        return record
+
+    def lookup(self, raw_key):
+        with self._guard():
+            record = self._record_of(self._r.hgetall(self._k("key", hash_key(raw_key))))
+        return None if record is None or record.revoked else record
+
+    def has_keys(self):
+        with self._guard():
+            return bool(self._r.exists(self._k("keys")))
+
+    # ---- rate limits
+    def admit(self, key_id, requests_per_minute, tokens_per_minute, tokens=0):
+        rpm = _check_limit(requests_per_minute, "requests_per_minute")
+        tpm = _check_limit(tokens_per_minute, "tokens_per_minute")
+        tokens = _check_tokens(tokens)
+        if rpm is None and tpm is None:
+            return Admission(True)
+        with self._guard():
+            out = self._admit(keys=[self._k("rl", "{" + key_id + "}", "req"), self._k("rl", "{" + key_id + "}", "tok")],
+                              args=[-1 if rpm is None else rpm, -1 if tpm is None else tpm, tokens,
+                                    uuid.uuid4().hex, WINDOW_S])
+        if int(out[0]) == 1:
+            return Admission(True)
+        retry = float(out[1])
+        return Admission(False, None if retry < 0 else retry, out[2])
+
+    def record_tokens(self, key_id, n):
+        if _check_tokens(n) == 0:
+            return
+        with self._guard():
+            self._record(keys=[self._k("rl", "{" + key_id + "}", "tok")], args=[n, uuid.uuid4().hex, WINDOW_S])
+
+    # ---- registry
+    def register_replica(self, model, replica_id, info, ttl_s):
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be positive (got {ttl_s!r})")
+        with self._guard():
+            self._register(keys=[self._k("replicas", model)], args=[replica_id, json.dumps(info), float(ttl_s)])
+
+    def list_replicas(self, model):
+        with self._guard():
+            flat = self._list_replicas(keys=[self._k("replicas", model)])
+        return {rid: json.loads(info) for rid, info in sorted(zip(flat[::2], flat[1::2]))}
+
+    def unregister_replica(self, model, replica_id):
+        with self._guard():
+            self._r.hdel(self._k("replicas", model), replica_id)
+
+
+def retry_after_header(seconds: float) -> str:
+    """Retry-After's value: whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds)))
