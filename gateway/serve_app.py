@@ -118,6 +118,7 @@ class Gateway:
     """FastAPI over HTTP (through Serve's proxy) and a gRPC server on `grpc_port`."""
 
     async def __init__(self, engine_handle, config: dict[str, Any]) -> None:
+        from expertmesh.cluster.state import make_state_store
         from expertmesh.gateway.auth import Authenticator
         from expertmesh.gateway.serving import OpenAIServing, ServingSettings
 
@@ -129,7 +130,7 @@ class Gateway:
         self.serving = OpenAIServing(client, tokenizer, ServingSettings(
             info["model_name"], info["max_model_len"], max_n=cfg.max_n, model_aliases=aliases,
             vocab_size=info["vocab_size"]))
-        self.auth = Authenticator(cfg.resolved_api_keys())
+        self.auth = Authenticator(cfg.resolved_api_keys(), store=make_state_store(cfg.resolved_redis_url()))
         self.grpc = None
         if cfg.grpc_port:
             from expertmesh.gateway.grpc_server import build_grpc_server
