@@ -114,6 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.add_argument("--num-shards", type=int, default=2, help="safetensors files (with an index when > 1)")
 
+    keys = sub.add_parser(
+        "keys", help="create, list and revoke API keys in the shared state store (Redis)",
+        description="API keys with optional per-key rate limits, kept (as SHA-256 digests) in the Redis that "
+                    "`expertmesh serve --redis-url URL` uses; every gateway replica sees a change within seconds. "
+                    "Without --redis-url a server keeps its state inside its own process, where this command "
+                    "cannot reach it: use --api-key there, or run the server with Redis.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke}",
+                                   help="create: a new key (printed once); list: every key; revoke: disable a key")
+    redis_flag = argparse.ArgumentParser(add_help=False)
+    redis_flag.add_argument("--redis-url", default=None,
+                            help="the server's state store, redis://[:password@]host:port/db (required)")
+    key_new = keys_sub.add_parser("create", parents=[redis_flag], help="create a key; the raw key is printed once",
+                                  description="Create a key named NAME and print the raw key on stdout, once: "
+                                              "only its SHA-256 digest is stored.")
+    key_new.add_argument("name", help="a name for the key, unique among active keys (who or what uses it)")
+    key_new.add_argument("--rpm", type=int, default=None,
+                         help="requests per minute allowed (sliding 60 s window); default: no limit")
+    key_new.add_argument("--tpm", type=int, default=None,
+                         help="tokens per minute allowed (prompt + completion tokens, sliding 60 s window); "
+                              "default: no limit")
+    key_new.add_argument("--json", action="store_true", help="print the key and its record as one JSON object")
+    key_list = keys_sub.add_parser("list", parents=[redis_flag], help="list every key, revoked ones included")
+    key_list.add_argument("--json", action="store_true", help="print one JSON object per key")
+    key_revoke = keys_sub.add_parser("revoke", parents=[redis_flag], help="revoke a key (refused from then on)")
+    key_revoke.add_argument("name_or_id", metavar="NAME_OR_ID", help="the key's id (key_...) or its name")
+
     bench = sub.add_parser("bench", help="benchmarks (see bench/)")
     bench.add_argument("what", choices=["engine"], help="engine: prefill and decode tokens/s beside transformers")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
@@ -245,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                     _print_outputs(llm.chat(messages, params, chat_template_kwargs=kwargs), False)
             finally:
                 llm.shutdown()  # an EP group's actors and GPUs are released before exit
+        elif args.command == "keys":
+            return _keys(args)
         elif args.command == "bench":
             from expertmesh.bench import engine as bench_engine
 
@@ -252,4 +280,56 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"expertmesh: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _keys(args) -> int:
+    """`expertmesh keys create|list|revoke` against the Redis state store."""
+    import datetime
+
+    from expertmesh.cluster.state import RedisStateStore, StateStoreUnavailable
+
+    if not args.redis_url:
+        raise ValueError("`expertmesh keys` needs --redis-url URL, the Redis the server runs with "
+                         "(`expertmesh serve --redis-url URL`). Without Redis, a server keeps its keys in its own "
+                         "process, which no other command can reach; use `serve --api-key KEY` there instead.")
+    for flag, value in (("--rpm", getattr(args, "rpm", None)), ("--tpm", getattr(args, "tpm", None))):
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be a positive integer (got {value}); leave it out for no limit")
+    store = RedisStateStore(args.redis_url)
+    try:
+        if args.keys_command == "create":
+            raw, record = store.create_key(args.name, requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
+            if args.json:
+                print(json.dumps({"key": raw, **record.to_dict()}))
+            else:
+                print(raw)
+                print(f"Created key {record.name!r} ({record.id}). It is shown only this once: store it now.",
+                      file=sys.stderr)
+        elif args.keys_command == "list":
+            records = store.list_keys()
+            if args.json:
+                for record in records:
+                    print(json.dumps(record.to_dict()))
+                return 0
+
+            def when(t: float) -> str:
+                return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+            rows = [("ID", "NAME", "RPM", "TPM", "CREATED", "STATUS")]
+            rows += [(r.id, r.name, str(r.requests_per_minute or "-"), str(r.tokens_per_minute or "-"),
+                      when(r.created_at), f"revoked {when(r.revoked_at)}" if r.revoked else "active")
+                     for r in records]
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            for row in rows:
+                print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        else:
+            record = store.revoke_key(args.name_or_id)
+            print(f"Revoked key {record.name!r} ({record.id}).")
+    except (StateStoreUnavailable, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) else str(exc)
+        print(f"expertmesh: error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
     return 0
