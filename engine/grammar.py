@@ -179,7 +179,9 @@ class GrammarBackend:
         for fn in guided.tool_calls.functions:
             name, params = fn["name"], fn.get("parameters")
             try:
-                args = self._xgr.Grammar.from_json_schema(json.dumps(params or _NO_PARAMETERS), any_whitespace=False)
+                schema = dict(params or _NO_PARAMETERS)
+                schema.setdefault("type", "object")  # Qwen's wire format: arguments are an object
+                args = self._xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
             except Exception as e:
                 raise ValueError(f"invalid JSON schema for the parameters of tool {name!r}: "
                                  f"{_xgrammar_message(e)}") from e

@@ -69,7 +69,8 @@ WEATHER = {"name": "get_weather", "description": "Weather in a city",
 ADD = {"name": "add", "parameters": {"type": "object", "properties": {
     "a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
     "required": ["a", "b"]}}
-NOW = {"type": "function", "function": {"name": "now"}}  # OpenAI's wrapped shape, no parameters
+NOW = {"type": "function", "function": {"name": "now"}}  # OpenAI's wrapped shape, no parameters: {}
+TYPELESS = {"name": "echo", "parameters": {"properties": {"on": {"type": "boolean"}}, "required": ["on"]}}
 
 
 @pytest.fixture(scope="module")
@@ -174,26 +175,34 @@ def _check_calls(text: str, tools: dict[str, dict], only: str | None = None) -> 
     assert calls and content == "", text
     for call in calls:
         assert call.name in tools and (only is None or call.name == only)
-        jsonschema.validate(json.loads(call.arguments), tools[call.name].get("parameters", {"type": "object"}))
+        arguments = json.loads(call.arguments)
+        assert isinstance(arguments, dict)
+        jsonschema.validate(arguments, tools[call.name].get("parameters", {"type": "object"}))
     return calls
 
 
 def test_tool_calls_required_and_named(llm, tok):
-    schemas = {"get_weather": WEATHER, "add": ADD, "now": NOW["function"]}
+    schemas = {"get_weather": WEATHER, "add": ADD, "now": NOW["function"], "echo": TYPELESS}
     required = ToolCallConstraint(tools=[WEATHER, ADD, NOW])
     named = ToolCallConstraint(tools=[WEATHER, ADD, NOW], mode="named", name="add")
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=200, guided_decoding=_json(tool_calls=c))
               for c in (required, named) for s in range(4)]
     params.append(SamplingParams(temperature=0.0, max_tokens=200, guided_decoding=_json(tool_calls=named)))
+    for name in ("now", "echo"):  # no parameters: `{}`; a schema without "type": still an object
+        params.append(SamplingParams(temperature=1.0, seed=1, max_tokens=100, guided_decoding=_json(
+            tool_calls=ToolCallConstraint(tools=[NOW, TYPELESS], mode="named", name=name))))
     outs = [o.outputs[0] for o in llm.generate(["Call a tool"] * len(params), params)]
     seen = set()
     for i, out in enumerate(outs):
         assert out.finish_reason == "stop", out.text
         assert out.token_ids[0] == tok.token_to_id("<tool_call>")  # the single added token, not "<" "tool"
         assert tok.token_to_id("</tool_call>") in out.token_ids
-        calls = _check_calls(out.text, schemas, only=None if i < 4 else "add")
-        seen.update(c.name for c in calls)
+        calls = _check_calls(out.text, schemas, only=([None] * 4 + ["add"] * 5 + ["now", "echo"])[i])
+        if i < 4:
+            seen.update(c.name for c in calls)
     assert len(seen) >= 2  # required mode reaches more than one tool
+    assert all(json.loads(c.arguments) == {} for c in _check_calls(outs[-2].text, schemas))
+    assert all(isinstance(json.loads(c.arguments)["on"], bool) for c in _check_calls(outs[-1].text, schemas))
 
 
 # ---- reasoning and thinking budget --------------------------------------------------------------
