@@ -131,6 +131,7 @@ class Gateway:
             info["model_name"], info["max_model_len"], max_n=cfg.max_n, model_aliases=aliases,
             vocab_size=info["vocab_size"]))
         self.auth = Authenticator(cfg.resolved_api_keys(), store=make_state_store(cfg.resolved_redis_url()))
+        self.serving.on_usage = self.auth.record_usage
         self.grpc = None
         if cfg.grpc_port:
             from expertmesh.gateway.grpc_server import build_grpc_server

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,6 +107,8 @@ class OpenAIServing:
         self.client, self.tokenizer, self.settings = client, tokenizer, settings
         self.metrics = metrics or Metrics()
         self.created = int(time.time())
+        self.on_usage: Callable[[int], Awaitable[None]] | None = None
+        """Called with prompt plus generated tokens when a request completes (per-key token limits)."""
 
     # ---- models ----------------------------------------------------------------------------
 
@@ -488,7 +490,7 @@ class OpenAIServing:
         m = self.metrics
         arrival = time.perf_counter()
         first = last_token = None
-        status = "200"
+        status, generated = "200", 0
         stream = self.client.generate(request_id, ids, params, prompt)
         try:
             async for batch in stream:
@@ -502,6 +504,7 @@ class OpenAIServing:
                     elif last_token is not None:
                         m.itl.observe((now - last_token) / new)
                     last_token = now
+                    generated += new
                     m.generation_tokens.inc(new)
                 yield out
         except ValueError as exc:  # refused by the engine (e.g. a grammar that does not compile)
@@ -522,6 +525,8 @@ class OpenAIServing:
             if status == "200":
                 m.prompt_tokens.inc(len(ids))
                 m.e2e.observe(time.perf_counter() - arrival)
+            if self.on_usage is not None and status in ("200", "499"):
+                await self.on_usage(len(ids) + generated)
 
 
 # ---- helpers -------------------------------------------------------------------------------
