@@ -1,0 +1,43 @@
+"""The Serve config file and `expertmesh serve --print-config` describe one application."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from expertmesh.gateway.app_config import AppConfig
+from expertmesh.gateway.cli import main
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "serve-config.yaml"
+
+
+def test_example_config_is_a_valid_serve_config_of_our_app(qwen3_moe_path):
+    config = yaml.safe_load(EXAMPLE.read_text())
+    ServeDeploySchema.model_validate(config)  # the schema `serve deploy` checks
+    (app,) = config["applications"]
+    assert app["import_path"] == "expertmesh.gateway.serve_app:build_app"
+    args = {**app["args"], "model": str(qwen3_moe_path)}
+    cfg = AppConfig.model_validate(args)
+    assert cfg.ep_size == 2 and cfg.grpc_port == 50051
+
+
+def test_print_config_round_trips_through_app_config(qwen3_moe_path, capsys):
+    assert main(["serve", str(qwen3_moe_path), "--ep-size", "2", "--port", "8123", "--grpc-port", "0",
+                 "--api-key", "k1", "--max-model-len", "256", "--print-config"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    ServeDeploySchema.model_validate(config)
+    assert config["http_options"]["port"] == 8123
+    cfg = AppConfig.model_validate(config["applications"][0]["args"])
+    assert (cfg.model, cfg.ep_size, cfg.api_keys, cfg.max_model_len, cfg.grpc_port) == \
+        (str(qwen3_moe_path), 2, ["k1"], 256, None)
+
+
+def test_unknown_and_bad_args_are_refused_by_name(qwen3_moe_path):
+    with pytest.raises(ValueError, match="ep_sise"):
+        AppConfig.model_validate({"model": str(qwen3_moe_path), "ep_sise": 2})
+    with pytest.raises(ValueError, match="does not exist"):
+        AppConfig.model_validate({"model": "/no/such/model"})
+    with pytest.raises(ValueError, match="ep_size"):
+        AppConfig.model_validate({"model": str(qwen3_moe_path), "ep_size": 0})
