@@ -1,0 +1,217 @@
+{{/* Names, labels and the pieces shared by the templates. */}}
+
+{{- define "expertmesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The RayService's name; KubeRay derives <name>-head-svc and <name>-serve-svc from it, so it
+stays short enough for those. */}}
+{{- define "expertmesh.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "expertmesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "expertmesh.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "expertmesh.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "expertmesh.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Labels of the Ray pods (head and workers); KubeRay adds ray.io/node-type, ray.io/serve, ... */}}
+{{- define "expertmesh.rayPodLabels" -}}
+{{ include "expertmesh.selectorLabels" . }}
+app.kubernetes.io/component: ray
+{{- end }}
+
+{{- define "expertmesh.redisLabels" -}}
+{{ include "expertmesh.selectorLabels" . }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "expertmesh.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* Environment variables through which Secrets reach the Serve replicas (AppConfig's *_env). */}}
+{{- define "expertmesh.apiKeysEnv" -}}EXPERTMESH_API_KEYS{{- end }}
+{{- define "expertmesh.redisPasswordEnv" -}}EXPERTMESH_REDIS_PASSWORD{{- end }}
+
+{{- define "expertmesh.apiKeysSecret" -}}
+{{- if .Values.apiKeys.existingSecret }}
+{{- .Values.apiKeys.existingSecret }}
+{{- else if .Values.apiKeys.keys }}
+{{- include "expertmesh.fullname" . }}-api-keys
+{{- end }}
+{{- end }}
+
+{{- define "expertmesh.redisEnabled" -}}
+{{- if ne .Values.redis.mode "none" }}true{{ end }}
+{{- end }}
+
+{{- define "expertmesh.redisHost" -}}
+{{- if eq .Values.redis.mode "bundled" }}
+{{- printf "%s-redis.%s.svc" (include "expertmesh.fullname" .) .Release.Namespace }}
+{{- else }}
+{{- .Values.redis.external.host }}
+{{- end }}
+{{- end }}
+
+{{- define "expertmesh.redisPort" -}}
+{{- if eq .Values.redis.mode "bundled" }}6379{{ else }}{{ .Values.redis.external.port | int }}{{ end }}
+{{- end }}
+
+{{- define "expertmesh.redisPasswordSecret" -}}
+{{- if and (include "expertmesh.redisEnabled" .) .Values.redis.auth.enabled }}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecret }}
+{{- else }}
+{{- include "expertmesh.fullname" . }}-redis
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Env entries of every Ray container: the Secrets as environment variables, then extraEnv. */}}
+{{- define "expertmesh.rayEnv" -}}
+{{- $keys := include "expertmesh.apiKeysSecret" . }}
+{{- if $keys }}
+- name: {{ include "expertmesh.apiKeysEnv" . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $keys }}
+      key: {{ .Values.apiKeys.secretKey }}
+{{- end }}
+{{- $redis := include "expertmesh.redisPasswordSecret" . }}
+{{- if $redis }}
+- name: {{ include "expertmesh.redisPasswordEnv" . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $redis }}
+      key: {{ .Values.redis.auth.secretKey }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* rayEnv and a container's own env (dict "root" $ "env" LIST); empty when there is none. */}}
+{{- define "expertmesh.containerEnv" -}}
+{{- $env := include "expertmesh.rayEnv" .root | trim }}
+{{- with .env }}
+{{- $env = printf "%s\n%s" $env (toYaml .) | trim }}
+{{- end }}
+{{- $env }}
+{{- end }}
+
+{{/* Whether the Ray pods use GPUs. */}}
+{{- define "expertmesh.gpus" -}}
+{{- if gt (int .Values.worker.gpus) 0 }}true{{ end }}
+{{- end }}
+
+{{/* The application's args: an AppConfig (gateway/app_config.py), as `expertmesh serve
+--print-config` writes them. */}}
+{{- define "expertmesh.appArgs" -}}
+{{- $args := deepCopy .Values.app }}
+{{- $_ := set $args "model" .Values.model.path }}
+{{- if not (hasKey $args "device") }}
+{{- $_ := set $args "device" (ternary "cuda" "cpu" (eq (include "expertmesh.gpus" .) "true")) }}
+{{- end }}
+{{- if .Values.grpc.enabled }}
+{{- $_ := set $args "grpc_port" (int .Values.grpc.port) }}
+{{- else }}
+{{- $_ := set $args "grpc_port" nil }}
+{{- end }}
+{{- if include "expertmesh.redisEnabled" . }}
+{{- $scheme := "redis" }}
+{{- $_ := set $args "redis_url" (printf "redis://%s:%s/%d" (include "expertmesh.redisHost" .) (include "expertmesh.redisPort" .) (int .Values.redis.stateDb)) }}
+{{- if include "expertmesh.redisPasswordSecret" . }}
+{{- $_ := set $args "redis_password_env" (include "expertmesh.redisPasswordEnv" .) }}
+{{- end }}
+{{- end }}
+{{- if include "expertmesh.apiKeysSecret" . }}
+{{- $_ := set $args "api_keys_env" (include "expertmesh.apiKeysEnv" .) }}
+{{- end }}
+{{- toJson $args }}
+{{- end }}
+
+{{/* The Ray Serve config file (the structure of serve_config_file() in gateway/cli.py). */}}
+{{- define "expertmesh.serveConfig" -}}
+{{- $app := dict "name" "expertmesh" "route_prefix" "/" "import_path" "expertmesh.gateway.serve_app:build_app" "args" (include "expertmesh.appArgs" . | fromJson) }}
+{{- if .Values.gateway.onHead }}
+{{- /* Deployment options of a config file replace the code's: the gateway keeps its 0.5 CPU and
+also needs the head's expertmesh_gateway resource. */}}
+{{- $gw := dict "name" "ExpertMeshGateway" "ray_actor_options" (dict "num_cpus" 0.5 "resources" (dict "expertmesh_gateway" 0.01)) }}
+{{- $_ := set $app "deployments" (list $gw) }}
+{{- end }}
+{{- $cfg := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* Checks that the schema cannot express (they compare values). */}}
+{{- define "expertmesh.validate" -}}
+{{- $w := .Values.worker }}
+{{- if or (lt (int $w.replicas) (int $w.minReplicas)) (gt (int $w.replicas) (int $w.maxReplicas)) }}
+{{- fail (printf "worker.replicas (%d) must lie between worker.minReplicas (%d) and worker.maxReplicas (%d)" (int $w.replicas) (int $w.minReplicas) (int $w.maxReplicas)) }}
+{{- end }}
+{{- $ep := int (default 1 .Values.app.ep_size) }}
+{{- $groups := int (default 1 .Values.app.engine_replicas) }}
+{{- if and (include "expertmesh.gpus" .) (gt (mul $ep $groups) (mul (int $w.gpus) (int $w.maxReplicas))) }}
+{{- fail (printf "app.ep_size (%d) x app.engine_replicas (%d) needs %d GPUs, but the worker group has at most %d (worker.gpus %d x worker.maxReplicas %d)" $ep $groups (mul $ep $groups) (mul (int $w.gpus) (int $w.maxReplicas)) (int $w.gpus) (int $w.maxReplicas)) }}
+{{- end }}
+{{- $s := .Values.model.storage }}
+{{- if and (ne $s.type "none") (not (hasPrefix (printf "%s/" (trimSuffix "/" $s.mountPath)) .Values.model.path)) }}
+{{- fail (printf "model.path (%s) must lie under model.storage.mountPath (%s), where the %s is mounted" .Values.model.path $s.mountPath $s.type) }}
+{{- end }}
+{{- if and .Values.grpc.enabled (not .Values.gateway.onHead) }}
+{{- fail "grpc.enabled needs gateway.onHead: the gRPC Service reaches the gateway replicas on the head pod only" }}
+{{- end }}
+{{- if and (eq .Values.redis.mode "external") .Values.redis.auth.enabled (not .Values.redis.auth.existingSecret) }}
+{{- fail "redis.mode external with redis.auth.enabled needs redis.auth.existingSecret (a Secret holding the password under redis.auth.secretKey)" }}
+{{- end }}
+{{- if and .Values.apiKeys.existingSecret .Values.apiKeys.keys }}
+{{- fail "set apiKeys.existingSecret or apiKeys.keys, not both" }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes and mounts of every Ray container. */}}
+{{- define "expertmesh.volumes" -}}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .shm }}
+{{- $s := .root.Values.model.storage }}
+{{- if eq $s.type "pvc" }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ $s.pvc.claimName }}
+    readOnly: true
+{{- else if eq $s.type "hostPath" }}
+- name: model
+  hostPath:
+    path: {{ $s.hostPath.path }}
+    type: {{ $s.hostPath.type }}
+{{- end }}
+{{- end }}
+
+{{- define "expertmesh.volumeMounts" -}}
+- name: dshm
+  mountPath: /dev/shm
+{{- if ne .Values.model.storage.type "none" }}
+- name: model
+  mountPath: {{ .Values.model.storage.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
