@@ -1,0 +1,387 @@
+"""The Helm chart helm/expertmesh: lint, render, validate, and run its Serve config.
+
+1. `helm lint` and `helm template` pass for the default values and the value sets in
+   helm/expertmesh/ci/ (CPU demo, one 8-GPU node, several GPU nodes with bundled Redis).
+2. Every rendered manifest validates against the Kubernetes schemas (kubernetes-validate, strict),
+   the RayService against KubeRay's CRD schema (with unknown fields refused, as the API server's
+   strict field validation does).
+3. Bad values fail with the schema's (or the chart's) message.
+4. The rendered serveConfigV2 is the config `expertmesh serve --print-config` writes for the same
+   settings, and it starts: Ray Serve runs it on the tiny model and answers HTTP and gRPC.
+
+helm comes from helm/get-helm.sh: `helm` on PATH, else the binary in an npm package.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "expertmesh"
+VALUE_SETS = {"default": None, "cpu-demo": "cpu-demo-values.yaml", "one-node-8gpu": "one-node-8gpu-values.yaml",
+              "multi-node": "multi-node-values.yaml"}
+K8S_VERSION = "1.30"
+RELEASE, NAMESPACE = "em", "expertmesh"
+FULLNAME = "em-expertmesh"
+# KubeRay's CRDs (the project's shared folder beside the checkout; README there says where they come from).
+KUBERAY_CRDS = Path(os.environ.get("EXPERTMESH_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay"))
+CHART_SET_ARGS = {"model", "grpc_port", "redis_url", "redis_password_env", "api_keys", "api_keys_env"}
+"""AppConfig fields the chart fills from its own values (model.path, grpc, redis, apiKeys)."""
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    if shutil.which("helm") is None and shutil.which("npm") is None:
+        pytest.skip("no helm on PATH and no npm to fetch one (helm/get-helm.sh)")
+    out = subprocess.run([str(ROOT / "helm" / "get-helm.sh")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def _helm(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=60)
+
+
+def _values_args(value_set: str | None) -> list[str]:
+    name = VALUE_SETS.get(value_set, value_set)
+    return ["-f", str(CHART / "ci" / name)] if name else []
+
+
+def render(helm: str, value_set: str | None, *extra: str) -> list[dict]:
+    out = _helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *_values_args(value_set), *extra)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def serve_config(docs: list[dict]) -> dict:
+    (rs,) = by_kind(docs, "RayService")
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])
+
+
+# ---- lint and template --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_lint(helm, value_set):
+    out = _helm(helm, "lint", str(CHART), "--strict", *_values_args(value_set))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _strict(schema):
+    """The CRD schema with unknown fields refused wherever the CRD lists the fields (the API server
+    prunes them, or refuses them under strict field validation: a typo must not pass)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="session")
+def rayservice_validator():
+    import jsonschema
+
+    path = KUBERAY_CRDS / "ray.io_rayservices.yaml"
+    if not path.is_file():
+        pytest.skip(f"KubeRay CRD not found at {path} (set EXPERTMESH_KUBERAY_CRDS)")
+    crd = yaml.safe_load(path.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema)
+
+
+VARIANTS = {  # the value sets, and a few switches flipped
+    **{name: (name, []) for name in VALUE_SETS},
+    "no-grpc-no-policy": ("cpu-demo", ["grpc.enabled=false", "gateway.onHead=false", "networkPolicy.enabled=false"]),
+    "redis-without-auth": ("multi-node", ["redis.auth.enabled=false", "rayService.upgradeStrategy=None"]),
+    "keys-in-values": (None, ["apiKeys.keys={key-aaaaaaaa,key-bbbbbbbb}", "service.type=LoadBalancer",
+                              "autoscaler.enabled=false", "worker.gpus=0", "model.storage.type=pvc",
+                              "model.storage.pvc.claimName=models", "model.path=/models/m"]),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_manifests_validate(helm, variant, rayservice_validator):
+    import kubernetes_validate
+
+    value_set, sets = VARIANTS[variant]
+    docs = render(helm, value_set, *[a for s in sets for a in ("--set", s)])
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds.count("RayService") == 1 and "Service" in kinds, kinds
+    for doc in docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "RayService":
+            errors = sorted(rayservice_validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+            assert not errors, where + ": " + "; ".join(
+                f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5])
+        else:
+            try:
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{where}: {'.'.join(map(str, exc.absolute_path))}: {exc.message}")
+
+
+# ---- bad values ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("values", "patterns"), [
+    # the schema (helm v4 says "at '/worker/replicas': minimum: got -1, want 0"; helm v3 words it otherwise)
+    ("bad-negative-replicas-values.yaml", [r"worker[./]replicas", r"minimum|greater than or equal to 0"]),
+    ("bad-missing-model-path-values.yaml", [r"model", r"missing property 'path'|path is required"]),
+])
+def test_bad_values_files_fail_with_the_schema_message(helm, values, patterns):
+    for cmd in (["template", RELEASE], ["lint"]):
+        out = _helm(helm, *cmd, str(CHART), "-f", str(CHART / "ci" / values))
+        assert out.returncode != 0, f"helm {cmd[0]} accepted {values}"
+        for pattern in patterns:
+            assert re.search(pattern, out.stdout + out.stderr), (pattern, out.stdout + out.stderr)
+
+
+@pytest.mark.parametrize(("value_set", "sets", "message"), [
+    (None, ["app.ep_sise=8"], "ep_sise"),  # unknown keys are refused, as AppConfig refuses them
+    (None, ["app.dtype=fp8"], "dtype"),
+    (None, ["model.path=models/x"], "model/path|model.path"),
+    (None, ["worker.replicas=3"], "worker.replicas (3) must lie between worker.minReplicas (1) and "
+                                  "worker.maxReplicas (1)"),
+    ("one-node-8gpu", ["app.ep_size=16"], "needs 16 GPUs, but the worker group has at most 8"),
+    ("one-node-8gpu", ["model.path=/data/Qwen3"], "model.path (/data/Qwen3) must lie under "
+                                                  "model.storage.mountPath (/models)"),
+    ("one-node-8gpu", ["model.storage.pvc.claimName="], "claimName"),
+    ("one-node-8gpu", ["redis.auth.existingSecret="], "needs redis.auth.existingSecret"),
+    ("one-node-8gpu", ["redis.external.host="], "host"),
+    (None, ["redis.mode=sentinel"], "mode"),
+])
+def test_bad_values_fail_clearly(helm, value_set, sets, message):
+    args = [a for s in sets for a in ("--set", s)]
+    out = _helm(helm, "template", RELEASE, str(CHART), *_values_args(value_set), *args)
+    assert out.returncode != 0
+    assert re.search(message if "|" in message else re.escape(message), out.stderr), out.stderr
+
+
+def test_schema_app_fields_are_appconfig_fields():
+    from expertmesh.gateway.app_config import AppConfig
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    app_fields = set(schema["properties"]["app"]["properties"])
+    assert app_fields <= set(AppConfig.model_fields), app_fields - set(AppConfig.model_fields)
+    assert not app_fields & CHART_SET_ARGS
+    assert set(AppConfig.model_fields) >= CHART_SET_ARGS
+
+
+def test_chart_image_and_dockerfile_agree():
+    from expertmesh.model.default import DEFAULT_MODEL_NAME
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    assert chart["appVersion"] == version  # the image tag the chart names by default
+    assert f"ARG RAY_VERSION={values['rayVersion']}\n" in dockerfile  # KubeRay's rayVersion is the image's Ray
+    # the default model is the demo model the Dockerfile bakes in at /opt/expertmesh/models/<name>
+    assert values["model"]["path"] == f"/opt/expertmesh/models/{DEFAULT_MODEL_NAME}"
+    assert "default_model_path('/opt/expertmesh/models/' + name)" in dockerfile
+
+
+def test_secret_env_fields_resolve(monkeypatch):
+    """api_keys_env and redis_password_env: how the Secrets' environment variables reach the gateway."""
+    from expertmesh.gateway.app_config import AppConfig
+
+    monkeypatch.setenv("EXPERTMESH_API_KEYS", " key-one,key-two ,")
+    monkeypatch.setenv("EXPERTMESH_REDIS_PASSWORD", "p@ss/word")
+    cfg = AppConfig(api_keys=["raw"], api_keys_env="EXPERTMESH_API_KEYS", redis_url="redis://redis.ns.svc:6379/1",
+                    redis_password_env="EXPERTMESH_REDIS_PASSWORD")
+    assert cfg.resolved_api_keys() == ["raw", "key-one", "key-two"]
+    assert cfg.resolved_redis_url() == "redis://:p%40ss%2Fword@redis.ns.svc:6379/1"
+    assert AppConfig(redis_url="redis://h:6379/0").resolved_redis_url() == "redis://h:6379/0"
+    monkeypatch.setenv("EXPERTMESH_API_KEYS", " , ")
+    with pytest.raises(ValueError, match="EXPERTMESH_API_KEYS is unset or holds no key"):
+        cfg.resolved_api_keys()  # a missing Secret never opens the API
+    monkeypatch.delenv("EXPERTMESH_REDIS_PASSWORD")
+    with pytest.raises(ValueError, match="EXPERTMESH_REDIS_PASSWORD is unset"):
+        cfg.resolved_redis_url()
+
+
+# ---- what the manifests say ---------------------------------------------------------------------
+
+def test_multi_node_layout(helm):
+    docs = render(helm, "multi-node")
+    (rs,) = by_kind(docs, "RayService")
+    cluster = rs["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP"
+    head_ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports["dashboard"] == 8265 and head_ports["grpc"] == 50051 and head_ports["serve"] == 8000
+    (group,) = cluster["workerGroupSpecs"]
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (2, 2, 4)
+    worker = group["template"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert worker["tolerations"] and worker["nodeSelector"] and worker["affinity"]
+    assert {v["name"] for v in worker["volumes"]} == {"dshm", "model"}
+
+    # Redis: bundled StatefulSet with a claim, used by Ray's GCS and by the state store
+    (sts,) = by_kind(docs, "StatefulSet")
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    redis_host = f"{FULLNAME}-redis.{NAMESPACE}.svc"
+    ft = cluster["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == f"{redis_host}:6379"
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-redis", "key": "redis-password"}
+    args = serve_config(docs)["applications"][0]["args"]
+    assert args["redis_url"] == f"redis://{redis_host}:6379/1"
+    assert (args["ep_size"], args["engine_replicas"], args["device"]) == (8, 2, "cuda")
+
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    http, grpc = services[f"{FULLNAME}-http"], services[f"{FULLNAME}-grpc"]
+    assert http["spec"]["ports"][0]["port"] == 8000 and http["spec"]["selector"]["ray.io/serve"] == "true"
+    assert grpc["spec"]["ports"][0]["port"] == 50051 and grpc["spec"]["selector"]["ray.io/node-type"] == "head"
+    assert {p["metadata"]["name"] for p in by_kind(docs, "NetworkPolicy")} == {f"{FULLNAME}-ray", f"{FULLNAME}-redis"}
+
+
+def test_secrets_reach_the_pods_as_references_only(helm):
+    docs = render(helm, "multi-node", "--set", "redis.auth.password=s3cret-redis-pw")
+    (rs,) = by_kind(docs, "RayService")
+    assert "s3cret-redis-pw" not in yaml.safe_dump(rs)
+    args = serve_config(docs)["applications"][0]["args"]
+    assert args["api_keys_env"] == "EXPERTMESH_API_KEYS" and args["redis_password_env"] == "EXPERTMESH_REDIS_PASSWORD"
+    assert "api_keys" not in args
+    cluster = rs["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["spec"]["containers"][0]["env"]
+               if "valueFrom" in e}
+        assert env["EXPERTMESH_API_KEYS"] == {"name": "expertmesh-api-keys", "key": "api-keys"}
+        assert env["EXPERTMESH_REDIS_PASSWORD"]["name"] == f"{FULLNAME}-redis"
+    (secret,) = by_kind(docs, "Secret")  # the bundled Redis's password; the API keys' Secret exists already
+    assert secret["data"]["redis-password"] and "s3cret" not in json.dumps(secret)
+
+
+def test_network_policy_keeps_ray_ports_inside(helm):
+    docs = render(helm, "one-node-8gpu")
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    rules = policy["spec"]["ingress"]
+    unrestricted_ports = {p["port"] for rule in rules if "from" not in rule for p in rule["ports"]}
+    assert unrestricted_ports == {8000, 50051}  # only the API answers any source
+    (same_release,) = [r for r in rules if "ports" not in r]  # all ports: Ray among its own pods
+    assert same_release["from"] == [{"podSelector": policy["spec"]["podSelector"]}]
+
+
+def test_notes_tell_how_to_reach_the_api(helm):
+    out = _helm(helm, "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
+                *_values_args("one-node-8gpu"))
+    assert out.returncode == 0, out.stderr
+    notes = out.stdout.split("NOTES:", 1)[1]
+    assert f"port-forward svc/{FULLNAME}-http" in notes and f"svc/{FULLNAME}-grpc" in notes
+    assert "/v1/chat/completions" in notes and "Authorization: Bearer" in notes
+    assert f"svc/{FULLNAME}-head-svc 8265" in notes
+
+
+# ---- the serve config is `expertmesh serve`'s -----------------------------------------------------
+
+def _cli_flags(args: dict) -> list[str]:
+    """`expertmesh serve` flags for AppConfig args (only fields that have a flag)."""
+    flags = ["--host", "0.0.0.0", "--port", "8000"]
+    for key, value in args.items():
+        if key == "enable_prefix_caching":
+            flags += [] if value else ["--no-prefix-caching"]
+        elif key == "grpc_port":
+            flags += ["--grpc-port", str(value or 0)]
+        elif value is not None:
+            flags += ["--" + key.replace("_", "-"), str(value)]
+    return flags
+
+
+def test_serve_config_is_the_cli_config(helm, tmp_path):
+    from expertmesh.gateway.app_config import AppConfig
+    from expertmesh.gateway.cli import main
+    from expertmesh.gateway.serve_app import GATEWAY_DEPLOYMENT
+    from expertmesh.model.default import default_model_path
+
+    rendered = serve_config(render(helm, "cpu-demo"))
+    (app,) = rendered["applications"]
+    assert app["import_path"] == "expertmesh.gateway.serve_app:build_app"
+    args = {**app["args"], "model": str(default_model_path())}
+    cfg = AppConfig.model_validate(args)
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["serve", "--print-config", *_cli_flags(args)]) == 0
+    printed = yaml.safe_load(stdout.getvalue())
+    (cli_app,) = printed["applications"]
+
+    assert rendered.keys() == printed.keys()
+    assert {k: v for k, v in rendered.items() if k != "applications"} == \
+           {k: v for k, v in printed.items() if k != "applications"}
+    # the chart adds one deployment override: the gateway replicas on the head pod (gateway.onHead)
+    assert {k: v for k, v in app.items() if k not in ("args", "deployments")} == \
+           {k: v for k, v in cli_app.items() if k != "args"}
+    assert [d["name"] for d in app["deployments"]] == [GATEWAY_DEPLOYMENT]
+    assert AppConfig.model_validate(cli_app["args"]).model_dump() == cfg.model_dump()
+
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate({**rendered, "applications": [{**app, "args": args}]})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_rendered_serve_config_starts(helm, monkeypatch):
+    """The cpu-demo serveConfigV2, with its API keys from a Secret, runs on Ray Serve."""
+    import grpc
+    import httpx
+    import ray
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ray import serve
+
+    from expertmesh.gateway.app_config import AppConfig
+    from expertmesh.gateway.serve_app import build_app
+    from expertmesh.model.default import default_model_path
+
+    docs = render(helm, "cpu-demo", "--set", "apiKeys.existingSecret=demo-keys")
+    (app,) = serve_config(docs)["applications"]
+    args = {**app["args"], "model": str(default_model_path()), "grpc_port": _free_port()}
+    assert args["api_keys_env"] == "EXPERTMESH_API_KEYS" and "api_keys" not in args
+    AppConfig.model_validate(args)
+    monkeypatch.setenv("EXPERTMESH_API_KEYS", "demo-key-one,demo-key-two")  # as the Secret's env entry does
+
+    http_port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # replicas inherit the environment
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.run(build_app(args), name=app["name"], route_prefix=app["route_prefix"])
+        url = f"http://127.0.0.1:{http_port}"
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        body = {"model": args["served_model_name"], "max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "user", "content": "Hello!"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 401
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": "Bearer demo-key-two"})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] in ("stop", "length") and isinstance(choice["message"]["content"], str)
+        with grpc.insecure_channel(f"127.0.0.1:{args['grpc_port']}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        serve.shutdown()
+        ray.shutdown()
