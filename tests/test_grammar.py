@@ -281,6 +281,7 @@ def test_pending_mask_is_grammar_plus_think_open(llm, tok):
     assert plain.phase is Phase.ANSWER
     grammar_allowed = _allowed(backend, plain)
     assert grammar_allowed and think_open not in grammar_allowed
+    assert tok.encode("\n")[0] not in grammar_allowed  # xgrammar's JSON allows no leading whitespace
     assert _allowed(backend, guide) == grammar_allowed | {think_open}
     # Nothing the tokenizer lacks, and no special token, is ever allowed.
     assert all(t < tok.vocab_size and t not in tok.special_token_ids for t in grammar_allowed)
@@ -383,6 +384,17 @@ def test_complete_grammar_stops_despite_ignore_eos_and_min_tokens(llm):
     out = llm.generate("pick", params)[0].outputs[0]
     assert out.text in ("alpha", "beta") and out.finish_reason == "stop"
     assert out.token_ids[-1] in llm.engine.eos_token_ids
+
+
+def test_abort_frees_the_matchers(llm, tok):
+    engine = llm.engine
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=50, guided_decoding=_json(json=SCHEMAS["enums"]))
+    engine.add_request("to-abort", tok.encode("hello there"), params)
+    assert set(engine._guides) == {"to-abort#0", "to-abort#1"}
+    engine.step()
+    engine.step()
+    engine.abort("to-abort")
+    assert not engine._guides and _free_blocks_are_full(llm)
 
 
 def test_token_bitmask_unpacking_matches_xgrammar():
