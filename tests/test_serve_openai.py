@@ -425,7 +425,7 @@ def test_100_concurrent_streams_half_disconnected_free_every_block(server):
     async def one(http: httpx.AsyncClient, i: int) -> tuple[str, int]:
         body = {"messages": user(f"Stream number {i}"), "max_tokens": 48, "stream": True, "temperature": 1.0,
                 "seed": i, "ignore_eos": True, "stream_options": {"include_usage": True}, **NO_THINK}
-        chunks = 0
+        chunks = tokens = 0
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             async for line in response.aiter_lines():
@@ -434,7 +434,7 @@ def test_100_concurrent_streams_half_disconnected_free_every_block(server):
                 if line == "data: [DONE]":
                     return "done", tokens
                 chunk = json.loads(line[len("data: "):])
-                tokens = (chunk.get("usage") or {}).get("completion_tokens", 0)
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
                 chunks += 1
                 if i % 2 == 1 and chunks == 3:
                     return "left", chunks  # leaves the `async with`: the connection is closed mid-stream
