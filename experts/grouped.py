@@ -17,6 +17,12 @@ to N) and returns the outputs in the same order:
 
 The path is chosen once, at construction: "auto" takes "grouped" where a probe shows
 grouped_mm runs for the weights' device, dtype and strides, and "batched" otherwise.
+
+`dense(x_TD, weights_TE)` is the other way round: every token through every expert, weighted
+by its routing weights (zero for experts it was not routed to), in one GEMM, one activation and
+one bmm; no sort, no dispatch, no per-expert group. It does E/top_k times the work, so the
+block uses it only while that work is tiny (see `SparseMoeBlock`): there the step is bound by
+the number of ops, and the grouped path's per-expert groups cost more than the extra FLOPs.
 """
 from __future__ import annotations
 
@@ -59,6 +65,14 @@ class Experts(nn.Module):
         if x_ND.shape[0] == 0:
             return x_ND.new_empty(0, self.w2_EDF.shape[1])
         return self._forward(x_ND, counts_E, expert_N)
+
+    def dense(self, x_TD: torch.Tensor, weights_TE: torch.Tensor) -> torch.Tensor:
+        """sum_e weights_TE[t, e] * expert_e(x_TD[t]) for every token, through all local experts."""
+        E, F2, D = self.w13_EFD.shape
+        T = x_TD.shape[0]
+        h_TE2F = (x_TD @ self.w13_EFD.view(E * F2, D).T).view(T, E, F2)
+        a_TEF = self._act(h_TE2F) * weights_TE.to(x_TD.dtype)[:, :, None]
+        return torch.bmm(a_TEF.transpose(0, 1), self.w2_EDF.transpose(1, 2)).sum(0)
 
     def _act(self, h_N2F: torch.Tensor) -> torch.Tensor:
         gate, up = h_N2F.split(self.intermediate_size, dim=-1)

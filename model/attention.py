@@ -39,6 +39,9 @@ class AttentionGroup:
     max_query_len:   Q.
     prefill_only:    no sequence of the group has cached keys: attention reads the step's own
                      k/v, padded like the queries, and the mask is [B, 1, Q, Q].
+    uniform_causal:  prefill_only, every chunk has the same length and no sliding window: the
+                     flat batch already is [B, Q] with no padding, and SDPA's own causal mask
+                     applies (no padding copies, no explicit mask).
     """
 
     token_index_T: torch.Tensor | None
@@ -47,6 +50,7 @@ class AttentionGroup:
     mask_B1QL: torch.Tensor
     max_query_len: int
     prefill_only: bool
+    uniform_causal: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ def _group(query_lens_B, starts_B, query_start_B1, table_of, seqs, block_size, s
     q_pos_BQ = g_starts[:, None] + np.arange(Q)[None, :]
     q_pos_BQ = np.where(np.arange(Q)[None, :] < q_lens[:, None], q_pos_BQ, 0)
     prefill_only = not g_starts.any()
+    uniform_causal = bool(prefill_only and sliding_window is None and token_index is None and (q_lens == Q).all())
     q_pos = _to(q_pos_BQ, device)
     key_pos_L = torch.arange(Q if prefill_only else M * block_size, device=device)
     mask_BQL = key_pos_L[None, None, :] <= q_pos[:, :, None]
@@ -146,6 +151,7 @@ def _group(query_lens_B, starts_B, query_start_B1, table_of, seqs, block_size, s
         mask_B1QL=mask_BQL[:, None],
         max_query_len=Q,
         prefill_only=bool(prefill_only),
+        uniform_causal=uniform_causal,
     )
 
 
@@ -179,6 +185,13 @@ def _attend_group(q_THd, k_TGd, v_TGd, kv_2NSGd, g: AttentionGroup, scale: float
         padded = x_TXd.new_zeros(B * Q, x_TXd.shape[1], d).index_copy_(0, g.q_pad_index_T, x_TXd)
         return padded.view(B, Q, -1, d).transpose(1, 2)
 
+    if g.uniform_causal:  # [T, X, d] is [B, Q, X, d] already
+        def seqs(x_TXd: torch.Tensor) -> torch.Tensor:
+            return x_TXd.view(B, Q, x_TXd.shape[1], d).transpose(1, 2)
+
+        out_BHQd = F.scaled_dot_product_attention(seqs(q_THd), seqs(k_TGd), seqs(v_TGd), is_causal=True,
+                                                  scale=scale, enable_gqa=H != G)
+        return out_BHQd.transpose(1, 2).reshape(B * Q, H * d)
     if g.prefill_only:
         k_BGLd, v_BGLd = pad(k_TGd), pad(v_TGd)
     else:

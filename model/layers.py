@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) over the last dim, computed in float32 and cast back (transformers' order)."""
     x32 = x if x.dtype == torch.float32 else x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    normed = F.rms_norm(x32, (x32.shape[-1],), eps=eps)  # one fused op: x * rsqrt(mean(x^2) + eps)
     return normed if x.dtype == torch.float32 else normed.to(x.dtype)
 
 

@@ -13,6 +13,11 @@ from expertmesh.experts import Experts
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import DenseMLP
 from expertmesh.router import ExpertLoadStats, GateConfig, gate
+from expertmesh.router.dispatch import LocalDispatcher
+
+DENSE_MAX_MACS = 1 << 22
+"""Largest dense expert work (multiply-adds per step) run through `Experts.dense`: about 4 M,
+tens of microseconds on a CPU core; a Qwen3-30B-A3B token alone needs 600 M."""
 
 
 class SparseMoeBlock(nn.Module):
@@ -37,14 +42,25 @@ class SparseMoeBlock(nn.Module):
         self.moe_index = moe_index
         self.dispatcher = dispatcher
         self.stats = stats
+        # Tokens up to which every token goes through every expert at once (Experts.dense): only
+        # when all experts are local and the dense work stays below DENSE_MAX_MACS (toy and test
+        # models; never a real checkpoint, whose experts are far too large).
+        macs_per_token = num_local_experts * 3 * config.hidden_size * config.moe_intermediate_size
+        local = isinstance(dispatcher, LocalDispatcher) and dispatcher.num_local_experts == config.num_experts
+        self.dense_max_tokens = DENSE_MAX_MACS // macs_per_token if local and expert_impl == "auto" else 0
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         topk_weights_TK, topk_ids_TK = gate(self.gate(x_TD), self.gate_config)
         if self.stats is not None:
             self.stats.record(self.moe_index, topk_ids_TK)
-        routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
-        y_ND = self.experts(routed.x_ND, routed.counts_E, routed.expert_N)
-        out_TD = self.dispatcher.combine(y_ND, routed.handle)
+        if 0 < x_TD.shape[0] <= self.dense_max_tokens:
+            local_TK = self.dispatcher.expert_to_local_E[topk_ids_TK]
+            weights_TE = topk_weights_TK.new_zeros(x_TD.shape[0], self.experts.num_local_experts)
+            out_TD = self.experts.dense(x_TD, weights_TE.scatter_(1, local_TK, topk_weights_TK))
+        else:
+            routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
+            y_ND = self.experts(routed.x_ND, routed.counts_E, routed.expert_N)
+            out_TD = self.dispatcher.combine(y_ND, routed.handle)
         if self.shared_expert is not None:
             out_TD = out_TD + F.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         return out_TD

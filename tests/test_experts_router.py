@@ -105,3 +105,39 @@ def test_engine_reports_expert_load(qwen3_moe_path):
     # every token computed (5 prompt + 2 decode inputs) was routed to top_k experts in every layer
     tokens = 5 + len(out[0].outputs[0].token_ids) - 1
     assert load.sum(dim=1).tolist() == [tokens * config.top_k] * len(config.moe_layers)
+
+
+def test_dense_path_equals_dispatch_grouped_combine():
+    """Experts.dense (every token through every expert, weighted) equals dispatch -> experts -> combine."""
+    torch.manual_seed(0)
+    E, D, F_, T, K = 8, 32, 16, 11, 2
+    experts = Experts(E, D, F_, impl="reference")
+    experts.w13_EFD.data.normal_(0, 0.1)
+    experts.w2_EDF.data.normal_(0, 0.1)
+    x = torch.randn(T, D)
+    weights, ids = gate(torch.randn(T, E), GateConfig(top_k=K, renormalize=True, scoring="topk_softmax"))
+    dispatcher = LocalDispatcher(torch.arange(E))
+    routed = dispatcher.dispatch(x, ids, weights)
+    expected = dispatcher.combine(experts(routed.x_ND, routed.counts_E, routed.expert_N), routed.handle)
+    dense_weights = torch.zeros(T, E).scatter_(1, ids, weights)
+    torch.testing.assert_close(experts.dense(x, dense_weights), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_moe_block_takes_the_dense_path_only_for_small_local_work(qwen3_moe_path):
+    from expertmesh.model.config import ModelConfig
+    from expertmesh.model.moe import DENSE_MAX_MACS, SparseMoeBlock
+
+    config = ModelConfig.from_pretrained(qwen3_moe_path)
+    block = SparseMoeBlock(config, config.num_experts, 0, dispatcher=LocalDispatcher(torch.arange(config.num_experts)),
+                           stats=None)
+    macs = config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
+    assert block.dense_max_tokens == DENSE_MAX_MACS // macs > 0
+    for p in block.parameters():
+        p.data.normal_(0, 0.1)
+    x = torch.randn(block.dense_max_tokens, config.hidden_size)
+    dense = block(x)
+    block.dense_max_tokens = 0
+    torch.testing.assert_close(dense, block(x), atol=1e-6, rtol=1e-5)
+    partial = SparseMoeBlock(config, config.num_experts // 2, 0,
+                             dispatcher=LocalDispatcher(torch.arange(config.num_experts) % 4), stats=None)
+    assert partial.dense_max_tokens == 0  # a rank holding only some experts always dispatches

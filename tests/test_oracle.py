@@ -155,3 +155,26 @@ def test_bfloat16_on_cpu_runs_close_to_float32(qwen3_moe_path):
     ours = our_logits(bf16, prompt, 100)[0]
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, ref, atol=0.05, rtol=0.05)
+
+
+def test_uniform_prefill_fast_path_equals_the_padded_path():
+    """Chunks of one length with no cached keys attend through SDPA's causal mask, no padding:
+    the same result as the general padded, explicitly masked path."""
+    import dataclasses
+
+    from expertmesh.model.attention import AttentionMetadata, paged_attention
+
+    torch.manual_seed(0)
+    B, Q, H, G, d, S = 3, 5, 4, 2, 8, 4
+    kv = torch.zeros(2, 16, S, G, d)
+    meta = AttentionMetadata.build(query_lens=[Q] * B, starts=[0] * B, block_size=S, device=torch.device("cpu"),
+                                   block_tables=[[1, 2], [3, 4], [5, 6]])
+    (group,) = meta.groups
+    assert group.uniform_causal
+    q, k, v = torch.randn(B * Q, H, d), torch.randn(B * Q, G, d), torch.randn(B * Q, G, d)
+    fast = paged_attention(q, k, v, kv, meta, d ** -0.5)
+    general = dataclasses.replace(meta, groups=(dataclasses.replace(group, uniform_causal=False),))
+    torch.testing.assert_close(fast, paged_attention(q, k, v, kv, general, d ** -0.5), atol=1e-6, rtol=1e-5)
+    mixed = AttentionMetadata.build(query_lens=[Q, Q - 1], starts=[0, 0], block_size=S, device=torch.device("cpu"),
+                                    block_tables=[[1, 2], [3, 4]])
+    assert not mixed.groups[0].uniform_causal
