@@ -39,8 +39,10 @@ from expertmesh.model.config import ModelConfig
 
 
 async def _one(http, prompt: list[int], output_len: int) -> dict:
+    # logprobs=0 makes every step's tokens a chunk even when they decode to no text (a random-weight
+    # model's ids past a small tokenizer's vocabulary), so the first chunk times the first token.
     body = {"prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "logprobs": 0, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     first, tokens = None, 0
     async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -53,7 +55,8 @@ async def _one(http, prompt: list[int], output_len: int) -> dict:
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
                 continue
-            first = first or time.perf_counter()
+            if any((c.get("logprobs") or {}).get("tokens") for c in chunk["choices"]):
+                first = first or time.perf_counter()
     done = time.perf_counter()
     return {"ttft": first - sent, "e2e": done - sent, "tokens": tokens, "itl": (done - first) / max(tokens - 1, 1)}
 
