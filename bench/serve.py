@@ -83,7 +83,9 @@ def _p99(sorted_values: list[float]) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(0.99 * len(sorted_values)))]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None) -> None:
+    """Return once `url`/health answers 200; raise with the server log's tail if `proc` exits first
+    or `timeout` seconds pass."""
     import httpx
 
     deadline = time.time() + timeout
@@ -120,7 +122,7 @@ def run(args) -> dict:
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_healthy(url, proc, args.startup_timeout, log)
+        wait_healthy(url, proc, args.startup_timeout, log)
         asyncio.run(_wave(url, min(args.concurrency), 16, 8, config.vocab_size, 1))  # warm-up
         rows = []
         for c in args.concurrency:

@@ -74,6 +74,7 @@ def test_serve_an_ep_group_on_a_running_cluster(qwen3_moe_path, ray_head, tmp_pa
     import httpx
 
     from expertmesh import LLM, SamplingParams
+    from expertmesh.bench.serve import wait_healthy
 
     port, env = ray_head
     http_port = free_port()
@@ -86,15 +87,7 @@ def test_serve_an_ep_group_on_a_running_cluster(qwen3_moe_path, ray_head, tmp_pa
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
+        wait_healthy(base, serve, 240, log)
         body = {"prompt": [[5, 6, 7, 8]], "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 0}
         served = httpx.post(f"{base}/v1/completions", json=body, timeout=120).json()
         tokens = served["choices"][0]["logprobs"]["tokens"]

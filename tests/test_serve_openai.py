@@ -21,6 +21,7 @@ import jsonschema
 import openai
 import pytest
 
+from expertmesh.bench.serve import wait_healthy
 from expertmesh.cluster.collective import free_port
 from expertmesh.model.tokenizer import Tokenizer
 
@@ -43,17 +44,11 @@ def server(thinking_model_path, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"expertmesh serve did not come up:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
+    try:
+        wait_healthy(base, proc, 180, log)
+    except RuntimeError as exc:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(str(exc))
     yield {"base": base, "grpc_port": grpc_port, "log": log}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
