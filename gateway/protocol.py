@@ -84,6 +84,8 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+    """Refused when non-empty (400): the sampler has no per-token bias yet, and ignoring it would be silent."""
     # vLLM's extensions
     top_k: int | None = None
     min_p: float | None = None

@@ -443,6 +443,9 @@ class OpenAIServing:
     def _params(self, req: _SamplingFields, ids: list[int], max_tokens: int | None,
                 guided: GuidedDecodingParams | None, *, logprobs: int | None, thinking_budget: int | None,
                 reasoning: bool, guided_param: str | None) -> SamplingParams:
+        if req.logit_bias:
+            raise APIError("logit_bias is not supported by this server", param="logit_bias",
+                           code="unsupported_parameter")
         limit = self.settings.max_model_len
         if not ids:
             raise APIError("the prompt is empty: it needs at least one token", param="prompt"

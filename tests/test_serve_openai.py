@@ -378,6 +378,7 @@ def test_bad_requests_get_openai_errors(server):
     assert_error(post(server, "/v1/chat/completions", {**CHAT, "max_tokens": 100_000}), 400, param="max_tokens",
                  words="too large")
     assert_error(post(server, "/v1/chat/completions", {**CHAT, "n": 64}), 400, param="n")
+    assert_error(post(server, "/v1/chat/completions", {**CHAT, "logit_bias": {"5": 10}}), 400, param="logit_bias")
     bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
         "a": {"type": "nonsense"}}}}}
     assert_error(post(server, "/v1/chat/completions", {**CHAT, "response_format": bad_schema}), 400,
