@@ -27,8 +27,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="expert-parallel ranks of the EP group: 1 runs in-process; more run as Ray actors, "
                         "one per GPU (CPUs on a machine without GPUs)")
     g.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join with --ep-size > 1 ('auto' or 'ray://host:port'); default: start a "
-                        "local Ray instance")
+                   help="Ray cluster to join ('auto' or host:port): `serve` always runs on Ray, generate and chat "
+                        "only with --ep-size > 1; default: start a local Ray instance")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype; auto is bfloat16 on CUDA, float32 on CPU")
