@@ -10,6 +10,10 @@ itself: the prefix cache only serves blocks registered by an earlier step.)
 A failure inside a step ends that step's requests with finish_reason "error" and the engine
 goes on: a bad request never takes the engine down.
 
+Streamed outputs are deltas (vLLM's DELTA kind): each carries `text_delta`, `token_ids_delta`
+and `logprobs_delta`; the totals (`text`, `token_ids`, `logprobs`) and the prompt come only with a
+sequence's last output.
+
 Constrained decoding and thinking (`guided_decoding`, `reasoning`, `thinking_budget`) are the
 core's too: each such sequence has a `SequenceGuide` (engine/grammar.py) holding its phase and
 grammar matcher. Before a step, every guided sequence that samples in it fills one row of the
@@ -343,9 +347,12 @@ class EngineCore:
             finished = all(s.output.finished for s in seqs)
             if not changed or not (parent.stream or finished):
                 continue
+            # A streamed output carries totals (text, token ids, logprobs, the prompt) only once its
+            # sequence has finished; before that only the deltas: copying and shipping totals every
+            # step would cost O(length) per request per step.
             outputs.append(RequestOutput(
-                parent_id, parent.prompt, parent.prompt_token_ids,
-                [_snapshot(s.output) for s in changed], finished,
+                parent_id, parent.prompt if finished else None, parent.prompt_token_ids if finished else [],
+                [_snapshot(s.output) if s.output.finished else _delta_only(s.output) for s in changed], finished,
                 num_cached_tokens=max(s.request.num_cached_tokens for s in seqs)))
             for s in changed:
                 s.changed = False
@@ -376,6 +383,12 @@ class EngineCore:
 
     def expert_load(self):
         return self.executor.expert_load()
+
+
+def _delta_only(output: CompletionOutput) -> CompletionOutput:
+    return CompletionOutput(output.index, cumulative_logprob=output.cumulative_logprob, error=output.error,
+                            text_delta=output.text_delta, token_ids_delta=list(output.token_ids_delta),
+                            logprobs_delta=output.logprobs_delta)
 
 
 def _snapshot(output: CompletionOutput) -> CompletionOutput:

@@ -1,7 +1,8 @@
 """What the engine hands back, in vLLM's shapes: `RequestOutput` holding `CompletionOutput`s.
 
-Each step's output carries both the whole text so far and the delta since the last output
-(`text_delta`, `token_ids_delta`), so one object serves `LLM.generate` and streaming alike.
+A streamed request's outputs carry the delta since the last output (`text_delta`,
+`token_ids_delta`, `logprobs_delta`); its last output also carries the totals (`text`,
+`token_ids`, `logprobs`) and the prompt. A request that is not streamed gets that last one only.
 """
 from __future__ import annotations
 

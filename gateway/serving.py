@@ -230,7 +230,7 @@ class OpenAIServing:
                 if not st.sent_role:
                     st.sent_role = True
                     yield chunk(c.index, {"role": "assistant", "content": ""})
-                st.num_tokens = len(c.token_ids)
+                st.num_tokens += len(c.token_ids_delta)
                 parsed = st.reasoning.feed(c.text_delta)
                 if c.finished:
                     parsed = _join(parsed, st.reasoning.finish())
@@ -364,7 +364,7 @@ class OpenAIServing:
                     if echo and index not in echoed:
                         echoed.add(index)
                         text = self._prompt_text(*encoded[p_index]) + text
-                    num_tokens[index] = len(c.token_ids)
+                    num_tokens[index] = num_tokens.get(index, 0) + len(c.token_ids_delta)
                     logprobs = None
                     if params.logprobs is not None and c.token_ids_delta:
                         logprobs = self._completion_logprobs(c.logprobs_delta, c.token_ids_delta,

@@ -168,3 +168,20 @@ def test_requests_announced_with_a_failed_step_are_announced_again(qwen3_moe_pat
             outputs[out.request_id] = out.outputs[0]
     assert outputs["bad"].finish_reason == "error" and "bad request" in outputs["bad"].error
     assert outputs["good"].token_ids == [60, 61] and outputs["good"].finish_reason == "length"
+
+
+def test_streamed_outputs_are_deltas_and_the_last_carries_the_totals(qwen3_moe_path):
+    """Shipping totals every step would cost O(length) per request per step: only the last has them."""
+    engine, tok = make_engine(qwen3_moe_path, lambda prompt: tok.encode("one two three four five six"))
+    prompt = tok.encode("Count:")
+    engine.add_request("r", prompt, SamplingParams(max_tokens=100), stream=True)
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(o for o in engine.step() if o.request_id == "r")
+    *early, last = outs
+    assert early and all(o.prompt_token_ids == [] and o.outputs[0].token_ids == [] and o.outputs[0].text == ""
+                         and o.outputs[0].logprobs is None for o in early)
+    final = last.outputs[0]
+    assert last.finished and last.prompt_token_ids == prompt
+    assert final.token_ids == [t for o in outs for t in o.outputs[0].token_ids_delta]
+    assert final.text == "".join(o.outputs[0].text_delta for o in outs) == "one two three four five six"
