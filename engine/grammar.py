@@ -146,28 +146,18 @@ class GrammarBackend:
         """The xgrammar `Grammar` of a constraint; ValueError naming the problem if it is invalid."""
         xgr = self._xgr
         if guided.json is not None:
-            try:
-                return xgr.Grammar.from_json_schema(json.dumps(guided.schema), any_whitespace=False)
-            except Exception as e:
-                raise ValueError(f"invalid JSON schema: {_xgrammar_message(e)}") from e
+            return _built("invalid JSON schema",
+                          lambda: xgr.Grammar.from_json_schema(json.dumps(guided.schema), any_whitespace=False))
         if guided.json_object:
             return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
         if guided.regex is not None:
-            try:
-                return xgr.Grammar.from_regex(guided.regex)
-            except Exception as e:
-                raise ValueError(f"invalid regex {guided.regex!r}: {_xgrammar_message(e)}") from e
+            return _built(f"invalid regex {guided.regex!r}", lambda: xgr.Grammar.from_regex(guided.regex))
         if guided.choice is not None:
             alternatives = " | ".join(_ebnf_string(c) for c in guided.choice)
-            try:
-                return xgr.Grammar.from_ebnf(f"root ::= {alternatives}")
-            except Exception as e:
-                raise ValueError(f"invalid choice {guided.choice!r}: {_xgrammar_message(e)}") from e
+            return _built(f"invalid choice {guided.choice!r}",
+                          lambda: xgr.Grammar.from_ebnf(f"root ::= {alternatives}"))
         if guided.grammar is not None:
-            try:
-                return xgr.Grammar.from_ebnf(guided.grammar)
-            except Exception as e:
-                raise ValueError(f"invalid grammar {_short(guided.grammar)}: {_xgrammar_message(e)}") from e
+            return _built(f"invalid grammar {_short(guided.grammar)}", lambda: xgr.Grammar.from_ebnf(guided.grammar))
         if guided.tool_calls is not None:
             return self._tool_calls_grammar(guided)
         raise ValueError("guided_decoding sets no constraint")
@@ -197,21 +187,16 @@ class GrammarBackend:
                              content=calls[0] if len(calls) == 1 else st.OrFormat(elements=calls),
                              end=tag(self.tool_call_close, TOOL_CALL_CLOSE))
         more = st.StarFormat(content=st.SequenceFormat(elements=[st.ConstStringFormat(value="\n"), block]))
-        try:
-            return self._xgr.Grammar.from_structural_tag(
-                st.StructuralTag(format=st.SequenceFormat(elements=[block, more])))
-        except Exception as e:
-            raise ValueError(f"invalid tool_calls constraint: {_xgrammar_message(e)}") from e
+        return _built("invalid tool_calls constraint", lambda: self._xgr.Grammar.from_structural_tag(
+            st.StructuralTag(format=st.SequenceFormat(elements=[block, more]))))
 
     def compile(self, guided: GuidedDecodingParams, after_thinking: bool = False):
         """The compiled grammar (cached by the compiler); `after_thinking` allows leading whitespace."""
         grammar = self.grammar(guided)
         if after_thinking:
             grammar = self._xgr.Grammar.concat(self._xgr.Grammar.from_ebnf(_LEADING_WHITESPACE), grammar)
-        try:
-            return self.compiler.compile_grammar(grammar)
-        except Exception as e:
-            raise ValueError(f"invalid guided_decoding ({', '.join(guided.kinds)}): {_xgrammar_message(e)}") from e
+        return _built(f"invalid guided_decoding ({', '.join(guided.kinds)})",
+                      lambda: self.compiler.compile_grammar(grammar))
 
     # ---- sequences -------------------------------------------------------------------------------
 
@@ -315,6 +300,14 @@ class SequenceGuide:
 
     def close(self) -> None:
         self.matcher = None
+
+
+def _built(problem: str, build):
+    """build(), with any xgrammar error turned into a ValueError that starts with `problem`."""
+    try:
+        return build()
+    except Exception as e:
+        raise ValueError(f"{problem}: {_xgrammar_message(e)}") from e
 
 
 def _set_bit(bitmask: torch.Tensor, row: int, token_id: int) -> None:

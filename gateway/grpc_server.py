@@ -23,6 +23,7 @@ stay open.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -126,23 +127,51 @@ class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
         self.serving, self.auth = serving, auth
 
     async def ChatCompletion(self, request: pb.ChatCompletionRequest, context) -> pb.ChatCompletionResponse:
+        return await self._unary(context, lambda: self.serving.chat(chat_request(request)), chat_response)
+
+    async def ChatCompletionStream(self, request: pb.ChatCompletionRequest,
+                                   context) -> AsyncIterator[pb.ChatCompletionChunk]:
+        # grpc.aio streams from a method only if it is itself an async generator
+        call = self._stream(context, lambda: self.serving.chat(chat_request(request, stream=True)), chat_chunk)
+        async with contextlib.aclosing(call) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def Completion(self, request: pb.CompletionRequest, context) -> pb.CompletionResponse:
+        return await self._unary(context, lambda: self.serving.completion(completion_request(request)),
+                                 completion_response)
+
+    async def CompletionStream(self, request: pb.CompletionRequest, context) -> AsyncIterator[pb.CompletionChunk]:
+        call = self._stream(context, lambda: self.serving.completion(completion_request(request, stream=True)),
+                            completion_chunk)
+        async with contextlib.aclosing(call) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        async def models():
+            return self.serving.models()
+
+        return await self._unary(context, models, models_response)
+
+    async def _unary(self, context, call, convert):
+        """Authorize, await call() (an OpenAI-shaped dict), convert it; errors end the call with their status."""
         try:
             await self._authorize(context)
-            result = await self.serving.chat(chat_request(request))
-            return chat_response(result)
+            return convert(await call())
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             await abort(context, exc)
 
-    async def ChatCompletionStream(self, request: pb.ChatCompletionRequest,
-                                   context) -> AsyncIterator[pb.ChatCompletionChunk]:
+    async def _stream(self, context, call, convert):
+        """Authorize, await call() (an async iterator of OpenAI chunks) and stream each converted."""
         stream = None
         try:
             await self._authorize(context)
-            stream = await self.serving.chat(chat_request(request, stream=True))
+            stream = await call()
             async for chunk in stream:
-                yield chat_chunk(chunk)
+                yield convert(chunk)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -150,40 +179,6 @@ class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
         finally:
             if stream is not None:  # a cancelled call lands here too: the engine aborts the request
                 await stream.aclose()
-
-    async def Completion(self, request: pb.CompletionRequest, context) -> pb.CompletionResponse:
-        try:
-            await self._authorize(context)
-            result = await self.serving.completion(completion_request(request))
-            return completion_response(result)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort(context, exc)
-
-    async def CompletionStream(self, request: pb.CompletionRequest, context) -> AsyncIterator[pb.CompletionChunk]:
-        stream = None
-        try:
-            await self._authorize(context)
-            stream = await self.serving.completion(completion_request(request, stream=True))
-            async for chunk in stream:
-                yield completion_chunk(chunk)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort(context, exc)
-        finally:
-            if stream is not None:
-                await stream.aclose()
-
-    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        try:
-            await self._authorize(context)
-            return models_response(self.serving.models())
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort(context, exc)
 
     async def _authorize(self, context) -> None:
         if self.auth is None or not self.auth.enabled:

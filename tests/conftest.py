@@ -1,6 +1,8 @@
 """Shared fixtures: tiny checkpoints of each supported family, built once per test session."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -58,3 +60,34 @@ def thinking_model_path(qwen3_moe_path, tmp_path_factory):
     template = Tokenizer.from_pretrained(qwen3_moe_path).chat_template
     (path / "chat_template.jinja").write_text(opening_think_template(template), encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def local_serving(max_model_len: int):
+    """The OpenAI serving layer over the in-process engine (embedded default model), with an event
+    loop on a background thread for servers; `run(coro)` runs a coroutine there and waits."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from expertmesh import LLM
+    from expertmesh.engine.async_engine import AsyncEngine
+    from expertmesh.gateway.serving import LocalEngineClient, OpenAIServing, ServingSettings
+
+    llm = LLM(max_model_len=max_model_len)
+    engine = AsyncEngine(llm.engine)
+    serving = OpenAIServing(LocalEngineClient(engine), llm.tokenizer, ServingSettings("tiny", llm.engine.max_model_len))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="serving-test-loop", daemon=True)
+    thread.start()
+
+    def run(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=60)
+
+    try:
+        yield SimpleNamespace(serving=serving, engine=engine, tokenizer=llm.tokenizer, run=run)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+        engine.shutdown()

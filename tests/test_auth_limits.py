@@ -6,88 +6,66 @@ ASGI transport.
 """
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
 from types import SimpleNamespace
 
 import grpc
 import httpx
 import pytest
+from conftest import local_serving
 
+from expertmesh.cluster.collective import free_port
 from expertmesh.cluster.state import InProcessStateStore, RedisStateStore
 from expertmesh.gateway.auth import Authenticator
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gateway():
-    from expertmesh import LLM
-    from expertmesh.engine.async_engine import AsyncEngine
     from expertmesh.gateway.grpc_server import build_grpc_server
     from expertmesh.gateway.http import build_http_app
-    from expertmesh.gateway.serving import LocalEngineClient, OpenAIServing, ServingSettings
 
-    llm = LLM(max_model_len=256)
-    engine = AsyncEngine(llm.engine)
-    serving = OpenAIServing(LocalEngineClient(engine), llm.tokenizer, ServingSettings("tiny", llm.engine.max_model_len))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="auth-test-loop", daemon=True)
-    thread.start()
+    with local_serving(max_model_len=256) as rig:
+        run = rig.run
+        servers, channels, clients = [], [], []
 
-    def run(coro):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=60)
+        def front_ends(auth: Authenticator) -> SimpleNamespace:
+            """HTTP (an httpx client over the ASGI app) and gRPC (a stub) over the serving layer with `auth`."""
+            app = build_http_app(rig.serving, auth)
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
+            clients.append(http)
+            port = free_port()
 
-    servers, channels, clients = [], [], []
+            async def start():
+                server = build_grpc_server(rig.serving, auth, port, host="127.0.0.1")
+                await server.start()
+                return server
 
-    def front_ends(auth: Authenticator) -> SimpleNamespace:
-        """HTTP (an httpx client over the ASGI app) and gRPC (a stub) over `serving` with `auth`."""
-        app = build_http_app(serving, auth)
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
-        clients.append(http)
-        port = _free_port()
+            servers.append(run(start()))
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            channels.append(channel)
 
-        async def start():
-            server = build_grpc_server(serving, auth, port, host="127.0.0.1")
-            await server.start()
-            return server
+            def get(path: str, key: str | None) -> httpx.Response:
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                return run(http.get(path, headers=headers))
 
-        servers.append(run(start()))
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        channels.append(channel)
+            def post(path: str, body: dict, key: str | None) -> httpx.Response:
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                return run(http.post(path, json=body, headers=headers))
 
-        def get(path: str, key: str | None) -> httpx.Response:
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            return run(http.get(path, headers=headers))
+            return SimpleNamespace(get=get, post=post, stub=pb_grpc.ExpertMeshStub(channel), auth=auth)
 
-        def post(path: str, body: dict, key: str | None) -> httpx.Response:
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            return run(http.post(path, json=body, headers=headers))
-
-        return SimpleNamespace(get=get, post=post, stub=pb_grpc.ExpertMeshStub(channel), auth=auth)
-
-    store = InProcessStateStore()
-    try:
-        yield SimpleNamespace(store=store, main=front_ends(Authenticator(store=store, keys_cache_s=0)),
-                              front_ends=front_ends)
-    finally:
-        for channel in channels:
-            channel.close()
-        for server in servers:
-            run(server.stop(None))
-        for http in clients:
-            run(http.aclose())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
-        engine.shutdown()
+        store = InProcessStateStore()
+        try:
+            yield SimpleNamespace(store=store, main=front_ends(Authenticator(store=store, keys_cache_s=0)),
+                                  front_ends=front_ends)
+        finally:
+            for channel in channels:
+                channel.close()
+            for server in servers:
+                run(server.stop(None))
+            for http in clients:
+                run(http.aclose())
 
 
 def _metadata(key: str) -> tuple[tuple[str, str], ...]:
@@ -161,7 +139,7 @@ def test_grpc_rate_limited_key_gets_resource_exhausted(gateway):
 
 
 def test_unreachable_store_gives_503_and_unavailable(gateway):
-    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     g = gateway.front_ends(Authenticator(["static-key"], store=RedisStateStore(url)))
     r = g.get("/v1/models", "em-some-store-key")
     assert r.status_code == 503

@@ -4,20 +4,19 @@ The server runs on its own event loop in a background thread; the tests use bloc
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import socket
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
 import pytest
+from conftest import local_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from expertmesh.cluster.collective import free_port
 from expertmesh.gateway.grpc_server import (
     HEALTH_SERVICE_NAME,
     SERVICE_NAME,
@@ -143,48 +142,26 @@ def test_response_conversion():
 
 # ---- a live server -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live():
-    from expertmesh import LLM
-    from expertmesh.engine.async_engine import AsyncEngine
     from expertmesh.gateway.auth import Authenticator
-    from expertmesh.gateway.serving import LocalEngineClient, OpenAIServing, ServingSettings
 
-    llm = LLM(max_model_len=512)
-    engine = AsyncEngine(llm.engine)
-    serving = OpenAIServing(LocalEngineClient(engine), llm.tokenizer, ServingSettings("tiny", llm.engine.max_model_len))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="grpc-test-loop", daemon=True)
-    thread.start()
+    with local_serving(max_model_len=512) as rig:
+        async def start():
+            health = GrpcHealth()
+            server = build_grpc_server(rig.serving, Authenticator([KEY]), port, host="127.0.0.1", health=health)
+            await server.start()
+            return server, health
 
-    def run(coro):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=30)
-
-    async def start():
-        health = GrpcHealth()
-        server = build_grpc_server(serving, Authenticator([KEY]), port, host="127.0.0.1", health=health)
-        await server.start()
-        return server, health
-
-    port = _free_port()
-    server, health = run(start())
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield SimpleNamespace(stub=pb_grpc.ExpertMeshStub(channel), channel=channel, engine=engine,
-                              tokenizer=llm.tokenizer, health=health, run=run)
-    finally:
-        channel.close()
-        run(server.stop(None))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
-        engine.shutdown()
+        port = free_port()
+        server, health = rig.run(start())
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            yield SimpleNamespace(stub=pb_grpc.ExpertMeshStub(channel), channel=channel, engine=rig.engine,
+                                  tokenizer=rig.tokenizer, health=health, run=rig.run)
+        finally:
+            channel.close()
+            rig.run(server.stop(None))
 
 
 MESSAGES = [pb.ChatMessage(role="system", content="Be brief."), pb.ChatMessage(role="user", content="Hello there!")]
