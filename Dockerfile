@@ -30,7 +30,7 @@ RUN pip install "torch==${TORCH_VERSION}" "ray[serve]==${RAY_VERSION}"
 
 WORKDIR /opt/expertmesh/src
 COPY --chown=ray:users . .
-# `pip install .` (not -e): the package maps each top-level folder to expertmesh.<folder>.
+# `pip install .` (not -e): the wheel holds real files where expertmesh/<folder> links to ../<folder>.
 RUN pip install . "torch==${TORCH_VERSION}" "ray[serve]==${RAY_VERSION}" \
  && cd / && python -c "from expertmesh.model.default import DEFAULT_MODEL_NAME as name, default_model_path; \
 print(default_model_path('/opt/expertmesh/models/' + name))" \
