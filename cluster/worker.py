@@ -44,7 +44,7 @@ class RankWorker:
         slot_E = torch.tensor(self.placement.slot_E, device=self.device)
         experts = list(self.placement.rank_experts[self.rank])
         dispatcher = AllToAllDispatcher(owner_E, slot_E, len(experts), ProcessGroupAllToAll(), self.timer)
-        self.runner = ModelRunner(self.config.load, self.config.cache, rank=self.rank,
+        self.runner = ModelRunner(self.config.load, self.config.cache, scheduler=self.config.scheduler, rank=self.rank,
                                   ep_size=self.placement.ep_size, expert_ids=experts, dispatcher=dispatcher,
                                   device=self.device, progress=progress)
         # Fixed-capacity exchanges need experts that stop at the last valid row (grouped_mm).
@@ -52,6 +52,8 @@ class RankWorker:
             m.experts.impl == "grouped" for m in self.runner.model.modules() if isinstance(m, SparseMoeBlock))
         if self.timer is not None:
             attach_moe_timer(self.runner.model, self.timer)
+            self.runner.graphs = None  # timed collectives record events per call: a graph would replay stale ones
+        self.runner.capture_graphs(progress=progress)
         return {"num_blocks": self.runner.num_blocks, "expert_params": self.expert_param_count()}
 
     def execute(self, plan: StepPlan) -> StepResult:

@@ -26,8 +26,16 @@ class ModelLoadConfig:
     (benchmarks of shapes no checkpoint exists for; only config.json and the tokenizer are read)."""
     seed: int = 0
     """Seed of dummy weights."""
+    kernels: str = "auto"
+    """"auto" (the Triton fast paths on CUDA: fused small ops, paged attention reading the cache in
+    place, fused MoE), "triton" (those kernels on any device; on a CPU only in Triton's interpreter)
+    or "torch" (the plain-torch reference paths, the oracle)."""
+    enforce_eager: bool = False
+    """Never replay CUDA graphs of the decode step (vLLM's flag): every step runs eagerly."""
 
     def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
 

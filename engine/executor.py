@@ -48,7 +48,8 @@ class InProcessExecutor:
     num_ranks = 1
 
     def __init__(self, config: EngineConfig, progress: bool = True) -> None:
-        self.runner = ModelRunner(config.load, config.cache, progress=progress)
+        self.runner = ModelRunner(config.load, config.cache, scheduler=config.scheduler, progress=progress)
+        self.runner.capture_graphs(progress=progress)
         self.model_config = self.runner.model_config
         self.num_blocks = self.runner.num_blocks
 

@@ -7,24 +7,33 @@ One step:
   4. sample all of them at once (rows the plan sends a token mask for sample only allowed
      tokens); append each sampled token to its request's tokens.
 
+Two paths, chosen once from the device (`kernels`):
+  - plain torch (the CPU path and the oracle): metadata from `AttentionMetadata.build`;
+  - the kernel path (CUDA): the step's inputs go through `StepInputs` (pinned staging, one
+    non-blocking copy, buffers that never move), attention reads the cache through the block
+    table, and decode-only steps replay a CUDA graph of the whole forward (`DecodeGraphs`),
+    padded to the next captured batch size. The only host sync of a step is reading back the
+    sampled tokens (`_read_back`).
+
 The runner is device-agnostic and knows nothing of Ray: the in-process executor calls it
-directly, and each rank of an EP group will run one.
+directly, and each rank of an EP group runs one.
 """
 from __future__ import annotations
 
 import functools
-import itertools
 import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from expertmesh.engine.config import CacheConfig, ModelLoadConfig
-from expertmesh.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator
+from expertmesh.engine.config import CacheConfig, ModelLoadConfig, SchedulerConfig
+from expertmesh.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from expertmesh.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator, to_device
+from expertmesh.engine.step_inputs import HostStep, StepInputs, host_step
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.step import StepPlan, StepResult, TokenMasks
-from expertmesh.model.attention import AttentionMetadata
+from expertmesh.model.attention import AttentionMetadata, KernelAttentionPlanner
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import CausalLM
 from expertmesh.model.loader import init_dummy_weights, load_weights
@@ -59,6 +68,11 @@ def unpack_token_bitmask(bitmask_NW: torch.Tensor, vocab_size: int) -> torch.Ten
     return allowed_NV[:, :vocab_size]
 
 
+_EMPTY_STEP = HostStep(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64),
+                       np.zeros(0, np.int64), [], np.zeros(0, np.int64))
+"""A step with no sequence: padded, the rows a graph replays on a rank with nothing to compute."""
+
+
 @dataclass
 class _RequestState:
     prompt_token_ids: list[int]
@@ -84,28 +98,55 @@ class _RequestState:
 
 class ModelRunner:
     def __init__(self, load: ModelLoadConfig, cache: CacheConfig, model_config: ModelConfig | None = None,
-                 *, rank: int = 0, ep_size: int = 1, expert_ids: list[int] | None = None, dispatcher=None,
-                 device: torch.device | None = None, progress: bool = True) -> None:
+                 *, scheduler: SchedulerConfig | None = None, rank: int = 0, ep_size: int = 1,
+                 expert_ids: list[int] | None = None, dispatcher=None, device: torch.device | None = None,
+                 progress: bool = True) -> None:
         self.rank, self.ep_size = rank, ep_size
         self.device = device or resolve_device(load.device)
         self.dtype = resolve_dtype(load.dtype, self.device)
         self.model_config = model_config or ModelConfig.from_pretrained(load.model)
         self.block_size = cache.block_size
         self.model = CausalLM(self.model_config, expert_ids=expert_ids, dispatcher=dispatcher,
-                              expert_impl=load.expert_impl, device=self.device, dtype=self.dtype)
+                              expert_impl=load.expert_impl, kernels=load.kernels, device=self.device, dtype=self.dtype)
         if load.load_format == "dummy":
             init_dummy_weights(self.model, seed=load.seed)
         else:
             load_weights(self.model, load.model, self.model_config, expert_ids, progress=progress)
         self.num_blocks = cache.num_blocks or self._blocks_that_fit(cache)
         c = self.model_config
+        # One block more than the block manager hands out: the scratch block of padding rows.
         self.kv_caches = [
-            torch.zeros(2, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
+            torch.zeros(2, self.num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim,
                         device=self.device, dtype=self.dtype)
             for _ in range(c.num_layers)
         ]
         self.sampler = Sampler()
         self.requests: dict[str, _RequestState] = {}
+        self.inputs: StepInputs | None = None
+        self.graphs: DecodeGraphs | None = None
+        if self.model.fast:
+            self._init_kernel_path(load, scheduler or SchedulerConfig())
+
+    def _init_kernel_path(self, load: ModelLoadConfig, scheduler: SchedulerConfig) -> None:
+        c = self.model_config
+        max_len = load.max_model_len or c.max_position_embeddings
+        max_seqs = scheduler.max_num_seqs
+        max_tokens = max(scheduler.max_num_batched_tokens, max_seqs)
+        self.planner = KernelAttentionPlanner(c, self.device, max_seqs=max_seqs, max_tokens=max_tokens)
+        self.inputs = StepInputs(self.device, max_tokens, max_seqs, -(-max_len // self.block_size),
+                                 scratch_block=self.num_blocks, block_size=self.block_size)
+        if not load.enforce_eager:
+            self.graphs = DecodeGraphs(self._graph_forward, self._graph_prepare,
+                                       capture_sizes(min(max_seqs, max_tokens)), self.device)
+
+    def capture_graphs(self, progress: bool = True) -> None:
+        """Record the decode graphs (after the dispatcher is set up); a no-op on the eager paths."""
+        if self.graphs is not None:
+            dispatcher = self.model.dispatcher
+            if hasattr(dispatcher, "begin_step") and not dispatcher.supports_fixed_capacity:
+                self.graphs = None  # exact-split all-to-alls read sizes on the host: not capturable
+                return
+            self.graphs.capture(progress=progress)
 
     @property
     def bytes_per_block(self) -> int:
@@ -120,7 +161,7 @@ class ModelRunner:
             budget = int(free * cache.kv_memory_fraction)
         if budget is None:
             budget = cache.cpu_kv_cache_bytes
-        blocks = budget // self.bytes_per_block
+        blocks = budget // self.bytes_per_block - 1  # the scratch block
         if blocks < 1:
             raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {self.bytes_per_block} bytes")
         return int(blocks)
@@ -140,33 +181,25 @@ class ModelRunner:
         for request_id in plan.finished_request_ids:  # after: a request may arrive and end in one plan
             self.requests.pop(request_id, None)
         chunks = plan.chunks_by_rank[self.rank]
+        graph_size = self._graph_size(plan)
         dispatcher = self.model.dispatcher
-        if self.ep_size > 1 and hasattr(dispatcher, "begin_step"):
-            max_tokens = max(rank_chunks.total_tokens for rank_chunks in plan.chunks_by_rank)
-            row_bytes = self.model_config.hidden_size * torch.empty((), dtype=self.dtype).element_size()
-            dispatcher.begin_step(max_tokens, self.model_config.top_k, row_bytes=row_bytes)
-        if not len(chunks):
-            if plan.num_chunks and self.ep_size > 1:  # other ranks compute: join their all-to-alls
+        if hasattr(dispatcher, "begin_step"):  # an all-to-all dispatcher: every rank picks the same mode
+            max_tokens = graph_size or max(rank_chunks.total_tokens for rank_chunks in plan.chunks_by_rank)
+            dispatcher.begin_step(max_tokens, self.model_config.top_k, row_bytes=self._row_bytes)
+        if not len(chunks):  # other ranks compute: join their all-to-alls
+            if graph_size is not None:
+                self._logits(_EMPTY_STEP, graph_size)
+            elif plan.num_chunks and self.ep_size > 1:
                 self.model(torch.empty(0, dtype=torch.int64, device=self.device), None, self.kv_caches)
             return StepResult()
         states = [self.requests[rid] for rid in chunks.request_ids]
-        starts, num_tokens = chunks.starts.tolist(), chunks.num_tokens.tolist()
-        input_ids = list(itertools.chain.from_iterable(
-            s.tokens(start, n) for s, start, n in zip(states, starts, num_tokens)))
-        meta = AttentionMetadata.build(
-            query_lens=num_tokens, starts=starts,
-            block_tables=[chunks.block_table(i) for i in range(len(chunks))], block_size=self.block_size,
-            device=self.device, sliding_window=self.model_config.sliding_window)
-        hidden_TD = self.model(torch.tensor(input_ids, device=self.device), meta, self.kv_caches)
-
-        sampling = np.flatnonzero(chunks.sample).tolist()
-        if not sampling:
+        step = host_step(chunks.starts, chunks.num_tokens,
+                         [s.tokens(int(start), int(n)) for s, start, n in zip(states, chunks.starts, chunks.num_tokens)],
+                         [chunks.block_table(i) for i in range(len(chunks))], chunks.sample, self.block_size)
+        logits_BV = self._logits(step, graph_size)
+        if logits_BV is None:
             return StepResult()
-        if len(sampling) == hidden_TD.shape[0]:  # a decode-only step: every row samples
-            logits_BV = self.model.compute_logits(hidden_TD)
-        else:
-            last_rows = meta.query_start_B1[1:][torch.tensor(sampling, device=self.device)] - 1
-            logits_BV = self.model.compute_logits(hidden_TD[last_rows])
+        sampling = np.flatnonzero(chunks.sample).tolist()
         request_ids = tuple(chunks.request_ids[i] for i in sampling)
         masks = plan.token_masks[self.rank] if plan.token_masks else None
         masked_rows, allowed_BV = self._allowed_tokens(masks, request_ids, logits_BV.shape[-1])
@@ -174,7 +207,7 @@ class ModelRunner:
                             s.output_token_ids, s.generator, s.eos_token_ids)
                 for b, s in enumerate(states[i] for i in sampling)]
         batch = SamplingBatch.build(rows, logits_BV.shape[-1], self.device, allowed_token_mask_BV=allowed_BV)
-        out = self.sampler(logits_BV, batch).cpu()
+        out = self._read_back(self.sampler(logits_BV, batch))
         token_ids = out.token_ids_B.tolist()
         logprobs = {}
         for row, (i, token_id) in enumerate(zip(sampling, token_ids)):
@@ -184,6 +217,80 @@ class ModelRunner:
                 logprob, top = out.row_logprobs(row, state.params.logprobs)
                 logprobs[request_ids[row]] = (logprob, tuple(top))
         return StepResult(request_ids, tuple(token_ids), logprobs or None)
+
+    @staticmethod
+    def _read_back(out):
+        """The step's one host sync: the sampled tokens (and logprobs) to the host."""
+        return out.cpu()
+
+    @functools.cached_property
+    def _row_bytes(self) -> int:
+        return self.model_config.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+
+    def _graph_size(self, plan: StepPlan) -> int | None:
+        """The captured batch size to replay: only when every rank's step is decode-only (all ranks
+        replay the same size together, so their all-to-alls match) and fits a graph."""
+        if self.graphs is None or not plan.num_chunks:
+            return None
+        for rank_chunks in plan.chunks_by_rank:
+            if len(rank_chunks) and not (rank_chunks.sample.all() and (rank_chunks.num_tokens == 1).all()):
+                return None
+        return self.graphs.size_for(max(len(rank_chunks) for rank_chunks in plan.chunks_by_rank))
+
+    def _logits(self, step: HostStep, graph_size: int | None) -> torch.Tensor | None:
+        """Forward of the step; logits [rows that sample, V] (None if none samples)."""
+        if self.inputs is None:  # the plain-torch path
+            meta = AttentionMetadata.build(
+                query_lens=np.diff(step.query_start_B1).tolist(), starts=(step.seq_lens_B - np.diff(step.query_start_B1)).tolist(),
+                block_tables=step.block_tables, block_size=self.block_size, device=self.device,
+                sliding_window=self.model_config.sliding_window)
+            hidden_TD = self.model(to_device(step.input_ids_T, self.device), meta, self.kv_caches)
+            if not len(step.logits_rows):
+                return None
+            if step.decode_only:
+                return self.model.compute_logits(hidden_TD)
+            return self.model.compute_logits(hidden_TD[to_device(step.logits_rows, self.device)])
+        if graph_size is not None:
+            self.inputs.upload(step, pad_seqs_to=graph_size)
+            self.planner.plan(step.query_start_B1, step.seq_lens_B, pad_to=graph_size)
+            return self.graphs.run(graph_size)[: step.num_seqs]
+        self.inputs.upload(step)
+        self.planner.plan(step.query_start_B1, step.seq_lens_B)
+        hidden_TD = self.model(self.inputs.field("input_ids", step.num_tokens),
+                               self._kernel_meta(step.num_tokens, step.num_seqs), self.kv_caches)
+        if not len(step.logits_rows):
+            return None
+        if step.decode_only:
+            return self.model.compute_logits(hidden_TD)
+        return self.model.compute_logits(hidden_TD[self.inputs.field("logits_rows", len(step.logits_rows))])
+
+    def _kernel_meta(self, num_tokens: int, num_seqs: int) -> AttentionMetadata:
+        """Views of the static device inputs for a step of `num_tokens` tokens in `num_seqs` sequences."""
+        f = self.inputs.field
+        return AttentionMetadata(
+            positions_T=f("positions", num_tokens), slot_mapping_T=f("slot_mapping", num_tokens),
+            query_start_B1=f("query_start", num_seqs + 1),
+            kernel=self.planner.kernel_inputs(f, self.inputs.block_table_BM[:num_seqs], f("seq_lens", num_seqs),
+                                              num_seqs=num_seqs, num_tokens=num_tokens))
+
+    def _graph_prepare(self, size: int) -> None:
+        """Static inputs of `size` padding rows (what capture records against)."""
+        self.inputs.upload(_EMPTY_STEP, pad_seqs_to=size)
+        self.planner.plan(_EMPTY_STEP.query_start_B1, _EMPTY_STEP.seq_lens_B, pad_to=size)
+        if hasattr(self.model.dispatcher, "begin_step"):
+            self.model.dispatcher.begin_step(size, self.model_config.top_k, row_bytes=self._row_bytes)
+
+    def _graph_forward(self, size: int) -> torch.Tensor:
+        stats = self.model.expert_load
+        if stats is not None:  # padding rows route somewhere too: the counters weigh copies by validity
+            valid_N = self.inputs.field("valid", size).to(torch.int64).repeat_interleave(self.model_config.top_k)
+            stats.copy_weights_N = valid_N
+        try:
+            hidden_TD = self.model(self.inputs.field("input_ids", size), self._kernel_meta(size, size), self.kv_caches)
+            return self.model.compute_logits(hidden_TD)
+        finally:
+            if stats is not None:
+                stats.copy_weights_N = None
 
     def _allowed_tokens(self, masks: TokenMasks | None, request_ids: tuple[str, ...],
                         vocab_size: int) -> tuple[frozenset[int], torch.Tensor | None]:
@@ -195,9 +302,10 @@ class ModelRunner:
         if not pairs:
             return frozenset(), None
         batch_rows, mask_rows = zip(*pairs)
-        bitmask_NW = torch.from_numpy(masks.bitmask[list(mask_rows)]).to(self.device)
+        bitmask_NW = to_device(masks.bitmask[list(mask_rows)], self.device)
         allowed_BV = torch.ones(len(request_ids), vocab_size, dtype=torch.bool, device=self.device)
-        allowed_BV[torch.tensor(batch_rows, device=self.device)] = unpack_token_bitmask(bitmask_NW, vocab_size)
+        allowed_BV[to_device(np.array(batch_rows, dtype=np.int64), self.device)] = unpack_token_bitmask(
+            bitmask_NW, vocab_size)
         return frozenset(batch_rows), allowed_BV
 
     def expert_load(self) -> torch.Tensor | None:

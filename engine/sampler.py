@@ -113,14 +113,13 @@ class SamplingBatch:
         greedy = [p.greedy for p in params]
         # Greedy rows take the argmax whatever their top_k: 1 keeps max_top_k small for topk().
         top_k = [1 if g else min(p.top_k, V) if p.top_k > 0 else V for p, g in zip(params, greedy)]
-        floats_6B = torch.tensor(
+        floats_6B = to_device(np.array(
             [[1.0 if g else p.temperature for p, g in zip(params, greedy)],
              [p.top_p for p in params],
              [p.min_p for p in params],
              [p.repetition_penalty for p in params],
              [p.presence_penalty for p in params],
-             [p.frequency_penalty for p in params]],
-            dtype=torch.float32, device=device).reshape(6, len(rows))
+             [p.frequency_penalty for p in params]], dtype=np.float32).reshape(6, len(rows)), device)
         temperature_B, top_p_B, min_p_B, repetition_B, presence_B, frequency_B = floats_6B.unbind(0)
 
         any_repetition = any(p.repetition_penalty != 1.0 for p in params)
@@ -141,9 +140,9 @@ class SamplingBatch:
         return cls(
             vocab_size=V,
             temperature_B=temperature_B,
-            greedy_B=torch.tensor(greedy, dtype=torch.bool, device=device),
+            greedy_B=to_device(np.array(greedy, dtype=bool), device),
             all_greedy=all(greedy),
-            top_k_B=(torch.tensor(top_k, dtype=torch.int64, device=device)
+            top_k_B=(to_device(np.array(top_k, dtype=np.int64), device)
                      if any(k < V for k, g in zip(top_k, greedy) if not g) else None),
             max_top_k=max(top_k, default=V),
             top_p_B=top_p_B if any(p.top_p < 1.0 and not p.greedy for p in params) else None,
@@ -154,8 +153,8 @@ class SamplingBatch:
             output_ids_BL=(_pad([r.output_token_ids for r in rows], V, device)
                            if any_output_penalty else None),
             prompt_ids_BL=_pad([r.prompt_token_ids for r in rows], V, device) if any_repetition else None,
-            min_tokens_rows_M=torch.tensor(min_rows, dtype=torch.int64, device=device) if min_rows else None,
-            min_tokens_ids_M=torch.tensor(min_ids, dtype=torch.int64, device=device) if min_rows else None,
+            min_tokens_rows_M=to_device(np.array(min_rows, dtype=np.int64), device) if min_rows else None,
+            min_tokens_ids_M=to_device(np.array(min_ids, dtype=np.int64), device) if min_rows else None,
             seeded_rows=tuple(i for i, _ in seeded),
             generators=tuple(g for _, g in seeded),
             max_num_logprobs=max(asked) if asked else None,
@@ -169,7 +168,17 @@ def _pad(lists: list[list[int]], pad: int, device: torch.device | str) -> torch.
     ids_BL = np.full((len(lists), max((len(ids) for ids in lists), default=0)), pad, dtype=np.int64)
     for i, ids in enumerate(lists):
         ids_BL[i, :len(ids)] = ids
-    return torch.from_numpy(ids_BL).to(device)
+    return to_device(ids_BL, device)
+
+
+def to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A host array on `device` without a host sync: through pinned memory and a non-blocking copy
+    on CUDA (a pageable copy would wait for the GPU to drain). The caching host allocator keeps the
+    pinned block until the copy has run."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -248,7 +257,7 @@ def apply_masks(logits_BV: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits_BV = logits_BV.masked_fill(~batch.allowed_token_mask_BV, _NEG_INF)
     if batch.min_tokens_rows_M is not None:
         logits_BV = logits_BV.index_put((batch.min_tokens_rows_M, batch.min_tokens_ids_M),
-                                        torch.tensor(_NEG_INF, device=logits_BV.device))
+                                        torch.full((), _NEG_INF, device=logits_BV.device))
     return logits_BV
 
 

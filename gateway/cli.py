@@ -5,7 +5,7 @@
     expertmesh generate [--model DIR] "prompt" ...     complete prompts (streams one prompt)
     expertmesh chat [--model DIR] --message "hi"        one chat turn through the chat template
     expertmesh make-tiny OUT_DIR [--model-type ...]     write a random-weight HF checkpoint
-    expertmesh bench engine [...]                       engine throughput beside transformers
+    expertmesh bench gpu|engine|moe_layer|attention     benchmarks beside their ceilings (bench/)
 
 With no --model, the embedded default model is used (generated once into the cache directory,
 $EXPERTMESH_CACHE or ~/.cache/expertmesh).
@@ -17,6 +17,15 @@ import json
 import os
 import sys
 from pathlib import Path
+
+
+BENCHMARKS = {
+    "gpu": "the GPU engine (30B and 235B shapes, prefill to 262k, MoE layer) beside its ceilings and transformers",
+    "engine": "prefill and decode tokens/s beside transformers (any device)",
+    "moe_layer": "one Qwen3-235B-A22B MoE layer beside transformers and the ceiling (GPU)",
+    "attention": "the paged-attention kernel beside SDPA and the ceilings (GPU)",
+}
+"""`expertmesh bench NAME ...` runs `expertmesh.bench.NAME.main` (imported only then)."""
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -141,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     key_revoke.add_argument("name_or_id", metavar="NAME_OR_ID", help="the key's id (key_...) or its name")
 
     bench = sub.add_parser("bench", help="benchmarks (see bench/)")
-    bench.add_argument("what", choices=["engine"], help="engine: prefill and decode tokens/s beside transformers")
+    bench.add_argument("what", choices=list(BENCHMARKS),
+                       help="; ".join(f"{name}: {text}" for name, text in BENCHMARKS.items()))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
 
@@ -274,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "keys":
             return _keys(args)
         elif args.command == "bench":
-            from expertmesh.bench import engine as bench_engine
+            import importlib
 
-            return bench_engine.main(args.bench_args)
+            return importlib.import_module(f"expertmesh.bench.{args.what}").main(args.bench_args)
     except ValueError as exc:
         print(f"expertmesh: error: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,8 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         expert_impl: str = "auto",
+        kernels: str = "auto",
+        enforce_eager: bool = False,
         load_format: str = "safetensors",
         seed: int = 0,
         ray_address: str | None = None,
@@ -59,7 +61,8 @@ class LLM:
             raise ValueError(f"model directory {str(model_path)!r} does not exist")
         self.config = EngineConfig(
             load=ModelLoadConfig(str(model_path), dtype=dtype, device=device, max_model_len=max_model_len,
-                                 expert_impl=expert_impl, load_format=load_format, seed=seed),
+                                 expert_impl=expert_impl, kernels=kernels, enforce_eager=enforce_eager,
+                                 load_format=load_format, seed=seed),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,
                               enable_prefix_caching=enable_prefix_caching),

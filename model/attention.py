@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize
+from expertmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope, fast_ops, rms_normalize
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,20 @@ class AttentionGroup:
 class AttentionMetadata:
     """Per-step attention inputs, on the model's device.
 
-    positions_T:     position of each token in its sequence (int64).
-    slot_mapping_T:  KV slot each token's k/v is written to (int64).
-    query_start_B1:  offsets of each sequence's tokens in the flat batch (int64, B+1 entries).
-    groups:          one AttentionGroup, or two (decodes, prefills) in a mixed step.
+    positions_T:     position of each token in its sequence (int64; int32 on the kernel path).
+    slot_mapping_T:  KV slot each token's k/v is written to (int64; int32 on the kernel path,
+                     where a negative slot writes nothing: the padding rows of a CUDA graph).
+    query_start_B1:  offsets of each sequence's tokens in the flat batch (B+1 entries).
+    groups:          the plain-torch path: one AttentionGroup, or two (decodes, prefills).
+    kernel:          the CUDA kernel path instead (`PagedKernelInputs`): the cache is read where
+                     it lies through the block table; built by the model runner's step inputs.
     """
 
     positions_T: torch.Tensor
     slot_mapping_T: torch.Tensor
     query_start_B1: torch.Tensor
-    groups: tuple[AttentionGroup, ...]
+    groups: tuple[AttentionGroup, ...] = ()
+    kernel: PagedKernelInputs | None = None
 
     @classmethod
     def build(
@@ -109,6 +113,22 @@ class AttentionMetadata:
             query_start_B1=_to(query_start_B1, device),
             groups=groups,
         )
+
+
+@dataclass(frozen=True)
+class PagedKernelInputs:
+    """What the paged-attention kernel reads besides q and the cache (device tensors, int32).
+
+    block_table_BM: each sequence's block ids (entries past its length are never read).
+    seq_lens_B:     context length of each sequence after this step (its new tokens included).
+    plan:           the kernel's work items on the device (`model.triton_attention.PlanTensors`).
+    workspace:      preallocated partial outputs of split-KV work items.
+    """
+
+    block_table_BM: torch.Tensor
+    seq_lens_B: torch.Tensor
+    plan: object
+    workspace: object
 
 
 def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -209,10 +229,18 @@ def _attend_group(q_THd, k_TGd, v_TGd, kv_2NSGd, g: AttentionGroup, scale: float
 
 
 class Attention(nn.Module):
-    """GQA self-attention with optional QK-norm (Qwen3) and q/k/v bias (Qwen2), fused qkv GEMM."""
+    """GQA self-attention with optional QK-norm (Qwen3) and q/k/v bias (Qwen2), fused qkv GEMM.
 
-    def __init__(self, config: ModelConfig) -> None:
+    Two paths: the plain-torch one (CPU, and the oracle) with cos/sin handed in once per step;
+    and with `fast` (CUDA) one Triton kernel for QK-norm, rope and the KV write, then the paged
+    kernel reading the cache through the block table (`meta.kernel`)."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding | None = None, fast: bool = False) -> None:
         super().__init__()
+        self.fast = fast
+        self.sliding_window = config.sliding_window
+        # Shared by every layer, and not a submodule: its buffer belongs to the model once.
+        self._rotary = [rotary]
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = self.head_dim ** -0.5
@@ -233,10 +261,20 @@ class Attention(nn.Module):
             self._qk_weight_cache = (key, weight)
         return self._qk_weight_cache[1]
 
+    def _qk_norm_weight_2d(self) -> torch.Tensor | None:
+        """[2, d]: q_norm's weight, then k_norm's (the fused kernel's layout)."""
+        if self.q_norm is None:
+            return None
+        q, k = self.q_norm.weight, self.k_norm.weight
+        key = ("2d", q.data_ptr(), q._version, k.data_ptr(), k._version)
+        if self._qk_weight_cache is None or self._qk_weight_cache[0] != key:
+            self._qk_weight_cache = (key, torch.stack((q, k)))
+        return self._qk_weight_cache[1]
+
     def forward(
         self,
         x_TD: torch.Tensor,
-        rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
         kv_2NSGd: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -244,6 +282,12 @@ class Attention(nn.Module):
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
         # q and k heads sit side by side in the qkv output: normalise and rotate them together.
         qkv_T3d = self.qkv_proj(x_TD).view(T, H + 2 * G, d)
+        if self.fast:
+            rotary = self._rotary[0]
+            q_THd = fast_ops().qk_norm_rope_kv(
+                qkv_T3d, H, G, meta.positions_T, rotary.inv_freq, rotary.attention_factor, kv_2NSGd,
+                meta.slot_mapping_T, self._qk_norm_weight_2d(), self.eps)
+            return self.o_proj(paged_attention_kernel(q_THd, kv_2NSGd, meta, self.scale, self.sliding_window))
         qk_THd, v_TGd = qkv_T3d[:, : H + G], qkv_T3d[:, H + G:]
         if self.q_norm is not None:
             qk_THd = self._qk_norm_weight() * rms_normalize(qk_THd, self.eps)
@@ -257,4 +301,55 @@ class Attention(nn.Module):
         return self.o_proj(paged_attention(q_THd, k_TGd, v_TGd, kv_2NSGd, meta, self.scale))
 
 
-__all__ = ["Attention", "AttentionGroup", "AttentionMetadata", "RotaryEmbedding", "paged_attention"]
+class KernelAttentionPlanner:
+    """The kernel path's per-step attention plan: work items planned on the host once per step
+    (`model.paged_attention.plan_attention`), uploaded through buffers that never move, and
+    handed to every layer (`kernel_inputs`). A CUDA graph's steps plan with `pad_to` = its batch
+    size, so they lay out exactly as the captured plan did."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, *, max_seqs: int, max_tokens: int) -> None:
+        from expertmesh.model.paged_attention import AttentionPlanBuffers
+
+        self.num_q_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.sliding_window = config.sliding_window
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else 4)
+        bound = dict(max_num_seqs=max_seqs, max_num_tokens=max_tokens, num_q_heads=self.num_q_heads,
+                     num_kv_heads=self.num_kv_heads, num_sms=self.num_sms, sliding_window=self.sliding_window)
+        size = max(AttentionPlanBuffers.size_bound(**bound), AttentionPlanBuffers.size_bound(**bound, capacity=max_seqs))
+        self.buffers = AttentionPlanBuffers(size, device)
+        self.tensors = None
+        self.plan_sizes: dict[str, int] = {}
+
+    def plan(self, query_start_B1: np.ndarray, seq_lens_B: np.ndarray, pad_to: int | None = None) -> None:
+        """Plan and upload this step's work; `pad_to` adds one-token padding sequences up to that
+        many (the rows a CUDA graph of that batch size computes beside the step's)."""
+        from expertmesh.model.paged_attention import plan_attention
+
+        pad = 0 if pad_to is None else pad_to - len(seq_lens_B)
+        if pad:
+            T = int(query_start_B1[-1])
+            query_start_B1 = np.concatenate([query_start_B1, np.arange(T + 1, T + pad + 1)])
+            seq_lens_B = np.concatenate([seq_lens_B, np.ones(pad, dtype=np.int64)])
+        plan = plan_attention(query_start_B1, seq_lens_B, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
+                              num_sms=self.num_sms, capacity=pad_to, sliding_window=self.sliding_window)
+        self.tensors = self.buffers.upload(plan)
+
+    def kernel_inputs(self, field, block_table_BM: torch.Tensor, seq_lens_B: torch.Tensor, *, num_seqs: int,
+                      num_tokens: int) -> PagedKernelInputs:
+        return PagedKernelInputs(block_table_BM, seq_lens_B, self.tensors, None)
+
+
+def paged_attention_kernel(q_THd: torch.Tensor, kv_2NSGd: torch.Tensor, meta: AttentionMetadata, scale: float,
+                           sliding_window: int | None) -> torch.Tensor:
+    """The CUDA path: the Triton paged kernel over `meta.kernel`. Returns [T, H*d]."""
+    from expertmesh.model import triton_attention
+
+    k = meta.kernel
+    out_THd, _ = triton_attention.paged_attention(
+        q_THd, kv_2NSGd, k.block_table_BM, k.seq_lens_B, meta.query_start_B1, k.plan, scale=scale,
+        sliding_window=sliding_window, workspace=k.workspace)
+    return out_THd.view(q_THd.shape[0], -1)
+
+
+__all__ = ["Attention", "AttentionGroup", "AttentionMetadata", "PagedKernelInputs", "RotaryEmbedding", "paged_attention"]

@@ -4,11 +4,17 @@
                                                                     ─ RMSNorm ─▶ hidden_TD
     compute_logits(hidden of the rows that sample) ─ lm_head ─▶ logits (float32)
 
+Each layer hands the next its sublayer output and the running residual separately, so every
+"+ then RMSNorm" is one fused op on the fast path (`RMSNorm(x, residual)`).
+
 A rank builds the model with the global ids of the experts it owns (`expert_ids`, None = all)
-and a dispatcher; the model itself never communicates.
+and a dispatcher; the model itself never communicates. `kernels` picks the plain-torch paths
+("torch": the CPU path and the oracle) or the CUDA fast paths ("triton": fused small ops, the
+paged-attention kernel, the fused MoE); "auto" takes the fast paths on CUDA when triton is there.
 """
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -21,18 +27,41 @@ from expertmesh.model.moe import SparseMoeBlock
 from expertmesh.router import ExpertLoadStats, LocalDispatcher
 
 
+KERNELS = ("auto", "triton", "torch")
+
+
+def use_fast_kernels(kernels: str, device: torch.device | str) -> bool:
+    """Whether `kernels` ("auto", "triton" or "torch") means the Triton fast paths on `device`."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if kernels == "triton" and not on_cuda:
+        raise ValueError("kernels='triton' needs a CUDA device")
+    return on_cuda and kernels != "torch" and importlib.util.find_spec("triton") is not None
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, mlp: nn.Module) -> None:
+    def __init__(self, config: ModelConfig, layer: int, mlp: nn.Module, rotary: RotaryEmbedding,
+                 fast: bool = False) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fast=fast)
+        self.attn = Attention(config, rotary, fast=fast)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fast=fast)
         self.mlp = mlp
 
-    def forward(self, x_TD, rope_cos_sin, kv_2NSGd, meta: AttentionMetadata | None) -> torch.Tensor:
+    def forward(self, x_TD, residual_TD, rope_cos_sin, kv_2NSGd,
+                meta: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sublayer output, residual) of the previous layer -> this layer's; residual None on layer 0."""
+        if residual_TD is None:
+            h_TD, residual_TD = self.input_layernorm(x_TD), x_TD
+        else:
+            h_TD, residual_TD = self.input_layernorm(x_TD, residual_TD)
         if meta is not None:  # None: this rank has no tokens and only joins the MoE exchanges
-            x_TD = x_TD + self.attn(self.input_layernorm(x_TD), rope_cos_sin, kv_2NSGd, meta)
-        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+            h_TD = self.attn(h_TD, rope_cos_sin, kv_2NSGd, meta)
+        else:
+            h_TD = torch.zeros_like(h_TD)
+        h_TD, residual_TD = self.post_attention_layernorm(h_TD, residual_TD)
+        return self.mlp(h_TD), residual_TD
 
 
 class CausalLM(nn.Module):
@@ -43,11 +72,13 @@ class CausalLM(nn.Module):
         expert_ids: Sequence[int] | None = None,
         dispatcher=None,
         expert_impl: str = "auto",
+        kernels: str = "auto",
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.config = config
+        self.fast = fast = use_fast_kernels(kernels, device)
         self.expert_ids = list(range(config.num_experts)) if expert_ids is None else list(expert_ids)
         self.expert_load = (ExpertLoadStats(len(config.moe_layers), config.num_experts, device)
                             if config.is_moe else None)
@@ -56,6 +87,7 @@ class CausalLM(nn.Module):
             expert_to_local[self.expert_ids] = torch.arange(len(self.expert_ids))
             dispatcher = LocalDispatcher(expert_to_local.to(device))
         self.dispatcher = dispatcher
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings).to(device)
         # Built on the meta device, then given uninitialised storage of the target dtype on the
         # target device: no random init, no float32 copy of a large model. The loader fills it.
         with torch.device("meta"):
@@ -65,17 +97,16 @@ class CausalLM(nn.Module):
                 if i in config.moe_layers:
                     mlp = SparseMoeBlock(config, len(self.expert_ids), config.moe_layers.index(i),
                                          dispatcher=dispatcher, stats=self.expert_load,
-                                         expert_impl=expert_impl, device=device, dtype=dtype)
+                                         expert_impl=expert_impl, fast=fast, device=device, dtype=dtype)
                 else:
-                    mlp = DenseMLP(config.hidden_size, config.intermediate_size)
-                layers.append(DecoderLayer(config, i, mlp))
+                    mlp = DenseMLP(config.hidden_size, config.intermediate_size, fast=fast)
+                layers.append(DecoderLayer(config, i, mlp, self.rotary, fast=fast))
             self.layers = nn.ModuleList(layers)
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fast=fast)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         _materialize(self, device, dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings).to(device)
 
     def forward(
         self, input_ids_T: torch.Tensor, meta: AttentionMetadata | None, kv_caches: Sequence[torch.Tensor]
@@ -84,10 +115,12 @@ class CausalLM(nn.Module):
         With meta None (and T = 0) the layers skip attention: an idle rank's pass through the
         MoE exchanges under expert parallelism."""
         x_TD = self.embed_tokens(input_ids_T)
-        rope_cos_sin = None if meta is None else self.rotary(meta.positions_T, x_TD.dtype)
+        # cos/sin once per step for every layer (the fast path computes them inside its rope kernel)
+        rope_cos_sin = None if meta is None or self.fast else self.rotary(meta.positions_T, x_TD.dtype)
+        residual_TD = None
         for layer, kv in zip(self.layers, kv_caches):
-            x_TD = layer(x_TD, rope_cos_sin, kv, meta)
-        return self.norm(x_TD)
+            x_TD, residual_TD = layer(x_TD, residual_TD, rope_cos_sin, kv, meta)
+        return self.norm(x_TD) if residual_TD is None else self.norm(x_TD, residual_TD)[0]
 
     def compute_logits(self, hidden_BD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_BD).float()

@@ -6,6 +6,7 @@ so logits agree with it to float32 rounding.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -15,14 +16,37 @@ from torch import nn
 from expertmesh.model.config import RopeConfig
 
 
+@functools.cache
+def fast_ops():
+    """model/triton_layers.py, imported on first use by a module built for the CUDA fast path
+    (`fast=True`), so the CPU path never imports triton."""
+    from expertmesh.model import triton_layers
+
+    return triton_layers
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """RMSNorm, optionally fused with the residual add before it (vLLM's convention):
+
+        norm(x)            -> y
+        norm(x, residual)  -> (y, x + residual), y = weight * normalize(x + residual)
+
+    With `fast` (CUDA) one Triton kernel does both and updates `residual` in place."""
+
+    def __init__(self, dim: int, eps: float, fast: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fast = fast
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * rms_normalize(x, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fast:
+            y = fast_ops().rms_norm(x, self.weight, self.eps, residual_TD=residual)
+            return y if residual is None else (y, residual)
+        if residual is None:
+            return self.weight * rms_normalize(x, self.eps)
+        residual = x + residual
+        return self.weight * rms_normalize(residual, self.eps), residual
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,12 +123,16 @@ def apply_rope(x_THd: torch.Tensor, cos_T1d: torch.Tensor, sin_T1d: torch.Tensor
 class DenseMLP(nn.Module):
     """SiLU-gated FFN with gate and up fused into one GEMM: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, fast: bool = False) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
+        self.fast = fast
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate_TF, up_TF = self.gate_up_proj(x_TD).split(self.intermediate_size, dim=-1)
+        h_T2F = self.gate_up_proj(x_TD)
+        if self.fast:
+            return self.down_proj(fast_ops().silu_and_mul(h_T2F))
+        gate_TF, up_TF = h_T2F.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate_TF) * up_TF)

@@ -22,7 +22,7 @@ tens of microseconds on a CPU core; a Qwen3-30B-A3B token alone needs 600 M."""
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, config: ModelConfig, num_local_experts: int, moe_index: int, *,
-                 dispatcher, stats: ExpertLoadStats | None, expert_impl: str = "auto",
+                 dispatcher, stats: ExpertLoadStats | None, expert_impl: str = "auto", fast: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
@@ -37,7 +37,7 @@ class SparseMoeBlock(nn.Module):
         )
         self.shared_expert = None
         if config.shared_expert_intermediate_size:
-            self.shared_expert = DenseMLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert = DenseMLP(config.hidden_size, config.shared_expert_intermediate_size, fast=fast)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.moe_index = moe_index
         self.dispatcher = dispatcher

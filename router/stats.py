@@ -12,9 +12,15 @@ class ExpertLoadStats:
     def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device | str = "cpu") -> None:
         self.counts_LE = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64, device=device)
         self._ones = torch.ones(256, dtype=torch.int64, device=device)
+        self.copy_weights_N: torch.Tensor | None = None
+        """Set by the model runner around a CUDA graph's forward: int64 per routed copy (t*K + k),
+        1 for copies of real rows and 0 for the padding rows of the graph's batch."""
 
     def record(self, moe_layer: int, topk_ids_TK: torch.Tensor) -> None:
         ids = topk_ids_TK.reshape(-1)
+        if self.copy_weights_N is not None:
+            self.counts_LE[moe_layer].index_add_(0, ids, self.copy_weights_N)
+            return
         if self._ones.numel() < ids.numel():
             self._ones = torch.ones(2 * ids.numel(), dtype=torch.int64, device=ids.device)
         self.counts_LE[moe_layer].index_add_(0, ids, self._ones[: ids.numel()])

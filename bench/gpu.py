@@ -1,0 +1,406 @@
+"""The GPU engine beside its ceilings and transformers, in one run on one GPU.
+
+    expertmesh bench gpu --out DIR                   # every part
+    expertmesh bench gpu --out DIR --parts engine prefill
+
+Parts (random bf16 weights made on the GPU, `load_format="dummy"`; the ceilings come from the
+copy bandwidth and the bf16 matmul rate measured at the start of the same run, `bench/roofline.py`):
+
+  engine     Qwen3-30B-A3B's shape (48 layers) through the whole engine (`EngineCore`, CUDA graphs):
+             decode tok/s at batch 1, 64 and 256 (prompt 128, 128 new tokens), the median and the
+             worst decode step; transformers `generate` on the same weights (its model built on the
+             meta device, its parameters views of ours) at batch 1 and 64.
+  prefill    the same engine: prompts of 32,768, 131,072 and 262,144 tokens with the default
+             chunking, time to the first token and the paged-attention kernel's TFLOP/s (CUDA
+             events around every call; FLOPs 4·d·H per attended (query, key) pair).
+  longdecode the same engine: one 262,144-token sequence among 63 short ones, decode steps
+             (the long prompt comes from the prefix cache of the prefill part), median and worst.
+  step235b   Qwen3-235B-A22B's layer shape, 24 layers: decode step at batch 1, 64 and 256.
+  moe        one 235B-shape MoE layer at 1, 64, 1,024 and 16,384 tokens (`bench/moe_layer.py`).
+  attention  the paged-attention kernel alone (`bench/attention.py`).
+
+Every step series reports its median and its worst step (spikes are what users feel). Writes
+gpu.json, gpu.md and gpu_steps.png (step time against batch size: ours, the ceiling,
+transformers) under --out, and prints the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from expertmesh.bench.ep import QWEN3_235B_LAYER, write_model_dir
+from expertmesh.bench.roofline import DeviceRates, measure_rates, step_ceiling
+from expertmesh.engine.config import CacheConfig, EngineConfig, ModelLoadConfig, SchedulerConfig
+from expertmesh.engine.core import EngineCore
+from expertmesh.engine.executor import InProcessExecutor
+from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.tokenizer import Tokenizer
+
+QWEN3_30B = {**QWEN3_235B_LAYER, "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4,
+             "moe_intermediate_size": 768, "intermediate_size": 6144, "rope_theta": 10000000.0,
+             "max_position_embeddings": 262144}
+"""Qwen3-30B-A3B-2507's shape (262,144 tokens native)."""
+PARTS = ("engine", "prefill", "longdecode", "step235b", "moe", "attention")
+LONG = 262144
+
+
+class StepRecorder:
+    """Wraps an executor: the wall time and the shape of every step."""
+
+    def __init__(self, executor) -> None:
+        self.inner, self.steps = executor, []
+        self.__dict__.update({k: getattr(executor, k) for k in ("model_config", "num_blocks", "num_ranks")})
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def execute(self, plan):
+        chunks = plan.chunks_by_rank[0]
+        start = time.perf_counter()
+        result = self.inner.execute(plan)
+        self.steps.append({"seconds": time.perf_counter() - start, "seqs": len(chunks),
+                           "tokens": int(chunks.num_tokens.sum()) if len(chunks) else 0,
+                           "decode": bool(len(chunks)) and bool((chunks.num_tokens == 1).all()),
+                           "max_context": int((chunks.starts + chunks.num_tokens).max()) if len(chunks) else 0})
+        return result
+
+
+def build_engine(shape: dict, layers: int, *, max_model_len: int, max_num_seqs: int, kv_bytes: int,
+                 max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens) -> EngineCore:
+    model_dir = write_model_dir(layers, shape)
+    config = EngineConfig(
+        load=ModelLoadConfig(str(model_dir), dtype="bfloat16", device="cuda", load_format="dummy",
+                             max_model_len=max_model_len),
+        cache=CacheConfig(block_size=16, kv_cache_memory_bytes=kv_bytes),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
+    executor = StepRecorder(InProcessExecutor(config, progress=True))
+    return EngineCore(config, executor, Tokenizer.from_pretrained(model_dir))
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, min(vocab, 150_000), (n, length), generator=gen).tolist()
+
+
+def run(engine: EngineCore, prompts: list[list[int]], max_tokens: list[int] | int, tag: str) -> dict:
+    """Run requests to completion; per-step records and each request's time to first token."""
+    recorder: StepRecorder = engine.executor
+    recorder.steps = []
+    counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    start = time.perf_counter()
+    for i, (prompt, n) in enumerate(zip(prompts, counts)):
+        engine.add_request(f"{tag}-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
+                           stream=True)
+    first: dict[str, float] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            first.setdefault(out.request_id, time.perf_counter() - start)
+            if out.finished and out.outputs[0].finish_reason not in ("length", "stop"):
+                raise RuntimeError(f"{out.request_id} ended with {out.outputs[0].finish_reason}: {out}")
+    return {"wall_s": time.perf_counter() - start, "steps": recorder.steps, "ttft_s": first}
+
+
+def _series(steps: list[dict], pick) -> dict:
+    times = [s["seconds"] for s in steps if pick(s)]
+    if not times:
+        return {"n": 0}
+    median = statistics.median(times)
+    return {"n": len(times), "median_ms": median * 1e3, "worst_ms": max(times) * 1e3,
+            "worst_over_median": max(times) / median}
+
+
+def part_engine(engine: EngineCore, rates: DeviceRates, hf_batches: tuple[int, ...] = (1, 64)) -> list[dict]:
+    config = engine.executor.model_config
+    rows = []
+    for batch in (1, 64, 256):
+        prompts = _prompts(batch, 128, config.vocab_size, seed=batch)
+        run(engine, prompts, 8, f"warm{batch}")  # graphs and kernels warm at this batch size
+        result = run(engine, prompts, 128, f"b{batch}")
+        decode = [s for s in result["steps"] if s["decode"] and s["seqs"] == batch]
+        decode_s = sum(s["seconds"] for s in decode)
+        ceiling = step_ceiling(config, rates, torch.bfloat16, batch, batch, 128 + 64)
+        row = {"batch": batch, "decode_tok_s": batch * len(decode) / decode_s,
+               "ceiling_tok_s": batch / ceiling, "ceiling_step_ms": ceiling * 1e3,
+               "overall_tok_s": batch * 128 / result["wall_s"], **_series(decode, lambda s: True)}
+        if batch in hf_batches:
+            row["transformers_tok_s"] = transformers_decode_rate(engine, prompts, new_tokens=32)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def transformers_decode_rate(engine: EngineCore, prompts: list[list[int]], new_tokens: int) -> float:
+    """transformers' generate on the engine's own weights: decode tok/s = batch·(n-1) / (t(n) - t(1))."""
+    model = hf_model_on(engine.executor.runner)
+    ids = torch.tensor(prompts, device="cuda")
+    mask = torch.ones_like(ids)
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                           pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(2)
+    prefill, full = timed(1), timed(new_tokens)
+    del model
+    return len(prompts) * (new_tokens - 1) / (full - prefill)
+
+
+def hf_model_on(runner):
+    """transformers' Qwen3-MoE built on the meta device, its parameters views of the runner's."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    c = runner.model_config
+    hf_config = Qwen3MoeConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+        num_experts=c.num_experts, num_experts_per_tok=c.top_k, moe_intermediate_size=c.moe_intermediate_size,
+        intermediate_size=c.intermediate_size, norm_topk_prob=c.norm_topk_prob, rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope.theta, max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False)
+    hf_config._experts_implementation = "grouped_mm"
+    with torch.device("meta"):
+        hf = Qwen3MoeForCausalLM(hf_config).to(torch.bfloat16)
+    ours = runner.model
+    q, kv = c.q_size, c.kv_size
+    views = {"model.embed_tokens.weight": ours.embed_tokens.weight, "model.norm.weight": ours.norm.weight,
+             "lm_head.weight": ours.lm_head.weight}
+    for i, layer in enumerate(ours.layers):
+        p = f"model.layers.{i}."
+        qkv = layer.attn.qkv_proj.weight
+        views.update({
+            p + "input_layernorm.weight": layer.input_layernorm.weight,
+            p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+            p + "self_attn.q_proj.weight": qkv[:q], p + "self_attn.k_proj.weight": qkv[q: q + kv],
+            p + "self_attn.v_proj.weight": qkv[q + kv:], p + "self_attn.o_proj.weight": layer.attn.o_proj.weight,
+            p + "self_attn.q_norm.weight": layer.attn.q_norm.weight, p + "self_attn.k_norm.weight": layer.attn.k_norm.weight,
+            p + "mlp.gate.weight": layer.mlp.gate.weight, p + "mlp.experts.gate_up_proj": layer.mlp.experts.w13_EFD,
+            p + "mlp.experts.down_proj": layer.mlp.experts.w2_EDF})
+    for name, tensor in views.items():
+        module_name, _, attr = name.rpartition(".")
+        setattr(hf.get_submodule(module_name), attr, torch.nn.Parameter(tensor, requires_grad=False))
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config, device="cuda")
+    missing = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    if missing:
+        raise RuntimeError(f"transformers tensors left on the meta device: {missing[:5]}")
+    return hf.eval()
+
+
+class AttentionTimer:
+    """CUDA events around every paged-attention kernel call (the model looks the function up at
+    call time, so wrapping the module attribute reaches every layer)."""
+
+    def __init__(self) -> None:
+        from expertmesh.model import attention
+
+        self.module, self.inner, self.events = attention, attention.paged_attention_kernel, []
+
+    def __enter__(self):
+        def timed(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.inner(*args, **kwargs)
+            end.record()
+            self.events.append((start, end))
+            return out
+
+        self.module.paged_attention_kernel = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.module.paged_attention_kernel = self.inner
+
+    def seconds(self) -> float:
+        torch.cuda.synchronize()
+        return sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+
+
+def part_prefill(engine: EngineCore, rates: DeviceRates, lengths=(32768, 131072, LONG)) -> list[dict]:
+    c = engine.executor.model_config
+    rows = []
+    for length in lengths:
+        prompt = _prompts(1, length, c.vocab_size, seed=length)[0]  # seeds apart: no prompt prefixes another
+        with AttentionTimer() as timer:
+            result = run(engine, [prompt], 1, f"prefill{length}")
+        attn_s = timer.seconds()
+        pairs = length * (length + 1) / 2
+        flops = 4 * c.head_dim * c.num_heads * pairs * c.num_layers
+        steps = result["steps"]
+        row = {"prompt_tokens": length, "prefill_s": result["wall_s"], "steps": len(steps),
+               "attention_s": attn_s, "attention_tflop_s": flops / attn_s / 1e12,
+               "matmul_tflop_s": rates.matmul_tflop_s, **_series(steps, lambda s: True)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def part_longdecode(engine: EngineCore, rates: DeviceRates, new_tokens: int = 48) -> dict:
+    """One 262,144-token sequence (its blocks still in the prefix cache from `part_prefill`) among
+    63 short ones; the decode steps where all 64 decode."""
+    c = engine.executor.model_config
+    long_prompt = _prompts(1, LONG, c.vocab_size, seed=LONG)[0]
+    short = _prompts(63, 128, c.vocab_size, seed=11)
+    result = run(engine, [long_prompt, *short], new_tokens, "long")
+    steps = [s for s in result["steps"] if s["decode"] and s["seqs"] == 64 and s["max_context"] >= LONG]
+    context = (LONG + 63 * (128 + new_tokens // 2)) / 64
+    ceiling = step_ceiling(c, rates, torch.bfloat16, 64, 64, context)
+    row = {"seqs": 64, "long_context": LONG, "ceiling_step_ms": ceiling * 1e3, **_series(steps, lambda s: True)}
+    row["over_ceiling"] = row.get("median_ms", 0) / (ceiling * 1e3)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def part_step235b(rates: DeviceRates, layers: int = 24) -> list[dict]:
+    engine = build_engine(QWEN3_235B_LAYER, layers, max_model_len=1024, max_num_seqs=256, kv_bytes=6 << 30,
+                          max_num_batched_tokens=8192)
+    c = engine.executor.model_config
+    rows = []
+    for batch in (1, 64, 256):
+        prompts = _prompts(batch, 128, c.vocab_size, seed=batch)
+        run(engine, prompts, 4, f"warm{batch}")
+        result = run(engine, prompts, 40, f"b{batch}")
+        decode = [s for s in result["steps"] if s["decode"] and s["seqs"] == batch]
+        ceiling = step_ceiling(c, rates, torch.bfloat16, batch, batch, 128 + 20)
+        row = {"batch": batch, "layers": layers, "ceiling_step_ms": ceiling * 1e3, **_series(decode, lambda s: True)}
+        row["over_ceiling"] = row["median_ms"] / row["ceiling_step_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    _free(engine)
+    return rows
+
+
+def _free(engine: EngineCore) -> None:
+    engine.executor.inner.shutdown()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def markdown(result: dict) -> str:
+    r = result["rates"]
+    lines = [f"# expertmesh on {result['device']} (torch {torch.__version__})", "",
+             f"Measured in this run: copy {r['copy_gb_s']:.0f} GB/s, bf16 matmul {r['matmul_tflop_s']:.0f} TFLOP/s.", ""]
+    if "engine" in result:
+        lines += ["## Qwen3-30B-A3B shape, whole engine (prompt 128, 128 new tokens)", "",
+                  "| batch | decode tok/s | ceiling tok/s | transformers tok/s | step median ms | worst ms |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for row in result["engine"]:
+            hf = row.get("transformers_tok_s")
+            lines.append(f"| {row['batch']} | {row['decode_tok_s']:,.0f} | {row['ceiling_tok_s']:,.0f} | "
+                         f"{'-' if hf is None else f'{hf:,.1f}'} | {row['median_ms']:.2f} | {row['worst_ms']:.2f} |")
+        lines.append("")
+    if "prefill" in result:
+        lines += ["## Prefill, 30B shape (default chunking)", "",
+                  "| prompt | prefill s | attention s | attention TFLOP/s | worst step / median |",
+                  "|---:|---:|---:|---:|---:|"]
+        for row in result["prefill"]:
+            lines.append(f"| {row['prompt_tokens']:,} | {row['prefill_s']:.1f} | {row['attention_s']:.1f} | "
+                         f"{row['attention_tflop_s']:.0f} | {row['worst_over_median']:.2f} |")
+        lines.append("")
+    if "longdecode" in result:
+        row = result["longdecode"]
+        lines += ["## Decode: one 262,144-token sequence among 63 short ones (30B shape)", "",
+                  f"step median {row.get('median_ms', 0):.2f} ms, worst {row.get('worst_ms', 0):.2f} ms over "
+                  f"{row['n']} steps; ceiling {row['ceiling_step_ms']:.2f} ms ({row['over_ceiling']:.2f}x)", ""]
+    if "step235b" in result:
+        lines += ["## Qwen3-235B-A22B layer shape, 24 layers: decode step", "",
+                  "| batch | step median ms | worst ms | ceiling ms | over ceiling |", "|---:|---:|---:|---:|---:|"]
+        for row in result["step235b"]:
+            lines.append(f"| {row['batch']} | {row['median_ms']:.2f} | {row['worst_ms']:.2f} | "
+                         f"{row['ceiling_step_ms']:.2f} | {row['over_ceiling']:.2f}x |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, t) for k, t in (("engine", "Qwen3-30B-A3B shape, whole engine"),
+                                  ("step235b", "Qwen3-235B-A22B shape, 24 layers")) if k in result]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        rows = result[key]
+        batches = [r["batch"] for r in rows]
+        ax.plot(batches, [r["median_ms"] for r in rows], "o-", label="expertmesh (median)")
+        ax.plot(batches, [r["worst_ms"] for r in rows], "v:", label="expertmesh (worst step)")
+        ax.plot(batches, [r["ceiling_step_ms"] for r in rows], "s--", label="ceiling")
+        hf = [(r["batch"], 1e3 * r["batch"] / r["transformers_tok_s"]) for r in rows if r.get("transformers_tok_s")]
+        if hf:
+            ax.plot(*zip(*hf), "^-", label="transformers")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size (sequences decoding)")
+        ax.set_ylabel("decode step (ms)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{result['device']}: copy {result['rates']['copy_gb_s']:.0f} GB/s, "
+                 f"matmul {result['rates']['matmul_tflop_s']:.0f} TFLOP/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="expertmesh bench gpu", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", required=True, help="directory for gpu.json, gpu.md and gpu_steps.png")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run (default: all)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rates = measure_rates(torch.device("cuda"), torch.bfloat16)
+    result: dict = {"device": torch.cuda.get_device_name(), "rates": rates.__dict__}
+    print(json.dumps(result), flush=True)
+
+    def save() -> None:
+        (out / "gpu.json").write_text(json.dumps(result, indent=2))
+        (out / "gpu.md").write_text(markdown(result))
+
+    if {"engine", "prefill", "longdecode"} & set(args.parts):
+        engine = build_engine(QWEN3_30B, 48, max_model_len=LONG + 256, max_num_seqs=256, kv_bytes=34 << 30)
+        if "engine" in args.parts:
+            result["engine"] = part_engine(engine, rates)
+            save()
+        if "prefill" in args.parts:
+            result["prefill"] = part_prefill(engine, rates)
+            save()
+        if "longdecode" in args.parts:
+            result["longdecode"] = part_longdecode(engine, rates)
+            save()
+        _free(engine)
+    if "step235b" in args.parts:
+        result["step235b"] = part_step235b(rates)
+        save()
+    if "moe" in args.parts:
+        from expertmesh.bench import moe_layer
+
+        moe_layer.main(["--out", str(out), "--tokens", "1", "64", "1024", "16384"])
+    if "attention" in args.parts:
+        from expertmesh.bench import attention
+
+        attention.main(["--out", str(out)])
+    save()
+    plot(result, out / "gpu_steps.png")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
