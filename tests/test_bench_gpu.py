@@ -1,0 +1,37 @@
+"""bench/gpu.py's machinery on the CPU with a small shape: the transformers twin computes our
+logits from views of our weights (so its figures are on the same weights), and the engine part,
+the table and the plot run end to end."""
+from __future__ import annotations
+
+import torch
+
+from expertmesh.bench import gpu
+from expertmesh.bench.ep import SMOKE_SHAPE
+from expertmesh.bench.roofline import DeviceRates
+from expertmesh.model.attention import AttentionMetadata
+
+
+def test_transformers_twin_and_engine_part(tmp_path):
+    engine = gpu.build_engine({**SMOKE_SHAPE, "max_position_embeddings": 1024}, 2, max_model_len=512,
+                              max_num_seqs=4, kv_bytes=16 << 20, device="cpu", dtype="float32")
+    runner = engine.executor.runner
+    twin = gpu.hf_model_on(runner)
+    ours_storage = {p.untyped_storage().data_ptr() for p in runner.model.parameters()}
+    assert all(p.untyped_storage().data_ptr() in ours_storage for p in twin.parameters())  # views, no copies
+    ids = [5, 6, 7, 8, 9, 10]
+    meta = AttentionMetadata.build(query_lens=[len(ids)], starts=[0], block_tables=[[0]], block_size=16,
+                                   device=torch.device("cpu"))
+    with torch.inference_mode():
+        ours = runner.model.compute_logits(runner.model(torch.tensor(ids), meta, runner.kv_caches))
+        theirs = twin(torch.tensor([ids])).logits[0].float()
+    assert ours.abs().max() > 0.05
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+    rates = DeviceRates(copy_gb_s=10.0, matmul_tflop_s=0.1)
+    rows = gpu.part_engine(engine, rates, batches=(1, 2), hf_batches=(1,), new_tokens=4)
+    assert [r["batch"] for r in rows] == [1, 2] and rows[0]["transformers_tok_s"] > 0
+    assert all(r["n"] == 3 and r["worst_ms"] >= r["median_ms"] > 0 and r["ceiling_tok_s"] > 0 for r in rows)
+    result = {"device": "cpu", "rates": rates.__dict__, "engine": rows}
+    assert "| 1 |" in gpu.markdown(result)
+    gpu.plot(result, tmp_path / "steps.png")
+    assert (tmp_path / "steps.png").stat().st_size > 10_000
