@@ -3,114 +3,139 @@
 Each part of the engine gets only the sub-config it uses: the scheduler its `SchedulerConfig`,
 the block manager its `CacheConfig`, the model runner `ModelLoadConfig` and `CacheConfig`.
 Nothing below the entry points reads the environment.
+
+These fields are the one definition of the engine's settings (engine/config_fields.py): the
+`LLM(...)` keyword arguments, the CLI flags and the Serve config's keys are derived from them,
+the docstring under a field is its --help text, and `setting(...)` holds its choices and bounds.
+A field added here appears everywhere; tests/test_cli.py freezes the list.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from expertmesh.engine.config_fields import check_fields, setting, settings_of, unknown_name_error
 
 
 @dataclass
 class ModelLoadConfig:
-    model: str
-    """Directory of a Hugging Face checkpoint (config.json, safetensors, tokenizer.json)."""
-    dtype: str = "auto"
-    """"auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16"."""
+    model: str | None = setting(None, path=True)
+    """A checkpoint directory (Hugging Face format: config.json, safetensors, tokenizer.json) or a
+    Hugging Face repo id (org/name, downloaded into the Hugging Face cache); None: the embedded
+    default model."""
+    tokenizer: str | None = setting(None, path=True)
+    """Tokenizer directory or Hugging Face repo id, when it is not the model's."""
+    chat_template: str | None = setting(None, path=True)
+    """Chat template (a file, or the Jinja text itself) used instead of the checkpoint's."""
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    """Weights and activations dtype; auto is bfloat16 on CUDA, float32 on CPU."""
     device: str = "auto"
-    """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"."""
-    max_model_len: int | None = None
-    """Longest sequence (prompt plus output); defaults to the model's max_position_embeddings."""
-    expert_impl: str = "auto"
-    """Experts' GEMM path: "auto" (grouped where the device runs it), "grouped", "batched" or "reference"."""
-    load_format: str = "safetensors"
-    """"safetensors" reads the checkpoint; "dummy" fills random weights on the device from `seed`
-    (benchmarks of shapes no checkpoint exists for; only config.json and the tokenizer are read)."""
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+    max_model_len: int | None = setting(None, ge=2)
+    """Longest sequence (prompt plus output) in tokens; default: the model's max_position_embeddings."""
+    expert_impl: str = setting("auto", choices=("auto", "grouped", "batched", "reference"))
+    """Experts' GEMM path: auto (grouped where the device runs it), grouped, batched or reference."""
+    load_format: str = setting("safetensors", choices=("safetensors", "dummy"))
+    """safetensors reads the checkpoint; dummy fills random weights of its shapes on the device from
+    `seed` (benchmarks of shapes no checkpoint exists for; only config.json and the tokenizer are read)."""
     seed: int = 0
-    """Seed of dummy weights."""
-    kernels: str = "auto"
-    """"auto" (the Triton fast paths on CUDA: fused small ops, paged attention reading the cache in
-    place, fused MoE), "triton" (those kernels on any device; on a CPU only in Triton's interpreter)
-    or "torch" (the plain-torch reference paths, the oracle)."""
+    """Seed of dummy weights (load_format dummy)."""
+    kernels: str = setting("auto", choices=("auto", "triton", "torch"))
+    """auto: the Triton fast paths on CUDA (fused small ops, paged attention reading the KV cache in
+    place, fused MoE); triton: those kernels on any device (on a CPU only in Triton's interpreter);
+    torch: the plain-torch reference paths (the oracle)."""
     enforce_eager: bool = False
     """Never replay CUDA graphs of the decode step (vLLM's flag): every step runs eagerly."""
 
     def __post_init__(self) -> None:
-        if self.kernels not in ("auto", "triton", "torch"):
-            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
-        if self.load_format not in ("safetensors", "dummy"):
-            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
+        check_fields(self)
 
 
 @dataclass
 class CacheConfig:
-    block_size: int = 16
-    """Tokens per KV block."""
-    num_blocks: int | None = None
-    """KV blocks per rank; None sizes the cache from memory (kv_memory_fraction or kv_cache_memory_bytes)."""
-    kv_cache_memory_bytes: int | None = None
-    """Bytes for the KV cache when num_blocks is None; None uses kv_memory_fraction of free device memory."""
-    kv_memory_fraction: float = 0.85
-    """Fraction of the device's free memory (after weights) given to the KV cache, on CUDA."""
-    cpu_kv_cache_bytes: int = 1 << 30
-    """Default KV cache size on CPU when neither num_blocks nor kv_cache_memory_bytes is set."""
+    block_size: int = setting(16, ge=1)
+    """Tokens per KV-cache block."""
+    num_blocks: int | None = setting(None, name="num_kv_blocks", ge=1)
+    """KV-cache blocks per rank; wins over gpu_memory_utilization and kv_cache_memory_bytes. Default:
+    sized from memory (gpu_memory_utilization on CUDA, 1 GiB on the CPU)."""
+    kv_cache_memory_bytes: int | None = setting(None, ge=1)
+    """Bytes for the KV cache of each rank, when num_kv_blocks is not given; wins over
+    gpu_memory_utilization."""
+    gpu_memory_utilization: float = setting(0.9, gt=0.0, le=1.0)
+    """Fraction of each GPU's total memory for this engine (weights, activations and KV cache); the KV
+    cache gets what the weights and other users of the GPU leave of it. Ignored on the CPU and when
+    num_kv_blocks or kv_cache_memory_bytes is given."""
+    cpu_kv_cache_bytes: int = setting(1 << 30, ge=1, public=False)
+    """KV-cache size on the CPU when neither num_blocks nor kv_cache_memory_bytes is set."""
     enable_prefix_caching: bool = True
-    """Reuse KV blocks of full prompt blocks already computed (hash of the block and its prefix)."""
+    """Reuse the KV blocks of prompt prefixes already computed (full blocks, by hash of the block and
+    its prefix)."""
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if not 0.0 < self.kv_memory_fraction <= 1.0:
-            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        check_fields(self)
 
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 256
+    max_num_seqs: int = setting(256, ge=1)
     """Most requests running in one step."""
-    max_num_batched_tokens: int = 2048
-    """Token budget of one step (decode tokens plus prefill chunks). Prompts longer than the
-    budget are prefilled in chunks of at most this many tokens."""
+    max_num_batched_tokens: int = setting(2048, ge=1)
+    """Token budget of one step (decode tokens plus prefill chunks); longer prompts are prefilled in
+    chunks of at most this many tokens."""
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        check_fields(self)
 
 
 @dataclass
 class ParallelConfig:
-    ep_size: int = 1
-    """Expert-parallel ranks of one EP group (1 runs in-process; more run as Ray actors, one per
-    GPU on CUDA, with attention data-parallel over the same ranks)."""
+    ep_size: int = setting(1, ge=1)
+    """Expert-parallel ranks of one EP group: 1 runs in-process; more run as Ray actors, one per GPU
+    on CUDA (CPU ranks otherwise), with attention data-parallel over the same ranks."""
     ray_address: str | None = None
-    """None starts a local Ray instance; "auto" or "ray://host:port" joins a cluster."""
-    cpus_per_rank: int = 1
+    """Ray cluster to join (auto, host:port or ray://host:port); default: start a local Ray instance.
+    `serve` always runs on Ray, generate and chat only with ep_size > 1."""
+    cpus_per_rank: int = setting(1, ge=1)
     """CPUs each rank reserves in its placement-group bundle (and its torch threads on the CPU)."""
-    step_timeout_s: float = 600.0
+    step_timeout_s: float = setting(600.0, gt=0, public=False)
     """A step that takes longer is taken for a hung group: the group is replaced."""
-    startup_timeout_s: float = 600.0
+    startup_timeout_s: float = setting(600.0, gt=0, public=False)
     """How long the group may take to get its resources, rendezvous and load the model."""
-    time_collectives: bool = False
+    time_collectives: bool = setting(False, public=False)
     """Time every all-to-all (CUDA events; for benchmarks)."""
-    step_channel: str = "compiled"
-    """How the step plan reaches the ranks: "compiled" (a Ray Compiled Graph: shared-memory
-    channels set up once, about 0.1-0.6 ms a round trip) or "ray_call" (one actor call per rank
-    per step, about 1-2 ms)."""
+    step_channel: str = setting("compiled", choices=("compiled", "ray_call"))
+    """How the step plan reaches the ranks: compiled (a Ray Compiled Graph: shared-memory channels set
+    up once, about 0.1-0.6 ms a round trip) or ray_call (one actor call per rank per step, about 1-2 ms)."""
 
     def __post_init__(self) -> None:
-        if self.ep_size < 1:
-            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
-        if self.cpus_per_rank < 1:
-            raise ValueError(f"cpus_per_rank must be >= 1, got {self.cpus_per_rank}")
-        if self.step_channel not in ("compiled", "ray_call"):
-            raise ValueError(f"step_channel must be 'compiled' or 'ray_call', got {self.step_channel!r}")
+        check_fields(self)
 
 
 @dataclass
 class EngineConfig:
-    load: ModelLoadConfig
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """The config of `LLM(**kwargs)`: keyword arguments are the public names of the sub-configs'
+        fields (`engine_settings()`); an unknown one is a TypeError naming the closest."""
+        known = {s.name: s for s in engine_settings()}
+        for name in kwargs:
+            if name not in known:
+                raise unknown_name_error("LLM()", name, known)
+        parts = {}
+        for part, sub in SUB_CONFIGS.items():
+            parts[part] = sub(**{s.attr: kwargs[s.name] for s in settings_of(sub) if s.name in kwargs})
+        return cls(**parts)
+
+
+SUB_CONFIGS = {"load": ModelLoadConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+               "parallel": ParallelConfig}
+
+
+def engine_settings() -> tuple:
+    """Every public engine setting, in the order of the sub-configs: the `LLM(...)` keyword arguments."""
+    return tuple(s for sub in SUB_CONFIGS.values() for s in settings_of(sub))

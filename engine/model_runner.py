@@ -157,8 +157,7 @@ class ModelRunner:
     def _blocks_that_fit(self, cache: CacheConfig) -> int:
         budget = cache.kv_cache_memory_bytes
         if budget is None and self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cache.kv_memory_fraction)
+            budget = gpu_kv_budget(*torch.cuda.mem_get_info(self.device), cache.gpu_memory_utilization)
         if budget is None:
             budget = cache.cpu_kv_cache_bytes
         blocks = budget // self.bytes_per_block - 1  # the scratch block
@@ -311,3 +310,20 @@ class ModelRunner:
     def expert_load(self) -> torch.Tensor | None:
         stats = self.model.expert_load
         return None if stats is None else stats.snapshot()
+
+
+def gpu_kv_budget(free_bytes: int, total_bytes: int, gpu_memory_utilization: float) -> int:
+    """Bytes for the KV cache once the weights are loaded: the engine may use
+    `gpu_memory_utilization` of the GPU's total memory, of which what is already used (the weights,
+    and whatever else runs on the GPU) is gone. vLLM's --gpu-memory-utilization, without its
+    profiling run: the part of the total left out is the activations' headroom.
+
+        >>> gpu_kv_budget(free_bytes=60, total_bytes=100, gpu_memory_utilization=0.9)  # 40 in use
+        50
+    """
+    budget = int(total_bytes * gpu_memory_utilization) - (total_bytes - free_bytes)
+    if budget <= 0:
+        raise ValueError(f"gpu_memory_utilization {gpu_memory_utilization} leaves no memory for the KV cache: "
+                         f"{total_bytes - free_bytes} of the GPU's {total_bytes} bytes are in use already "
+                         "(raise it, or give num_kv_blocks or kv_cache_memory_bytes)")
+    return budget

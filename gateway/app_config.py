@@ -4,66 +4,95 @@ The same object is built from `expertmesh serve` flags, from the `args:` of a Ra
 file (`import_path: expertmesh.gateway.serve_app:build_app`), and from the Helm chart's
 `serveConfigV2`, then handed down as an `EngineConfig` and the gateway's settings. Unknown keys
 are an error that names them, so a typo in a config file never passes silently.
+
+Its fields are not written here: they are the engine's settings (engine/config.py, all but
+`ray_address`: a served app already runs inside Ray) and the serving settings of `ServingConfig`
+below, derived into a pydantic model by `app_config_model` (engine/config_fields.py says how).
 """
 from __future__ import annotations
 
+import difflib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from expertmesh.engine.config import CacheConfig, EngineConfig, ModelLoadConfig, ParallelConfig, SchedulerConfig
+from expertmesh.engine.config import EngineConfig, engine_settings
+from expertmesh.engine.config_fields import Setting, setting, settings_of
 
 
-class AppConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+@dataclass
+class ServingConfig:
+    """The settings of a served model beyond the engine's: names, keys, ports, replicas."""
 
-    model: str | None = None
-    """Checkpoint directory (HF format); None serves the embedded default model."""
     served_model_name: str | None = None
-    """The name clients pass as `model`; defaults to the checkpoint directory's name."""
-    ep_size: int = Field(1, ge=1)
-    device: str = "auto"
-    dtype: str = "auto"
-    max_model_len: int | None = Field(None, ge=2)
-    block_size: int = Field(16, ge=1)
-    num_kv_blocks: int | None = Field(None, ge=1)
-    kv_cache_memory_bytes: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool = True
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    expert_impl: str = "auto"
-    load_format: Literal["safetensors", "dummy"] = "safetensors"
-    seed: int = 0
-    cpus_per_rank: int = Field(1, ge=1)
-    step_channel: Literal["compiled", "ray_call"] = "compiled"
-    max_n: int = Field(16, ge=1)
-    """Largest `n` a request may ask for."""
-    api_keys: list[str] = Field(default_factory=list)
-    """Accepted API keys (raw); empty leaves the API open."""
+    """The name clients pass as `model`; default: the checkpoint directory's name (or the repo id)."""
+    max_n: int = setting(16, ge=1)
+    """Largest `n` (completions per request) a request may ask for."""
+    api_keys: list[str] = setting(default_factory=list, flag="--api-key")
+    """Accepted API keys (raw); none leaves the API open."""
     redis_url: str | None = None
-    """Shared state (API keys, rate limits, registry) in Redis; None keeps it in-process."""
-    api_keys_env: str | None = Field(None, min_length=1)
-    """Name of an environment variable holding more accepted keys, comma-separated: the Helm chart
-    fills it from a Kubernetes Secret, so no raw key is written into the Serve config."""
-    redis_password_env: str | None = Field(None, min_length=1)
-    """Name of an environment variable holding the password of `redis_url` (from a Secret, as above)."""
-    grpc_port: int | None = Field(50051, ge=0, le=65535)
-    """gRPC port of each gateway replica; None or 0 turns gRPC off."""
-    engine_replicas: int = Field(1, ge=1)
-    """EP groups (model deployment replicas); each holds ep_size ranks."""
-    gateway_replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(1024, ge=1)
+    """Shared state (API keys, rate limits, replica registry) in Redis, redis://host:port/db; default:
+    in-process."""
+    api_keys_env: str | None = setting(None, min_length=1)
+    """Name of an environment variable holding more accepted keys, comma-separated: the Helm chart fills
+    it from a Kubernetes Secret, so no raw key is written into the Serve config."""
+    redis_password_env: str | None = setting(None, min_length=1)
+    """Name of an environment variable holding the password of redis_url (from a Secret, as above)."""
+    grpc_port: int | None = setting(50051, ge=0, le=65535)
+    """gRPC port of each gateway replica; 0 (or None) turns gRPC off."""
+    engine_replicas: int = setting(1, ge=1)
+    """EP groups (model deployment replicas) to run; each holds ep_size ranks."""
+    gateway_replicas: int = setting(1, ge=1)
+    """Gateway replicas (HTTP app and gRPC server)."""
+    max_ongoing_requests: int = setting(1024, ge=1)
     """Requests one replica holds at once (the engine batches them; Serve's default of 5 would starve it)."""
+    log_level: str = setting("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    """Python logging level of expertmesh's and Ray Serve's logs."""
 
-    @field_validator("model")
+
+NOT_SERVED = frozenset({"ray_address"})
+"""Engine settings that are no AppConfig field: a served app runs inside the Ray it was deployed to."""
+
+
+def app_settings() -> tuple[Setting, ...]:
+    """AppConfig's fields, in order: the engine's settings, then the serving settings."""
+    return tuple(s for s in engine_settings() if s.name not in NOT_SERVED) + settings_of(ServingConfig)
+
+
+class _AppConfigBase(BaseModel):
+    """Behaviour of AppConfig; its fields come from `app_settings()`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_default=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys_and_home_paths(cls, data: Any) -> Any:
+        """Unknown keys are refused with the closest known one; `~` in a path is the home folder."""
+        if not isinstance(data, dict):
+            return data
+        settings = {s.name: s for s in app_settings()}
+        for key in data:
+            if key not in settings:
+                close = difflib.get_close_matches(str(key), list(settings), n=1, cutoff=0.6)
+                raise ValueError(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return {k: os.path.expanduser(v) if settings[k].path and isinstance(v, str) and v.startswith("~") else v
+                for k, v in data.items()}
+
+    @field_validator("model", check_fields=False)
     @classmethod
     def _model_exists(cls, value: str | None) -> str | None:
         if value is not None and not Path(value).is_dir():
             raise ValueError(f"model directory {value!r} does not exist")
         return value
+
+    @field_validator("grpc_port", check_fields=False)
+    @classmethod
+    def _zero_port_is_off(cls, value: int | None) -> int | None:
+        return value or None
 
     def model_path(self) -> Path:
         if self.model is not None:
@@ -102,15 +131,24 @@ class AppConfig(BaseModel):
         return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
     def engine_config(self, ray_address: str | None = None) -> EngineConfig:
-        return EngineConfig(
-            load=ModelLoadConfig(str(self.model_path()), dtype=self.dtype, device=self.device,
-                                 max_model_len=self.max_model_len, expert_impl=self.expert_impl,
-                                 load_format=self.load_format, seed=self.seed),
-            cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
-                              kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-                              enable_prefix_caching=self.enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
-                                      max_num_batched_tokens=self.max_num_batched_tokens),
-            parallel=ParallelConfig(ep_size=self.ep_size, ray_address=ray_address, cpus_per_rank=self.cpus_per_rank,
-                                    step_channel=self.step_channel),
-        )
+        values = {s.name: getattr(self, s.name) for s in engine_settings() if s.name not in NOT_SERVED}
+        return EngineConfig.from_kwargs(**{**values, "model": str(self.model_path()), "ray_address": ray_address})
+
+
+def app_config_model(name: str, base: type[BaseModel], settings: tuple[Setting, ...]) -> type[BaseModel]:
+    """A pydantic model with one field per setting: its type (choices as a Literal), default, bounds,
+    and its docstring as the field's description."""
+    fields: dict[str, Any] = {}
+    for s in settings:
+        annotation: Any = Literal[s.choices] if s.choices else s.type
+        if s.optional:
+            annotation = annotation | None
+        bounds = {"ge": s.ge, "gt": s.gt, "le": s.le, "min_length": s.min_length}
+        default = {"default_factory": list} if isinstance(s.default, list) else {"default": s.default}
+        fields[s.name] = (annotation, Field(description=s.help, **default,
+                                            **{k: v for k, v in bounds.items() if v is not None}))
+    return create_model(name, __base__=base, __module__=__name__, **fields)
+
+
+AppConfig = app_config_model("AppConfig", _AppConfigBase, app_settings())
+AppConfig.__doc__ = """Every setting of a served model: the engine's and `ServingConfig`'s fields (`app_settings()`)."""

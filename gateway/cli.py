@@ -9,6 +9,9 @@
 
 With no --model, the embedded default model is used (generated once into the cache directory,
 $EXPERTMESH_CACHE or ~/.cache/expertmesh).
+
+The engine and serving flags are not written here: they are derived from the settings' fields
+(engine/config.py, gateway/app_config.py) by `add_setting_flags`; tests/test_cli.py freezes the list.
 """
 from __future__ import annotations
 
@@ -28,30 +31,47 @@ BENCHMARKS = {
 """`expertmesh bench NAME ...` runs `expertmesh.bench.NAME.main` (imported only then)."""
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="checkpoint directory (HF format); default: the embedded tiny Qwen3-MoE model")
-    g.add_argument("--ep-size", type=int, default=1,
-                   help="expert-parallel ranks of the EP group: 1 runs in-process; more run as Ray actors, "
-                        "one per GPU (CPUs on a machine without GPUs)")
-    g.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join ('auto' or host:port): `serve` always runs on Ray, generate and chat "
-                        "only with --ep-size > 1; default: start a local Ray instance")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations dtype; auto is bfloat16 on CUDA, float32 on CPU")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt plus output in tokens; default: the model's max_position_embeddings")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    g.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="KV-cache blocks; default: sized from free memory (CUDA) or 1 GiB (CPU)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running in one step")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one step; longer prompts are prefilled in chunks of this size")
-    g.add_argument("--expert-impl", default="auto", choices=["auto", "grouped", "batched", "reference"],
-                   help="experts' GEMM path (auto: grouped_mm where the device runs it)")
+def add_setting_flags(group, settings) -> None:
+    """One flag per setting (engine/config_fields.py): `--max-model-len` for max_model_len, its type,
+    default and choices from the field, its --help from the field's docstring."""
+    for s in settings:
+        kwargs: dict = {"dest": s.name, "help": s.help.replace("%", "%%")}
+        if s.type is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=s.default)
+        elif isinstance(s.default, list):
+            kwargs.update(action="append", default=None, metavar=s.name.upper().rstrip("S"))
+            kwargs["help"] += " (repeatable)"
+        else:
+            kwargs.update(type=s.type, default=s.default, metavar=s.name.upper())
+            if s.default is not None:
+                kwargs["help"] += " (default: %(default)s)"
+        if s.choices:
+            kwargs.update(choices=s.choices, metavar="{" + ",".join(map(str, s.choices)) + "}")
+        group.add_argument(s.flag, **kwargs)
+
+
+def setting_values(args, settings) -> dict:
+    """{public name: value} of the flags `add_setting_flags` added."""
+    values = {}
+    for s in settings:
+        value = getattr(args, s.name)
+        values[s.name] = [] if value is None and isinstance(s.default, list) else value
+    return values
+
+
+def _engine_flags(command: str) -> tuple:
+    """Engine settings that are flags of `command`: all of them, but for generate and chat the dummy
+    weights' `seed` (their --seed is the sampling seed)."""
+    from expertmesh.engine.config import engine_settings
+
+    return tuple(s for s in engine_settings() if command == "serve" or s.name != "seed")
+
+
+def _serving_flags(command: str) -> tuple:
+    from expertmesh.engine.config_fields import settings_of
+    from expertmesh.gateway.app_config import ServingConfig
+
+    return tuple(s for s in settings_of(ServingConfig) if command == "serve" or s.name == "log_level")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -65,8 +85,26 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("expertmesh")
+    except PackageNotFoundError:
+        from expertmesh import __version__
+
+        return __version__
+
+
+def _add_settings(p: argparse.ArgumentParser, command: str) -> None:
+    add_setting_flags(p.add_argument_group("engine"), _engine_flags(command))
+    add_setting_flags(p.add_argument_group("serving" if command == "serve" else "logging"), _serving_flags(command))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="Serve sparse Mixture-of-Experts models.")
+    parser.add_argument("--version", action="version", version=f"expertmesh {_version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API on Ray Serve",
@@ -74,36 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      "one model replica per EP group) and print the HTTP and gRPC addresses. "
                                      "With no MODEL, the embedded default model is served.")
     srv.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
-                     help="checkpoint directory (HF format); same as --model")
+                     help="checkpoint directory or Hugging Face repo id; same as --model")
     srv.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (0.0.0.0 for every interface)")
     srv.add_argument("--port", type=int, default=8000, help="HTTP port (Ray Serve's proxy)")
-    srv.add_argument("--grpc-port", type=int, default=50051, help="gRPC port of the gateway; 0 turns gRPC off")
-    srv.add_argument("--api-key", action="append", default=[], dest="api_keys",
-                     help="accepted API key (repeatable); without one the API is open")
-    srv.add_argument("--redis-url", default=None,
-                     help="redis://host:port/db for shared state (API keys, rate limits); default: in-process")
-    srv.add_argument("--served-model-name", default=None,
-                     help="the model name clients send; default: the checkpoint directory's name")
-    srv.add_argument("--max-n", type=int, default=16, help="largest n (completions per request) accepted")
-    srv.add_argument("--engine-replicas", type=int, default=1, help="EP groups (model replicas) to run")
-    srv.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
-                     help="dummy: random weights of the checkpoint's shapes (benchmarks); no weight files read")
     srv.add_argument("--print-config", action="store_true",
                      help="print the Ray Serve config file (YAML) for these flags and exit; run it on a cluster "
                           "with `serve deploy FILE` or `serve run FILE`")
-    _engine_args(srv)
+    _add_settings(srv, "serve")
 
     gen = sub.add_parser("generate", help="complete prompts with a model")
     gen.add_argument("prompts", nargs="+", help="prompt text (several prompts run as one batch)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    _engine_args(gen)
+    _add_settings(gen, "generate")
     _sampling_args(gen)
 
     chat = sub.add_parser("chat", help="one chat turn through the model's chat template")
     chat.add_argument("--message", required=True, help="the user message")
     chat.add_argument("--system", default=None, help="an optional system message")
     chat.add_argument("--no-thinking", action="store_true", help="render the template with enable_thinking=False")
-    _engine_args(chat)
+    _add_settings(chat, "chat")
     _sampling_args(chat)
 
     tiny = sub.add_parser("make-tiny", help="write a random-weight Hugging Face checkpoint for tests and demos")
@@ -157,20 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve_config(args) -> dict:
-    from expertmesh.gateway.app_config import AppConfig
+    """The AppConfig args of `serve`'s flags, as a Serve config file holds them: defaults left out,
+    paths under the home folder written `~/...` (a config file is for other machines too)."""
+    from expertmesh.gateway.app_config import AppConfig, app_settings
     from expertmesh.model.default import DEFAULT_MODEL_NAME, default_model_path
 
-    model = args.model_path or args.model
-    if model is None:  # generated once here, so the replicas never race to write it
-        model = str(default_model_path(_cache_dir() / "models" / DEFAULT_MODEL_NAME))
-    cfg = AppConfig(
-        model=model, served_model_name=args.served_model_name, ep_size=args.ep_size, device=args.device,
-        dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        expert_impl=args.expert_impl, load_format=args.load_format, max_n=args.max_n, api_keys=args.api_keys,
-        redis_url=args.redis_url, grpc_port=args.grpc_port or None, engine_replicas=args.engine_replicas)
-    return cfg.model_dump(exclude_defaults=True)
+    values = setting_values(args, app_settings())
+    values["model"] = args.model_path or args.model
+    if values["model"] is None:  # generated once here, so the replicas never race to write it
+        values["model"] = str(default_model_path(_cache_dir() / "models" / DEFAULT_MODEL_NAME))
+    app_args = AppConfig(**values).model_dump(exclude_defaults=True)
+    for s in app_settings():
+        if s.path and isinstance(app_args.get(s.name), str):
+            app_args[s.name] = home_relative(app_args[s.name])
+    return app_args
+
+
+def home_relative(path: str) -> str:
+    """`path` as `~/...` when it lies under the home folder, else unchanged."""
+    home = str(Path.home())
+    if path == home or path.startswith(home.rstrip(os.sep) + os.sep):
+        return "~" + path[len(home.rstrip(os.sep)):]
+    return path
 
 
 def serve_config_file(app_args: dict, host: str, port: int) -> dict:
@@ -201,16 +236,19 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
+    from expertmesh.gateway.app_config import AppConfig
     from expertmesh.gateway.serve_app import build_app
 
+    cfg = AppConfig.model_validate(app_args)
     ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(app_args), name="expertmesh", route_prefix="/")
+    logging_config = {"log_level": cfg.log_level}
+    serve.start(http_options={"host": args.host, "port": args.port}, logging_config=logging_config)
+    serve.run(build_app(app_args), name="expertmesh", route_prefix="/", logging_config=logging_config)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"expertmesh: serving {app_args.get('served_model_name') or os.path.basename(app_args['model'])}", flush=True)
+    print(f"expertmesh: serving {cfg.model_name()}", flush=True)
     print(f"HTTP  http://{host}:{args.port}/v1  (health: /health, metrics: /metrics)", flush=True)
-    if app_args.get("grpc_port"):
-        print(f"gRPC  {host}:{app_args['grpc_port']}  (service expertmesh.v1.ExpertMesh)", flush=True)
+    if cfg.grpc_port:
+        print(f"gRPC  {host}:{cfg.grpc_port}  (service expertmesh.v1.ExpertMesh)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -224,12 +262,9 @@ def _llm(args):
     from expertmesh.gateway.llm import LLM
     from expertmesh.model.default import DEFAULT_MODEL_NAME, default_model_path
 
-    model = args.model or default_model_path(_cache_dir() / "models" / DEFAULT_MODEL_NAME)
-    return LLM(model, ep_size=args.ep_size, ray_address=args.ray_address, device=args.device, dtype=args.dtype,
-               max_model_len=args.max_model_len,
-               block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-               enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, expert_impl=args.expert_impl)
+    values = setting_values(args, _engine_flags(args.command))
+    values["model"] = values["model"] or default_model_path(_cache_dir() / "models" / DEFAULT_MODEL_NAME)
+    return LLM(values.pop("model"), **values)
 
 
 def _params(args):
@@ -255,6 +290,11 @@ def _print_outputs(outputs, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "log_level", None):
+        import logging
+
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("expertmesh").setLevel(args.log_level)
     try:
         if args.command == "serve":
             return _serve(args)

@@ -10,67 +10,36 @@ drives the engine until the given requests are done.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from expertmesh.engine.config import (
-    CacheConfig,
-    EngineConfig,
-    ModelLoadConfig,
-    ParallelConfig,
-    SchedulerConfig,
-)
+from expertmesh.engine.config import EngineConfig, engine_settings
 from expertmesh.engine.core import EngineCore
 from expertmesh.engine.executor import InProcessExecutor
+from expertmesh.engine.model_files import load_tokenizer, model_dir
 from expertmesh.engine.outputs import RequestOutput
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.model.default import default_model_path
 from expertmesh.model.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str | Path | None = None,
-        *,
-        ep_size: int = 1,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory_bytes: int | None = None,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        expert_impl: str = "auto",
-        kernels: str = "auto",
-        enforce_eager: bool = False,
-        load_format: str = "safetensors",
-        seed: int = 0,
-        ray_address: str | None = None,
-        progress: bool = True,
-    ) -> None:
-        model_path = Path(model) if model is not None else default_model_path()
-        if not model_path.is_dir():
-            raise ValueError(f"model directory {str(model_path)!r} does not exist")
-        self.config = EngineConfig(
-            load=ModelLoadConfig(str(model_path), dtype=dtype, device=device, max_model_len=max_model_len,
-                                 expert_impl=expert_impl, kernels=kernels, enforce_eager=enforce_eager,
-                                 load_format=load_format, seed=seed),
-            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                              kv_cache_memory_bytes=kv_cache_memory_bytes,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-            parallel=ParallelConfig(ep_size=ep_size, ray_address=ray_address),
-        )
-        self.tokenizer = Tokenizer.from_pretrained(model_path)
-        if ep_size == 1:
+    """`LLM(model, **kwargs)`: the keyword arguments are the engine's settings, the fields of
+    engine/config.py under their public names (`ep_size`, `max_model_len`, `num_kv_blocks`, ...;
+    `inspect.signature(LLM)` lists them with their defaults, tests/test_cli.py freezes the list).
+    `progress` shows the weights' loading bar."""
+
+    def __init__(self, model: str | Path | None = None, *, progress: bool = True, **kwargs: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model=None if model is None else str(model), **kwargs)
+        self.config.load.model = str(model_dir(self.config.load))  # the default model, made once here
+        self.tokenizer = load_tokenizer(self.config.load)
+        if self.config.parallel.ep_size == 1:
             executor = InProcessExecutor(self.config, progress=progress)
         else:
             if importlib.util.find_spec("ray") is None:
@@ -162,3 +131,17 @@ class LLM:
                     bar.update()
         bar.close()
         return [done[rid] for rid in request_ids]
+
+
+def _signature() -> inspect.Signature:
+    """LLM's signature with every engine setting as a keyword-only parameter, for help() and editors."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                annotation="str | Path | None"),
+              inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool")]
+    params += [inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=s.default)
+               for s in engine_settings() if s.name != "model"]
+    return inspect.Signature(params)
+
+
+LLM.__init__.__signature__ = _signature()

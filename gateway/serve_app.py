@@ -20,9 +20,9 @@ from ray import serve
 
 from expertmesh.engine.async_engine import AsyncEngine
 from expertmesh.engine.core import EngineCore
+from expertmesh.engine.model_files import load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.gateway.app_config import AppConfig
-from expertmesh.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,9 @@ class EngineServer:
         from ray.util import get_current_placement_group
 
         cfg = AppConfig.model_validate(config)
+        _set_log_level(cfg.log_level)
         engine_config = cfg.engine_config()
-        tokenizer = Tokenizer.from_pretrained(cfg.model_path())
+        tokenizer = load_tokenizer(engine_config.load)
         if cfg.ep_size == 1:
             from expertmesh.engine.executor import InProcessExecutor
 
@@ -123,9 +124,10 @@ class Gateway:
         from expertmesh.gateway.serving import OpenAIServing, ServingSettings
 
         cfg = AppConfig.model_validate(config)
+        _set_log_level(cfg.log_level)
         client = ServeEngineClient(engine_handle)
         info = await client.info()  # waits for the model: the gateway is ready once it is loaded
-        tokenizer = Tokenizer.from_pretrained(cfg.model_path())
+        tokenizer = load_tokenizer(cfg.engine_config().load)
         aliases = tuple(a for a in (cfg.model, str(cfg.model_path())) if a)
         self.serving = OpenAIServing(client, tokenizer, ServingSettings(
             info["model_name"], info["max_model_len"], max_n=cfg.max_n, model_aliases=aliases,
@@ -183,3 +185,8 @@ def _uses_gpus(device: str) -> bool:
 
     return torch.cuda.is_available()
 
+
+def _set_log_level(level: str) -> None:
+    """A replica's expertmesh and Ray Serve loggers at the configured level (log_level)."""
+    for name in ("expertmesh", "ray.serve"):
+        logging.getLogger(name).setLevel(level)

@@ -46,6 +46,17 @@ def _select_template(template: Any, tools: list | None) -> str | None:
     return named.get("default")
 
 
+def read_chat_template(value: str) -> str:
+    """A chat template given as a file (`~` expanded) or as the Jinja text itself (vLLM's
+    --chat-template). A value that is neither, such as a mistyped path, is a ValueError."""
+    candidate = Path(value).expanduser()
+    if "\n" not in value and len(value) < 4096 and candidate.is_file():
+        return candidate.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")
+
+
 class Tokenizer:
     """Encodes, decodes and renders chats for one checkpoint.
 
@@ -82,8 +93,11 @@ class Tokenizer:
         self._compiled: dict[str, jinja2.Template] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        """Load `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` from `path`."""
+    def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
+        """Load `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` from `path`.
+
+        `chat_template`: a template file, or the Jinja text itself, used instead of the checkpoint's.
+        """
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -96,6 +110,8 @@ class Tokenizer:
         template_file = path / "chat_template.jinja"
         if template_file.is_file():  # newer checkpoints store the template on its own
             template = template_file.read_text(encoding="utf-8")
+        if chat_template is not None:
+            template = read_chat_template(chat_template)
 
         tokens = {k: _token_content(config.get(k))
                   for k in ("bos_token", "eos_token", "pad_token", "unk_token")}

@@ -1,10 +1,15 @@
 """The command line: make-tiny, generate, chat; and a frozen list of flags."""
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
 
+import pytest
+
+import expertmesh
+from expertmesh import LLM
 from expertmesh.gateway.cli import build_parser, main
 
 
@@ -14,19 +19,96 @@ def _flags(subcommand: str) -> set[str]:
     return {opt for action in sub._actions for opt in action.option_strings}
 
 
-ENGINE_FLAGS = {"--model", "--ep-size", "--ray-address", "--device", "--dtype", "--max-model-len", "--block-size",
-                "--num-kv-blocks", "--no-prefix-caching", "--max-num-seqs", "--max-num-batched-tokens", "--expert-impl"}
+ENGINE_FLAGS = {"--model", "--tokenizer", "--chat-template", "--dtype", "--device", "--max-model-len",
+                "--expert-impl", "--kernels", "--enforce-eager", "--no-enforce-eager", "--load-format", "--block-size", "--num-kv-blocks", "--kv-cache-memory-bytes",
+                "--gpu-memory-utilization", "--enable-prefix-caching", "--no-enable-prefix-caching", "--max-num-seqs",
+                "--max-num-batched-tokens", "--ep-size", "--ray-address", "--cpus-per-rank", "--step-channel"}
 SAMPLING_FLAGS = {"--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--seed", "--stop"}
+SERVING_FLAGS = {"--served-model-name", "--max-n", "--api-key", "--redis-url", "--api-keys-env",
+                 "--redis-password-env", "--grpc-port", "--engine-replicas", "--gateway-replicas",
+                 "--max-ongoing-requests"}
+LLM_KWARGS = ["model", "progress", "tokenizer", "chat_template", "dtype", "device", "max_model_len", "expert_impl",
+              "load_format", "seed", "kernels", "enforce_eager", "block_size", "num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization",
+              "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "ep_size", "ray_address",
+              "cpus_per_rank", "step_channel"]
 
 
 def test_the_public_flags_are_exactly_these():
     """Adding or removing a flag is a deliberate change to this list."""
-    assert _flags("generate") == {"-h", "--help", "--json"} | ENGINE_FLAGS | SAMPLING_FLAGS
-    assert _flags("chat") == {"-h", "--help", "--message", "--system", "--no-thinking"} | ENGINE_FLAGS | SAMPLING_FLAGS
+    common = {"-h", "--help", "--log-level"} | ENGINE_FLAGS
+    assert _flags("serve") == common | SERVING_FLAGS | {"--host", "--port", "--print-config", "--seed"}
+    assert _flags("generate") == common | {"--json"} | SAMPLING_FLAGS
+    assert _flags("chat") == common | {"--message", "--system", "--no-thinking"} | SAMPLING_FLAGS
     assert _flags("make-tiny") == {"-h", "--help", "--model-type", "--num-layers", "--num-experts", "--top-k",
                                    "--hidden-size", "--num-heads", "--num-kv-heads", "--head-dim",
                                    "--moe-intermediate-size", "--intermediate-size", "--dtype", "--seed",
                                    "--num-shards"}
+    top = {opt for action in build_parser()._actions for opt in action.option_strings}
+    assert top == {"-h", "--help", "--version"}
+
+
+def test_the_llm_keyword_arguments_are_exactly_these():
+    """LLM's keywords are the engine's settings; adding one is a deliberate change to this list."""
+    assert list(inspect.signature(LLM).parameters) == LLM_KWARGS
+
+
+def test_an_unknown_llm_keyword_is_a_type_error_naming_the_closest(qwen3_moe_path):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_model_length'; did you mean 'max_model_len'"):
+        LLM(qwen3_moe_path, max_model_length=64)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'zzz'$"):
+        LLM(qwen3_moe_path, zzz=1)
+
+
+def test_flags_llm_kwargs_and_serve_args_share_one_definition():
+    """Every engine setting is an LLM keyword, a flag of generate, chat and serve (with its docstring as
+    --help) and an AppConfig field with the same default; bounds and choices hold everywhere."""
+    from expertmesh.engine.config import engine_settings
+    from expertmesh.gateway.app_config import AppConfig
+
+    parser = build_parser()
+    serve = next(a for a in parser._actions if a.dest == "command").choices["serve"]
+    by_flag = {opt: action for action in serve._actions for opt in action.option_strings}
+    for s in engine_settings():
+        action = by_flag[s.flag]
+        assert action.dest == s.name and action.default == s.default
+        assert s.help and " ".join(action.help.split()).startswith(s.help.replace("%", "%%")[:40])
+        if s.name != "ray_address":  # a served app already runs inside Ray
+            assert AppConfig.model_fields[s.name].default == s.default
+            assert AppConfig.model_fields[s.name].description == s.help
+    assert main(["generate", "--max-num-seqs", "0", "hi"]) == 2  # the field's bound, through the CLI
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
+        LLM(max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        AppConfig(max_num_seqs=0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--dtype", "float8", "hi"])
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"expertmesh {expertmesh.__version__}"
+
+
+def test_chat_template_and_tokenizer_flags(qwen3_moe_path, tmp_path, capsys):
+    """--chat-template (a file or inline Jinja) replaces the checkpoint's; --tokenizer loads another
+    tokenizer directory."""
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    for value in (template, str(tmp_path / "t.jinja")):
+        llm = LLM(qwen3_moe_path, device="cpu", chat_template=value, progress=False)
+        assert llm.chat([{"role": "user", "content": "hi"}], None)[0].prompt == "<<hi>>"
+    assert main(["chat", "--model", str(qwen3_moe_path), "--chat-template", str(tmp_path / "missing.jinja"),
+                 "--message", "hi"]) == 2
+    assert "neither a file nor a Jinja template" in capsys.readouterr().err
+    other = tmp_path / "tok"
+    other.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((qwen3_moe_path / name).read_bytes())
+    (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    llm = LLM(qwen3_moe_path, device="cpu", tokenizer=str(other), progress=False)
+    assert llm.chat([{"role": "user", "content": "hi"}], None)[0].prompt == "hi!"
 
 
 def test_every_flag_has_help_text():

@@ -135,5 +135,5 @@ def test_checkpoint_tensor_of_the_wrong_shape_names_it(qwen3_moe_path, tmp_path)
 
 
 def test_unknown_dtype_and_device(qwen3_moe_path):
-    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+    with pytest.raises(ValueError, match="dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', got 'float8'"):
         LLM(qwen3_moe_path, dtype="float8", progress=False)

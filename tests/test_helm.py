@@ -180,13 +180,23 @@ def test_bad_values_fail_clearly(helm, value_set, sets, message):
 
 
 def test_schema_app_fields_are_appconfig_fields():
-    from expertmesh.gateway.app_config import AppConfig
+    """The chart's `app` schema holds every AppConfig field it does not set itself, with the field's
+    type, choices and bounds (engine/config_fields.py): a new setting is a deliberate change here too."""
+    from expertmesh.gateway.app_config import AppConfig, app_settings
 
     schema = json.loads((CHART / "values.schema.json").read_text())
-    app_fields = set(schema["properties"]["app"]["properties"])
-    assert app_fields <= set(AppConfig.model_fields), app_fields - set(AppConfig.model_fields)
-    assert not app_fields & CHART_SET_ARGS
+    app_fields = schema["properties"]["app"]["properties"]
+    assert set(app_fields) == set(AppConfig.model_fields) - CHART_SET_ARGS
     assert set(AppConfig.model_fields) >= CHART_SET_ARGS
+    json_type = {int: "integer", float: "number", str: "string", bool: "boolean"}
+    for s in app_settings():
+        if s.name in CHART_SET_ARGS:
+            continue
+        prop = app_fields[s.name]
+        want_type = json_type[s.type]
+        assert prop["type"] == ([want_type, "null"] if s.optional else want_type), s.name
+        assert prop.get("enum") == (list(s.choices) if s.choices else None), s.name
+        assert (prop.get("minimum"), prop.get("exclusiveMinimum"), prop.get("maximum")) == (s.ge, s.gt, s.le), s.name
 
 
 def test_chart_image_and_dockerfile_agree():
@@ -299,15 +309,21 @@ def test_notes_tell_how_to_reach_the_api(helm):
 # ---- the serve config is `expertmesh serve`'s -----------------------------------------------------
 
 def _cli_flags(args: dict) -> list[str]:
-    """`expertmesh serve` flags for AppConfig args (only fields that have a flag)."""
+    """`expertmesh serve` flags for AppConfig args: each field's flag is derived from the field."""
+    from expertmesh.gateway.app_config import app_settings
+
+    settings = {s.name: s for s in app_settings()}
     flags = ["--host", "0.0.0.0", "--port", "8000"]
     for key, value in args.items():
-        if key == "enable_prefix_caching":
-            flags += [] if value else ["--no-prefix-caching"]
-        elif key == "grpc_port":
-            flags += ["--grpc-port", str(value or 0)]
+        flag = settings[key].flag
+        if isinstance(value, bool):
+            flags += [flag if value else "--no-" + flag[2:]]
+        elif isinstance(value, list):
+            flags += [part for item in value for part in (flag, str(item))]
         elif value is not None:
-            flags += ["--" + key.replace("_", "-"), str(value)]
+            flags += [flag, str(value)]
+        elif key == "grpc_port":
+            flags += [flag, "0"]
     return flags
 
 

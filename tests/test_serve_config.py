@@ -41,3 +41,35 @@ def test_unknown_and_bad_args_are_refused_by_name(qwen3_moe_path):
         AppConfig.model_validate({"model": "/no/such/model"})
     with pytest.raises(ValueError, match="ep_size"):
         AppConfig.model_validate({"model": str(qwen3_moe_path), "ep_size": 0})
+
+
+def test_unknown_arg_names_the_closest_field(qwen3_moe_path):
+    with pytest.raises(ValueError, match="unknown key 'max_model_length' \\(did you mean 'max_model_len'\\?\\)"):
+        AppConfig.model_validate({"model": str(qwen3_moe_path), "max_model_length": 64})
+
+
+def test_print_config_writes_no_path_of_the_home_folder(qwen3_moe_path, tmp_path, monkeypatch, capsys):
+    """A config file is for other machines: paths under $HOME are written `~/...` and read back."""
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    model = home / "models" / "tiny"
+    model.symlink_to(qwen3_moe_path, target_is_directory=True)
+    template = home / "t.jinja"
+    template.write_text("{{ messages }}")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("EXPERTMESH_CACHE", raising=False)
+
+    assert main(["serve", str(model), "--chat-template", str(template), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert str(home) not in out
+    args = yaml.safe_load(out)["applications"][0]["args"]
+    assert (args["model"], args["chat_template"]) == ("~/models/tiny", "~/t.jinja")
+    cfg = AppConfig.model_validate(args)
+    assert (cfg.model, cfg.chat_template) == (str(model), str(template))
+
+    assert main(["serve", "--print-config"]) == 0  # the embedded default model, made under $HOME
+    out = capsys.readouterr().out
+    assert str(home) not in out
+    args = yaml.safe_load(out)["applications"][0]["args"]
+    assert args["model"] == "~/.cache/expertmesh/models/tiny-qwen3-moe-v1"
+    assert AppConfig.model_validate(args).model_path() == home / ".cache/expertmesh/models/tiny-qwen3-moe-v1"
