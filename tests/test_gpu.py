@@ -50,18 +50,33 @@ def test_bfloat16_takes_the_grouped_path_and_matches_the_batched_path(qwen3_moe_
             assert x.outputs[0].logprobs[i][tok] == pytest.approx(y.outputs[0].logprobs[i][tok], abs=0.05)
 
 
-def test_bfloat16_logits_close_to_transformers_bf16(qwen3_moe_path):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_bfloat16_logits_close_to_transformers_bf16(qwen3_moe_path, kernels):
+    """Every position's logits of an 80-token prompt, on the plain-torch path and on the kernel
+    path (fused ops, paged-attention kernel over a non-contiguous block table, fused MoE)."""
+    import numpy as np
+
     from expertmesh.engine.config import CacheConfig, ModelLoadConfig
     from expertmesh.engine.model_runner import ModelRunner
+    from expertmesh.engine.step_inputs import host_step
     from expertmesh.model.attention import AttentionMetadata
 
-    runner = ModelRunner(ModelLoadConfig(str(qwen3_moe_path), device="cuda", dtype="bfloat16"),
+    runner = ModelRunner(ModelLoadConfig(str(qwen3_moe_path), device="cuda", dtype="bfloat16", kernels=kernels),
                          CacheConfig(block_size=16, num_blocks=64), progress=False)
     ids = list(range(10, 90))
-    meta = AttentionMetadata.build(query_lens=[len(ids)], starts=[0], block_tables=[[1, 2, 3, 4, 5]],
-                                   block_size=16, device=torch.device("cuda"))
+    table = [9, 2, 31, 4, 17]
     with torch.inference_mode():
-        ours = runner.model.compute_logits(runner.model(torch.tensor(ids, device="cuda"), meta, runner.kv_caches))
+        if kernels == "torch":
+            meta = AttentionMetadata.build(query_lens=[len(ids)], starts=[0], block_tables=[table],
+                                           block_size=16, device=torch.device("cuda"))
+            hidden = runner.model(torch.tensor(ids, device="cuda"), meta, runner.kv_caches)
+        else:
+            step = host_step(np.array([0]), np.array([len(ids)]), [ids], [np.array(table)], np.array([True]), 16)
+            runner.inputs.upload(step)
+            runner.planner.plan(step.query_start_B1, step.seq_lens_B)
+            hidden = runner.model(runner.inputs.field("input_ids", len(ids)), runner._kernel_meta(len(ids), 1),
+                                  runner.kv_caches)
+        ours = runner.model.compute_logits(hidden)
         ref = _hf(qwen3_moe_path, torch.bfloat16)(torch.tensor([ids], device="cuda")).logits[0].float()
     torch.testing.assert_close(ours, ref, atol=0.03, rtol=0.05)
 
