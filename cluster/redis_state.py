@@ -14,9 +14,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from expertmesh.cluster.state import (
     KEY_ID_PREFIX,
+    RESERVATION_TTL_S,
     WINDOW_S,
     Admission,
     KeyRecord,
+    Reservation,
     StateStore,
     StateStoreUnavailable,
     _check_limit,
@@ -26,18 +28,49 @@ from expertmesh.cluster.state import (
     new_raw_key,
 )
 
-# KEYS: requests zset, tokens zset. ARGV: rpm (-1: none), tpm (-1: none), tokens, unique id, window s.
-# Returns {1} or {0, retry_after (string; "-1": never), reason}.
-_ADMIT = """
+# A Lua function the rate-limit scripts share: trims a key's token log (KEYS tok, scores: times)
+# and its reservations (KEYS res, scores: expiry times; members "<id>:<tokens>" in both) and
+# returns nil when `tokens` more fit in `tpm`, else the seconds until enough is freed (<= window).
+_TOKENS_WAIT = """
+local function tokens_wait(tok, res, now, window, tokens, tpm)
+  redis.call('ZREMRANGEBYSCORE', tok, '-inf', now - window)
+  redis.call('ZREMRANGEBYSCORE', res, '-inf', now)
+  local frees, used = {}, 0
+  local e = redis.call('ZRANGE', tok, 0, -1, 'WITHSCORES')
+  for i = 1, #e, 2 do
+    local n = tonumber(string.match(e[i], ':(%d+)$'))
+    used = used + n
+    table.insert(frees, {tonumber(e[i + 1]) + window, n})
+  end
+  e = redis.call('ZRANGE', res, 0, -1, 'WITHSCORES')
+  for i = 1, #e, 2 do
+    local n = tonumber(string.match(e[i], ':(%d+)$'))
+    used = used + n
+    table.insert(frees, {tonumber(e[i + 1]), n})
+  end
+  local need = used + math.max(tokens, 1) - tpm
+  if need <= 0 then return nil end
+  table.sort(frees, function(a, b) return a[1] < b[1] end)
+  local freed = 0
+  for _, f in ipairs(frees) do
+    freed = freed + f[2]
+    if freed >= need then return math.min(math.max(f[1] - now, 0.001), window) end
+  end
+  return window
+end
+"""
+
+# KEYS: requests zset, tokens zset, reservations zset. ARGV: rpm (-1: none), tpm (-1: none), tokens,
+# unique id, window s. Returns {1} or {0, retry_after (string; "-1": never), reason}.
+_ADMIT = _TOKENS_WAIT + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local window = tonumber(ARGV[5])
-local cutoff = now - window
 if tpm >= 0 and tokens > tpm then return {0, '-1', 'too_large'} end
 local retry, reasons = 0, {}
 if rpm >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
   local n = redis.call('ZCARD', KEYS[1])
   if n >= rpm then
     table.insert(reasons, 'requests')
@@ -46,21 +79,10 @@ if rpm >= 0 then
   end
 end
 if tpm >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-  local e = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-  local used = 0
-  for i = 1, #e, 2 do used = used + tonumber(string.match(e[i], ':(%d+)$')) end
-  local need = used + math.max(tokens, 1) - tpm
-  if need > 0 then
+  local wait = tokens_wait(KEYS[2], KEYS[3], now, window, tokens, tpm)
+  if wait then
     table.insert(reasons, 'tokens')
-    local freed = 0
-    for i = 1, #e, 2 do
-      freed = freed + tonumber(string.match(e[i], ':(%d+)$'))
-      if freed >= need then
-        retry = math.max(retry, tonumber(e[i + 1]) + window - now)
-        break
-      end
-    end
+    retry = math.max(retry, wait)
   end
 end
 if #reasons > 0 then return {0, tostring(math.max(retry, 0.001)), table.concat(reasons, ',')} end
@@ -74,6 +96,34 @@ if tpm >= 0 and tokens > 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 return {1}
+"""
+
+# KEYS: tokens zset, reservations zset. ARGV: tpm, tokens, reservation id, window s, ttl s.
+# Returns {1} or {0, retry_after (string; "-1": never), reason}.
+_RESERVE = _TOKENS_WAIT + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
+local window, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+if tokens > tpm then return {0, '-1', 'too_large'} end
+local wait = tokens_wait(KEYS[1], KEYS[2], now, window, tokens, tpm)
+if wait then return {0, tostring(wait), 'tokens'} end
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[3] .. ':' .. ARGV[2])
+redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 1000) + 1000)
+return {1}
+"""
+
+# KEYS: tokens zset, reservations zset. ARGV: reservation id, reserved tokens, used tokens, window s.
+# Logs the usage only if the reservation was still held, so running it twice changes nothing.
+_SETTLE = """
+if redis.call('ZREM', KEYS[2], ARGV[1] .. ':' .. ARGV[2]) == 0 then return 0 end
+if tonumber(ARGV[3]) > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  redis.call('ZADD', KEYS[1], now, ARGV[1] .. ':' .. ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) * 1000) + 1000)
+end
+return 1
 """
 
 # KEYS: tokens zset. ARGV: tokens, unique id, window s.
@@ -149,6 +199,13 @@ return out
 """
 
 
+def _admission(out: list) -> Admission:
+    if int(out[0]) == 1:
+        return Admission(True)
+    retry = float(out[1])
+    return Admission(False, None if retry < 0 else retry, out[2])
+
+
 def redact_url(url: str) -> str:
     """The URL without its password (redis://user:secret@host → redis://user:***@host)."""
     try:
@@ -191,6 +248,8 @@ class RedisStateStore(StateStore):
             raise ValueError(f"--redis-url {redact_url(url)!r} is not a Redis URL: {exc}") from None
         self._admit = self._r.register_script(_ADMIT)
         self._record = self._r.register_script(_RECORD_TOKENS)
+        self._reserve = self._r.register_script(_RESERVE)
+        self._settle = self._r.register_script(_SETTLE)
         self._create = self._r.register_script(_CREATE)
         self._revoke = self._r.register_script(_REVOKE)
         self._register = self._r.register_script(_REGISTER)
@@ -277,6 +336,10 @@ class RedisStateStore(StateStore):
             return bool(self._r.exists(self._k("keys")))
 
     # ---- rate limits
+    def _rl(self, key_id: str) -> list[str]:
+        """The key's rate-limit sets: requests, tokens, reservations (one hash slot: `{key_id}`)."""
+        return [self._k("rl", "{" + key_id + "}", part) for part in ("req", "tok", "res")]
+
     def admit(self, key_id, requests_per_minute, tokens_per_minute, tokens=0):
         rpm = _check_limit(requests_per_minute, "requests_per_minute")
         tpm = _check_limit(tokens_per_minute, "tokens_per_minute")
@@ -284,19 +347,33 @@ class RedisStateStore(StateStore):
         if rpm is None and tpm is None:
             return Admission(True)
         with self._guard():
-            out = self._admit(keys=[self._k("rl", "{" + key_id + "}", "req"), self._k("rl", "{" + key_id + "}", "tok")],
-                              args=[-1 if rpm is None else rpm, -1 if tpm is None else tpm, tokens,
-                                    uuid.uuid4().hex, WINDOW_S])
-        if int(out[0]) == 1:
-            return Admission(True)
-        retry = float(out[1])
-        return Admission(False, None if retry < 0 else retry, out[2])
+            out = self._admit(keys=self._rl(key_id), args=[-1 if rpm is None else rpm, -1 if tpm is None else tpm,
+                                                           tokens, uuid.uuid4().hex, WINDOW_S])
+        return _admission(out)
 
     def record_tokens(self, key_id, n):
         if _check_tokens(n) == 0:
             return
         with self._guard():
-            self._record(keys=[self._k("rl", "{" + key_id + "}", "tok")], args=[n, uuid.uuid4().hex, WINDOW_S])
+            self._record(keys=self._rl(key_id)[1:2], args=[n, uuid.uuid4().hex, WINDOW_S])
+
+    def reserve_tokens(self, key_id, tokens_per_minute, tokens):
+        tpm = _check_limit(tokens_per_minute, "tokens_per_minute")
+        tokens = _check_tokens(tokens)
+        if tpm is None:
+            return Admission(True)
+        reservation = Reservation(key_id, uuid.uuid4().hex, tokens)
+        with self._guard():
+            out = self._reserve(keys=self._rl(key_id)[1:], args=[tpm, tokens, reservation.id, WINDOW_S,
+                                                                 RESERVATION_TTL_S])
+        admission = _admission(out)
+        return Admission(True, reservation=reservation) if admission.ok else admission
+
+    def settle_tokens(self, reservation, used):
+        used = _check_tokens(used)
+        with self._guard():
+            self._settle(keys=self._rl(reservation.key_id)[1:],
+                         args=[reservation.id, reservation.tokens, used, WINDOW_S])
 
     # ---- registry
     def register_replica(self, model, replica_id, info, ttl_s):

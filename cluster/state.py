@@ -13,27 +13,34 @@ One interface (`StateStore`), two backends:
 API keys. `create_key(name, ...)` returns the raw key (`em-` and 32 URL-safe characters) once;
 the store keeps only its SHA-256 digest (`hash_key`), the key's id (`key_...`), its name, its
 creation time, its limits and, once revoked, the revocation time. `lookup(raw_key)` hashes and
-finds the record; a revoked key is not valid. Revoked keys stay listed (and keep "the store holds
-keys" true, so revoking the last key never opens the API).
+finds the record; a revoked key is not valid. Revoked keys stay listed. Whether the API needs a key
+never depends on what the store holds (`expertmesh.gateway.auth`): an empty store admits nobody.
 
-Rate limits: a sliding-window log over the last 60 s (`WINDOW_S`), per key.
+Rate limits: a sliding-window log over the last 60 s (`WINDOW_S`), per key, plus the key's
+token reservations that are still open.
 `admit(key_id, requests_per_minute, tokens_per_minute, tokens)` admits a request when
 
 - fewer than `requests_per_minute` requests were admitted in the last 60 s, and
-- the tokens logged in the last 60 s plus `max(tokens, 1)` fit in `tokens_per_minute`;
+- the tokens logged in the last 60 s, plus the open reservations, plus `max(tokens, 1)` fit in
+  `tokens_per_minute`;
 
 an admitted request logs one request and its `tokens`. So no 60-second window ever holds more
 admitted requests than the limit, whatever the number of callers. A refusal says when to retry
-(`retry_after_s`: when enough of the log will have aged out). A request whose `tokens` alone
-exceed the limit can never fit: it is refused with `retry_after_s=None` (reason "too_large").
+(`retry_after_s`: when enough of the log will have aged out, at most `WINDOW_S`). A request whose
+`tokens` alone exceed the limit can never fit: it is refused with `retry_after_s=None` (reason
+"too_large").
 
-TPM, two ways to count (pick one per deployment):
-- reserve at admission: `admit(..., tokens=prompt_tokens + max_tokens)`; nothing afterwards.
-- count what was used: `admit(..., tokens=0)` admits while the key's logged tokens are under the
-  limit, and `record_tokens(key_id, prompt + completion tokens)` logs them when the request ends.
-  A key may overshoot by the requests already running; it is then refused until its usage of the
-  last 60 s falls under the limit again. The gateway does this (its auth check runs before the
-  request body is read); see `expertmesh.gateway.auth`.
+Tokens per minute, reserved and settled (what the gateway does):
+
+    reserve_tokens(key_id, tpm, prompt + max_tokens * n)  -> Admission(ok, reservation=...)
+        ... the request runs ...
+    settle_tokens(reservation, used)     # prompt + generated tokens; the rest is refunded
+
+A reservation holds its tokens until it is settled (then `used` enters the log at that moment and
+ages out 60 s later) or until `RESERVATION_TTL_S` passes (a gateway that died mid-request must not
+hold a key's budget forever). Reserving is atomic (a lock here, a Lua script in Redis), so N
+concurrent requests never reserve more than the limit between them, and settling is idempotent.
+`record_tokens(key_id, n)` logs usage without a reservation.
 
 Registry: `register_replica(model, replica_id, info, ttl_s)` (re-register before `ttl_s` to stay
 listed), `list_replicas(model) -> {replica_id: info}`, `unregister_replica(model, replica_id)`.
@@ -53,6 +60,7 @@ import math
 import secrets
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
@@ -61,6 +69,9 @@ from typing import Any
 
 WINDOW_S = 60.0
 """Length of the rate-limit window: limits are per 60 seconds, sliding."""
+RESERVATION_TTL_S = 600.0
+"""How long an unsettled token reservation holds a key's budget (a request that outlives it, or
+whose gateway died, stops counting then)."""
 
 KEY_PREFIX = "em-"
 KEY_ID_PREFIX = "key_"
@@ -109,6 +120,16 @@ class Admission:
     """Seconds until the request would be admitted; None when admitted, or when it never can be."""
     reason: str | None = None
     """Why not: "requests" (RPM), "tokens" (TPM), "requests,tokens", or "too_large"."""
+    reservation: Reservation | None = None
+    """What `reserve_tokens` holds for the request; settle it with `settle_tokens`."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Tokens held for one request under a key's tokens-per-minute limit."""
+    key_id: str
+    id: str
+    tokens: int
 
 
 class StateStore(ABC):
@@ -142,6 +163,10 @@ class StateStore(ABC):
     def has_keys(self) -> bool:
         """Whether any key was ever created (revoked ones count)."""
 
+    def active_key_count(self) -> int:
+        """How many keys are valid now (for `/health` and the log; a list, so not per request)."""
+        return sum(not r.revoked for r in self.list_keys())
+
     # ---- rate limits
     @abstractmethod
     def admit(self, key_id: str, requests_per_minute: int | None, tokens_per_minute: int | None,
@@ -151,6 +176,16 @@ class StateStore(ABC):
     @abstractmethod
     def record_tokens(self, key_id: str, n: int) -> None:
         """Log `n` tokens used now by `key_id` (TPM counted after the fact)."""
+
+    @abstractmethod
+    def reserve_tokens(self, key_id: str, tokens_per_minute: int | None, tokens: int) -> Admission:
+        """Atomically hold `tokens` of the key's budget if they fit (see the module docstring); the
+        admission carries the reservation (None when the key has no limit)."""
+
+    @abstractmethod
+    def settle_tokens(self, reservation: Reservation, used: int) -> None:
+        """Release the reservation and log the `used` tokens now. Settling twice changes nothing;
+        a reservation that expired first logs nothing (it held its tokens for RESERVATION_TTL_S)."""
 
     # ---- model/replica registry
     @abstractmethod
@@ -206,12 +241,15 @@ def _check_tokens(n: int) -> int:
 # ---- in-process ----------------------------------------------------------------------------
 
 class _Window:
-    """One key's log: admitted request times and (time, tokens) entries, oldest first."""
+    """One key's log: admitted request times and (time, tokens) entries, oldest first, and its
+    open reservations (id -> (expires, tokens))."""
 
     def __init__(self) -> None:
         self.requests: deque[float] = deque()
         self.tokens: deque[tuple[float, int]] = deque()
         self.token_sum = 0
+        self.reserved: dict[str, tuple[float, int]] = {}
+        self.reserved_sum = 0
 
     def trim(self, now: float) -> None:
         cutoff = now - WINDOW_S
@@ -219,6 +257,21 @@ class _Window:
             self.requests.popleft()
         while self.tokens and self.tokens[0][0] <= cutoff:
             self.token_sum -= self.tokens.popleft()[1]
+        for rid in [rid for rid, (expires, _) in self.reserved.items() if expires <= now]:
+            self.reserved_sum -= self.reserved.pop(rid)[1]
+
+    def tokens_retry(self, need: int, now: float) -> float | None:
+        """Seconds until `need` tokens are freed (log entries age out, reservations expire at the
+        latest), at most WINDOW_S; None when nothing is missing."""
+        if need <= 0:
+            return None
+        frees = sorted([(ts + WINDOW_S, n) for ts, n in self.tokens] + list(self.reserved.values()))
+        freed = 0
+        for at, n in frees:
+            freed += n
+            if freed >= need:
+                return min(max(at - now, 1e-3), WINDOW_S)
+        return WINDOW_S
 
 
 class InProcessStateStore(StateStore):
@@ -291,15 +344,10 @@ class InProcessStateStore(StateStore):
                 reasons.append("requests")
                 retry = max(retry, w.requests[len(w.requests) - rpm] + WINDOW_S - now)
             if tpm is not None:
-                need = w.token_sum + max(tokens, 1) - tpm
-                if need > 0:
+                wait = w.tokens_retry(w.token_sum + w.reserved_sum + max(tokens, 1) - tpm, now)
+                if wait is not None:
                     reasons.append("tokens")
-                    freed = 0
-                    for ts, n in w.tokens:
-                        freed += n
-                        if freed >= need:
-                            retry = max(retry, ts + WINDOW_S - now)
-                            break
+                    retry = max(retry, wait)
             if reasons:
                 return Admission(False, max(retry, 1e-3), ",".join(reasons))
             if rpm is not None:
@@ -318,6 +366,39 @@ class InProcessStateStore(StateStore):
             w.trim(now)
             w.tokens.append((now, n))
             w.token_sum += n
+
+    def reserve_tokens(self, key_id, tokens_per_minute, tokens):
+        tpm = _check_limit(tokens_per_minute, "tokens_per_minute")
+        tokens = _check_tokens(tokens)
+        if tpm is None:
+            return Admission(True)
+        if tokens > tpm:
+            return Admission(False, None, "too_large")
+        with self._lock:
+            now = self._clock()
+            w = self._windows.setdefault(key_id, _Window())
+            w.trim(now)
+            wait = w.tokens_retry(w.token_sum + w.reserved_sum + max(tokens, 1) - tpm, now)
+            if wait is not None:
+                return Admission(False, wait, "tokens")
+            reservation = Reservation(key_id, uuid.uuid4().hex, tokens)
+            w.reserved[reservation.id] = (now + RESERVATION_TTL_S, tokens)
+            w.reserved_sum += tokens
+            return Admission(True, reservation=reservation)
+
+    def settle_tokens(self, reservation, used):
+        used = _check_tokens(used)
+        with self._lock:
+            now = self._clock()
+            w = self._windows.setdefault(reservation.key_id, _Window())
+            w.trim(now)
+            held = w.reserved.pop(reservation.id, None)
+            if held is None:
+                return  # settled already, or expired
+            w.reserved_sum -= held[1]
+            if used:
+                w.tokens.append((now, used))
+                w.token_sum += used
 
     def register_replica(self, model, replica_id, info, ttl_s):
         info = json.loads(json.dumps(info))  # what Redis would keep: JSON, a copy

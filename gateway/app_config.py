@@ -42,9 +42,10 @@ class AppConfig(BaseModel):
     max_n: int = Field(16, ge=1)
     """Largest `n` a request may ask for."""
     api_keys: list[str] = Field(default_factory=list)
-    """Accepted API keys (raw); empty leaves the API open."""
+    """Accepted API keys (raw). With none here, in `api_keys_env` or `redis_url`, the API is open."""
     redis_url: str | None = None
-    """Shared state (API keys, rate limits, registry) in Redis; None keeps it in-process."""
+    """Shared state (API keys, rate limits, registry) in Redis. A key source: with it every request needs
+    a key, even while Redis holds none (then all are refused). None keeps the rest in-process."""
     api_keys_env: str | None = Field(None, min_length=1)
     """Name of an environment variable holding more accepted keys, comma-separated: the Helm chart
     fills it from a Kubernetes Secret, so no raw key is written into the Serve config."""
