@@ -320,7 +320,7 @@ class OpenAIServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._completion_stream(request_id, streams, encoded, params, req.echo, include_usage)
-        finals = await asyncio.gather(*(_last(s) for s in streams))
+        finals = await _all_or_none(*(_last(s) for s in streams))
         choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
         for p_index, ((ids, text), final) in enumerate(zip(encoded, finals)):
             prompt_tokens += len(ids)
@@ -566,6 +566,19 @@ async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
             raise APIError(c.error or "the engine failed this request", status=500, type="server_error")
     final.outputs = [merged[i] for i in sorted(merged)]
     return final
+
+
+async def _all_or_none(*coros):
+    """asyncio.gather, but the first failure cancels the rest: one prompt of a completion refused
+    (a 429 of its token budget, a grammar the engine refuses) stops its siblings' generation too."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _join(a: ParsedDelta, b: ParsedDelta) -> ParsedDelta:

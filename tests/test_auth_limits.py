@@ -260,3 +260,16 @@ def test_cancelled_and_failed_requests_settle(gateway):
         assert gateway.main.post("/v1/chat/completions", bad, raw).status_code == 400
     assert _open_reservations(gateway.store, rec.id) == 0
     assert gateway.main.post("/v1/chat/completions", {**CHAT, "max_tokens": 200}, raw).status_code == 200
+
+
+def test_refused_prompt_stops_its_siblings(gateway):
+    """A completion of three prompts whose third does not fit the key's budget gets 429, and the two
+    admitted prompts stop at once (cancelled, settled) rather than generating for nobody."""
+    raw, rec = gateway.store.create_key("tpm-siblings", tokens_per_minute=300)
+    cancelled = gateway.rig.serving.metrics.requests.labels("completions", "499")
+    before = cancelled._value.get()
+    body = {"model": "tiny", "prompt": ["one", "two", "three"], "max_tokens": 100, "ignore_eos": True}
+    r = gateway.main.post("/v1/completions", body, raw)
+    assert r.status_code == 429 and "Retry-After" in r.headers, r.text
+    assert _until(lambda: _open_reservations(gateway.store, rec.id) == 0)
+    assert cancelled._value.get() == before + 2, "the two admitted prompts were cancelled, not run to the end"
