@@ -172,8 +172,9 @@ class Authenticator:
     def _count_store_keys_soon(self) -> asyncio.Future | None:
         """Recount the store's valid keys in the background unless counted within `keys_cache_s`;
         the count pending, or None when the cached one is fresh."""
-        if self._counting is not None and not self._counting.done():
-            return self._counting
+        pending = self._counting
+        if pending is not None and not pending.done() and pending.get_loop() is asyncio.get_running_loop():
+            return pending
         counted = self._store_keys
         if counted is not None and self._clock() - counted[0] < self._keys_cache_s:
             return None
