@@ -33,10 +33,11 @@ class ServingConfig:
     max_n: int = setting(16, ge=1)
     """Largest `n` (completions per request) a request may ask for."""
     api_keys: list[str] = setting(default_factory=list, flag="--api-key")
-    """Accepted API keys (raw); none leaves the API open."""
+    """Accepted API keys (raw). With none here, in api_keys_env or redis_url, the API is open."""
     redis_url: str | None = None
-    """Shared state (API keys, rate limits, replica registry) in Redis, redis://host:port/db; default:
-    in-process."""
+    """Shared state (API keys, rate limits, replica registry) in Redis, redis://host:port/db. A key
+    source: with it every request needs a key, even while Redis holds none (then all are refused).
+    Default: no shared state (in-process)."""
     api_keys_env: str | None = setting(None, min_length=1)
     """Name of an environment variable holding more accepted keys, comma-separated: the Helm chart fills
     it from a Kubernetes Secret, so no raw key is written into the Serve config."""

@@ -56,7 +56,10 @@ def build_http_app(serving: OpenAIServing, auth: Authenticator | None = None,
         if not ready():
             return JSONResponse(APIError("the model is still loading", status=503, type="server_error").to_dict(),
                                 status_code=503)
-        return JSONResponse({"status": "ok"})
+        body: dict[str, Any] = {"status": "ok"}
+        if auth is not None:
+            body["auth"] = await auth.status()  # e.g. a key store that holds no key refuses everyone
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -132,8 +132,10 @@ class Gateway:
         self.serving = OpenAIServing(client, tokenizer, ServingSettings(
             info["model_name"], info["max_model_len"], max_n=cfg.max_n, model_aliases=aliases,
             vocab_size=info["vocab_size"]))
-        self.auth = Authenticator(cfg.resolved_api_keys(), store=make_state_store(cfg.resolved_redis_url()))
-        self.serving.on_usage = self.auth.record_usage
+        redis_url = cfg.resolved_redis_url()  # the key store, when configured: then a key is always required
+        self.auth = Authenticator(cfg.resolved_api_keys(), store=make_state_store(redis_url) if redis_url else None)
+        self.serving.limiter = self.auth
+        log.info("API keys: %s", await self.auth.status(wait_s=5.0))
         self.grpc = None
         if cfg.grpc_port:
             from expertmesh.gateway.grpc_server import build_grpc_server

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +43,15 @@ class EngineClient(Protocol):
     async def stats(self) -> dict[str, float]: ...
 
     async def expert_load(self) -> list[list[float]] | None: ...
+
+
+class TokenLimiter(Protocol):
+    """A per-key tokens-per-minute budget (`Authenticator`): `reserve` before the engine sees a
+    request (APIError 429 when its most tokens do not fit), `settle` when it ends, however it ends."""
+
+    async def reserve(self, tokens: int) -> Any: ...
+
+    async def settle(self, reservation: Any, used: int) -> None: ...
 
 
 class LocalEngineClient:
@@ -107,8 +116,9 @@ class OpenAIServing:
         self.client, self.tokenizer, self.settings = client, tokenizer, settings
         self.metrics = metrics or Metrics()
         self.created = int(time.time())
-        self.on_usage: Callable[[int], Awaitable[None]] | None = None
-        """Called with prompt plus generated tokens when a request completes (per-key token limits)."""
+        self.limiter: TokenLimiter | None = None
+        """Reserves each engine request's most tokens (prompt + max_tokens x n) before it starts and
+        settles them to the prompt plus generated tokens when it ends (per-key token limits)."""
 
     # ---- models ----------------------------------------------------------------------------
 
@@ -310,7 +320,7 @@ class OpenAIServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._completion_stream(request_id, streams, encoded, params, req.echo, include_usage)
-        finals = await asyncio.gather(*(_last(s) for s in streams))
+        finals = await _all_or_none(*(_last(s) for s in streams))
         choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
         for p_index, ((ids, text), final) in enumerate(zip(encoded, finals)):
             prompt_tokens += len(ids)
@@ -494,8 +504,11 @@ class OpenAIServing:
         arrival = time.perf_counter()
         first = last_token = None
         status, generated = "200", 0
-        stream = self.client.generate(request_id, ids, params, prompt)
+        stream = reservation = None
         try:
+            if self.limiter is not None:
+                reservation = await self.limiter.reserve(len(ids) + params.max_tokens * params.n)
+            stream = self.client.generate(request_id, ids, params, prompt)
             async for batch in stream:
                 out = merge_outputs(batch)
                 now = time.perf_counter()
@@ -523,13 +536,17 @@ class OpenAIServing:
             status = "500"
             raise
         finally:
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
             m.requests.labels(endpoint, status).inc()
             if status == "200":
                 m.prompt_tokens.inc(len(ids))
                 m.e2e.observe(time.perf_counter() - arrival)
-            if self.on_usage is not None and status in ("200", "499"):
-                await self.on_usage(len(ids) + generated)
+            if reservation is not None:
+                # the prompt counts once the engine may have read it; shielded: a cancelled
+                # request must still give its unused tokens back
+                used = len(ids) + generated if generated or status in ("200", "499", "500") else 0
+                await asyncio.shield(self.limiter.settle(reservation, used))
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -549,6 +566,19 @@ async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
             raise APIError(c.error or "the engine failed this request", status=500, type="server_error")
     final.outputs = [merged[i] for i in sorted(merged)]
     return final
+
+
+async def _all_or_none(*coros):
+    """asyncio.gather, but the first failure cancels the rest: one prompt of a completion refused
+    (a 429 of its token budget, a grammar the engine refuses) stops its siblings' generation too."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _join(a: ParsedDelta, b: ParsedDelta) -> ParsedDelta:

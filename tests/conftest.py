@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +17,8 @@ if not torch.cuda.is_available():
     # triton.jit reads it when a kernel is defined. Production code on the CPU never imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from expertmesh.model.tiny import make_tiny
+from expertmesh.cluster.collective import free_port  # noqa: E402
+from expertmesh.model.tiny import make_tiny  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -98,3 +103,70 @@ def local_serving(max_model_len: int):
         thread.join(timeout=10)
         loop.close()
         engine.shutdown()
+
+
+# ---- a real redis-server (tests/test_state.py, tests/test_auth_limits.py) ---------------------
+
+REDIS = shutil.which("redis-server")
+
+
+class RedisServer:
+    """A redis-server on a free port, persisting to `directory` (append-only file)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.port = directory, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory), "--save", "",
+             "--appendonly", "yes", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        """SIGTERM: redis-server flushes the append-only file and exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def flush(self) -> None:
+        """FLUSHALL: every key gone."""
+        with self.client() as c:
+            c.flushall()
+
+    def restart_empty(self) -> None:
+        """Stop, lose the data directory's files, start again on the same port: a Redis whose
+        volume was lost (or that never persisted) comes back empty."""
+        self.stop()
+        for path in self.directory.iterdir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.start()
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port, decode_responses=True)
+
+
+def start_redis_server(directory: Path) -> RedisServer:
+    """A started redis-server persisting to `directory`; the test is skipped without redis-server."""
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it: apt-get install redis-server)")
+    server = RedisServer(directory)
+    server.start()
+    return server

@@ -337,6 +337,8 @@ def test_serve_config_is_the_cli_config(helm, tmp_path):
     (app,) = rendered["applications"]
     assert app["import_path"] == "expertmesh.gateway.serve_app:build_app"
     args = {**app["args"], "model": str(default_model_path())}
+    # the generated API key's Secret reaches the gateway through the environment: no CLI flag for that
+    assert args.pop("api_keys_env") == "EXPERTMESH_API_KEYS"
     cfg = AppConfig.model_validate(args)
 
     stdout = io.StringIO()
@@ -406,3 +408,4 @@ def test_rendered_serve_config_starts(helm, monkeypatch):
     finally:
         serve.shutdown()
         ray.shutdown()
+

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import shutil
-import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from conftest import start_redis_server
 
+from expertmesh.cluster.collective import free_port
 from expertmesh.cluster.state import (
+    RESERVATION_TTL_S,
     WINDOW_S,
     InProcessStateStore,
     KeyRecord,
@@ -29,66 +28,10 @@ from expertmesh.cluster.state import (
     redact_url,
 )
 
-REDIS = shutil.which("redis-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server on a free port, persisting to `directory` (append-only file)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory), "--save", "",
-             "--appendonly", "yes", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        import redis
-
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.05)
-        client.close()
-
-    def stop(self) -> None:
-        """SIGTERM: redis-server flushes the append-only file and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def client(self):
-        import redis
-
-        return redis.Redis(port=self.port, decode_responses=True)
-
-
-def _redis_server(directory: Path):
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it: apt-get install redis-server)")
-    server = RedisServer(directory)
-    server.start()
-    return server
-
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    server = _redis_server(tmp_path_factory.mktemp("redis"))
+    server = start_redis_server(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
 
@@ -245,6 +188,80 @@ def test_tokens_per_minute_under_threads(store):
     assert not refused.ok and refused.reason == "tokens" and 0 < refused.retry_after_s <= WINDOW_S
 
 
+def _reserve_many(store: StateStore, key_id: str, tpm: int, tokens: int, threads: int, calls: int):
+    results, lock, barrier = [], threading.Lock(), threading.Barrier(threads)
+
+    def run():
+        barrier.wait()
+        mine = [store.reserve_tokens(key_id, tpm, tokens) for _ in range(calls)]
+        with lock:
+            results.extend(mine)
+
+    pool = [threading.Thread(target=run) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return results
+
+
+def test_token_reservations_under_threads(store):
+    """16 threads reserve a request's most tokens (110) 4 times each under 1,000 tokens per minute:
+    exactly 9 fit; settling refunds what was not used, once."""
+    _, rec = store.create_key("reserve", tokens_per_minute=1000)
+    results = _reserve_many(store, rec.id, 1000, 110, threads=16, calls=4)
+    held = [a.reservation for a in results if a.ok]
+    assert len(held) == 9 and len({r.id for r in held}) == 9, "990 of 1,000 tokens are held"
+    assert all(not a.ok and a.reason == "tokens" and 0 < a.retry_after_s <= WINDOW_S for a in results if not a.ok)
+    assert not store.admit(rec.id, None, 1000, 20).ok, "admission counts the open reservations"
+    for r in held:
+        store.settle_tokens(r, 10)
+        store.settle_tokens(r, 10)  # twice: changes nothing
+    again = _reserve_many(store, rec.id, 1000, 110, threads=4, calls=4)
+    assert sum(a.ok for a in again) == 8, "90 tokens used: 8 more requests of 110 fit"
+    too_large = store.reserve_tokens(rec.id, 1000, 1001)
+    assert not too_large.ok and too_large.retry_after_s is None and too_large.reason == "too_large"
+    unlimited = store.reserve_tokens(rec.id, None, 10**6)
+    assert unlimited.ok and unlimited.reservation is None
+
+
+def test_reservations_expire_and_age_out():
+    now = [1000.0]
+    store = InProcessStateStore(clock=lambda: now[0])
+    first = store.reserve_tokens("k", 100, 60)
+    refused = store.reserve_tokens("k", 100, 60)
+    assert first.ok and not refused.ok and refused.retry_after_s == pytest.approx(WINDOW_S)
+    store.settle_tokens(first.reservation, 30)  # 30 used, 30 refunded
+    second = store.reserve_tokens("k", 100, 60)
+    assert second.ok and not store.reserve_tokens("k", 100, 20).ok
+    now[0] += RESERVATION_TTL_S  # the log aged out and the open reservation expired
+    store.settle_tokens(second.reservation, 60)  # too late: logs nothing
+    assert store.reserve_tokens("k", 100, 100).ok
+
+
+def _reserve_in_process(url: str, key_id: str, calls: int, barrier, results) -> None:
+    store = RedisStateStore(url)
+    store.ping()
+    barrier.wait()
+    results.put(sum(store.reserve_tokens(key_id, 1000, 110).ok for _ in range(calls)))
+
+
+def test_token_reservations_across_processes(redis_server):
+    redis_server.flush()
+    store = RedisStateStore(redis_server.url)
+    _, rec = store.create_key("procs-tokens", tokens_per_minute=1000)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_reserve_in_process, args=(store.url, rec.id, 6, barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    admitted = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert sum(admitted) == 9, f"each process reserved {admitted} times 110 of 1,000 tokens"
+
+
 def _admit_in_process(url: str, key_id: str, rpm: int, calls: int, barrier, results) -> None:
     store = RedisStateStore(url)
     store.ping()
@@ -314,53 +331,80 @@ def test_replica_registry(store):
 
 # ---- the gateway's Authenticator over the store --------------------------------------------
 
-def _check(auth, token, tokens=0):
-    return asyncio.run(auth.check(token, tokens))
+def _check(auth, token):
+    return asyncio.run(auth.check(token))
 
 
-def _api_error(auth, token, tokens=0):
+def _api_error(call):
     from expertmesh.gateway.protocol import APIError
 
     with pytest.raises(APIError) as info:
-        _check(auth, token, tokens)
+        asyncio.run(call)
     return info.value
 
 
 def test_authenticator_over_the_store(store):
-    from expertmesh.gateway.auth import Authenticator, current_key
+    from expertmesh.gateway.auth import NO_STORE_KEYS, Authenticator, current_key
 
     auth = Authenticator(store=store, keys_cache_s=0)
     assert auth.enabled
-    assert _check(auth, None) is None and _check(auth, "anything") is None, "no key anywhere: the API is open"
+    for token in (None, "anything"):
+        assert _api_error(auth.check(token)).status == 401, "a key store with no key admits nobody"
+    assert asyncio.run(auth.status()) == NO_STORE_KEYS
     raw, rec = store.create_key("limited", requests_per_minute=2, tokens_per_minute=100)
-    assert _api_error(auth, None).status == 401
-    assert _api_error(auth, "em-wrong").status == 401
+    assert asyncio.run(auth.status()) == "on: 1 key in the store"
+    assert _api_error(auth.check(None)).status == 401
+    assert _api_error(auth.check("em-wrong")).status == 401
     assert _check(auth, raw) == rec
     assert asyncio.run(auth.check_http(f"Bearer {raw}")) == rec
-    err = _api_error(auth, raw)
+    err = _api_error(auth.check(raw))
     assert err.status == 429 and err.code == "rate_limit_exceeded" and "2 requests per minute" in err.message
     assert 1 <= int(err.headers["Retry-After"]) <= 60
 
     raw_t, rec_t = store.create_key("tokens", tokens_per_minute=100)
 
-    async def request_then_usage():
+    async def request(tokens, used):
         assert await auth.check(raw_t) == rec_t and current_key.get() == rec_t
-        await auth.record_usage(150)
+        reservation = await auth.reserve(tokens)
+        await auth.settle(reservation, used)
 
-    asyncio.run(request_then_usage())
-    err = _api_error(auth, raw_t)
+    asyncio.run(request(100, 100))  # the whole budget, used
+    err = _api_error(auth.check(raw_t))
     assert err.status == 429 and err.type == "tokens" and "Retry-After" in err.headers
-    err = _api_error(auth, raw, tokens=500)
-    assert err.status == 429
+    err = _api_error(auth.reserve(500, rec_t))
+    assert err.status == 429 and "Retry-After" not in err.headers, "it can never fit: no retry"
+    assert "more than its limit of 100 tokens per minute" in err.message
 
     store.revoke_key("limited")
-    assert _api_error(auth, raw).status == 401
+    assert _api_error(auth.check(raw)).status == 401
     store.revoke_key("tokens")
-    assert _api_error(auth, None).status == 401, "revoking every key leaves the API closed"
+    assert _api_error(auth.check(None)).status == 401, "revoking every key leaves the API closed"
+    assert asyncio.run(auth.status()) == NO_STORE_KEYS
 
     static = Authenticator(["static-key"], store=store)
     assert _check(static, "static-key") is None
-    assert _api_error(static, raw_t).status == 401
+    assert _api_error(static.check(raw_t)).status == 401
+
+
+def test_empty_key_store_refuses_and_says_so(store, request, caplog):
+    """Keys created, then the store loses them (FLUSHALL; a new in-process store): a key is still
+    required, every request gets 401, the log warns and the status says why."""
+    from expertmesh.gateway.auth import NO_STORE_KEYS, Authenticator
+
+    raw, rec = store.create_key("before-the-flush")
+    auth = Authenticator(store=store, keys_cache_s=0)
+    assert _check(auth, raw) == rec
+    if isinstance(store, RedisStateStore):
+        request.getfixturevalue("redis_server").flush()
+    else:
+        auth = Authenticator(store=InProcessStateStore(), keys_cache_s=0)
+    with caplog.at_level("WARNING", logger="expertmesh.gateway.auth"):
+        for token in (None, "anything", raw):
+            err = _api_error(auth.check(token))
+            assert err.status == 401 and err.code == "invalid_api_key"
+        assert asyncio.run(auth.status()) == NO_STORE_KEYS
+    assert "holds no valid key, so every request is refused" in caplog.text
+    assert Authenticator(["static"], store=store).enabled
 
 
 def test_authenticator_static_keys_only():
@@ -369,9 +413,11 @@ def test_authenticator_static_keys_only():
 
     assert auth_hash_key is hash_key
     assert not Authenticator().enabled and _check(Authenticator(), None) is None
+    assert asyncio.run(Authenticator().status()).startswith("off")
     auth = Authenticator(["k1", "k2"])
     assert auth.enabled and _check(auth, "k2") is None
-    assert _api_error(auth, None).status == 401 and _api_error(auth, "k3").headers["WWW-Authenticate"] == "Bearer"
+    assert _api_error(auth.check(None)).status == 401
+    assert _api_error(auth.check("k3")).headers["WWW-Authenticate"] == "Bearer"
 
 
 def test_make_state_store_and_redacted_urls():
@@ -392,7 +438,7 @@ def test_make_state_store_and_redacted_urls():
 def test_redis_outage_and_restart(tmp_path):
     from expertmesh.gateway.auth import Authenticator
 
-    server = _redis_server(tmp_path)
+    server = start_redis_server(tmp_path)
     try:
         store = RedisStateStore(server.url)
         raw, rec = store.create_key("survivor", requests_per_minute=3)
@@ -411,8 +457,9 @@ def test_redis_outage_and_restart(tmp_path):
             with pytest.raises(StateStoreUnavailable, match=f"Redis at {server.url}.* unreachable"):
                 call()
             assert time.monotonic() - start < 5, "an outage is reported quickly"
-        err = _api_error(auth, raw)
-        assert err.status == 503 and err.type == "server_error" and server.url in err.message
+        err = _api_error(auth.check(raw))
+        assert err.status == 503 and err.type == "server_error" and err.code == "state_store_unavailable"
+        assert f"127.0.0.1:{server.port}" not in err.message, "the store's address stays in the log"
         assert _check(auth, "static-key") is None, "static keys need no store"
 
         server.start()  # same port, same directory: the append-only file is replayed
@@ -420,7 +467,7 @@ def test_redis_outage_and_restart(tmp_path):
         assert [(r.id, r.revoked) for r in store.list_keys()] == [(rec.id, False), (gone.id, True)]
         assert store.admit(rec.id, 3, None).ok
         assert _check(auth, raw) == rec
-        assert _api_error(auth, raw).status == 429, "the rate-limit log survived the restart too"
+        assert _api_error(auth.check(raw)).status == 429, "the rate-limit log survived the restart too"
     finally:
         server.stop()
 
@@ -467,5 +514,5 @@ def test_keys_cli(redis_server, capsys):
     assert "needs --redis-url" in capsys.readouterr().err
     assert main(["keys", "create", "x", "--rpm", "0", *url]) == 2
     assert "--rpm must be a positive integer" in capsys.readouterr().err
-    assert main(["keys", "list", "--redis-url", f"redis://127.0.0.1:{_free_port()}/0"]) == 1
+    assert main(["keys", "list", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
     assert "unreachable" in capsys.readouterr().err

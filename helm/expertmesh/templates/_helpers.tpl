@@ -50,12 +50,19 @@ app.kubernetes.io/component: redis
 {{- define "expertmesh.apiKeysEnv" -}}EXPERTMESH_API_KEYS{{- end }}
 {{- define "expertmesh.redisPasswordEnv" -}}EXPERTMESH_REDIS_PASSWORD{{- end }}
 
+{{/* The Secret of the static API keys: existingSecret, or the chart's own (keys given, or one
+generated); empty with apiKeys.generate false (the Redis key store is then the only key source). */}}
 {{- define "expertmesh.apiKeysSecret" -}}
 {{- if .Values.apiKeys.existingSecret }}
 {{- .Values.apiKeys.existingSecret }}
-{{- else if .Values.apiKeys.keys }}
+{{- else if or .Values.apiKeys.keys .Values.apiKeys.generate }}
 {{- include "expertmesh.fullname" . }}-api-keys
 {{- end }}
+{{- end }}
+
+{{/* Whether the chart generates the API key (no existingSecret, no keys). */}}
+{{- define "expertmesh.generatedApiKey" -}}
+{{- if and .Values.apiKeys.generate (not .Values.apiKeys.existingSecret) (not .Values.apiKeys.keys) }}true{{ end }}
 {{- end }}
 
 {{- define "expertmesh.redisEnabled" -}}
@@ -184,6 +191,9 @@ also needs the head's expertmesh_gateway resource. */}}
 {{- if and .Values.apiKeys.existingSecret .Values.apiKeys.keys }}
 {{- fail "set apiKeys.existingSecret or apiKeys.keys, not both" }}
 {{- end }}
+{{- if not (or (include "expertmesh.apiKeysSecret" .) (include "expertmesh.redisEnabled" .)) }}
+{{- fail "apiKeys.generate false with no apiKeys.existingSecret, no apiKeys.keys and no Redis key store (redis.mode none) would serve an open API: give keys, or leave apiKeys.generate true" }}
+{{- end }}
 {{- end }}
 
 {{/* Volumes and mounts of every Ray container. */}}
@@ -214,4 +224,14 @@ also needs the head's expertmesh_gateway resource. */}}
   mountPath: {{ .Values.model.storage.mountPath }}
   readOnly: true
 {{- end }}
+{{- end }}
+
+{{/* The head container's probe (dict "root" $ "kind" "ready"|"live" "p" .Values.probes.readiness|liveness). */}}
+{{- define "expertmesh.probe" -}}
+{{- $agent := index .root.Values.head.rayStartParams "dashboard-agent-listen-port" | default 52365 -}}
+exec:
+  command: [python, -S, /etc/expertmesh/probe/probe.py, {{ .kind }}, --serve-port, "8000", --agent-port, {{ $agent | toString | quote }}, --timeout, {{ divf .p.timeoutSeconds 2.5 | toString | quote }}]
+periodSeconds: {{ .p.periodSeconds | int }}
+timeoutSeconds: {{ .p.timeoutSeconds | int }}
+failureThreshold: {{ .p.failureThreshold | int }}
 {{- end }}
