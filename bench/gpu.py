@@ -40,7 +40,6 @@ from expertmesh.engine.config import CacheConfig, EngineConfig, ModelLoadConfig,
 from expertmesh.engine.core import EngineCore
 from expertmesh.engine.executor import InProcessExecutor
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.model.config import ModelConfig
 from expertmesh.model.tokenizer import Tokenizer
 
 QWEN3_30B = {**QWEN3_235B_LAYER, "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4,
@@ -166,7 +165,6 @@ def transformers_decode_rate(engine: EngineCore, prompts: list[list[int]], new_t
 
     timed(2)
     prefill, full = timed(1), timed(new_tokens)
-    del model
     return len(prompts) * (new_tokens - 1) / (full - prefill)
 
 
@@ -201,7 +199,8 @@ def hf_model_on(runner):
             p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
             p + "self_attn.q_proj.weight": qkv[:q], p + "self_attn.k_proj.weight": qkv[q: q + kv],
             p + "self_attn.v_proj.weight": qkv[q + kv:], p + "self_attn.o_proj.weight": layer.attn.o_proj.weight,
-            p + "self_attn.q_norm.weight": layer.attn.q_norm.weight, p + "self_attn.k_norm.weight": layer.attn.k_norm.weight,
+            p + "self_attn.q_norm.weight": layer.attn.q_norm.weight,
+            p + "self_attn.k_norm.weight": layer.attn.k_norm.weight,
             p + "mlp.gate.weight": layer.mlp.gate.weight, p + "mlp.experts.gate_up_proj": layer.mlp.experts.w13_EFD,
             p + "mlp.experts.down_proj": layer.mlp.experts.w2_EDF})
     for name, tensor in views.items():
@@ -307,7 +306,8 @@ def _free(engine: EngineCore) -> None:
 def markdown(result: dict) -> str:
     r = result["rates"]
     lines = [f"# expertmesh on {result['device']} (torch {torch.__version__})", "",
-             f"Measured in this run: copy {r['copy_gb_s']:.0f} GB/s, bf16 matmul {r['matmul_tflop_s']:.0f} TFLOP/s.", ""]
+             f"Measured in this run: copy {r['copy_gb_s']:.0f} GB/s, bf16 matmul {r['matmul_tflop_s']:.0f} "
+             "TFLOP/s.", ""]
     if "engine" in result:
         lines += ["## Qwen3-30B-A3B shape, whole engine (prompt 128, 128 new tokens)", "",
                   "| batch | decode tok/s | ceiling tok/s | transformers tok/s | step median ms | worst ms |",
@@ -375,7 +375,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="expertmesh bench gpu", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", required=True, help="directory for gpu.json, gpu.md and gpu_steps.png")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run (default: all)")
     args = p.parse_args(argv)

@@ -30,9 +30,9 @@ import torch
 from expertmesh.engine.config import CacheConfig, ModelLoadConfig, SchedulerConfig
 from expertmesh.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from expertmesh.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator, to_device
-from expertmesh.engine.step_inputs import HostStep, StepInputs, host_step
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.step import StepPlan, StepResult, TokenMasks
+from expertmesh.engine.step_inputs import HostStep, StepInputs, host_step
 from expertmesh.model.attention import AttentionMetadata, KernelAttentionPlanner
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import CausalLM
@@ -192,8 +192,8 @@ class ModelRunner:
                 self.model(torch.empty(0, dtype=torch.int64, device=self.device), None, self.kv_caches)
             return StepResult()
         states = [self.requests[rid] for rid in chunks.request_ids]
-        step = host_step(chunks.starts, chunks.num_tokens,
-                         [s.tokens(int(start), int(n)) for s, start, n in zip(states, chunks.starts, chunks.num_tokens)],
+        tokens = [s.tokens(int(start), int(n)) for s, start, n in zip(states, chunks.starts, chunks.num_tokens)]
+        step = host_step(chunks.starts, chunks.num_tokens, tokens,
                          [chunks.block_table(i) for i in range(len(chunks))], chunks.sample, self.block_size)
         logits_BV = self._logits(step, graph_size)
         if logits_BV is None:
@@ -239,8 +239,9 @@ class ModelRunner:
     def _logits(self, step: HostStep, graph_size: int | None) -> torch.Tensor | None:
         """Forward of the step; logits [rows that sample, V] (None if none samples)."""
         if self.inputs is None:  # the plain-torch path
+            query_lens = np.diff(step.query_start_B1)
             meta = AttentionMetadata.build(
-                query_lens=np.diff(step.query_start_B1).tolist(), starts=(step.seq_lens_B - np.diff(step.query_start_B1)).tolist(),
+                query_lens=query_lens.tolist(), starts=(step.seq_lens_B - query_lens).tolist(),
                 block_tables=step.block_tables, block_size=self.block_size, device=self.device,
                 sliding_window=self.model_config.sliding_window)
             hidden_TD = self.model(to_device(step.input_ids_T, self.device), meta, self.kv_caches)

@@ -111,7 +111,7 @@ class StepInputs:
         With `pad_seqs_to`, a decode-only step is padded with scratch rows to that many sequences."""
         B, T = step.num_seqs, step.num_tokens
         rows = pad_seqs_to or B
-        if T > self.max_tokens or rows > self.max_seqs:
+        if self.max_tokens < T or rows > self.max_seqs:
             raise ValueError(f"a step of {T} tokens in {B} sequences exceeds the buffers "
                              f"({self.max_tokens} tokens, {self.max_seqs} sequences)")
         turn = self._turn = 1 - self._turn
@@ -121,7 +121,7 @@ class StepInputs:
         pad = rows - B
 
         def put(name: str, values: np.ndarray, fill: int | None = None) -> None:
-            start, size = self.offsets[name]
+            start, _ = self.offsets[name]
             n = len(values)
             host[start: start + n] = values
             if fill is not None and pad:

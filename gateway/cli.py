@@ -21,7 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-
 BENCHMARKS = {
     "gpu": "the GPU engine (30B and 235B shapes, prefill to 262k, MoE layer) beside its ceilings and transformers",
     "engine": "prefill and decode tokens/s beside transformers (any device)",

@@ -316,7 +316,8 @@ class KernelAttentionPlanner:
                         if device.type == "cuda" else 4)
         bound = dict(max_num_seqs=max_seqs, max_num_tokens=max_tokens, num_q_heads=self.num_q_heads,
                      num_kv_heads=self.num_kv_heads, num_sms=self.num_sms, sliding_window=self.sliding_window)
-        size = max(AttentionPlanBuffers.size_bound(**bound), AttentionPlanBuffers.size_bound(**bound, capacity=max_seqs))
+        size = max(AttentionPlanBuffers.size_bound(**bound),
+                   AttentionPlanBuffers.size_bound(**bound, capacity=max_seqs))
         self.buffers = AttentionPlanBuffers(size, device)
         self.tensors = None
         self.plan_sizes: dict[str, int] = {}
@@ -352,4 +353,5 @@ def paged_attention_kernel(q_THd: torch.Tensor, kv_2NSGd: torch.Tensor, meta: At
     return out_THd.view(q_THd.shape[0], -1)
 
 
-__all__ = ["Attention", "AttentionGroup", "AttentionMetadata", "PagedKernelInputs", "RotaryEmbedding", "paged_attention"]
+__all__ = ["Attention", "AttentionGroup", "AttentionMetadata", "PagedKernelInputs", "RotaryEmbedding",
+           "paged_attention"]

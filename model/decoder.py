@@ -26,7 +26,6 @@ from expertmesh.model.layers import DenseMLP, RMSNorm, RotaryEmbedding
 from expertmesh.model.moe import SparseMoeBlock
 from expertmesh.router import ExpertLoadStats, LocalDispatcher
 
-
 KERNELS = ("auto", "triton", "torch")
 
 

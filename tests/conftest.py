@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
     # triton.jit reads it when a kernel is defined. Production code on the CPU never imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from expertmesh.cluster.collective import free_port  # noqa: E402
-from expertmesh.model.tiny import make_tiny  # noqa: E402
+from expertmesh.cluster.collective import free_port
+from expertmesh.model.tiny import make_tiny
 
 
 def pytest_collection_modifyitems(config, items):

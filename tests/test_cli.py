@@ -20,17 +20,18 @@ def _flags(subcommand: str) -> set[str]:
 
 
 ENGINE_FLAGS = {"--model", "--tokenizer", "--chat-template", "--dtype", "--device", "--max-model-len",
-                "--expert-impl", "--kernels", "--enforce-eager", "--no-enforce-eager", "--load-format", "--block-size", "--num-kv-blocks", "--kv-cache-memory-bytes",
-                "--gpu-memory-utilization", "--enable-prefix-caching", "--no-enable-prefix-caching", "--max-num-seqs",
+                "--expert-impl", "--kernels", "--enforce-eager", "--no-enforce-eager", "--load-format",
+                "--block-size", "--num-kv-blocks", "--kv-cache-memory-bytes", "--gpu-memory-utilization",
+                "--enable-prefix-caching", "--no-enable-prefix-caching", "--max-num-seqs",
                 "--max-num-batched-tokens", "--ep-size", "--ray-address", "--cpus-per-rank", "--step-channel"}
 SAMPLING_FLAGS = {"--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--seed", "--stop"}
 SERVING_FLAGS = {"--served-model-name", "--max-n", "--api-key", "--redis-url", "--api-keys-env",
                  "--redis-password-env", "--grpc-port", "--engine-replicas", "--gateway-replicas",
                  "--max-ongoing-requests"}
 LLM_KWARGS = ["model", "progress", "tokenizer", "chat_template", "dtype", "device", "max_model_len", "expert_impl",
-              "load_format", "seed", "kernels", "enforce_eager", "block_size", "num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization",
-              "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "ep_size", "ray_address",
-              "cpus_per_rank", "step_channel"]
+              "load_format", "seed", "kernels", "enforce_eager", "block_size", "num_kv_blocks",
+              "kv_cache_memory_bytes", "gpu_memory_utilization", "enable_prefix_caching", "max_num_seqs",
+              "max_num_batched_tokens", "ep_size", "ray_address", "cpus_per_rank", "step_channel"]
 
 
 def test_the_public_flags_are_exactly_these():

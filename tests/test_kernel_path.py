@@ -91,7 +91,8 @@ def test_graphs_replay_the_eager_tokens(qwen3_moe_path, dtype):
     common = dict(device="cuda", dtype=dtype, max_num_seqs=8, progress=False)
     prompts = [p * 3 for p in PROMPTS] + [[1, 2, 3], [77] * 40]
     max_tokens = [20, 7, 13, 2, 17, 9]
-    eager_tokens, eager_lp = _tokens_and_logprobs(LLM(qwen3_moe_path, enforce_eager=True, **common), prompts, max_tokens)
+    eager = LLM(qwen3_moe_path, enforce_eager=True, **common)
+    eager_tokens, eager_lp = _tokens_and_logprobs(eager, prompts, max_tokens)
     graphs = LLM(qwen3_moe_path, **common)
     assert graphs.engine.executor.runner.graphs.graphs  # captured
     tokens, logprobs = _tokens_and_logprobs(graphs, prompts, max_tokens)

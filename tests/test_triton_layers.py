@@ -51,7 +51,7 @@ def test_rms_norm_with_residual_adds_in_place_then_normalises(dtype):
 
 
 def _reference_qk_rope_kv(qkv, H, G, positions, rope_module, kv, slots, qk_w, eps):
-    T, _, d = qkv.shape
+    d = qkv.shape[2]
     qk, v = qkv[:, : H + G], qkv[:, H + G:]
     if qk_w is not None:
         weight = torch.cat((qk_w[0].expand(H, -1), qk_w[1].expand(G, -1)))
