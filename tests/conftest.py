@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
 
 from expertmesh.model.tiny import make_tiny
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through Triton's interpreter; it must be on before Triton is first
+    # imported (triton.language's own jit functions are bound at import), so it is set here, first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
