@@ -316,7 +316,7 @@ def gemm_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, act_MF: torch.Tensor
                  block_m: int, config: KernelConfig) -> None:
     """act_MF[m] = silu(gate) * up of the copy at padded row m (sorted_ids_M[m] < num_copies);
     rows of padding and of the zero bucket are left unwritten."""
-    M, F = act_MF.shape
+    F = act_MF.shape[1]
     E, _, D = w13_EFD.shape
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, F, 16), _block(config.BLOCK_K, D, 16)

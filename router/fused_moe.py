@@ -32,7 +32,8 @@ from expertmesh.router.triton_align import align_blocks
 
 
 @functools.cache
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The name configs are keyed by: torch's CUDA device name ("NVIDIA H200"), else the device type."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
@@ -40,7 +41,7 @@ def moe_config(num_copies: int, w13_EFD: torch.Tensor, table: ConfigTable | None
     """The launch configuration a call with `num_copies` copies over these weights uses."""
     E, F2, D = w13_EFD.shape
     dtype_name = str(w13_EFD.dtype).removeprefix("torch.")
-    return select_config(num_copies, E, F2 // 2, D, dtype_name, _device_name(w13_EFD.device), table)
+    return select_config(num_copies, E, F2 // 2, D, dtype_name, device_name(w13_EFD.device), table)
 
 
 def fused_moe(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
@@ -88,7 +89,7 @@ def grouped_experts(x_ND: torch.Tensor, expert_N: torch.Tensor, w13_EFD: torch.T
     """y_ND[n] = expert_{expert_N[n]}(x_ND[n]) for rows sorted by local expert (expert_N int,
     non-decreasing); rows with expert_N >= E (padding of the fixed-capacity all-to-all) give zeros.
     No routing weight: the dispatcher's combine applies it."""
-    N, D = x_ND.shape
+    N = x_ND.shape[0]
     E, F2, _ = w13_EFD.shape
     F = F2 // 2
     if out is None:

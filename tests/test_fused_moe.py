@@ -22,8 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from expertmesh.experts import Experts  # noqa: E402
-from expertmesh.experts.moe_config import (  # noqa: E402
+from expertmesh.experts import Experts
+from expertmesh.experts.moe_config import (
     GEMV_MAX_COPIES,
     ConfigTable,
     KernelConfig,
@@ -33,12 +33,11 @@ from expertmesh.experts.moe_config import (  # noqa: E402
     load_table,
     select_config,
 )
-from expertmesh.router import GateConfig, LocalDispatcher, gate  # noqa: E402
-from expertmesh.router import triton_align  # noqa: E402
-from expertmesh.router.align import align_blocks_reference, max_blocks  # noqa: E402
-from expertmesh.router.fused_moe import fused_moe, grouped_experts, moe_config  # noqa: E402
-from expertmesh.router.triton_align import align_blocks  # noqa: E402
-from expertmesh.router.triton_gating import topk_softmax_triton  # noqa: E402
+from expertmesh.router import GateConfig, LocalDispatcher, gate, triton_align
+from expertmesh.router.align import align_blocks_reference, max_blocks
+from expertmesh.router.fused_moe import fused_moe, grouped_experts, moe_config
+from expertmesh.router.triton_align import align_blocks
+from expertmesh.router.triton_gating import topk_softmax_triton
 
 interpreter = pytest.mark.skipif(torch.cuda.is_available(),
                                  reason="interpreter tests; the gpu tests run the compiled kernels")
