@@ -58,7 +58,7 @@ def block_ms(copies_per_expert: float) -> list[int]:
     if copies_per_expert <= 32:
         return [16, 32]
     if copies_per_expert <= 128:
-        return [16, 32, 64]
+        return [16, 32, 64, 128]
     if copies_per_expert <= 512:
         return [64, 128]
     return [64, 128]

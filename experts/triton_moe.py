@@ -72,7 +72,7 @@ def _gemv_gate_up_kernel(
 ):
     copy = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = _expert_of(ids_ptr, map_ptr, copy, True, num_experts, HAS_MAP)
+    expert = _expert_of(ids_ptr, map_ptr, copy, copy >= 0, num_experts, HAS_MAP)
     if expert < 0:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,7 +246,7 @@ _STAGES_THAT_FIT: dict[tuple, int] = {}
 def _launch(kernel, grid, args, *, num_warps: int, num_stages: int, **constexprs) -> None:
     """Launch; where a config's pipeline does not fit in shared memory on this device (a data file
     written for another GPU), retry with fewer stages instead of failing the forward."""
-    key = (kernel, num_warps, num_stages, tuple(sorted(constexprs.items())))
+    key = (id(kernel), num_warps, num_stages, tuple(sorted(constexprs.items())))
     stages = _STAGES_THAT_FIT.get(key, num_stages)
     while True:
         try:
@@ -269,11 +269,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check_weights(w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, D: int) -> None:
-    if w13_EFD.stride(-1) != 1 or w2_EDF.stride(-1) != 1:
-        raise ValueError("expert weights must be contiguous in their last dimension")
-    if w13_EFD.shape[2] != D or w2_EDF.shape[1] != D or w13_EFD.shape[1] != 2 * w2_EDF.shape[2]:
-        raise ValueError(f"expert weight shapes {tuple(w13_EFD.shape)} and {tuple(w2_EDF.shape)} do not fit hidden {D}")
+def check_operands(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, out: torch.Tensor) -> None:
+    """The kernels index rows by stride and read the last dimension contiguously."""
+    D = x_TD.shape[1]
+    if w13_EFD.shape[2] != D or w2_EDF.shape[:2] != (w13_EFD.shape[0], D) or w13_EFD.shape[1] != 2 * w2_EDF.shape[2]:
+        raise ValueError(f"expert weights {tuple(w13_EFD.shape)}, {tuple(w2_EDF.shape)} do not fit hidden size {D}")
+    if any(t.stride(-1) != 1 for t in (x_TD, w13_EFD, w2_EDF, out)):
+        raise ValueError("activations, expert weights and outputs must be contiguous in their last dimension")
+    if out.shape != x_TD.shape or out.dtype != x_TD.dtype:
+        raise ValueError(f"out must be {tuple(x_TD.shape)} {x_TD.dtype}, got {tuple(out.shape)} {out.dtype}")
 
 
 def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor, act_NF: torch.Tensor, *,

@@ -27,7 +27,7 @@ import functools
 import torch
 
 from expertmesh.experts.moe_config import ConfigTable, MoeConfig, select_config
-from expertmesh.experts.triton_moe import gemm_down, gemm_gate_up, gemv_down, gemv_gate_up
+from expertmesh.experts.triton_moe import check_operands, gemm_down, gemm_gate_up, gemv_down, gemv_gate_up
 from expertmesh.router.triton_align import align_blocks
 
 
@@ -59,8 +59,13 @@ def fused_moe(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: to
     K = topk_ids_TK.shape[1]
     E, F2, _ = w13_EFD.shape
     F, N = F2 // 2, T * K
+    if topk_ids_TK.shape != (T, K) or topk_weights_TK.shape != (T, K):
+        raise ValueError(f"topk ids {tuple(topk_ids_TK.shape)} and weights {tuple(topk_weights_TK.shape)} "
+                         f"must both be [{T}, K]")
+    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
     if out is None:
         out = torch.empty_like(x_TD)
+    check_operands(x_TD, w13_EFD, w2_EDF, out)
     if N == 0:
         return out
     config = config or moe_config(N, w13_EFD)
@@ -92,8 +97,12 @@ def grouped_experts(x_ND: torch.Tensor, expert_N: torch.Tensor, w13_EFD: torch.T
     N = x_ND.shape[0]
     E, F2, _ = w13_EFD.shape
     F = F2 // 2
+    if expert_N.shape != (N,):
+        raise ValueError(f"expert_N must be [{N}], got {tuple(expert_N.shape)}")
+    x_ND = x_ND if x_ND.stride(-1) == 1 else x_ND.contiguous()
     if out is None:
         out = torch.empty_like(x_ND)
+    check_operands(x_ND, w13_EFD, w2_EDF, out)
     if N == 0:
         return out
     config = config or moe_config(N, w13_EFD)

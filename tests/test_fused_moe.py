@@ -248,6 +248,25 @@ def test_grouped_experts_with_padding_rows(path):
 
 
 @interpreter
+def test_strided_activations_and_bad_operands():
+    E, D, F, K, T = 4, 32, 16, 2, 3
+    w13, w2 = random_weights(E, D, F)
+    weights, ids = routing("uniform", T, K, E)
+    wide = torch.randn(T, 2 * D)
+    column_major = torch.randn(D, T).t()  # last dimension not contiguous: copied first
+    want = reference_moe(wide[:, :D], weights, ids, w13, w2)
+    torch.testing.assert_close(fused_moe(wide[:, :D], weights, ids, w13, w2, config=GEMV), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused_moe(column_major, weights, ids, w13, w2, config=GEMV),
+                               reference_moe(column_major, weights, ids, w13, w2), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="out must be"):
+        fused_moe(wide[:, :D], weights, ids, w13, w2, out=torch.empty(T, D, dtype=torch.float16))
+    with pytest.raises(ValueError, match="do not fit"):
+        fused_moe(torch.randn(T, D + 1), weights, ids, w13, w2)
+    with pytest.raises(ValueError, match="must both be"):
+        fused_moe(wide[:, :D], weights[:, :1], ids, w13, w2)
+
+
+@interpreter
 def test_no_tokens_is_a_no_op():
     w13, w2 = random_weights(4, 32, 16)
     out = fused_moe(torch.empty(0, 32), torch.empty(0, 2), torch.empty(0, 2, dtype=torch.int64), w13, w2)
