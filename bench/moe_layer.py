@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m expertmesh.bench.moe_layer", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["235b"], help="layer shapes to run")
     p.add_argument("--tokens", type=int, nargs="+", default=None,
-                   help="token counts (default: 1 64 1024 16384 for 235b, 1 64 256 for 30b)")
+                   help="token counts (default: 1 64 1024 16384 for 235b, 1 64 256 for 30b; with --sweep, "
+                        "every swept bucket: 1 8 16 64 256 1024 4096 16384 and 1 8 16 64 256 1024)")
     p.add_argument("--sweep", action="store_true", help="sweep kernel configs first; write the best to OUT/configs/")
     p.add_argument("--sweep-budget-s", type=float, default=180.0,
                    help="wall-clock seconds the sweeps may take in all (later buckets keep the heuristic)")
@@ -219,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     rates = measure_rates(torch.device("cuda"), torch.bfloat16)
     deadline = start + args.sweep_budget_s
-    results = [run_shape(shape, args.tokens or SHAPES[shape][1], args.sweep, deadline, rates, out_dir)
-               for shape in args.shape]
+    results = []
+    for shape in args.shape:
+        _, table_tokens, sweep_tokens = SHAPES[shape]
+        tokens = args.tokens or (sorted(sweep_tokens) if args.sweep else table_tokens)
+        results.append(run_shape(shape, tokens, args.sweep, deadline, rates, out_dir))
     device_name = torch.cuda.get_device_name()
     table = markdown(results, rates, device_name)
     if out_dir is not None:
