@@ -1,62 +1,65 @@
-"""One MoE layer of Qwen3-235B-A22B's shape: ours beside transformers' on the same weights.
+"""One MoE layer on one GPU: the fused Triton path beside torch._grouped_mm and transformers.
 
-Both run the same random bf16 weights (hidden 4096, 128 experts, top-8, expert FFN 1536) on
-one GPU at several token counts; times are medians of CUDA-event timed forwards. Ours is the
-model's `SparseMoeBlock` (gate, local dispatcher, grouped experts, combine); transformers'
-is `Qwen3MoeSparseMoeBlock` with `config._experts_implementation = "grouped_mm"`. The
-ceiling is the roofline: expert weights touched over the measured copy bandwidth, FLOPs over
-the measured matmul rate.
+Every path runs the same random bf16 weights (Qwen3-235B-A22B's layer: hidden 4096, 128 experts,
+top-8, expert FFN 1536; or Qwen3-30B-A3B's: hidden 2048, FFN 768) at several token counts T:
 
-    python -m expertmesh.bench.moe_layer --tokens 1 64 256 1024 --out $OUT
+  fused         ours, the whole block: gate GEMM (torch) + top-k kernel + fused_moe (Triton)
+  fused_moe     fused_moe alone, routing given
+  grouped_mm    today's SparseMoeBlock: gate, local dispatcher, torch._grouped_mm experts, combine
+  transformers  Qwen3MoeSparseMoeBlock with _experts_implementation = "grouped_mm"
+  ceiling       max(expert weights touched / copy bandwidth, FLOPs / matmul rate), both measured
+                in this run (bench/roofline.py)
+
+Times are medians of CUDA-event timed runs. Rows with T <= 256 replay each path from a CUDA graph
+(launch gaps removed; a path that syncs with the host or fails to capture is timed eagerly, and
+the table says so); larger T run eagerly. `--sweep` first times a small candidate set of kernel
+configs per token bucket (bench/moe_sweep.py), writes the best into DIR/configs/ in the format of
+experts/configs/ (copy the file there to make it the default) and uses them for the table.
+
+    python -m expertmesh.bench.moe_layer --out $OUT                      # 235B layer, 1..16,384 tokens
+    python -m expertmesh.bench.moe_layer --out $OUT --shape 30b --sweep
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import time
 from pathlib import Path
 
 import torch
 
 from expertmesh.bench.ep import QWEN3_235B_LAYER
+from expertmesh.bench.gpu_timing import best_time
 from expertmesh.bench.roofline import measure_rates
+from expertmesh.experts.moe_config import ConfigTable, config_file_name
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.moe import SparseMoeBlock
 from expertmesh.router import LocalDispatcher
 
-
-def _time(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+QWEN3_30B_LAYER = {**QWEN3_235B_LAYER, "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4,
+                   "moe_intermediate_size": 768, "intermediate_size": 6144}
+SHAPES = {
+    "235b": (QWEN3_235B_LAYER, [1, 64, 1024, 16384], [1, 64, 1024, 16384, 8, 16, 256, 4096]),
+    "30b": (QWEN3_30B_LAYER, [1, 64, 256], [1, 64, 256, 8, 16, 1024]),
+}
+"""shape -> (layer config, table token counts, sweep token buckets: the table's first, in case the
+sweep's time budget runs out; 8 and 16 decide the GEMV/blocked threshold)."""
+GRAPH_MAX_TOKENS = 256
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m expertmesh.bench.moe_layer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256, 1024], help="tokens per forward")
-    p.add_argument("--out", default=None, help="directory for moe_layer.json and moe_layer.md")
-    args = p.parse_args(argv)
+def _build(hf_dict: dict, device, dtype):
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    rates = measure_rates(device, dtype)
-    hf_dict = {**QWEN3_235B_LAYER, "num_hidden_layers": 1}
-    config = ModelConfig.from_hf_dict(hf_dict)
-    dispatcher = LocalDispatcher.identity(config.num_experts, device)
-    ours = SparseMoeBlock(config, config.num_experts, 0, dispatcher=dispatcher, stats=None,
-                          device=device, dtype=dtype).to(device=device, dtype=dtype)
-    hf_config = Qwen3MoeConfig(**{k: v for k, v in hf_dict.items() if k not in ("architectures", "torch_dtype")})
-    hf_config._experts_implementation = "grouped_mm"
-    hf = Qwen3MoeSparseMoeBlock(hf_config).to(device=device, dtype=dtype)
+    config = ModelConfig.from_hf_dict({**hf_dict, "num_hidden_layers": 1})
+    with torch.device(device):
+        dispatcher = LocalDispatcher.identity(config.num_experts, device)
+        ours = SparseMoeBlock(config, config.num_experts, 0, dispatcher=dispatcher, stats=None, device=device,
+                              dtype=dtype).to(dtype=dtype)
+        hf_config = Qwen3MoeConfig(**{k: v for k, v in hf_dict.items() if k not in ("architectures", "torch_dtype")},
+                                   num_hidden_layers=1)
+        hf_config._experts_implementation = "grouped_mm"
+        hf = Qwen3MoeSparseMoeBlock(hf_config).to(dtype=dtype)
     with torch.no_grad():
         gen = torch.Generator(device=device).manual_seed(0)
         ours.gate.weight.normal_(0, 0.02, generator=gen)
@@ -65,34 +68,172 @@ def main(argv: list[str] | None = None) -> int:
         hf.gate.weight.copy_(ours.gate.weight)
         hf.experts.gate_up_proj.copy_(ours.experts.w13_EFD)
         hf.experts.down_proj.copy_(ours.experts.w2_EDF)
-    rows = []
-    expert_bytes = 3 * config.hidden_size * config.moe_intermediate_size * 2
-    for T in args.tokens:
-        x = torch.randn(T, config.hidden_size, device=device, dtype=dtype)
-        with torch.inference_mode():
-            diff = (ours(x) - hf(x[None])[0]).abs().max().item()
-            t_ours = _time(lambda x=x: ours(x))
-            t_hf = _time(lambda x=x: hf(x[None]))
-        touched = config.num_experts * (1 - (1 - config.top_k / config.num_experts) ** T)
-        flops = 2 * T * config.top_k * 3 * config.hidden_size * config.moe_intermediate_size
-        ceiling = max(touched * expert_bytes / (rates.copy_gb_s * 1e9), flops / (rates.matmul_tflop_s * 1e12))
-        rows.append({"tokens": T, "ours_us": t_ours * 1e6, "transformers_us": t_hf * 1e6, "ceiling_us": ceiling * 1e6,
-                     "max_abs_diff": diff})
-        print(json.dumps(rows[-1]), flush=True)
-    lines = [f"One Qwen3-235B-A22B MoE layer, bf16, {torch.cuda.get_device_name()}; copy {rates.copy_gb_s:.0f} GB/s, "
-             f"matmul {rates.matmul_tflop_s:.0f} TFLOP/s", "",
-             "| tokens | ours us | transformers (grouped_mm) us | ceiling us | ours / transformers |",
-             "|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['tokens']} | {r['ours_us']:.0f} | {r['transformers_us']:.0f} | {r['ceiling_us']:.0f} "
-                     f"| {r['transformers_us'] / r['ours_us']:.2f}x faster |")
-    table = "\n".join(lines) + "\n"
+    return config, ours, hf
+
+
+def _fused_block(block: SparseMoeBlock, table: ConfigTable | None):
+    """Our whole block on the fused path: gate GEMM, top-k kernel, fused_moe."""
+    from expertmesh.router.fused_moe import fused_moe, moe_config
+    from expertmesh.router.triton_gating import topk_softmax_triton
+
+    gc, w13, w2 = block.gate_config, block.experts.w13_EFD, block.experts.w2_EDF
+
+    def config_for(num_copies: int):
+        return moe_config(num_copies, w13, table)
+
+    def route(x_TD):
+        return topk_softmax_triton(block.gate(x_TD), gc.top_k, gc.renormalize, gc.scoring)
+
+    def run(x_TD, out=None):
+        weights, ids = route(x_TD)
+        return fused_moe(x_TD, weights, ids, w13, w2, out=out, config=config_for(x_TD.shape[0] * gc.top_k))
+
+    return run, route, config_for
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _measure(name: str, fn, graphs: bool, row: dict, timer=best_time) -> None:
+    try:
+        seconds, mode = timer(fn, graphs)
+        row[f"{name}_us"], row[f"{name}_mode"] = seconds * 1e6, mode
+    except Exception as e:  # one failing path must not cost the others' figures
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        row[f"{name}_us"], row[f"{name}_mode"] = None, f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    print(f"    {name}: {row[f'{name}_us'] and round(row[f'{name}_us'], 1)} us ({row[f'{name}_mode']})", flush=True)
+
+
+def _row(T: int, ours: SparseMoeBlock, hf, fused, route, config_for, device, dtype, timer) -> dict:
+    """One token count: the fused block checked against today's path, then every path timed."""
+    from expertmesh.router.fused_moe import fused_moe
+
+    D, K = ours.experts.w13_EFD.shape[2], ours.gate_config.top_k
+    w13, w2 = ours.experts.w13_EFD, ours.experts.w2_EDF
+    gen = torch.Generator(device=device).manual_seed(T)
+    x = torch.randn(T, D, device=device, generator=gen).to(dtype)
+    out = torch.empty_like(x)
+    config = config_for(T * K)
+    row: dict = {"tokens": T, "config": config.to_json()}
+    with torch.inference_mode():
+        weights, ids = route(x)
+        try:
+            reference = ours(x)
+            row["rel_err_vs_grouped_mm"] = _relative_error(fused(x), reference)
+            row["rel_err_transformers_vs_grouped_mm"] = _relative_error(hf(x[None])[0], reference)
+        except Exception as e:
+            row["check_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        graphs = T <= GRAPH_MAX_TOKENS
+        _measure("fused", lambda: fused(x, out=out), graphs, row, timer)
+        _measure("fused_moe", lambda: fused_moe(x, weights, ids, w13, w2, out=out, config=config), graphs, row, timer)
+        _measure("grouped_mm", lambda: ours(x), graphs, row, timer)
+        _measure("transformers", lambda: hf(x[None]), graphs, row, timer)
+    return row
+
+
+def run_shape(shape: str, tokens: list[int], sweep: bool, deadline: float, rates, out_dir: Path | None, *,
+              device: str | torch.device = "cuda", dtype=torch.bfloat16, timer=best_time, sweep_timer=None) -> dict:
+    """Rows of one shape (and its sweep). The device, dtype and timers are parameters so that the
+    CPU tests can walk the whole function in Triton's interpreter with a stand-in timer."""
+    from expertmesh.bench.moe_sweep import sweep as run_sweep
+    from expertmesh.router.fused_moe import device_name
+
+    device = torch.device(device)
+    hf_dict, _, sweep_tokens = SHAPES[shape]
+    config, ours, hf = _build(hf_dict, device, dtype)
+    E, D, F, K = config.num_experts, config.hidden_size, config.moe_intermediate_size, config.top_k
+    result: dict = {"shape": shape, "experts": E, "hidden": D, "ffn": F, "top_k": K, "rows": []}
+    table = None
+    if sweep:
+        print(f"[{shape}] sweeping kernel configs at T = {sweep_tokens}", flush=True)
+        table, records = run_sweep(ours.experts.w13_EFD, ours.experts.w2_EDF, K, sweep_tokens, deadline,
+                                   **({"timer": sweep_timer} if sweep_timer else {}))
+        name = config_file_name(E, F, D, str(dtype).removeprefix("torch."), device_name(device))
+        result["sweep"] = {"file": name, "table": table.to_json(), "buckets": records}
+        if out_dir is not None:
+            (out_dir / "configs").mkdir(parents=True, exist_ok=True)
+            (out_dir / "configs" / name).write_text(json.dumps(table.to_json(), indent=1) + "\n")
+            print(f"[{shape}] wrote {out_dir / 'configs' / name}; copy it to experts/configs/ to make it the default")
+    fused, route, config_for = _fused_block(ours, table)
+    expert_bytes = 3 * D * F * torch.empty((), dtype=dtype).element_size()
+    for T in tokens:
+        print(f"[{shape}] T={T}", flush=True)
+        row = _row(T, ours, hf, fused, route, config_for, device, dtype, timer)
+        touched = E * (1 - (1 - K / E) ** T)
+        flops = 2 * T * K * 3 * D * F
+        row["ceiling_us"] = 1e6 * max(touched * expert_bytes / (rates.copy_gb_s * 1e9),
+                                      flops / (rates.matmul_tflop_s * 1e12))
+        result["rows"].append(row)
+    return result
+
+
+def _cell(row: dict, name: str) -> str:
+    us = row.get(f"{name}_us")
+    if us is None:
+        return "error" if f"{name}_mode" in row else "-"
+    mark = "" if row[f"{name}_mode"] in ("graph", "eager") else "*"
+    return f"{us:,.1f}{mark}"
+
+
+_HEADER = ("| tokens | fused block | fused_moe | grouped_mm block | transformers | ceiling | fused / ceiling | faster "
+           "| path | rel. err |")
+
+
+def markdown(results: list[dict], rates, device_name: str) -> str:
+    lines = [f"MoE layer, bf16, {device_name}; copy {rates.copy_gb_s:,.0f} GB/s, matmul {rates.matmul_tflop_s:,.0f} "
+             f"TFLOP/s; µs, medians; T <= {GRAPH_MAX_TOKENS} replayed from CUDA graphs, larger T eager "
+             f"(* eager fallback: see the JSON)", ""]
+    for r in results:
+        lines += [f"**{r['shape']}** (hidden {r['hidden']}, {r['experts']} experts, top-{r['top_k']}, FFN {r['ffn']})",
+                  "", _HEADER, "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+        for row in r["rows"]:
+            fused, grouped = row.get("fused_us"), row.get("grouped_mm_us")
+            ratio = f"{fused / row['ceiling_us']:.2f}" if fused else "-"
+            faster = "-" if not (fused and grouped) else ("fused" if fused <= grouped else "grouped_mm") + \
+                f" {max(fused, grouped) / min(fused, grouped):.2f}x"
+            cfg = row["config"]
+            path = "GEMV" if "BLOCK_M" not in cfg else f"BM {cfg['BLOCK_M']}"
+            err = row.get("rel_err_vs_grouped_mm")
+            lines.append(f"| {row['tokens']:,} | {_cell(row, 'fused')} | {_cell(row, 'fused_moe')} | "
+                         f"{_cell(row, 'grouped_mm')} | {_cell(row, 'transformers')} | {row['ceiling_us']:,.1f} | "
+                         f"{ratio} | {faster} | {path} | {'-' if err is None else f'{err:.1e}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m expertmesh.bench.moe_layer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["235b"], help="layer shapes to run")
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="token counts (default: 1 64 1024 16384 for 235b, 1 64 256 for 30b; with --sweep, "
+                        "every swept bucket: 1 8 16 64 256 1024 4096 16384 and 1 8 16 64 256 1024)")
+    p.add_argument("--sweep", action="store_true", help="sweep kernel configs first; write the best to OUT/configs/")
+    p.add_argument("--sweep-budget-s", type=float, default=180.0,
+                   help="wall-clock seconds the sweeps may take in all (later buckets keep the heuristic)")
+    p.add_argument("--out", default=None, help="directory for moe_layer.json, moe_layer.md and configs/")
+    args = p.parse_args(argv)
+    start = time.monotonic()
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    rates = measure_rates(torch.device("cuda"), torch.bfloat16)
+    deadline = start + args.sweep_budget_s
+    results = []
+    for shape in args.shape:
+        _, table_tokens, sweep_tokens = SHAPES[shape]
+        tokens = args.tokens or (sorted(sweep_tokens) if args.sweep else table_tokens)
+        results.append(run_shape(shape, tokens, args.sweep, deadline, rates, out_dir))
+    device_name = torch.cuda.get_device_name()
+    table = markdown(results, rates, device_name)
+    if out_dir is not None:
+        payload = {"device": device_name, "rates": rates.__dict__, "seconds": time.monotonic() - start,
+                   "results": results}
+        (out_dir / "moe_layer.json").write_text(json.dumps(payload, indent=1))
+        (out_dir / "moe_layer.md").write_text(table)
+    print(f"\n(whole run {time.monotonic() - start:.0f} s)\n")
     print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "moe_layer.json").write_text(json.dumps({"rates": rates.__dict__, "rows": rows}, indent=2))
-        (out / "moe_layer.md").write_text(table)
     return 0
 
 

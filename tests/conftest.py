@@ -13,8 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     # Triton kernels (model/, experts/, router/) run in Triton's interpreter on the CPU, so the
-    # CPU suite holds them to their references too. Set before any kernel module is imported:
-    # triton.jit reads it when a kernel is defined. Production code on the CPU never imports triton.
+    # CPU suite holds them to their references too. Set before triton is first imported (triton.jit
+    # reads it when a kernel is defined, and triton.language binds its own jit functions at import).
+    # Production code on the CPU never imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from expertmesh.cluster.collective import free_port

@@ -1,0 +1,79 @@
+"""CUDA-event timing, eager or replayed from a CUDA graph (launch gaps removed).
+
+`graph_time` captures `reps` calls of fn in one graph, so a kernel of a few microseconds is timed
+by the GPU, not by the Python that launches it; `eager_time` times each call alone. Both return
+the median, in seconds per call. `capturable` says whether fn can be captured at all: a path that
+synchronises with the host (torch.cuda.set_sync_debug_mode catches that without a capture) or
+fails to capture is timed eagerly by `best_time`, which says which way it timed.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def _elapsed(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def eager_time(fn, repeats: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    return statistics.median(_elapsed(fn) for _ in range(repeats))
+
+
+def graph_time(fn, repeats: int = 7, target_s: float = 2e-3, max_reps: int = 50) -> float:
+    """fn must already have run once (compiled kernels); reps per replay aim at target_s."""
+    torch.cuda.synchronize()
+    estimate = min(_elapsed(fn) for _ in range(3))
+    reps = max(1, min(max_reps, int(target_s / max(estimate, 1e-6))))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    times = [_elapsed(graph.replay) / reps for _ in range(repeats)]
+    del graph
+    return statistics.median(times)
+
+
+def capturable(fn) -> str | None:
+    """None when fn runs without a host sync, else why it does not."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        why = None
+    except RuntimeError as e:
+        why = f"host sync: {str(e).splitlines()[0][:120]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    return why
+
+
+def best_time(fn, graphs: bool) -> tuple[float, str]:
+    """(seconds per call, "graph" or "eager[: why]"); fn has run once already."""
+    if not graphs:
+        return eager_time(fn), "eager"
+    why = capturable(fn)
+    if why is None:
+        try:
+            return graph_time(fn), "graph"
+        except RuntimeError as e:
+            torch.cuda.synchronize()
+            why = f"capture failed: {str(e).splitlines()[0][:120]}"
+    return eager_time(fn), f"eager ({why})"

@@ -1,0 +1,162 @@
+"""Sweep of the fused-MoE launch configurations on this GPU, written in the data-file format.
+
+For each token bucket (T tokens, N = T*K copies, routing from random logits), every candidate
+kernel runs alone, replayed from a CUDA graph (medians of CUDA-event timed replays):
+
+  GEMV     (N <= 128):  each candidate of the first kernel, then of the second
+  blocked  (all N):     for each BLOCK_M suited to the copies per expert, the alignment, each
+                        candidate of each GEMM, and the combine (sum over K)
+
+The bucket keeps the faster path's best configs; the GEMV/blocked threshold is the largest N up
+to which GEMV wins every bucket measured. The candidate sets are small (4 to 6 per kernel and
+BLOCK_M) and share their compile-time constants across buckets and shapes, so each compiles once:
+compiles dominate the run. A wall-clock deadline ends the sweep early (later buckets keep the
+heuristic) so that the benchmark always finishes.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from expertmesh.bench.gpu_timing import graph_time
+from expertmesh.experts.moe_config import GEMV_MAX_COPIES, ConfigTable, KernelConfig, MoeConfig
+
+GEMV_PROBE_MAX_COPIES = 128
+
+
+def _k(n: int, k: int, group_m: int, warps: int, stages: int) -> KernelConfig:
+    return KernelConfig(n, k, group_m, warps, stages)
+
+
+GEMV_FIRST = [_k(16, 256, 1, 4, 2), _k(8, 512, 1, 4, 2), _k(32, 256, 1, 4, 2), _k(16, 512, 1, 8, 2),
+              _k(8, 256, 1, 4, 2), _k(32, 128, 1, 4, 2)]
+GEMV_SECOND = [_k(16, 128, 1, 4, 2), _k(8, 128, 1, 4, 2), _k(8, 256, 1, 8, 2), _k(4, 256, 1, 4, 2),
+               _k(16, 128, 1, 8, 2), _k(32, 64, 1, 8, 2)]
+GEMM_FIRST = {
+    16: [_k(64, 128, 1, 4, 4), _k(32, 128, 1, 4, 4), _k(128, 64, 1, 4, 4), _k(64, 64, 1, 4, 5),
+         _k(32, 256, 1, 4, 3), _k(128, 128, 1, 8, 3)],
+    32: [_k(64, 128, 4, 4, 4), _k(128, 64, 4, 4, 4), _k(64, 64, 4, 4, 4), _k(128, 128, 4, 8, 3)],
+    64: [_k(64, 64, 8, 4, 4), _k(128, 64, 8, 4, 3), _k(64, 128, 8, 4, 3), _k(128, 64, 8, 8, 4)],
+    128: [_k(128, 64, 8, 8, 3), _k(128, 64, 8, 8, 4), _k(64, 64, 8, 4, 4), _k(64, 128, 8, 8, 3),
+          _k(128, 32, 8, 8, 4)],
+}
+GEMM_SECOND = {
+    16: [_k(64, 128, 1, 4, 4), _k(128, 64, 1, 4, 4), _k(64, 256, 1, 4, 3), _k(128, 128, 1, 4, 3),
+         _k(32, 256, 1, 4, 4), _k(256, 64, 1, 8, 3)],
+    32: [_k(128, 64, 4, 4, 4), _k(64, 128, 4, 4, 4), _k(128, 128, 4, 4, 3), _k(256, 64, 4, 8, 3)],
+    64: [_k(128, 64, 8, 4, 4), _k(64, 128, 8, 4, 4), _k(256, 64, 8, 8, 3), _k(128, 128, 8, 8, 3)],
+    128: [_k(256, 64, 8, 8, 3), _k(128, 64, 8, 8, 4), _k(128, 128, 8, 8, 3), _k(256, 32, 8, 8, 4),
+          _k(128, 64, 8, 4, 4)],
+}
+
+
+def block_ms(copies_per_expert: float) -> list[int]:
+    """BLOCK_M values worth timing: small while one block holds an expert's copies."""
+    if copies_per_expert <= 8:
+        return [16]
+    if copies_per_expert <= 32:
+        return [16, 32]
+    if copies_per_expert <= 128:
+        return [16, 32, 64, 128]
+    if copies_per_expert <= 512:
+        return [64, 128]
+    return [64, 128]
+
+
+def _best(candidates, make, log, timer) -> tuple[float, KernelConfig] | None:
+    best = None
+    for config in candidates:
+        fn = make(config)
+        try:
+            fn()  # compile outside the capture
+            seconds = timer(fn)
+        except Exception as e:  # a candidate this GPU cannot run is skipped, not fatal
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            log(f"    skip {config}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            continue
+        if best is None or seconds < best[0]:
+            best = (seconds, config)
+    return best
+
+
+def sweep(w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, top_k: int, tokens: list[int], deadline: float,
+          log=print, timer=graph_time) -> tuple[ConfigTable, list[dict]]:
+    """Best configs per bucket for these weights; returns the table and one record per bucket.
+    `timer(fn)` -> seconds per call of fn (fn has run once)."""
+    records = []
+    for T in tokens:  # in the caller's order: the buckets that matter most first, should time run out
+        if time.monotonic() > deadline:
+            log(f"  sweep T={T}: skipped (time budget spent); the heuristic stays")
+            records.append({"tokens": T, "copies": T * top_k, "skipped": True})
+            continue
+        records.append(_sweep_bucket(w13_EFD, w2_EDF, top_k, T, log, timer))
+    return _table(records), records
+
+
+def _sweep_bucket(w13_EFD, w2_EDF, K: int, T: int, log, timer) -> dict:
+    from expertmesh.experts.triton_moe import gemv_down, gemv_gate_up
+    from expertmesh.router.triton_gating import topk_softmax_triton
+
+    E, F2, D = w13_EFD.shape
+    F, N, device, dtype = F2 // 2, T * K, w13_EFD.device, w13_EFD.dtype
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    weights, ids = topk_softmax_triton(torch.randn(T, E, device=device), K, True, "topk_softmax")
+    ids_N, weights_N = ids.reshape(-1), weights.reshape(-1)
+    out = torch.empty(T, D, device=device, dtype=dtype)
+    record: dict = {"tokens": T, "copies": N}
+    if N <= GEMV_PROBE_MAX_COPIES:
+        act = torch.zeros(N, F, device=device, dtype=dtype)
+        first = _best(GEMV_FIRST, lambda c: lambda: gemv_gate_up(x, w13_EFD, ids_N, act, top_k=K, config=c),
+                      log, timer)
+        second = _best(GEMV_SECOND, lambda c: lambda: gemv_down(act, w2_EDF, ids_N, out, top_k=K, config=c,
+                                                                  weights_N=weights_N), log, timer)
+        if first and second:
+            record["gemv_us"] = (first[0] + second[0]) * 1e6
+            record["gemv"] = MoeConfig(first[1], second[1]).to_json()
+            log(f"  sweep T={T}: GEMV {record['gemv_us']:.1f} us ({record['gemv']})")
+    for bm in block_ms(N / E):
+        blocked = _sweep_blocked(x, w13_EFD, w2_EDF, ids_N, weights_N, out, K, bm, log, timer)
+        if blocked and ("blocked_us" not in record or blocked[0] < record["blocked_us"]):
+            record["blocked_us"], record["blocked"] = blocked
+    return record
+
+
+def _sweep_blocked(x, w13_EFD, w2_EDF, ids_N, weights_N, out, K: int, bm: int, log, timer):
+    """(microseconds, config json) of the blocked path with BLOCK_M = bm and its best GEMM configs."""
+    from expertmesh.experts.triton_moe import gemm_down, gemm_gate_up
+    from expertmesh.router.triton_align import align_blocks
+
+    (T, D), E, F, N = x.shape, w13_EFD.shape[0], w2_EDF.shape[2], ids_N.numel()
+    blocks = align_blocks(ids_N, E, bm)
+    align_s = timer(lambda: align_blocks(ids_N, E, bm))
+    act = torch.zeros(blocks.sorted_ids_M.shape[0], F, device=x.device, dtype=x.dtype)
+    y = torch.empty(N, D, device=x.device, dtype=x.dtype)
+    first = _best(GEMM_FIRST[bm], lambda c: lambda: gemm_gate_up(
+        x, w13_EFD, act, blocks.sorted_ids_M, blocks.block_bucket_B, blocks.num_padded, num_copies=N, top_k=K,
+        block_m=bm, config=c), log, timer)
+    second = _best(GEMM_SECOND[bm], lambda c: lambda: gemm_down(
+        act, w2_EDF, y, blocks.sorted_ids_M, blocks.block_bucket_B, blocks.num_padded, num_copies=N, block_m=bm,
+        config=c, weights_N=weights_N), log, timer)
+    sum_s = timer(lambda: torch.sum(y.view(T, K, D), dim=1, out=out))
+    if not (first and second):
+        return None
+    total = align_s + first[0] + second[0] + sum_s
+    log(f"  sweep T={T} BLOCK_M={bm}: align {align_s * 1e6:.1f} + gate/up {first[0] * 1e6:.1f} + down "
+        f"{second[0] * 1e6:.1f} + sum {sum_s * 1e6:.1f} = {total * 1e6:.1f} us")
+    return total * 1e6, MoeConfig(first[1], second[1], bm).to_json()
+
+
+def _table(records: list[dict]) -> ConfigTable:
+    measured = sorted((r for r in records if not r.get("skipped")), key=lambda r: r["copies"])
+    both = [r for r in measured if "gemv_us" in r and "blocked_us" in r]
+    threshold = GEMV_MAX_COPIES if not both else 0
+    for r in both:
+        if r["gemv_us"] > r["blocked_us"]:
+            break
+        threshold = r["copies"]
+    gemv = tuple((r["copies"], MoeConfig.from_json(r["gemv"], gemv=True))
+                 for r in measured if "gemv" in r and r["copies"] <= max(threshold, 1))
+    blocked = tuple((r["copies"], MoeConfig.from_json(r["blocked"], gemv=False)) for r in measured if "blocked" in r)
+    return ConfigTable(threshold, gemv, blocked)

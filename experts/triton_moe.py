@@ -1,0 +1,352 @@
+"""Triton kernels of the two expert GEMMs, beside grouped.py's torch paths (their oracle).
+
+Legend: T tokens, K experts per token, N = T*K token copies (copy c = t*K + k is token t's k-th
+expert), E local experts, D hidden, F expert FFN width, M padded rows (blocks of BM rows).
+
+    w13_EFD = [E, 2F, D]  gate rows [0:F], up rows [F:2F]      w2_EDF = [E, D, F]
+
+Two shapes of the same math, chosen by the number of copies (experts/moe_config.py):
+
+GEMV path (decode: few copies, no alignment step; each weight slice is read once per copy):
+    1. gemv_gate_up: program (c, n-block): act[c] = silu(x[c//K] . w13[e_c, gate]) * (x[c//K] . w13[e_c, up])
+    2. gemv_down:    program (t, d-block): out[t] = sum_k weight[t,k] * act[t*K+k] . w2[e_tk]
+       (the weighted combine is fused: all K copies of a token in one program, no atomics)
+    The expert of each copy is read on the device, through the placement table where there is one.
+
+Blocked path (copies aligned to BM-row blocks of one expert each, router/align.py):
+    1. gemm_gate_up: program (block, n-block): rows gathered through sorted_ids (x row = copy//K),
+       gate and up tiles in two accumulators, SiLU-and-mul in the epilogue -> act[padded row]
+    2. gemm_down:    program (block, d-block): act rows of the block times w2[e]^T, times the copy's
+       routing weight -> y[copy]; blocks of the zero bucket (experts not on this rank, padding)
+       write zeros and read no weights
+    Blocks past the real count (num_padded, on the device) exit at once; the grid is the static
+    bound on blocks, so a call launches the same grid for every routing of the same T.
+
+All accumulation is in float32; act and y are stored in the activations' dtype (as the torch path
+rounds its intermediate). Every launcher takes its outputs from the caller (CUDA-graph buffers);
+none synchronises with the host.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from expertmesh.experts.moe_config import KernelConfig
+
+
+@triton.jit
+def _expert_of(ids_ptr, map_ptr, index, mask, num_experts, HAS_MAP: tl.constexpr):
+    """Local expert of copies `index` (-1 where masked, not on this rank, or past the last expert)."""
+    expert = tl.load(ids_ptr + index, mask=mask, other=-1).to(tl.int32)
+    if HAS_MAP:
+        expert = tl.load(map_ptr + expert, mask=mask & (expert >= 0), other=-1).to(tl.int32)
+    return tl.where(mask & (expert >= 0) & (expert < num_experts), expert, -1)
+
+
+@triton.jit
+def _silu_mul(gate, up):
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program id -> (m-block, n-block), GROUP_M m-blocks side by side so their weight tiles
+    (often the same expert's) are still in L2 when the neighbours ask for them."""
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemv_gate_up_kernel(
+    x_ptr, w_ptr, act_ptr, ids_ptr, map_ptr,
+    F, D, num_experts,
+    stride_xt, stride_we, stride_wn, stride_ac,
+    TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    copy = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = _expert_of(ids_ptr, map_ptr, copy, copy >= 0, num_experts, HAS_MAP)
+    if expert < 0:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < F
+    x_row = x_ptr + (copy // TOP_K).to(tl.int64) * stride_xt
+    gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    up_ptrs = gate_ptrs + F * stride_wn
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            xv = tl.load(x_row + k0 + offs_k).to(tl.float32)
+            if EVEN_N:
+                g = tl.load(gate_ptrs + k0)
+                u = tl.load(up_ptrs + k0)
+            else:
+                g = tl.load(gate_ptrs + k0, mask=n_ok[:, None], other=0.0)
+                u = tl.load(up_ptrs + k0, mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = offs_k < D - k0
+            xv = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            g = tl.load(gate_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            u = tl.load(up_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc_gate += g.to(tl.float32) * xv[None, :]
+        acc_up += u.to(tl.float32) * xv[None, :]
+    h = _silu_mul(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1))
+    tl.store(act_ptr + copy.to(tl.int64) * stride_ac + offs_n, h.to(act_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gemv_down_kernel(
+    act_ptr, w_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr,
+    D, F, num_experts,
+    stride_ac, stride_we, stride_wn, stride_ot,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    token = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_c = tl.arange(0, K_PAD)
+    copies = token * TOP_K + offs_c
+    expert = _expert_of(ids_ptr, map_ptr, copies, offs_c < TOP_K, num_experts, HAS_MAP)
+    valid = expert >= 0
+    if HAS_WEIGHTS:
+        scale = tl.load(weights_ptr + copies, mask=valid, other=0.0).to(tl.float32)
+    else:
+        scale = tl.where(valid, 1.0, 0.0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < D
+    a_ptrs = act_ptr + copies.to(tl.int64)[:, None] * stride_ac + offs_k[None, :]
+    w_ptrs = (w_ptr + tl.where(valid, expert, 0).to(tl.int64)[:, None, None] * stride_we
+              + offs_n.to(tl.int64)[None, :, None] * stride_wn + offs_k[None, None, :])
+    # One [K, BLOCK_N, BLOCK_K] tile per step: the K experts' loads are in flight together.
+    acc = tl.zeros([K_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
+            if EVEN_N:
+                w = tl.load(w_ptrs + k0, mask=valid[:, None, None], other=0.0)
+            else:
+                w = tl.load(w_ptrs + k0, mask=valid[:, None, None] & n_ok[None, :, None], other=0.0)
+        else:
+            k_ok = offs_k < F - k0
+            a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=valid[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :],
+                        other=0.0)
+        acc += w.to(tl.float32) * (a.to(tl.float32) * scale[:, None])[:, None, :]
+    y = tl.sum(tl.sum(acc, axis=2), axis=0)
+    tl.store(out_ptr + token.to(tl.int64) * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gemm_gate_up_kernel(
+    x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+    num_copies, F, D, num_experts, num_blocks,
+    stride_xt, stride_we, stride_wn, stride_am,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(F, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert >= num_experts:  # the zero bucket: gemm_down writes its zeros
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    copies = tl.load(sorted_ids_ptr + rows)
+    row_ok = copies < num_copies
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < F
+    a_ptrs = x_ptr + (copies // TOP_K).to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
+    gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    up_ptrs = gate_ptrs + F * stride_wn
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            if EVEN_N:
+                g = tl.load(gate_ptrs)
+                u = tl.load(up_ptrs)
+            else:
+                g = tl.load(gate_ptrs, mask=n_ok[None, :], other=0.0)
+                u = tl.load(up_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < D - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(gate_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            u = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_gate = tl.dot(a, g, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    h = _silu_mul(acc_gate, acc_up).to(act_ptr.dtype.element_ty)
+    act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :]
+    tl.store(act_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gemm_down_kernel(
+    act_ptr, w_ptr, y_ptr, weights_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+    num_copies, D, F, num_experts, num_blocks,
+    stride_am, stride_we, stride_wn, stride_yc,
+    HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    copies = tl.load(sorted_ids_ptr + rows)
+    row_ok = copies < num_copies
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    y_ptrs = y_ptr + copies.to(tl.int64)[:, None] * stride_yc + offs_n[None, :]
+    y_mask = row_ok[:, None] & n_ok[None, :]
+    if expert >= num_experts:
+        tl.store(y_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=y_ptr.dtype.element_ty), mask=y_mask)
+        return
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            if EVEN_N:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < F - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if HAS_WEIGHTS:
+        acc = acc * tl.load(weights_ptr + copies, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+_STAGES_THAT_FIT: dict[tuple, int] = {}
+
+
+def _launch(kernel, grid, args, *, num_warps: int, num_stages: int, **constexprs) -> None:
+    """Launch; where a config's pipeline does not fit in shared memory on this device (a data file
+    written for another GPU), retry with fewer stages instead of failing the forward."""
+    key = (id(kernel), num_warps, num_stages, tuple(sorted(constexprs.items())))
+    stages = _STAGES_THAT_FIT.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            continue
+        _STAGES_THAT_FIT[key] = stages
+        return
+
+
+def _block(size: int, dim: int, low: int) -> int:
+    """A power-of-two block no larger than the dimension needs (small test shapes), at least `low`."""
+    return max(low, min(size, triton.next_power_of_2(max(dim, 1))))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_operands(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, out: torch.Tensor) -> None:
+    """The kernels index rows by stride and read the last dimension contiguously."""
+    D = x_TD.shape[1]
+    if w13_EFD.shape[2] != D or w2_EDF.shape[:2] != (w13_EFD.shape[0], D) or w13_EFD.shape[1] != 2 * w2_EDF.shape[2]:
+        raise ValueError(f"expert weights {tuple(w13_EFD.shape)}, {tuple(w2_EDF.shape)} do not fit hidden size {D}")
+    if any(t.stride(-1) != 1 for t in (x_TD, w13_EFD, w2_EDF, out)):
+        raise ValueError("activations, expert weights and outputs must be contiguous in their last dimension")
+    if out.shape != x_TD.shape or out.dtype != x_TD.dtype:
+        raise ValueError(f"out must be {tuple(x_TD.shape)} {x_TD.dtype}, got {tuple(out.shape)} {out.dtype}")
+
+
+def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor, act_NF: torch.Tensor, *,
+                 top_k: int, config: KernelConfig, expert_to_local_E: torch.Tensor | None = None) -> None:
+    """act_NF[c] = silu(gate) * up of copy c = t*top_k + k (ids_N: its expert, global where a
+    placement table maps it). Rows of copies whose expert is not local are left unwritten."""
+    N, F = act_NF.shape
+    E, _, D = w13_EFD.shape
+    bn, bk = _block(config.BLOCK_N, F, 1), _block(config.BLOCK_K, D, 16)
+    grid = (N, triton.cdiv(F, bn))
+    mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
+    _launch(_gemv_gate_up_kernel, grid,
+            (x_TD, w13_EFD, act_NF, ids_N, mapping, F, D, E,
+             x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0)),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            TOP_K=top_k, HAS_MAP=expert_to_local_E is not None, BLOCK_N=bn, BLOCK_K=bk,
+            EVEN_K=D % bk == 0, EVEN_N=F % bn == 0)
+
+
+def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, out_TD: torch.Tensor, *,
+              top_k: int, config: KernelConfig, weights_N: torch.Tensor | None = None,
+              expert_to_local_E: torch.Tensor | None = None) -> None:
+    """out_TD[t] = sum_k weights_N[t*top_k+k] * act_NF[t*top_k+k] @ w2[e]^T (weight 1 without
+    weights_N); copies whose expert is not local add nothing. Writes every element of out_TD."""
+    T, D = out_TD.shape
+    E, _, F = w2_EDF.shape
+    bn, bk = _block(config.BLOCK_N, D, 1), _block(config.BLOCK_K, F, 16)
+    grid = (T, triton.cdiv(D, bn))
+    mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
+    _launch(_gemv_down_kernel, grid,
+            (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, D, F, E,
+             act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0)),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), HAS_MAP=expert_to_local_E is not None,
+            HAS_WEIGHTS=weights_N is not None, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=F % bk == 0, EVEN_N=D % bn == 0)
+
+
+def gemm_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, act_MF: torch.Tensor, sorted_ids_M: torch.Tensor,
+                 block_expert_B: torch.Tensor, num_padded: torch.Tensor, *, num_copies: int, top_k: int,
+                 block_m: int, config: KernelConfig) -> None:
+    """act_MF[m] = silu(gate) * up of the copy at padded row m (sorted_ids_M[m] < num_copies);
+    rows of padding and of the zero bucket are left unwritten."""
+    F = act_MF.shape[1]
+    E, _, D = w13_EFD.shape
+    num_blocks = block_expert_B.shape[0]
+    bn, bk = _block(config.BLOCK_N, F, 16), _block(config.BLOCK_K, D, 16)
+    grid = (num_blocks * triton.cdiv(F, bn),)
+    _launch(_gemm_gate_up_kernel, grid,
+            (x_TD, w13_EFD, act_MF, sorted_ids_M, block_expert_B, num_padded, num_copies, F, D, E, num_blocks,
+             x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_MF.stride(0)),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.GROUP_M,
+            EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, DOT_PRECISION=_dot_precision(x_TD.dtype))
+
+
+def gemm_down(act_MF: torch.Tensor, w2_EDF: torch.Tensor, y_ND: torch.Tensor, sorted_ids_M: torch.Tensor,
+              block_expert_B: torch.Tensor, num_padded: torch.Tensor, *, num_copies: int, block_m: int,
+              config: KernelConfig, weights_N: torch.Tensor | None = None) -> None:
+    """y_ND[c] = weights_N[c] * act_MF[m] @ w2[e]^T for the copy c at padded row m, zeros for
+    copies of the zero bucket: every row c < num_copies is written."""
+    D = y_ND.shape[1]
+    E, _, F = w2_EDF.shape
+    num_blocks = block_expert_B.shape[0]
+    bn, bk = _block(config.BLOCK_N, D, 16), _block(config.BLOCK_K, F, 16)
+    grid = (num_blocks * triton.cdiv(D, bn),)
+    _launch(_gemm_down_kernel, grid,
+            (act_MF, w2_EDF, y_ND, weights_N if weights_N is not None else act_MF, sorted_ids_M, block_expert_B,
+             num_padded, num_copies, D, F, E, num_blocks,
+             act_MF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), y_ND.stride(0)),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            HAS_WEIGHTS=weights_N is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.GROUP_M,
+            EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, DOT_PRECISION=_dot_precision(act_MF.dtype))
