@@ -47,9 +47,9 @@ class RankWorker:
         self.runner = ModelRunner(self.config.load, self.config.cache, scheduler=self.config.scheduler, rank=self.rank,
                                   ep_size=self.placement.ep_size, expert_ids=experts, dispatcher=dispatcher,
                                   device=self.device, progress=progress)
-        # Fixed-capacity exchanges need experts that stop at the last valid row (grouped_mm).
+        # Fixed-capacity exchanges need experts that skip the padding rows (grouped_mm, the fused MoE).
         dispatcher.supports_fixed_capacity = all(
-            m.experts.impl == "grouped" for m in self.runner.model.modules() if isinstance(m, SparseMoeBlock))
+            m.stops_at_valid_rows for m in self.runner.model.modules() if isinstance(m, SparseMoeBlock))
         if self.timer is not None:
             attach_moe_timer(self.runner.model, self.timer)
             self.runner.graphs = None  # timed collectives record events per call: a graph would replay stale ones

@@ -33,8 +33,10 @@ class ModelLoadConfig:
     """auto (CUDA when available), cpu, cuda or cuda:N."""
     max_model_len: int | None = setting(None, ge=2)
     """Longest sequence (prompt plus output) in tokens; default: the model's max_position_embeddings."""
-    expert_impl: str = setting("auto", choices=("auto", "grouped", "batched", "reference"))
-    """Experts' GEMM path: auto (grouped where the device runs it), grouped, batched or reference."""
+    expert_impl: str = setting("auto", choices=("auto", "triton", "grouped", "batched", "reference"))
+    """Experts' path: auto (the fused Triton MoE on the CUDA kernel path, else grouped where the device
+    runs it), triton (the fused MoE; needs the kernel path), grouped (torch grouped_mm), batched or
+    reference (a loop over experts, the oracle)."""
     load_format: str = setting("safetensors", choices=("safetensors", "dummy"))
     """safetensors reads the checkpoint; dummy fills random weights of its shapes on the device from
     `seed` (benchmarks of shapes no checkpoint exists for; only config.json and the tokenizer are read)."""

@@ -37,6 +37,7 @@ from expertmesh.model.attention import AttentionMetadata, KernelAttentionPlanner
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import CausalLM
 from expertmesh.model.loader import init_dummy_weights, load_weights
+from expertmesh.model.moe import SparseMoeBlock
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -143,8 +144,9 @@ class ModelRunner:
         """Record the decode graphs (after the dispatcher is set up); a no-op on the eager paths."""
         if self.graphs is not None:
             dispatcher = self.model.dispatcher
-            if hasattr(dispatcher, "begin_step") and not dispatcher.supports_fixed_capacity:
-                self.graphs = None  # exact-split all-to-alls read sizes on the host: not capturable
+            if (hasattr(dispatcher, "begin_step") and not dispatcher.supports_fixed_capacity) or not all(
+                    m.capturable for m in self.model.modules() if isinstance(m, SparseMoeBlock)):
+                self.graphs = None  # exact-split all-to-alls or batched experts read sizes on the host
                 return
             self.graphs.capture(progress=progress)
 

@@ -2,6 +2,14 @@
 
 The block knows no communication: its dispatcher is handed in (the local one for EP=1, the
 all-to-all one under expert parallelism) and it only calls dispatch() and combine().
+
+Two paths, chosen once at construction:
+  - plain torch (the CPU path and the oracle): `gate()`, the dispatcher, `Experts` (grouped_mm,
+    batched or the reference loop), the dispatcher's combine;
+  - fused (`fast`, the CUDA kernel path; expert_impl "auto" or "triton"): the Triton top-k, then
+    with the local dispatcher `fused_moe` (no sort at decode; aligned blocks and two GEMMs with
+    SiLU-and-mul and the routing weights fused otherwise), or under expert parallelism the
+    dispatcher's all-to-all around `grouped_experts`. No host sync: CUDA graphs capture it.
 """
 from __future__ import annotations
 
@@ -25,9 +33,12 @@ class SparseMoeBlock(nn.Module):
                  dispatcher, stats: ExpertLoadStats | None, expert_impl: str = "auto", fast: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
+        if expert_impl == "triton" and not fast:
+            raise ValueError("expert_impl 'triton' is the CUDA kernel path's (kernels 'auto' on CUDA, or 'triton')")
+        self.fused = fast and expert_impl in ("auto", "triton")
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(num_local_experts, config.hidden_size, config.moe_intermediate_size,
-                               impl=expert_impl, device=device, dtype=dtype)
+                               impl="auto" if self.fused else expert_impl, device=device, dtype=dtype)
         self.gate_config = GateConfig(
             top_k=config.top_k,
             renormalize=config.norm_topk_prob,
@@ -47,9 +58,52 @@ class SparseMoeBlock(nn.Module):
         # models; never a real checkpoint, whose experts are far too large).
         macs_per_token = num_local_experts * 3 * config.hidden_size * config.moe_intermediate_size
         local = isinstance(dispatcher, LocalDispatcher) and dispatcher.num_local_experts == config.num_experts
-        self.dense_max_tokens = DENSE_MAX_MACS // macs_per_token if local and expert_impl == "auto" else 0
+        self.dense_max_tokens = (DENSE_MAX_MACS // macs_per_token
+                                 if local and expert_impl == "auto" and not self.fused else 0)
+        self.all_to_all = hasattr(dispatcher, "begin_step")
+        # The fused local path reads the placement table only when some expert is elsewhere.
+        self._expert_map = None
+        if self.fused and isinstance(dispatcher, LocalDispatcher) and not self.all_to_all:
+            identity = torch.arange(config.num_experts, device=dispatcher.expert_to_local_E.device)
+            if not torch.equal(dispatcher.expert_to_local_E, identity):
+                self._expert_map = dispatcher.expert_to_local_E
+
+    @property
+    def capturable(self) -> bool:
+        """No host sync inside (a CUDA graph can record it): the fused path, or grouped_mm."""
+        return self.fused or self.experts.impl == "grouped"
+
+    @property
+    def stops_at_valid_rows(self) -> bool:
+        """The experts skip the padding rows of a fixed-capacity all-to-all (grouped_mm stops at the
+        last valid row; the fused kernels give padding rows zeros)."""
+        return self.fused or self.experts.impl == "grouped"
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            out_TD = self._fused(x_TD)
+        else:
+            out_TD = self._reference(x_TD)
+        if self.shared_expert is not None:
+            out_TD = out_TD + F.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+        return out_TD
+
+    def _fused(self, x_TD: torch.Tensor) -> torch.Tensor:
+        from expertmesh.router import fused_moe, triton_gating
+
+        g = self.gate_config
+        topk_weights_TK, topk_ids_TK = triton_gating.topk_softmax_triton(self.gate(x_TD), g.top_k, g.renormalize,
+                                                                        g.scoring)
+        if self.stats is not None:
+            self.stats.record(self.moe_index, topk_ids_TK)
+        w13, w2 = self.experts.w13_EFD, self.experts.w2_EDF
+        if not self.all_to_all:
+            return fused_moe.fused_moe(x_TD, topk_weights_TK, topk_ids_TK, w13, w2, expert_to_local_E=self._expert_map)
+        routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
+        y_ND = fused_moe.grouped_experts(routed.x_ND, routed.expert_N, w13, w2)
+        return self.dispatcher.combine(y_ND, routed.handle)
+
+    def _reference(self, x_TD: torch.Tensor) -> torch.Tensor:
         topk_weights_TK, topk_ids_TK = gate(self.gate(x_TD), self.gate_config)
         if self.stats is not None:
             self.stats.record(self.moe_index, topk_ids_TK)
@@ -61,6 +115,4 @@ class SparseMoeBlock(nn.Module):
             routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
             y_ND = self.experts(routed.x_ND, routed.counts_E, routed.expert_N)
             out_TD = self.dispatcher.combine(y_ND, routed.handle)
-        if self.shared_expert is not None:
-            out_TD = out_TD + F.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         return out_TD
