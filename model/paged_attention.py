@@ -253,7 +253,7 @@ class AttentionPlanBuffers:
     """A pinned host buffer and a device buffer of `size` int32s that every step's plan goes
     through: one non-blocking copy per step, and the same device addresses every step (a plan
     with the same capacity lays out the same way), which CUDA graph replays need. Size it for the
-    largest plan (`size_bound`); a larger plan raises instead of moving the buffer under a graph."""
+    largest plan (`plan_bounds`); a larger plan raises instead of moving the buffer under a graph."""
 
     def __init__(self, size: int, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -274,21 +274,35 @@ class AttentionPlanBuffers:
             self._copied.record()
         return AttentionPlanTensors.view(plan, self.buffer)
 
-    @staticmethod
-    def size_bound(*, max_num_seqs: int, max_num_tokens: int, num_q_heads: int, num_kv_heads: int, num_sms: int,
-                   capacity: int | None = None, sliding_window: int | None = None, prefill_block_m: int = 128,
-                   decode_waves: int = 4) -> int:
-        """int32s of the largest packed plan with at most these sequences and query rows."""
-        G, qpk = num_kv_heads, num_q_heads // num_kv_heads
-        pre_bq = max(_next_pow2(prefill_block_m), _next_pow2(qpk)) // qpk
-        dec_items = dec_groups = max_num_seqs
-        if capacity is not None:
-            dec_items, dec_groups, _ = _caps(capacity, num_sms * decode_waves, G, sliding_window)
-        else:
-            dec_items = 2 * max_num_seqs + num_sms * decode_waves  # pieces <= T + 2 * tiles, T <= target
-        pre_tiles = max_num_tokens // pre_bq + max_num_seqs
-        pre_items = 3 * pre_tiles + num_sms  # tiles + T + 2 * split tiles (window), T <= num_sms
-        return sum(_align(n) for n in (4, 6 * dec_items, 5 * dec_groups, 6 * pre_items, 5 * pre_tiles))
+
+@dataclass(frozen=True)
+class PlanBounds:
+    """Sizes that hold every plan of an engine: the packed int32s (AttentionPlanBuffers) and the
+    workspace's partial rows (triton_attention.AttentionWorkspace)."""
+
+    packed_ints: int
+    partial_rows: int
+
+
+def plan_bounds(*, max_num_seqs: int, max_num_tokens: int, num_q_heads: int, num_kv_heads: int, num_sms: int,
+                capacity: int | None = None, sliding_window: int | None = None, prefill_block_m: int = 128,
+                decode_waves: int = 4) -> PlanBounds:
+    """Upper bounds over steps of at most max_num_seqs sequences and max_num_tokens query rows,
+    planned with these settings (capacity: the decode kind's, as for a CUDA graph)."""
+    G, qpk = num_kv_heads, num_q_heads // num_kv_heads
+    dec_bm = max(16, _next_pow2(qpk))
+    pre_bm = max(_next_pow2(prefill_block_m), _next_pow2(qpk))
+    t_dec, t_pre = -(-num_sms * decode_waves // G), -(-num_sms // G)
+    if capacity is not None:
+        dec_items, dec_groups, dec_pieces = _caps(capacity, num_sms * decode_waves, G, sliding_window)
+    else:  # pieces <= T + 2 * tiles; split tiles <= tiles
+        dec_items, dec_groups = t_dec + 2 * max_num_seqs, max_num_seqs
+        dec_pieces = t_dec + 2 * dec_groups
+    pre_tiles = max_num_tokens // (pre_bm // qpk) + max_num_seqs
+    # prefill tiles split only when there are fewer than T of them: pieces <= T + 2 * tiles < 3T
+    pre_items, pre_groups = max(pre_tiles, 3 * t_pre), min(pre_tiles, t_pre)
+    packed = sum(_align(n) for n in (4, 6 * dec_items, 5 * dec_groups, 6 * pre_items, 5 * pre_groups))
+    return PlanBounds(packed_ints=packed, partial_rows=dec_pieces * G * dec_bm + 3 * t_pre * G * pre_bm)
 
 
 # ---- the configs table (JSON data files in model/configs, keyed by device name and kind) ----------------------
@@ -377,5 +391,6 @@ def paged_attention_reference(
     return out_THd, lse_TH
 
 
-__all__ = ["AttentionConfig", "AttentionPlan", "AttentionPlanBuffers", "AttentionPlanTensors", "WorkList",
-           "attention_config", "default_config", "paged_attention_reference", "plan_attention", "plan_to_device"]
+__all__ = ["AttentionConfig", "AttentionPlan", "AttentionPlanBuffers", "AttentionPlanTensors", "PlanBounds", "WorkList",
+           "attention_config", "default_config", "paged_attention_reference", "plan_attention", "plan_bounds",
+           "plan_to_device"]

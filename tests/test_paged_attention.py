@@ -25,6 +25,7 @@ from expertmesh.model.paged_attention import (
     attention_config,
     paged_attention_reference,
     plan_attention,
+    plan_bounds,
     plan_to_device,
 )
 
@@ -269,8 +270,26 @@ def test_plan_buffers_upload_views_every_array():
     np.testing.assert_array_equal(pt.counts_4.numpy(), plan.counts_4)
     with pytest.raises(ValueError, match="int32s"):
         AttentionPlanBuffers(plan.packed_size - 1, "cpu").upload(plan)
-    assert AttentionPlanBuffers.size_bound(max_num_seqs=2, max_num_tokens=8, num_q_heads=4, num_kv_heads=2,
-                                           num_sms=4, capacity=4) >= plan.packed_size
+
+
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("capacity", [None, 64])
+def test_plan_bounds_hold_every_random_step(capacity, window):
+    rng = np.random.default_rng(0 if window is None else 1)
+    kw = dict(num_q_heads=32, num_kv_heads=4, num_sms=132, capacity=capacity, sliding_window=window)
+    bounds = plan_bounds(max_num_seqs=64, max_num_tokens=8192, **kw)
+    worst = [0, 0]
+    for _ in range(300):
+        B = int(rng.integers(1, 65))
+        decodes = rng.random(B) < rng.random()
+        q_lens = np.where(decodes, 1, rng.integers(1, 8192 // B + 1, B))
+        seq_lens = q_lens + rng.integers(0, 1 << int(rng.integers(1, 19)), B)
+        if capacity is not None:  # graphs capture decode-only steps
+            q_lens, seq_lens = np.ones(B, int), np.maximum(seq_lens, 1)
+        plan = plan_attention(np.concatenate([[0], np.cumsum(q_lens)]), seq_lens, **kw)
+        worst = [max(worst[0], plan.packed_size), max(worst[1], plan.partial_rows)]
+    assert worst[0] <= bounds.packed_ints and worst[1] <= bounds.partial_rows
+    assert worst[1] > 0
 
 
 def test_config_table_lookup_falls_back():
