@@ -288,7 +288,7 @@ def _slug(device_name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m expertmesh.bench.attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="directory for attention.json, attention.md and attention_<device>.json")
-    p.add_argument("--budget-s", type=float, default=200.0,
+    p.add_argument("--budget-s", type=float, default=170.0,
                    help="stop sweeping new configs after this many seconds (the best so far is kept)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one config: checks the script, on the CPU too")
     args = p.parse_args(argv)

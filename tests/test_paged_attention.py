@@ -86,11 +86,15 @@ def check(tensors, qs, seq_lens, *, H, G, window=None, atol, **kw):
     d = tensors["q_THd"].shape[2]
     plan, out, lse = run_kernel(tensors, qs, seq_lens, H=H, G=G, window=window, **kw)
     ref, ref_lse = paged_attention_reference(**tensors, scale=d ** -0.5, sliding_window=window)
+    assert_matches(out, lse, ref, ref_lse, atol)
+    return plan
+
+
+def assert_matches(out, lse, ref, ref_lse, atol):
     assert not out.isnan().any() and not lse.isnan().any()
     out_atol, lse_atol = (2e-3, 2e-3) if atol >= 1e-2 else (atol, atol)
     torch.testing.assert_close(out.float(), ref, atol=out_atol, rtol=atol)
     torch.testing.assert_close(lse, ref_lse, atol=lse_atol, rtol=0 if atol >= 1e-2 else atol)
-    return plan
 
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3}
@@ -353,8 +357,7 @@ def test_gpu_decode_launch_replays_in_a_cuda_graph():
         launch()
     graph.replay()
     torch.cuda.synchronize()
-    ref, ref_lse = paged_attention_reference(**tensors, scale=d ** -0.5)
-    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+    assert_matches(out, lse, *paged_attention_reference(**tensors, scale=d ** -0.5), atol=1e-2)
 
     # the next step, in place: new queries, longer contexts, the cache's blocks moved under a new table
     gen = torch.Generator(device="cuda").manual_seed(13)
@@ -376,6 +379,4 @@ def test_gpu_decode_launch_replays_in_a_cuda_graph():
     eager_out, eager_lse = paged_attention(**tensors, plan_tensors=plan_to_device(new_plan, "cuda"),
                                            scale=d ** -0.5, workspace=ws)
     assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse)
-    ref, ref_lse = paged_attention_reference(**tensors, scale=d ** -0.5)
-    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-2)
+    assert_matches(out, lse, *paged_attention_reference(**tensors, scale=d ** -0.5), atol=1e-2)
