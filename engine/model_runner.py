@@ -272,8 +272,7 @@ class ModelRunner:
         return AttentionMetadata(
             positions_T=f("positions", num_tokens), slot_mapping_T=f("slot_mapping", num_tokens),
             query_start_B1=f("query_start", num_seqs + 1),
-            kernel=self.planner.kernel_inputs(f, self.inputs.block_table_BM[:num_seqs], f("seq_lens", num_seqs),
-                                              num_seqs=num_seqs, num_tokens=num_tokens))
+            kernel=self.planner.kernel_inputs(self.inputs.block_table_BM[:num_seqs], f("seq_lens", num_seqs)))
 
     def _graph_prepare(self, size: int) -> None:
         """Static inputs of `size` padding rows (what capture records against)."""

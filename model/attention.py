@@ -308,19 +308,21 @@ class KernelAttentionPlanner:
     size, so they lay out exactly as the captured plan did."""
 
     def __init__(self, config: ModelConfig, device: torch.device, *, max_seqs: int, max_tokens: int) -> None:
-        from expertmesh.model.paged_attention import AttentionPlanBuffers
+        from expertmesh.model.paged_attention import AttentionPlanBuffers, plan_bounds
+        from expertmesh.model.triton_attention import AttentionWorkspace
 
         self.num_q_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.sliding_window = config.sliding_window
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 4)
-        bound = dict(max_num_seqs=max_seqs, max_num_tokens=max_tokens, num_q_heads=self.num_q_heads,
-                     num_kv_heads=self.num_kv_heads, num_sms=self.num_sms, sliding_window=self.sliding_window)
-        size = max(AttentionPlanBuffers.size_bound(**bound),
-                   AttentionPlanBuffers.size_bound(**bound, capacity=max_seqs))
-        self.buffers = AttentionPlanBuffers(size, device)
+        common = dict(max_num_seqs=max_seqs, max_num_tokens=max_tokens, num_q_heads=self.num_q_heads,
+                      num_kv_heads=self.num_kv_heads, num_sms=self.num_sms, sliding_window=self.sliding_window)
+        # Eager steps and every CUDA graph's batch size share one plan buffer and one workspace,
+        # allocated once for the largest: a captured graph's pointers never move.
+        bounds = [plan_bounds(**common), *(plan_bounds(**common, capacity=b) for b in range(1, max_seqs + 1))]
+        self.buffers = AttentionPlanBuffers(max(b.packed_ints for b in bounds), device)
+        self.workspace = AttentionWorkspace.allocate(max(b.partial_rows for b in bounds), config.head_dim, device)
         self.tensors = None
-        self.plan_sizes: dict[str, int] = {}
 
     def plan(self, query_start_B1: np.ndarray, seq_lens_B: np.ndarray, pad_to: int | None = None) -> None:
         """Plan and upload this step's work; `pad_to` adds one-token padding sequences up to that
@@ -336,9 +338,8 @@ class KernelAttentionPlanner:
                               num_sms=self.num_sms, capacity=pad_to, sliding_window=self.sliding_window)
         self.tensors = self.buffers.upload(plan)
 
-    def kernel_inputs(self, field, block_table_BM: torch.Tensor, seq_lens_B: torch.Tensor, *, num_seqs: int,
-                      num_tokens: int) -> PagedKernelInputs:
-        return PagedKernelInputs(block_table_BM, seq_lens_B, self.tensors, None)
+    def kernel_inputs(self, block_table_BM: torch.Tensor, seq_lens_B: torch.Tensor) -> PagedKernelInputs:
+        return PagedKernelInputs(block_table_BM, seq_lens_B, self.tensors, self.workspace)
 
 
 def paged_attention_kernel(q_THd: torch.Tensor, kv_2NSGd: torch.Tensor, meta: AttentionMetadata, scale: float,

@@ -74,9 +74,13 @@ def test_kernel_path_gives_the_torch_paths_tokens_on_the_cpu(qwen3_moe_path):
     max_tokens = [9, 5, 12, 3, 6]
     ref_tokens, ref_logprobs = _tokens_and_logprobs(LLM(qwen3_moe_path, kernels="torch", **common), prompts, max_tokens)
     fast = LLM(qwen3_moe_path, kernels="triton", **common)
-    assert fast.engine.executor.runner.graphs is not None  # the padded decode path is on
+    graphs = fast.engine.executor.runner.graphs
+    sizes = []
+    inner = graphs.run
+    graphs.run = lambda size: sizes.append(size) or inner(size)
     tokens, logprobs = _tokens_and_logprobs(fast, prompts, max_tokens)
     assert tokens == ref_tokens
+    assert {1, 2, 4} <= set(sizes)  # decode steps replayed padded to the ladder (3 rows ran as 4)
     for got, ref in zip(logprobs, ref_logprobs):
         for g, r in zip(got, ref):
             (token, value), = ((t, g[t]) for t in r if t in g)
