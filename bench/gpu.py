@@ -44,9 +44,10 @@ from expertmesh.model.tokenizer import Tokenizer
 
 QWEN3_30B = {**QWEN3_235B_LAYER, "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4,
              "moe_intermediate_size": 768, "intermediate_size": 6144, "rope_theta": 10000000.0,
-             "max_position_embeddings": 262144}
-"""Qwen3-30B-A3B-2507's shape (262,144 tokens native)."""
-PARTS = ("engine", "prefill", "longdecode", "step235b", "moe", "attention")
+             "max_position_embeddings": 262144 + 1024}
+"""Qwen3-30B-A3B-2507's shape (262,144 tokens native; 1,024 more here, so a 262,144-token prompt
+can still decode the few tokens the long-context step is measured on)."""
+PARTS = ("engine", "prefill", "longdecode", "step235b", "moe", "attention", "profile")
 LONG = 262144
 
 
@@ -296,6 +297,57 @@ def part_step235b(rates: DeviceRates, layers: int = 24) -> list[dict]:
     return rows
 
 
+def part_profile(engine: EngineCore, batches=(1, 64), steps: int = 6, top: int = 18) -> list[dict]:
+    """Where a decode step's time goes: the forward graph replayed alone (CUDA events), and each
+    kernel's time per step from torch.profiler over eager steps (the same kernels, each visible)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = engine.executor.runner
+    c = engine.executor.model_config
+    rows = []
+    for batch in batches:
+        for i, prompt in enumerate(_prompts(batch, 128, c.vocab_size, seed=batch)):
+            engine.add_request(f"prof{batch}-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=2 * steps + 8,
+                                                                            ignore_eos=True), stream=False)
+        recorder: StepRecorder = engine.executor
+        recorder.steps = []
+        while not (recorder.steps and recorder.steps[-1]["decode"] and recorder.steps[-1]["seqs"] == batch):
+            engine.step()  # the prefills
+        engine.step()
+        graphs, size = runner.graphs, runner.graphs.size_for(batch)
+        times = []
+        for _ in range(20):  # the last step's inputs are still in the static buffers
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs.run(size)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        runner.graphs = None
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    engine.step()
+                torch.cuda.synchronize()
+        finally:
+            runner.graphs = graphs
+        while engine.has_unfinished():
+            engine.step()
+        kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+        kernels.sort(key=lambda e: -e.device_time_total)
+        total_us = sum(e.device_time_total for e in kernels) / steps
+        row = {"batch": batch, "graph_replay_ms": statistics.median(times), "kernel_us_per_step": total_us,
+               "kernels_per_step": sum(e.count for e in kernels) / steps,
+               "top": [{"name": e.key[:90], "us_per_step": e.device_time_total / steps,
+                        "calls_per_step": e.count / steps} for e in kernels[:top]]}
+        rows.append(row)
+        print(f"[profile] batch {batch}: graph replay {row['graph_replay_ms']:.3f} ms; kernels {total_us / 1e3:.3f} ms "
+              f"in {row['kernels_per_step']:.0f} launches per step", flush=True)
+        for k in row["top"]:
+            print(f"    {k['us_per_step']:9.1f} us  {k['calls_per_step']:6.1f}x  {k['name']}", flush=True)
+    return rows
+
+
 def _free(engine: EngineCore) -> None:
     engine.executor.inner.shutdown()
     del engine
@@ -392,8 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         (out / "gpu.json").write_text(json.dumps(result, indent=2))
         (out / "gpu.md").write_text(markdown(result))
 
-    if {"engine", "prefill", "longdecode"} & set(args.parts):
-        engine = build_engine(QWEN3_30B, 48, max_model_len=LONG + 256, max_num_seqs=256, kv_bytes=34 << 30)
+    if {"engine", "prefill", "longdecode", "profile"} & set(args.parts):
+        engine = build_engine(QWEN3_30B, 48, max_model_len=LONG + 1024, max_num_seqs=256, kv_bytes=34 << 30)
+        if "profile" in args.parts:
+            result["profile"] = part_profile(engine)
+            save()
         if "engine" in args.parts:
             result["engine"] = part_engine(engine, rates)
             save()

@@ -70,7 +70,7 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, q_out_ptr, kv_ptr, slot_ptr, pos_ptr, inv_f
     x2 = tl.load(row_ptr + HALF + lo)
     dtype = x1.dtype
     if head >= H + G:  # v: straight into the cache
-        slot = tl.load(slot_ptr + t)
+        slot = tl.load(slot_ptr + t).to(tl.int64)  # slot * G * d overflows int32 in a large cache
         if slot >= 0:
             dst = kv_ptr + kv_stride_kv + (slot * G + (head - H - G)) * HEAD_DIM
             tl.store(dst + lo, x1)
@@ -92,11 +92,11 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, q_out_ptr, kv_ptr, slot_ptr, pos_ptr, inv_f
         out1 = (a * cos - b * sin).to(dtype)
         out2 = (b * cos + a * sin).to(dtype)
         if head < H:
-            dst = q_out_ptr + (t * H + head) * HEAD_DIM
+            dst = q_out_ptr + (t * H + head) * HEAD_DIM  # t is int64
             tl.store(dst + lo, out1)
             tl.store(dst + HALF + lo, out2)
         else:
-            slot = tl.load(slot_ptr + t)
+            slot = tl.load(slot_ptr + t).to(tl.int64)
             if slot >= 0:
                 dst = kv_ptr + (slot * G + (head - H)) * HEAD_DIM
                 tl.store(dst + lo, out1)

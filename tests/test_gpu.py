@@ -27,20 +27,25 @@ def _hf_greedy(model, tok, prompt, n=32):
 
 
 def test_float32_greedy_on_cuda_equals_transformers(qwen3_moe_path):
-    llm = LLM(qwen3_moe_path, device="cuda", dtype="float32", progress=False)
+    llm = LLM(qwen3_moe_path, device="cuda", dtype="float32", num_kv_blocks=512, progress=False)
     ours = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32,
                                                                                   ignore_eos=True))]
     hf = _hf(qwen3_moe_path, torch.float32)
     assert ours == [_hf_greedy(hf, llm.get_tokenizer(), p) for p in PROMPTS]
 
 
-def test_bfloat16_takes_the_grouped_path_and_matches_the_batched_path(qwen3_moe_path):
-    grouped = LLM(qwen3_moe_path, device="cuda", dtype="bfloat16", progress=False)
-    batched = LLM(qwen3_moe_path, device="cuda", dtype="bfloat16", expert_impl="batched", progress=False)
-    assert grouped.engine.executor.runner.model.layers[0].mlp.experts.impl == "grouped"
+@pytest.mark.parametrize("impl", ["grouped", "batched"])
+def test_bfloat16_fused_moe_path_matches_the_torch_expert_paths(qwen3_moe_path, impl):
+    """The default on CUDA is the fused Triton MoE; grouped_mm and the batched bmm path compute the
+    same function: logprobs of the same tokens agree to bf16 rounding."""
+    fused = LLM(qwen3_moe_path, device="cuda", dtype="bfloat16", num_kv_blocks=512, progress=False)
+    other = LLM(qwen3_moe_path, device="cuda", dtype="bfloat16", expert_impl=impl, num_kv_blocks=512, progress=False)
+    assert fused.engine.executor.runner.model.layers[0].mlp.fused
+    assert not other.engine.executor.runner.model.layers[0].mlp.fused
+    assert other.engine.executor.runner.model.layers[0].mlp.experts.impl == impl
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
-    a = grouped.generate(PROMPTS, params)
-    b = batched.generate(PROMPTS, params)
+    a = fused.generate(PROMPTS, params)
+    b = other.generate(PROMPTS, params)
     for x, y in zip(a, b):
         # Same math in a different kernel: logprobs of the same tokens agree to bf16 rounding.
         n = next((i for i, (s, t) in enumerate(zip(x.outputs[0].token_ids, y.outputs[0].token_ids)) if s != t), 16)
@@ -87,11 +92,11 @@ def test_two_rank_workers_over_nccl_give_the_tokens_of_one_gpu(qwen3_moe_path):
         pytest.skip("needs two GPUs")
     pytest.importorskip("ray")
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
-    one = LLM(qwen3_moe_path, device="cuda", dtype="float32", progress=False)
+    one = LLM(qwen3_moe_path, device="cuda", dtype="float32", num_kv_blocks=512, progress=False)
     expected = one.generate(PROMPTS, params)
     del one
     torch.cuda.empty_cache()
-    two = LLM(qwen3_moe_path, device="cuda", dtype="float32", ep_size=2, progress=False)
+    two = LLM(qwen3_moe_path, device="cuda", dtype="float32", ep_size=2, num_kv_blocks=512, progress=False)
     try:
         got = two.generate(PROMPTS, params)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]

