@@ -91,11 +91,12 @@ class SparseMoeBlock(nn.Module):
     def _fused(self, x_TD: torch.Tensor) -> torch.Tensor:
         from expertmesh.router import fused_moe, triton_gating
 
-        g = self.gate_config
-        topk_weights_TK, topk_ids_TK = triton_gating.topk_softmax_triton(self.gate(x_TD), g.top_k, g.renormalize,
-                                                                        g.scoring)
-        if self.stats is not None:
-            self.stats.record(self.moe_index, topk_ids_TK)
+        g, stats = self.gate_config, self.stats
+        # The expert-load counters are counted inside the top-k kernel (no index_add_ per layer).
+        topk_weights_TK, topk_ids_TK = triton_gating.topk_softmax_triton(
+            self.gate(x_TD), g.top_k, g.renormalize, g.scoring,
+            counts_E=None if stats is None else stats.layer_counts(self.moe_index),
+            copy_weights_N=None if stats is None else stats.copy_weights_N)
         w13, w2 = self.experts.w13_EFD, self.experts.w2_EDF
         if not self.all_to_all:
             return fused_moe.fused_moe(x_TD, topk_weights_TK, topk_ids_TK, w13, w2, expert_to_local_E=self._expert_map)

@@ -1,7 +1,9 @@
 """Expert-load counters: tokens routed to each expert of each MoE layer, kept on the device.
 
-Recording is one `index_add_` per layer and never synchronises with the host; `snapshot()`
-copies the counts out when someone (metrics, the load balancer) asks.
+Recording is one `index_add_` per layer (`record`, the plain path and the reference) or, on the
+fused path, integer atomics inside the top-k kernel into `layer_counts(layer)` (with
+`copy_weights_N` as the weights); neither synchronises with the host. `snapshot()` copies the
+counts out when someone (metrics, the load balancer) asks.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ class ExpertLoadStats:
         if self._ones.numel() < ids.numel():
             self._ones = torch.ones(2 * ids.numel(), dtype=torch.int64, device=ids.device)
         self.counts_LE[moe_layer].index_add_(0, ids, self._ones[: ids.numel()])
+
+    def layer_counts(self, moe_layer: int) -> torch.Tensor:
+        """int64 [num_experts], a view of the layer's row: the top-k kernel adds to it in place."""
+        return self.counts_LE[moe_layer]
 
     def snapshot(self) -> torch.Tensor:
         """[num_moe_layers, num_experts] int64 on the CPU: tokens routed since the last reset."""

@@ -8,6 +8,12 @@ it then picks K times the largest remaining score (the lowest index among equal 
 expert already taken, so ids are distinct even with ties or -inf logits), and for "topk_softmax"
 (Mixtral's order) takes the softmax over the K chosen logits. Weights are float32; ids int64 as
 torch.topk's, or int32 on request. No host sync; the grid depends only on T.
+
+Expert-load counting rides along (`counts_E`): each chosen expert's counter gains one per copy
+(or the copy's weight from `copy_weights_N`: a CUDA graph's padding rows weigh 0) by integer
+atomics, so the totals are exact and the same whatever the programs' order, and the MoE block
+needs no separate `index_add_` per layer (router/stats.py `ExpertLoadStats.record` is the
+reference the tests hold it to).
 """
 from __future__ import annotations
 
@@ -19,9 +25,10 @@ SCORINGS = ("softmax_topk", "topk_softmax")
 
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt,
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, copy_weights_ptr, T, E, stride_lt,
                          TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                         SOFTMAX_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr):
+                         SOFTMAX_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
+                         COUNT: tl.constexpr, COPY_WEIGHTS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     cols = tl.arange(0, E_PAD)
@@ -56,13 +63,24 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt,
     out_ok = row_ok[:, None] & k_ok
     tl.store(weights_ptr + out, values, mask=out_ok)
     tl.store(ids_ptr + out, chosen.to(ids_ptr.dtype.element_ty), mask=out_ok)
+    if COUNT:
+        if COPY_WEIGHTS:
+            add = tl.load(copy_weights_ptr + out, mask=out_ok, other=0).to(counts_ptr.dtype.element_ty)
+        else:
+            add = tl.full([BLOCK_T, K_PAD], 1, dtype=counts_ptr.dtype.element_ty)
+        tl.atomic_add(counts_ptr + chosen, add, mask=out_ok & (add != 0), sem="relaxed")
 
 
 def topk_softmax_triton(logits_TE: torch.Tensor, top_k: int, renormalize: bool, scoring: str = "softmax_topk", *,
-                        ids_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
+                        ids_dtype: torch.dtype = torch.int64, counts_E: torch.Tensor | None = None,
+                        copy_weights_N: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits_TE (any float dtype, last dim contiguous) -> (topk_weights_TK float32, topk_ids_TK),
     with `gate()`'s semantics: "softmax_topk" (softmax over E, top-k, renormalised when asked) or
-    "topk_softmax" (top-k logits, softmax over them; `renormalize` is implied)."""
+    "topk_softmax" (top-k logits, softmax over them; `renormalize` is implied).
+
+    counts_E: int64 or int32 [E] on the logits' device (e.g. one layer's row of
+    `ExpertLoadStats.counts_LE`): every chosen expert's counter is incremented in place, by 1 per
+    copy, or by `copy_weights_N[t*K + k]` (int [T*K]) when given."""
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
     T, E = logits_TE.shape
@@ -74,10 +92,22 @@ def topk_softmax_triton(logits_TE: torch.Tensor, top_k: int, renormalize: bool, 
     ids = torch.empty(T, top_k, dtype=ids_dtype, device=logits_TE.device)
     if T == 0:
         return weights, ids
+    if counts_E is not None:
+        if counts_E.shape != (E,) or counts_E.dtype not in (torch.int64, torch.int32) or counts_E.stride(0) != 1:
+            raise ValueError(f"counts_E must be a contiguous int64/int32 [{E}], got {tuple(counts_E.shape)} "
+                             f"{counts_E.dtype}")
+        if copy_weights_N is not None and (copy_weights_N.shape != (T * top_k,) or copy_weights_N.is_floating_point()):
+            raise ValueError(f"copy_weights_N must be an integer [{T * top_k}] (T*K), got "
+                             f"{tuple(copy_weights_N.shape)} {copy_weights_N.dtype}")
+    elif copy_weights_N is not None:
+        raise ValueError("copy_weights_N weighs the counts of counts_E: give counts_E too")
     E_PAD = triton.next_power_of_2(E)
     block_t = max(1, min(16, 4096 // E_PAD, triton.next_power_of_2(T)))
+    count, weigh = counts_E is not None, copy_weights_N is not None
     _topk_softmax_kernel[(triton.cdiv(T, block_t),)](
-        logits_TE, weights, ids, T, E, logits_TE.stride(0),
+        logits_TE, weights, ids, counts_E if count else ids, copy_weights_N.contiguous() if weigh else ids,
+        T, E, logits_TE.stride(0),
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=E_PAD, BLOCK_T=block_t,
-        SOFTMAX_FIRST=scoring == "softmax_topk", RENORMALIZE=renormalize, num_warps=4)
+        SOFTMAX_FIRST=scoring == "softmax_topk", RENORMALIZE=renormalize, COUNT=count, COPY_WEIGHTS=weigh,
+        num_warps=4)
     return weights, ids
