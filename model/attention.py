@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope, fast_ops, rms_normalize
+from expertmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope, fast_linear, fast_ops, rms_normalize
 
 
 @dataclass(frozen=True)
@@ -281,13 +281,15 @@ class Attention(nn.Module):
         T = x_TD.shape[0]
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
         # q and k heads sit side by side in the qkv output: normalise and rotate them together.
-        qkv_T3d = self.qkv_proj(x_TD).view(T, H + 2 * G, d)
         if self.fast:
+            qkv_T3d = fast_linear(self.qkv_proj, x_TD).view(T, H + 2 * G, d)
             rotary = self._rotary[0]
             q_THd = fast_ops().qk_norm_rope_kv(
                 qkv_T3d, H, G, meta.positions_T, rotary.inv_freq, rotary.attention_factor, kv_2NSGd,
                 meta.slot_mapping_T, self._qk_norm_weight_2d(), self.eps)
-            return self.o_proj(paged_attention_kernel(q_THd, kv_2NSGd, meta, self.scale, self.sliding_window))
+            return fast_linear(self.o_proj,
+                               paged_attention_kernel(q_THd, kv_2NSGd, meta, self.scale, self.sliding_window))
+        qkv_T3d = self.qkv_proj(x_TD).view(T, H + 2 * G, d)
         qk_THd, v_TGd = qkv_T3d[:, : H + G], qkv_T3d[:, H + G:]
         if self.q_norm is not None:
             qk_THd = self._qk_norm_weight() * rms_normalize(qk_THd, self.eps)

@@ -25,6 +25,34 @@ def fast_ops():
     return triton_layers
 
 
+@functools.cache
+def linear_ops():
+    """model/triton_linear.py (the small-batch GEMV), imported on first use by the fast path."""
+    from expertmesh.model import triton_linear
+
+    return triton_linear
+
+
+def fast_linear(module: nn.Linear, x_TD: torch.Tensor) -> torch.Tensor:
+    """module(x_TD) on the fast path: the Triton GEMV (`triton_linear.linear_small`) for the few
+    rows of a decode step, where its configs table (or heuristic) says it beats cuBLAS, else the
+    module itself (prefill, and any shape the table keeps on cuBLAS). Call it only from modules
+    built with `fast=True`: the plain path stays nn.Linear."""
+    T, weight = x_TD.shape[0], module.weight
+    ops = linear_ops()
+    if x_TD.dim() == 2 and 0 < T <= ops.MAX_T and ops.use_kernel(weight.shape[0], weight.shape[1], T, x_TD.device):
+        return ops.linear_small(x_TD, weight, module.bias)
+    return module(x_TD)
+
+
+def linear_reference(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) in float64, rounded once to x's dtype: what linear_small is held to."""
+    y = x_TD.double() @ weight_ND.double().T
+    if bias_N is not None:
+        y = y + bias_N.double()
+    return y.to(x_TD.dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm, optionally fused with the residual add before it (vLLM's convention):
 
@@ -131,8 +159,9 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        h_T2F = self.gate_up_proj(x_TD)
         if self.fast:
-            return self.down_proj(fast_ops().silu_and_mul(h_T2F))
+            h_T2F = fast_linear(self.gate_up_proj, x_TD)
+            return fast_linear(self.down_proj, fast_ops().silu_and_mul(h_T2F))
+        h_T2F = self.gate_up_proj(x_TD)
         gate_TF, up_TF = h_T2F.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate_TF) * up_TF)

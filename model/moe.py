@@ -19,7 +19,7 @@ from torch import nn
 
 from expertmesh.experts import Experts
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.layers import DenseMLP
+from expertmesh.model.layers import DenseMLP, fast_linear
 from expertmesh.router import ExpertLoadStats, GateConfig, gate
 from expertmesh.router.dispatch import LocalDispatcher
 
@@ -94,7 +94,7 @@ class SparseMoeBlock(nn.Module):
         g, stats = self.gate_config, self.stats
         # The expert-load counters are counted inside the top-k kernel (no index_add_ per layer).
         topk_weights_TK, topk_ids_TK = triton_gating.topk_softmax_triton(
-            self.gate(x_TD), g.top_k, g.renormalize, g.scoring,
+            fast_linear(self.gate, x_TD), g.top_k, g.renormalize, g.scoring,
             counts_E=None if stats is None else stats.layer_counts(self.moe_index),
             copy_weights_N=None if stats is None else stats.copy_weights_N)
         w13, w2 = self.experts.w13_EFD, self.experts.w2_EDF

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from expertmesh.router import ExpertLoadStats, GateConfig, gate  # noqa: E402
-from expertmesh.router.triton_gating import topk_softmax_triton  # noqa: E402
+from expertmesh.router import ExpertLoadStats, GateConfig, gate
+from expertmesh.router.triton_gating import topk_softmax_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

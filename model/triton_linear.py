@@ -1,0 +1,253 @@
+"""y = x @ W^T for a few rows of x (decode): a Triton GEMV that streams the weight once at the
+memory's rate, beside its plain-torch reference `model.layers.linear_reference`
+(tests/test_triton_linear.py holds it to it). `model.layers.fast_linear` picks it on the fast path.
+
+Legend: T rows of x (T <= MAX_T), K input features, N output features; W is [N, K] row-major
+(nn.Linear's weight), bf16/fp16/fp32 like x.
+
+At decode the projections of a layer are matrix-vector products: cuBLAS runs them at 60-70% of
+the HBM bandwidth and takes ~5 us for the router gate's 0.5 MB, where one round trip to memory
+would do. Here one program takes BLOCK_N rows of W and walks K in BLOCK_K chunks (16-byte vector
+loads: BLOCK_K a multiple of 8 halves), all T rows of x at once, float32 accumulation, and
+writes its [T, BLOCK_N] outputs (bias added in float32, then rounded once, as cuBLAS's epilogue).
+Two inner products, chosen per shape by the configs table:
+
+  - "fma": elementwise products in registers. T = 1 accumulates [BLOCK_N, BLOCK_K] partial sums
+    and reduces once at the end; T > 1 reduces each chunk over K. Any BLOCK_N, down to 1 row per
+    program, so even the gate's 128 rows spread over 128 SMs, each reading its row in one go.
+  - "dot": tl.dot on x padded to 16 rows ([16, BLOCK_K] x [BLOCK_K, BLOCK_N], BLOCK_N >= 16): the
+    tensor cores do the (wasted, cheap) multiply and Triton's pipeliner keeps num_stages weight
+    tiles in flight through asynchronous copies; one compiled kernel serves every T <= 16.
+
+No split-K: the grid is cdiv(N, BLOCK_N) programs, which for the decode shapes fills the GPU at
+BLOCK_N <= 16 (and the gate runs at 1-2 rows a program). No host sync, no atomics (the result is
+deterministic); the grid depends only on N and the config, so a CUDA graph captures it.
+
+Configs: `select_config(N, K, T, device_name)` reads model/configs/linear_*.json
+({device name: {"N,K": {"1": config, "2": ..., "4": ..., "8": ..., "max_t": m}}}, written by
+`python -m expertmesh.bench.linear`), where max_t is the largest T at which this kernel beat
+F.linear in the measurement (None is returned above it: the caller keeps cuBLAS); shapes not in
+the table take `heuristic_config` up to MAX_T_DEFAULT. Imports triton: only the fast path loads it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_T = 16
+"""Most rows the kernel takes (the dot form pads x to 16 rows)."""
+MAX_T_DEFAULT = 8
+"""Rows up to which shapes without a measured entry use the kernel (CUDA-graph batch sizes 1-8)."""
+T_BUCKETS = (1, 2, 4, 8, 16)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+SMS_DEFAULT = 132  # H200; the heuristic sizes grids for this many SMs off CUDA (the interpreter)
+FMA_LIVE_PER_THREAD = 64
+"""float32 products a thread holds at once in the FMA form (T_PAD x BLOCK_N x BLOCK_K over the
+threads): beyond this the accumulator and the weight tile crowd out the registers."""
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+    dot: bool = False
+
+    def t_pad(self, T: int) -> int:
+        return 16 if self.dot else triton.next_power_of_2(max(T, 1))
+
+    def fits(self, N: int, K: int, T: int) -> bool:
+        """Tile shapes the kernel takes, and an FMA accumulator that stays in registers."""
+        if any(v & (v - 1) or v < 1 for v in (self.block_n, self.block_k, self.num_warps)) or T > MAX_T:
+            return False
+        if self.dot:
+            return self.block_n >= 16 and self.block_k >= 16
+        return self.t_pad(T) * self.block_n * self.block_k <= FMA_LIVE_PER_THREAD * 32 * self.num_warps
+
+
+@triton.jit
+def _linear_small_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, T, N, K, stride_xt, stride_wn, stride_yt,
+    T_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_t = tl.arange(0, T_PAD)
+    n_ok = offs_n < N
+    t_ok = offs_t < T
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
+    if USE_DOT:
+        acc = tl.zeros([T_PAD, BLOCK_N], dtype=tl.float32)
+    elif T_PAD == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([T_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs + k0, mask=t_ok[:, None], other=0.0)
+            if EVEN_N:
+                w = tl.load(w_ptrs + k0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs + k0, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+        else:
+            k_ok = offs_k < K - k0
+            x = tl.load(x_ptrs + k0, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        elif T_PAD == 1:
+            acc += w.to(tl.float32) * x.to(tl.float32)
+        else:
+            acc += tl.sum(w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :], axis=2)
+    if USE_DOT:
+        y = acc
+    elif T_PAD == 1:
+        y = tl.sum(acc, axis=1)[None, :]
+    else:
+        y = acc
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_yt + offs_n[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+
+
+def heuristic_config(N: int, K: int, T: int, num_sms: int = SMS_DEFAULT) -> LinearConfig:
+    """Untuned fallback. Few rows: FMA with BLOCK_N small enough for ~2 programs per SM (1 row a
+    program for the gate) and BLOCK_K as long as the accumulator allows; more rows on wide
+    outputs: the dot form with 16-row tiles and 4 weight tiles in flight."""
+    k_cap = triton.next_power_of_2(max(K, 16))
+    if T > 2 and 16 * num_sms // 2 <= N:
+        return LinearConfig(block_n=16, block_k=min(256, k_cap), num_warps=4, num_stages=4, dot=True)
+    block_n = 16
+    while block_n > 1 and triton.cdiv(N, block_n) < 2 * num_sms:
+        block_n //= 2
+    t_pad = triton.next_power_of_2(max(T, 1))
+    block_k = min(k_cap, 4096)
+    while block_k > 64 and t_pad * block_n * block_k > FMA_LIVE_PER_THREAD * 32 * 4:
+        block_k //= 2
+    while t_pad * block_n * block_k > FMA_LIVE_PER_THREAD * 32 * 4:
+        block_n //= 2
+    return LinearConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=2 if block_k < K else 1)
+
+
+def load_config_table() -> dict:
+    """Every model/configs/linear_*.json merged: {device name: {"N,K": {bucket: config, "max_t": m}}}."""
+    table: dict = {}
+    for path in sorted(CONFIG_DIR.glob("linear_*.json")):
+        for device, entries in json.loads(path.read_text()).items():
+            table.setdefault(device, {}).update(entries)
+    return table
+
+
+@functools.cache
+def _default_table() -> dict:
+    return load_config_table()
+
+
+def t_bucket(T: int) -> int:
+    return next(b for b in T_BUCKETS if b >= T)
+
+
+def select_config(N: int, K: int, T: int, device_name: str | None, table: dict | None = None,
+                  num_sms: int = SMS_DEFAULT) -> LinearConfig | None:
+    """The config for T rows of an [N, K] weight on this device, or None where F.linear should run
+    (T above the entry's measured max_t, or above MAX_T_DEFAULT for a shape without an entry)."""
+    if not 0 < T <= MAX_T:
+        return None
+    entry = (_default_table() if table is None else table).get(device_name or "", {}).get(f"{N},{K}")
+    if entry is None:
+        return heuristic_config(N, K, T, num_sms) if T <= MAX_T_DEFAULT else None
+    if int(entry.get("max_t", 0)) < T:
+        return None
+    spec = entry.get(str(t_bucket(T)))
+    config = LinearConfig(**spec) if spec is not None else heuristic_config(N, K, T, num_sms)
+    return config if config.fits(N, K, T) else heuristic_config(N, K, T, num_sms)
+
+
+def config_entry(configs_by_t: dict[int, LinearConfig], max_t: int) -> dict:
+    """A table entry in the file's format (what bench/linear.py writes)."""
+    return {**{str(t): asdict(c) for t, c in sorted(configs_by_t.items())}, "max_t": int(max_t)}
+
+
+def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None, config: LinearConfig | None = None) -> torch.Tensor:
+    """F.linear(x_TD, weight_ND, bias) for T <= MAX_T rows: [T, N] in x's dtype (into `out`, a
+    [T, N] buffer of that dtype with unit stride along N, when given). x needs unit stride along K
+    (rows may be strided); the weight must be contiguous. `config`: force one (tests, the sweep);
+    by default the table's or the heuristic's for this shape, even where select_config would
+    return None (the caller decides whether to come here)."""
+    if x_TD.dim() != 2 or weight_ND.dim() != 2 or x_TD.shape[1] != weight_ND.shape[1]:
+        raise ValueError(f"x {tuple(x_TD.shape)} and weight {tuple(weight_ND.shape)} do not multiply")
+    T, K = x_TD.shape
+    N = weight_ND.shape[0]
+    if T > MAX_T:
+        raise ValueError(f"linear_small takes at most {MAX_T} rows, got {T}")
+    if x_TD.dtype != weight_ND.dtype or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"x is {x_TD.dtype}, the weight {weight_ND.dtype}"
+                         + ("" if bias is None else f", bias {tuple(bias.shape)} for N={N}"))
+    if not weight_ND.is_contiguous():
+        raise ValueError("the weight must be contiguous ([N, K] row-major)")
+    if x_TD.stride(1) != 1:
+        x_TD = x_TD.contiguous()
+    if out is None:
+        out = x_TD.new_empty(T, N)
+    elif out.shape != (T, N) or out.dtype != x_TD.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be [{T}, {N}] {x_TD.dtype} with unit stride along N")
+    if T == 0 or N == 0:
+        return out
+    if config is None:
+        config = _auto_config(N, K, T, x_TD.device)
+    elif not config.fits(N, K, T):
+        raise ValueError(f"config {config} does not fit T={T}")
+    _linear_small_kernel[(triton.cdiv(N, config.block_n),)](
+        x_TD, weight_ND, weight_ND if bias is None else bias, out, T, N, K,
+        x_TD.stride(0), weight_ND.stride(0), out.stride(0),
+        T_PAD=config.t_pad(T), BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=config.dot,
+        HAS_BIAS=bias is not None, EVEN_K=K % config.block_k == 0, EVEN_N=N % config.block_n == 0,
+        PRECISION="ieee" if x_TD.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """The name configs are keyed by: torch's CUDA device name ("NVIDIA H200"), else the device type."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SMS_DEFAULT
+
+
+@functools.lru_cache(maxsize=1024)
+def use_kernel(N: int, K: int, T: int, device: torch.device) -> bool:
+    """Whether fast_linear takes the kernel for this call (T within the shape's measured max_t)."""
+    return select_config(N, K, T, device_name(device), num_sms=num_sms(device)) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _auto_config(N: int, K: int, T: int, device: torch.device) -> LinearConfig:
+    config = select_config(N, K, T, device_name(device), num_sms=num_sms(device))
+    return config if config is not None else heuristic_config(N, K, T, num_sms(device))
+
+
+__all__ = [
+    "MAX_T",
+    "LinearConfig",
+    "config_entry",
+    "heuristic_config",
+    "linear_small",
+    "load_config_table",
+    "select_config",
+    "use_kernel",
+]
