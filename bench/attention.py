@@ -4,10 +4,14 @@ Shapes of Qwen3-30B-A3B (32 query / 4 KV heads) and Qwen3-235B-A22B (64/4), head
 KV blocks of 16 scattered at random over a cache pool. Each kind sweeps a few kernel configs and
 keeps the fastest, which is written in the configs table's format (model/configs/attention_*.json).
 
-  decode:  B=1 at 4k/32k/262k, B=64 at 4k, 63 sequences of 1k plus one of 262k (32/4 heads).
-           Timed as CUDA-graph replays of the step's launches (what the engine replays), each
-           replay with other random block tables so that no rep finds its keys in L2. Figure:
-           GB/s of K/V read against the copy bandwidth measured in the same run.
+  decode:  B=1 at 256/1k/4k/32k/262k, B=64 at 4k, 63 sequences of 1k plus one of 262k (32/4
+           heads), planned as the engine plans them (model/attention.py `decode_split_args`: short
+           contexts of a small batch split into pieces of the kernel's BLOCK_N). Timed as CUDA-graph
+           replays of the step's launches (what the engine replays), each replay with other random
+           block tables so that no rep finds its keys in L2. Figure: GB/s of K/V read against the
+           copy bandwidth measured in the same run. Then, with the best config, the short contexts
+           under three split rules: the default (pieces >= 256 keys), the engine's, and pieces of
+           one BLOCK_N tile each.
   prefill: a 32k prompt in chunks of 2048 and of 8192 queries, each against its cached context,
            and the last 8192-query chunk of a 262,144-token prompt (32/4 and 64/4 heads). Figure:
            TFLOP/s of causal attention (4*d*H per attended (query, key) pair) against the bf16
@@ -35,7 +39,8 @@ from expertmesh.model.paged_attention import AttentionConfig, config_key, defaul
 D, S = 128, 16
 DECODE_HEADS = (32, 4)
 PREFILL_HEADS = ((32, 4), (64, 4))
-DECODE_CASES = (("B=1 ctx 4k", [4096]), ("B=1 ctx 32k", [32768]), ("B=1 ctx 262k", [262144]),
+DECODE_CASES = (("B=1 ctx 256", [256]), ("B=1 ctx 1k", [1024]), ("B=1 ctx 4k", [4096]), ("B=1 ctx 32k", [32768]),
+                ("B=1 ctx 262k", [262144]),
                 ("B=64 ctx 4k", [4096] * 64), ("63 x 1k + 1 x 262k", [1024] * 63 + [262144]))
 PREFILL_CASES = (("32k prompt, chunks of 2048", 32768, 2048, False), ("32k prompt, chunks of 8192", 32768, 8192, False),
                  ("last 8192 of a 262k prompt", 262144, 8192, True))
@@ -44,7 +49,9 @@ DECODE_SWEEP = ((16, 32, 4, 4), (16, 32, 4, 6), (16, 64, 4, 5), (16, 128, 4, 3),
                 (16, 256, 8, 2))
 PREFILL_SWEEP = ((128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
                  (64, 128, 4, 3), (128, 32, 8, 4))
-SMOKE = dict(decode_cases=(("B=2 ctx 40/70", [40, 70]), ("B=1 ctx 300", [300])),
+SPLIT_CASES = ("B=1 ctx 256", "B=1 ctx 1k", "B=1 ctx 4k")  # compared under the three split rules
+SPLIT_RULES = ("default", "engine", "tile")
+SMOKE = dict(decode_cases=(("B=2 ctx 40/70", [40, 70]), ("B=1 ctx 300", [300])), split_cases=("B=1 ctx 300",),
              prefill_cases=(("96 prompt, chunks of 32", 96, 32, False),), decode_sweep=((16, 16, 4, 2),),
              prefill_sweep=((32, 16, 4, 2),))
 
@@ -117,12 +124,49 @@ def _tables(lens, num_blocks, count, device, gen):
     return out
 
 
-def bench_decode(rig, rates, cache, num_sms, cases, sweep, deadline, gen):
+def _split_args(rule, qs, lens, num_sms, block_n):
+    """plan_attention's split arguments under a rule: "default", "engine" (what the engine's
+    planner passes: model/attention.py decode_split_args) or "tile" (pieces of one BLOCK_N)."""
+    from expertmesh.model.attention import decode_split_args
+
+    H, G = DECODE_HEADS
+    if rule == "engine":
+        return decode_split_args(qs, lens, num_q_heads=H, num_kv_heads=G, num_sms=num_sms, block_n=block_n)
+    return {} if rule == "default" else dict(min_split_keys=block_n, split_granule=block_n)
+
+
+def _time_decode(rig, rates, cache, num_sms, name, lens, cfg, gen, rule="engine"):
+    """One decode case with this config, planned under `rule`: a table row."""
     from expertmesh.model.triton_attention import AttentionWorkspace, paged_attention
 
     H, G = DECODE_HEADS
     device = cache.device
-    elem = cache.element_size()
+    B = len(lens)
+    qs = np.arange(B + 1)
+    split = _split_args(rule, qs, np.asarray(lens), num_sms, cfg.block_n)
+    plan = plan_attention(qs, np.asarray(lens), num_q_heads=H, num_kv_heads=G, num_sms=num_sms, capacity=B, **split)
+    pt = plan_to_device(plan, device)
+    ws = AttentionWorkspace.allocate(plan.partial_rows, D, device)
+    q = torch.randn(B, H, D, generator=gen, device=device).to(cache.dtype)
+    out, lse = torch.empty_like(q), torch.empty(B, H, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q_start = torch.arange(B + 1, dtype=torch.int32, device=device)
+    reps = 16 if sum(lens) < 1 << 20 else 4  # enough tables that one replay overflows L2
+    tables = _tables(lens, cache.shape[1], reps, device, gen)
+
+    def launches():
+        for table in tables:
+            paged_attention(q, cache, table, seq_lens, q_start, pt, scale=D ** -0.5, out=out, lse=lse,
+                            workspace=ws, configs={"decode": cfg})
+
+    us = rig.time_ms(rig.graphed(launches)) * 1e3 / len(tables)
+    kv_bytes = 2 * sum(lens) * G * D * cache.element_size()
+    return {"case": name, "time_us": us, "kv_gb_s": kv_bytes / us / 1e3,
+            "pct_of_copy": 100 * kv_bytes / us / 1e3 / rates.copy_gb_s,
+            "items": plan.decode.num_items, "splits": plan.decode.num_groups, "rule": rule, "split_args": split}
+
+
+def bench_decode(rig, rates, cache, num_sms, cases, sweep, deadline, gen, split_cases=SPLIT_CASES):
     results = []
     for cfg in _sweep(sweep, default_config("decode", D)):
         if time.monotonic() > deadline and results:
@@ -130,29 +174,7 @@ def bench_decode(rig, rates, cache, num_sms, cases, sweep, deadline, gen):
         rows = []
         try:
             for name, lens in cases:
-                B = len(lens)
-                qs = np.arange(B + 1)
-                plan = plan_attention(qs, np.asarray(lens), num_q_heads=H, num_kv_heads=G, num_sms=num_sms, capacity=B)
-                pt = plan_to_device(plan, device)
-                ws = AttentionWorkspace.allocate(plan.partial_rows, D, device)
-                q = torch.randn(B, H, D, generator=gen, device=device).to(cache.dtype)
-                out, lse = torch.empty_like(q), torch.empty(B, H, device=device)
-                seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-                q_start = torch.arange(B + 1, dtype=torch.int32, device=device)
-                reps = 16 if sum(lens) < 1 << 20 else 4  # enough tables that one replay overflows L2
-                tables = _tables(lens, cache.shape[1], reps, device, gen)
-
-                def launches(tables=tables, q=q, seq_lens=seq_lens, q_start=q_start, pt=pt, ws=ws, out=out, lse=lse,
-                             cfg=cfg):
-                    for table in tables:
-                        paged_attention(q, cache, table, seq_lens, q_start, pt, scale=D ** -0.5, out=out, lse=lse,
-                                        workspace=ws, configs={"decode": cfg})
-
-                us = rig.time_ms(rig.graphed(launches)) * 1e3 / len(tables)
-                kv_bytes = 2 * sum(lens) * G * D * elem
-                rows.append({"case": name, "time_us": us, "kv_gb_s": kv_bytes / us / 1e3,
-                             "pct_of_copy": 100 * kv_bytes / us / 1e3 / rates.copy_gb_s,
-                             "items": plan.decode.num_items, "splits": plan.decode.num_groups})
+                rows.append(_time_decode(rig, rates, cache, num_sms, name, lens, cfg, gen))
         except Exception as exc:  # a config that does not fit (shared memory, registers) is skipped
             print(json.dumps({"decode_config": asdict(cfg), "error": repr(exc)[:300]}), flush=True)
             continue
@@ -162,7 +184,12 @@ def bench_decode(rig, rates, cache, num_sms, cases, sweep, deadline, gen):
     if not results:
         raise RuntimeError("no decode config ran (see the errors above)")
     best = max(results, key=lambda r: r["geomean_gb_s"])
-    return {"sweep": results, "best": best}
+    cfg = AttentionConfig(**best["config"])
+    splits = [_time_decode(rig, rates, cache, num_sms, name, lens, cfg, gen, rule)
+              for name, lens in cases if name in split_cases for rule in SPLIT_RULES]
+    for row in splits:
+        print(json.dumps({"split_rule": row}), flush=True)
+    return {"sweep": results, "best": best, "splits": splits}
 
 
 def _prefill_inputs(prompt, H, G, device, dtype, gen):
@@ -312,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     pool_blocks = 2 * -(-pool_tokens // S) + 64  # room for tables that differ from rep to rep
     cache = torch.randn(2, pool_blocks, S, DECODE_HEADS[1], D, generator=gen, device=device).to(dtype)
     decode = bench_decode(rig, rates, cache, num_sms, decode_cases, small.get("decode_sweep", DECODE_SWEEP),
-                          deadline - 0.6 * args.budget_s, gen)
+                          deadline - 0.6 * args.budget_s, gen, small.get("split_cases", SPLIT_CASES))
     del cache
     prefill = {}
     for i, (H, G) in enumerate(PREFILL_HEADS):
@@ -332,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in decode["best"]["rows"]:
         lines.append(f"| {r['case']} | {r['time_us']:.1f} | {r['kv_gb_s']:.0f} | {r['pct_of_copy']:.0f}% "
                      f"| {r['items']} | {r['splits']} |")
+    lines += ["", "decode split rules (default: pieces >= 256 keys; engine: decode_split_args; tile: one BLOCK_N "
+              "a piece), same config", "", "| case | rule | us | pieces (items) | split args |",
+              "|---|---|---:|---:|---|"]
+    for r in decode["splits"]:
+        lines.append(f"| {r['case']} | {r['rule']} | {r['time_us']:.1f} | {r['items']} | {r['split_args'] or '-'} |")
     for heads, res in prefill.items():
         lines += ["", f"prefill, {heads} heads, config {res['best']['config']}", "",
                   "| case | ms | TFLOP/s | % of matmul | SDPA TFLOP/s | ours / SDPA | max diff |",

@@ -303,20 +303,60 @@ class Attention(nn.Module):
         return self.o_proj(paged_attention(q_THd, k_TGd, v_TGd, kv_2NSGd, meta, self.scale))
 
 
+FINE_SPLIT_PIECES = 8
+"""At most this many pieces per decode tile when a small batch splits finer than the default
+granule: the merge kernel folds a tile's pieces one after another, so each piece costs it a
+round trip to L2 (a 200-token context: 4 pieces of 64; 1,000 tokens: 8 of 128; from ~2k the
+default 256-key pieces are as fine)."""
+
+
+def decode_split_args(query_start_B1: np.ndarray, seq_lens_B: np.ndarray, *, num_q_heads: int, num_kv_heads: int,
+                      num_sms: int, block_n: int) -> dict[str, int]:
+    """plan_attention's split arguments for a step: {} (the defaults: pieces of >= 256 keys on
+    multiples of 256) except in a decode-only step whose tiles do not fill the SMs, where short
+    contexts split on multiples of the decode kernel's BLOCK_N (`block_n`) into pieces of at
+    least BLOCK_N keys and at most FINE_SPLIT_PIECES per tile. At batch 1 and 200 tokens the
+    default leaves G programs of ~4 dependent key tiles each (latency-bound: 9.3 us a layer on an
+    H200); 4 pieces of one tile each plus the merge take a fraction of that.
+
+    The capacity bounds (`plan_bounds`) hold for any split arguments: pieces start on multiples
+    of a chunk >= total keys / target, whatever the granule (test_plan_bounds_hold_every_random_step
+    runs them with this function's arguments too)."""
+    from expertmesh.model.paged_attention import SPLIT_GRANULE
+
+    q_len = np.diff(np.asarray(query_start_B1, dtype=np.int64))
+    qpk = num_q_heads // num_kv_heads
+    dec_bq = max(16, 1 << max(0, qpk - 1).bit_length()) // qpk  # decode tile queries, as plan_attention's
+    decode = (q_len >= 1) & (q_len <= dec_bq)
+    if not decode.any() or (q_len > dec_bq).any() or int(decode.sum()) * num_kv_heads >= num_sms:
+        return {}
+    longest = int(np.asarray(seq_lens_B)[decode].max())
+    per_piece = -(-longest // FINE_SPLIT_PIECES)
+    piece = -(-per_piece // block_n) * block_n  # rounded up to whole key tiles
+    if piece >= SPLIT_GRANULE or SPLIT_GRANULE % block_n:
+        return {}
+    return {"min_split_keys": max(block_n, piece), "split_granule": block_n}
+
+
 class KernelAttentionPlanner:
     """The kernel path's per-step attention plan: work items planned on the host once per step
     (`model.paged_attention.plan_attention`), uploaded through buffers that never move, and
     handed to every layer (`kernel_inputs`). A CUDA graph's steps plan with `pad_to` = its batch
-    size, so they lay out exactly as the captured plan did."""
+    size, so they lay out exactly as the captured plan did. Small decode batches split their
+    keys finer (`decode_split_args`); the layout does not depend on it."""
 
     def __init__(self, config: ModelConfig, device: torch.device, *, max_seqs: int, max_tokens: int) -> None:
-        from expertmesh.model.paged_attention import AttentionPlanBuffers, plan_bounds
+        from expertmesh.model.paged_attention import AttentionPlanBuffers, attention_config, plan_bounds
         from expertmesh.model.triton_attention import AttentionWorkspace
 
         self.num_q_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.sliding_window = config.sliding_window
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 4)
+        # the decode kernel's key tile (what triton_attention launches with on this device)
+        self.decode_block_n = attention_config(
+            "decode", config.head_dim, self.num_q_heads // self.num_kv_heads,
+            torch.cuda.get_device_name(device) if device.type == "cuda" else None).block_n
         common = dict(max_num_seqs=max_seqs, max_num_tokens=max_tokens, num_q_heads=self.num_q_heads,
                       num_kv_heads=self.num_kv_heads, num_sms=self.num_sms, sliding_window=self.sliding_window)
         # Eager steps and every CUDA graph's batch size share one plan buffer and one workspace,
@@ -336,8 +376,10 @@ class KernelAttentionPlanner:
             T = int(query_start_B1[-1])
             query_start_B1 = np.concatenate([query_start_B1, np.arange(T + 1, T + pad + 1)])
             seq_lens_B = np.concatenate([seq_lens_B, np.ones(pad, dtype=np.int64)])
-        plan = plan_attention(query_start_B1, seq_lens_B, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
-                              num_sms=self.num_sms, capacity=pad_to, sliding_window=self.sliding_window)
+        heads = dict(num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads, num_sms=self.num_sms)
+        split = decode_split_args(query_start_B1, seq_lens_B, **heads, block_n=self.decode_block_n)
+        plan = plan_attention(query_start_B1, seq_lens_B, **heads, capacity=pad_to, sliding_window=self.sliding_window,
+                              **split)
         self.tensors = self.buffers.upload(plan)
 
     def kernel_inputs(self, block_table_BM: torch.Tensor, seq_lens_B: torch.Tensor) -> PagedKernelInputs:
@@ -357,4 +399,4 @@ def paged_attention_kernel(q_THd: torch.Tensor, kv_2NSGd: torch.Tensor, meta: At
 
 
 __all__ = ["Attention", "AttentionGroup", "AttentionMetadata", "PagedKernelInputs", "RotaryEmbedding",
-           "paged_attention"]
+           "decode_split_args", "paged_attention"]

@@ -278,13 +278,26 @@ def test_plan_buffers_upload_views_every_array():
         AttentionPlanBuffers(plan.packed_size - 1, "cpu").upload(plan)
 
 
+def _split_args(split, qs, seq_lens, kw):
+    """plan_attention's split arguments: the defaults, the engine planner's (decode_split_args,
+    with the H200's decode BLOCK_N of 64), or pieces of 16 keys on multiples of 16 everywhere."""
+    from expertmesh.model.attention import decode_split_args
+
+    if split == "engine":
+        return decode_split_args(qs, seq_lens, num_q_heads=kw["num_q_heads"], num_kv_heads=kw["num_kv_heads"],
+                                 num_sms=kw["num_sms"], block_n=64)
+    return {} if split == "default" else dict(min_split_keys=16, split_granule=16)
+
+
+@pytest.mark.parametrize("split", ["default", "engine", "granule16"])
 @pytest.mark.parametrize("window", [None, 300])
 @pytest.mark.parametrize("capacity", [None, 64])
-def test_plan_bounds_hold_every_random_step(capacity, window):
+def test_plan_bounds_hold_every_random_step(capacity, window, split):
     rng = np.random.default_rng(0 if window is None else 1)
     kw = dict(num_q_heads=32, num_kv_heads=4, num_sms=132, capacity=capacity, sliding_window=window)
     bounds = plan_bounds(max_num_seqs=64, max_num_tokens=8192, **kw)
     worst = [0, 0]
+    finer = 0
     for _ in range(300):
         B = int(rng.integers(1, 65))
         decodes = rng.random(B) < rng.random()
@@ -292,10 +305,59 @@ def test_plan_bounds_hold_every_random_step(capacity, window):
         seq_lens = q_lens + rng.integers(0, 1 << int(rng.integers(1, 19)), B)
         if capacity is not None:  # graphs capture decode-only steps
             q_lens, seq_lens = np.ones(B, int), np.maximum(seq_lens, 1)
-        plan = plan_attention(np.concatenate([[0], np.cumsum(q_lens)]), seq_lens, **kw)
+        qs = np.concatenate([[0], np.cumsum(q_lens)])
+        args = _split_args(split, qs, seq_lens, kw)
+        finer += bool(args)
+        plan = plan_attention(qs, seq_lens, **kw, **args)
         worst = [max(worst[0], plan.packed_size), max(worst[1], plan.partial_rows)]
     assert worst[0] <= bounds.packed_ints and worst[1] <= bounds.partial_rows
     assert worst[1] > 0
+    assert split == "default" or finer >= 5  # the finer split did plan some of the steps
+
+
+def test_small_decode_batches_split_finer_and_equal_the_reference():
+    """The engine's rule (decode_split_args): batch 1 at 200 keys in 4 pieces of 64 (not one
+    program per KV head walking all 200), 1,000 keys in 8 pieces of 128; the merged result is
+    the reference's. Batches that fill the SMs, prefills and long contexts keep the defaults."""
+    from expertmesh.model.attention import decode_split_args
+
+    H, G, d = 8, 2, 32
+    kw = dict(num_q_heads=H, num_kv_heads=G, num_sms=132, block_n=64)
+    for seq_lens, pieces in (([200], {0: [64, 64, 64, 8]}), ([1000, 200], {0: [128] * 7 + [104], 1: [128, 72]})):
+        B = len(seq_lens)
+        tensors, qs, sl = make_case([1] * B, seq_lens, H=H, G=G, d=d, S=16, dtype=torch.float32, seed=B)
+        args = decode_split_args(qs, sl, **kw)
+        assert args == dict(min_split_keys=64 if B == 1 else 128, split_granule=64)
+        plan = check(tensors, qs, sl, H=H, G=G, atol=1e-4, configs=_configs(64), num_sms=132, capacity=4,
+                     plan_kw=args)
+        seq, _, _, kv0, kv1, _ = plan.decode.items_6I[:, : plan.decode.num_items]
+        assert {b: sorted(kv1[seq == b] - kv0[seq == b], reverse=True) for b in range(B)} == pieces
+        assert plan.decode.num_groups == B
+    assert decode_split_args(np.arange(67), np.full(66, 200), **kw) == {}  # 66 x 2 heads fill 132 SMs
+    assert decode_split_args(np.arange(66), np.full(65, 200), **kw) != {}
+    assert decode_split_args(np.arange(2), np.array([2048]), **kw) == {}  # 256-key pieces are as fine
+    assert decode_split_args(np.array([0, 1, 13]), np.array([200, 40]), **kw) == {}  # a prefill in the step
+    assert decode_split_args(np.arange(2), np.array([200]), **kw | dict(block_n=96)) == {}  # off the granule
+
+
+def test_engine_planner_splits_a_short_decode_finer(qwen3_moe_path):
+    """KernelAttentionPlanner passes decode_split_args to the plan: a lone 200-key decode in a graph
+    of one row (2 KV heads, the CPU's 4 "SMs") becomes 2 pieces of the decode kernel's BLOCK_N (128
+    for head dim 16), where the default 256-key minimum would leave it whole; the layout stays the
+    capacity's."""
+    from expertmesh.model.attention import KernelAttentionPlanner
+    from expertmesh.model.config import ModelConfig
+
+    config = ModelConfig.from_pretrained(qwen3_moe_path)
+    planner = KernelAttentionPlanner(config, torch.device("cpu"), max_seqs=4, max_tokens=64)
+    assert planner.decode_block_n == attention_config("decode", config.head_dim, 1, None).block_n == 128
+    planner.plan(np.array([0, 1]), np.array([200]), pad_to=1)
+    fine = planner.tensors.plan
+    seq, _, _, kv0, kv1, _ = fine.decode.items_6I[:, : fine.decode.num_items]
+    assert sorted(kv1[seq == 0] - kv0[seq == 0]) == [72, 128] and fine.decode.num_groups == 1
+    default = plan_attention(np.array([0, 1]), np.array([200]), num_q_heads=config.num_heads,
+                             num_kv_heads=config.num_kv_heads, num_sms=planner.num_sms, capacity=1)
+    assert default.decode.num_groups == 0 and default.layout() == fine.layout()
 
 
 def test_config_table_lookup_falls_back():
