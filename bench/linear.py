@@ -78,11 +78,16 @@ class Timer:
             for i in order:
                 fn(i)
 
-        rotation()  # compiles, warms up
         if self.device.type != "cuda":
+            rotation()  # compiles, warms up
             t0 = time.perf_counter()
             rotation()
             return (time.perf_counter() - t0) / launches
+        side = torch.cuda.Stream()  # warm up off the default stream before capture (bench/gpu_timing.py's way)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            rotation()
+        torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

@@ -233,7 +233,8 @@ class Attention(nn.Module):
 
     Two paths: the plain-torch one (CPU, and the oracle) with cos/sin handed in once per step;
     and with `fast` (CUDA) one Triton kernel for QK-norm, rope and the KV write, then the paged
-    kernel reading the cache through the block table (`meta.kernel`)."""
+    kernel reading the cache through the block table (`meta.kernel`); its qkv and o_proj GEMMs
+    go through `fast_linear` (the small-batch GEMV at decode, cuBLAS otherwise)."""
 
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding | None = None, fast: bool = False) -> None:
         super().__init__()

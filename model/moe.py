@@ -6,10 +6,12 @@ all-to-all one under expert parallelism) and it only calls dispatch() and combin
 Two paths, chosen once at construction:
   - plain torch (the CPU path and the oracle): `gate()`, the dispatcher, `Experts` (grouped_mm,
     batched or the reference loop), the dispatcher's combine;
-  - fused (`fast`, the CUDA kernel path; expert_impl "auto" or "triton"): the Triton top-k, then
-    with the local dispatcher `fused_moe` (no sort at decode; aligned blocks and two GEMMs with
-    SiLU-and-mul and the routing weights fused otherwise), or under expert parallelism the
-    dispatcher's all-to-all around `grouped_experts`. No host sync: CUDA graphs capture it.
+  - fused (`fast`, the CUDA kernel path; expert_impl "auto" or "triton"): the gate through
+    `fast_linear` (the small-batch GEMV at decode), the Triton top-k (which also counts the
+    expert load: no `stats.record` here), then with the local dispatcher `fused_moe` (no sort
+    at decode; aligned blocks and two GEMMs with SiLU-and-mul and the routing weights fused
+    otherwise), or under expert parallelism the dispatcher's all-to-all around
+    `grouped_experts`. No host sync: CUDA graphs capture it.
 """
 from __future__ import annotations
 
