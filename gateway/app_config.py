@@ -44,6 +44,9 @@ class ServingConfig:
     """Name of an environment variable holding the password of redis_url (from a Secret, as above)."""
     grpc_port: int | None = setting(50051, ge=0, le=65535)
     """gRPC port of each gateway replica; 0 (or None) turns gRPC off."""
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds (0.0.0.0 for every interface); `expertmesh serve` binds --host's
+    address unless this is given."""
     engine_replicas: int = setting(1, ge=1)
     """EP groups (model deployment replicas) to run; each holds ep_size ranks."""
     gateway_replicas: int = setting(1, ge=1)

@@ -95,7 +95,7 @@ def _health_status(serving: bool) -> int:
     return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: int, host: str = "0.0.0.0", *,
+def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: int, host: str = "127.0.0.1", *,
                       health: GrpcHealth | None = None,
                       max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
     """An asyncio gRPC server (not started) on host:port serving `expertmesh.v1.ExpertMesh`,

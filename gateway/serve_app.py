@@ -134,12 +134,17 @@ class Gateway:
             vocab_size=info["vocab_size"]))
         self.auth = Authenticator(cfg.resolved_api_keys(), store=make_state_store(cfg.resolved_redis_url()))
         self.serving.on_usage = self.auth.record_usage
-        self.grpc = None
+        self.grpc, self.grpc_bound = None, None
         if cfg.grpc_port:
             from expertmesh.gateway.grpc_server import build_grpc_server
 
-            self.grpc = build_grpc_server(self.serving, self.auth, cfg.grpc_port)
+            self.grpc = build_grpc_server(self.serving, self.auth, cfg.grpc_port, host=cfg.grpc_host)
             await self.grpc.start()
+            self.grpc_bound = f"{cfg.grpc_host}:{cfg.grpc_port}"
+
+    async def grpc_address(self) -> str | None:
+        """host:port the gRPC server is bound to (None: gRPC is off), for the banner of `expertmesh serve`."""
+        return self.grpc_bound
 
     def __serve_build_asgi_app__(self):
         from expertmesh.gateway.http import build_http_app
