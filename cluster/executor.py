@@ -24,6 +24,7 @@ from expertmesh.cluster.placement import ExpertPlacement, rank_bundles
 from expertmesh.cluster.worker import RankWorker
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.executor import ExecutorDiedError
+from expertmesh.engine.model_files import model_dir
 from expertmesh.engine.step import StepPlan, StepResult
 from expertmesh.model.config import ModelConfig
 
@@ -40,7 +41,7 @@ class RayExecutor:
         self._own_placement_group = placement_group is None
         self._bundle_offset = bundle_offset
         self.num_ranks = config.parallel.ep_size
-        self.model_config = ModelConfig.from_pretrained(config.load.model)
+        self.model_config = ModelConfig.from_pretrained(model_dir(config.load))
         if not self.model_config.is_moe:
             raise ValueError(f"ep_size > 1 needs a Mixture-of-Experts model; {self.model_config.model_type} is dense")
         self.placement = ExpertPlacement.contiguous(self.model_config.num_experts, self.num_ranks)

@@ -23,6 +23,10 @@ class ModelLoadConfig:
     """A checkpoint directory (Hugging Face format: config.json, safetensors, tokenizer.json) or a
     Hugging Face repo id (org/name, downloaded into the Hugging Face cache); None: the embedded
     default model."""
+    revision: str | None = None
+    """Branch, tag or commit of a Hugging Face repo model; default: main."""
+    download_dir: str | None = setting(None, path=True)
+    """Hugging Face cache directory that repo models are downloaded into; default: $HF_HOME/hub."""
     tokenizer: str | None = setting(None, path=True)
     """Tokenizer directory or Hugging Face repo id, when it is not the model's."""
     chat_template: str | None = setting(None, path=True)

@@ -232,10 +232,13 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
+    from expertmesh.engine.model_files import load_tokenizer, model_dir
     from expertmesh.gateway.app_config import AppConfig
     from expertmesh.gateway.serve_app import build_app
 
     cfg = AppConfig.model_validate(app_args)
+    model_dir(cfg.engine_config().load)  # a repo id is fetched here, once, before the replicas start
+    load_tokenizer(cfg.engine_config().load)
     ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
     logging_config = {"log_level": cfg.log_level}
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config=logging_config)

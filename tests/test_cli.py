@@ -19,7 +19,7 @@ def _flags(subcommand: str) -> set[str]:
     return {opt for action in sub._actions for opt in action.option_strings}
 
 
-ENGINE_FLAGS = {"--model", "--tokenizer", "--chat-template", "--dtype", "--device", "--max-model-len",
+ENGINE_FLAGS = {"--model", "--revision", "--download-dir", "--tokenizer", "--chat-template", "--dtype", "--device", "--max-model-len",
                 "--expert-impl", "--load-format", "--block-size", "--num-kv-blocks", "--kv-cache-memory-bytes",
                 "--gpu-memory-utilization", "--enable-prefix-caching", "--no-enable-prefix-caching", "--max-num-seqs",
                 "--max-num-batched-tokens", "--ep-size", "--ray-address", "--cpus-per-rank", "--step-channel"}
@@ -27,7 +27,7 @@ SAMPLING_FLAGS = {"--max-tokens", "--temperature", "--top-p", "--top-k", "--min-
 SERVING_FLAGS = {"--served-model-name", "--max-n", "--api-key", "--redis-url", "--api-keys-env",
                  "--redis-password-env", "--grpc-port", "--grpc-host", "--engine-replicas", "--gateway-replicas",
                  "--max-ongoing-requests"}
-LLM_KWARGS = ["model", "progress", "tokenizer", "chat_template", "dtype", "device", "max_model_len", "expert_impl",
+LLM_KWARGS = ["model", "progress", "revision", "download_dir", "tokenizer", "chat_template", "dtype", "device", "max_model_len", "expert_impl",
               "load_format", "seed", "block_size", "num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization",
               "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "ep_size", "ray_address",
               "cpus_per_rank", "step_channel"]
