@@ -232,14 +232,17 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
+    from expertmesh.cluster.bootstrap import check_placeable
     from expertmesh.engine.model_files import load_tokenizer, model_dir
     from expertmesh.gateway.app_config import AppConfig
-    from expertmesh.gateway.serve_app import build_app
+    from expertmesh.gateway.serve_app import app_bundles, build_app
 
     cfg = AppConfig.model_validate(app_args)
     model_dir(cfg.engine_config().load)  # a repo id is fetched here, once, before the replicas start
     load_tokenizer(cfg.engine_config().load)
     ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    check_placeable(f"the expertmesh app ({cfg.engine_replicas} engine replica(s) of ep_size {cfg.ep_size}, "
+                    f"{cfg.gateway_replicas} gateway replica(s))", app_bundles(cfg))
     logging_config = {"log_level": cfg.log_level}
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config=logging_config)
     serve.run(build_app(app_args), name="expertmesh", route_prefix="/", logging_config=logging_config)
