@@ -278,7 +278,9 @@ def chat_request_dict(request: pb.ChatCompletionRequest, stream: bool = False) -
 
 def completion_request_dict(request: pb.CompletionRequest, stream: bool = False) -> dict[str, Any]:
     d = _common(request, stream)
-    texts, ids = list(request.prompt), [list(p.ids) for p in request.prompt_token_ids]
+    text = request.WhichOneof("text")
+    texts = [request.prompt] if text == "prompt" else list(request.prompts.texts)
+    ids = [list(p.ids) for p in request.prompt_token_ids]
     if texts and ids:
         raise APIError("give prompt or prompt_token_ids, not both", param="prompt")
     if texts:
