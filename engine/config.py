@@ -23,6 +23,10 @@ class ModelLoadConfig:
     """A checkpoint directory (Hugging Face format: config.json, safetensors, tokenizer.json) or a
     Hugging Face repo id (org/name, downloaded into the Hugging Face cache); None: the embedded
     default model."""
+    revision: str | None = None
+    """Branch, tag or commit of a Hugging Face repo model; default: main."""
+    download_dir: str | None = setting(None, path=True)
+    """Hugging Face cache directory that repo models are downloaded into; default: $HF_HOME/hub."""
     tokenizer: str | None = setting(None, path=True)
     """Tokenizer directory or Hugging Face repo id, when it is not the model's."""
     chat_template: str | None = setting(None, path=True)
@@ -97,12 +101,17 @@ class ParallelConfig:
     ray_address: str | None = None
     """Ray cluster to join (auto, host:port or ray://host:port); default: start a local Ray instance.
     `serve` always runs on Ray, generate and chat only with ep_size > 1."""
-    cpus_per_rank: int = setting(1, ge=1)
-    """CPUs each rank reserves in its placement-group bundle (and its torch threads on the CPU)."""
+    cpus_per_rank: float | None = setting(None, gt=0)
+    """CPUs each rank reserves in its placement-group bundle, a fraction allowed; default: 1 for a GPU rank,
+    0.5 for a CPU rank (an EP group of 4 CPU ranks fits on 2 cores). A CPU rank runs as many torch
+    threads, at least one."""
     step_timeout_s: float = setting(600.0, gt=0, public=False)
     """A step that takes longer is taken for a hung group: the group is replaced."""
     startup_timeout_s: float = setting(600.0, gt=0, public=False)
-    """How long the group may take to get its resources, rendezvous and load the model."""
+    """How long the group may take to rendezvous and load the model."""
+    placement_timeout_s: float = setting(60.0, gt=0, public=False)
+    """How long the group waits for resources the cluster has but others hold; resources the cluster
+    does not have at all fail at once."""
     time_collectives: bool = setting(False, public=False)
     """Time every all-to-all (CUDA events; for benchmarks)."""
     step_channel: str = setting("compiled", choices=("compiled", "ray_call"))

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from expertmesh.engine.config import EngineConfig, engine_settings
 from expertmesh.engine.config_fields import Setting, setting, settings_of
+from expertmesh.model.hub import is_repo_id
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ServingConfig:
     """The settings of a served model beyond the engine's: names, keys, ports, replicas."""
 
     served_model_name: str | None = None
-    """The name clients pass as `model`; default: the checkpoint directory's name (or the repo id)."""
+    """The name clients pass as `model`; default: the repo id, or the checkpoint directory's name."""
     max_n: int = setting(16, ge=1)
     """Largest `n` (completions per request) a request may ask for."""
     api_keys: list[str] = setting(default_factory=list, flag="--api-key")
@@ -45,6 +46,9 @@ class ServingConfig:
     """Name of an environment variable holding the password of redis_url (from a Secret, as above)."""
     grpc_port: int | None = setting(50051, ge=0, le=65535)
     """gRPC port of each gateway replica; 0 (or None) turns gRPC off."""
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds (0.0.0.0 for every interface); `expertmesh serve` binds --host's
+    address unless this is given."""
     engine_replicas: int = setting(1, ge=1)
     """EP groups (model deployment replicas) to run; each holds ep_size ranks."""
     gateway_replicas: int = setting(1, ge=1)
@@ -83,11 +87,12 @@ class _AppConfigBase(BaseModel):
         return {k: os.path.expanduser(v) if settings[k].path and isinstance(v, str) and v.startswith("~") else v
                 for k, v in data.items()}
 
-    @field_validator("model", check_fields=False)
+    @field_validator("model", "tokenizer", check_fields=False)
     @classmethod
-    def _model_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_dir():
-            raise ValueError(f"model directory {value!r} does not exist")
+    def _directory_or_repo_id(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir() and not is_repo_id(value):
+            raise ValueError(f"model directory {value!r} does not exist (and it is not a Hugging Face repo id, "
+                             "org/name)")
         return value
 
     @field_validator("grpc_port", check_fields=False)
@@ -103,7 +108,12 @@ class _AppConfigBase(BaseModel):
         return default_model_path()
 
     def model_name(self) -> str:
-        return self.served_model_name or self.model_path().name
+        """served_model_name, else a repo id as given (vLLM's name), else the checkpoint directory's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model is not None and not Path(self.model).is_dir():
+            return self.model
+        return self.model_path().name
 
     def resolved_api_keys(self) -> list[str]:
         """`api_keys` plus those in the variable `api_keys_env`. A named variable that is unset or

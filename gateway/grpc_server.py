@@ -95,7 +95,7 @@ def _health_status(serving: bool) -> int:
     return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: int, host: str = "0.0.0.0", *,
+def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: int, host: str = "127.0.0.1", *,
                       health: GrpcHealth | None = None,
                       max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
     """An asyncio gRPC server (not started) on host:port serving `expertmesh.v1.ExpertMesh`,
@@ -278,7 +278,9 @@ def chat_request_dict(request: pb.ChatCompletionRequest, stream: bool = False) -
 
 def completion_request_dict(request: pb.CompletionRequest, stream: bool = False) -> dict[str, Any]:
     d = _common(request, stream)
-    texts, ids = list(request.prompt), [list(p.ids) for p in request.prompt_token_ids]
+    text = request.WhichOneof("text")
+    texts = [request.prompt] if text == "prompt" else list(request.prompts.texts)
+    ids = [list(p.ids) for p in request.prompt_token_ids]
     if texts and ids:
         raise APIError("give prompt or prompt_token_ids, not both", param="prompt")
     if texts:

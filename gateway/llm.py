@@ -37,7 +37,10 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, progress: bool = True, **kwargs: Any) -> None:
         self.config = EngineConfig.from_kwargs(model=None if model is None else str(model), **kwargs)
-        self.config.load.model = str(model_dir(self.config.load))  # the default model, made once here
+        if model is None:  # the default model, made once here
+            self.config.load.model = str(model_dir(self.config.load))
+        else:  # a repo id is fetched here once, with a progress bar; every process resolves it again
+            model_dir(self.config.load)
         self.tokenizer = load_tokenizer(self.config.load)
         if self.config.parallel.ep_size == 1:
             executor = InProcessExecutor(self.config, progress=progress)

@@ -18,6 +18,7 @@ from typing import Any
 
 from ray import serve
 
+from expertmesh.cluster.placement import rank_bundles
 from expertmesh.engine.async_engine import AsyncEngine
 from expertmesh.engine.core import EngineCore
 from expertmesh.engine.model_files import load_tokenizer
@@ -136,12 +137,17 @@ class Gateway:
         self.auth = Authenticator(cfg.resolved_api_keys(), store=make_state_store(redis_url) if redis_url else None)
         self.serving.limiter = self.auth
         log.info("API keys: %s", await self.auth.status(wait_s=5.0))
-        self.grpc = None
+        self.grpc, self.grpc_bound = None, None
         if cfg.grpc_port:
             from expertmesh.gateway.grpc_server import build_grpc_server
 
-            self.grpc = build_grpc_server(self.serving, self.auth, cfg.grpc_port)
+            self.grpc = build_grpc_server(self.serving, self.auth, cfg.grpc_port, host=cfg.grpc_host)
             await self.grpc.start()
+            self.grpc_bound = f"{cfg.grpc_host}:{cfg.grpc_port}"
+
+    async def grpc_address(self) -> str | None:
+        """host:port the gRPC server is bound to (None: gRPC is off), for the banner of `expertmesh serve`."""
+        return self.grpc_bound
 
     def __serve_build_asgi_app__(self):
         from expertmesh.gateway.http import build_http_app
@@ -159,19 +165,38 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     cfg = AppConfig.model_validate(dict(args or {}))
     config = cfg.model_dump()
     engine_options: dict[str, Any] = {"num_replicas": cfg.engine_replicas,
-                                      "max_ongoing_requests": cfg.max_ongoing_requests}
-    gpus = _uses_gpus(cfg.device)
-    if cfg.ep_size == 1:
-        engine_options["ray_actor_options"] = {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1 if gpus else 0}
-    else:
-        rank = {"CPU": cfg.cpus_per_rank, **({"GPU": 1} if gpus else {})}
-        engine_options["ray_actor_options"] = {"num_cpus": 0.5}
-        engine_options["placement_group_bundles"] = [{"CPU": 0.5}] + [dict(rank) for _ in range(cfg.ep_size)]
-        engine_options["placement_group_strategy"] = "PACK"
+                                      "max_ongoing_requests": cfg.max_ongoing_requests,
+                                      **_engine_replica_resources(cfg, _uses_gpus(cfg.device))}
     engine = EngineServer.options(**engine_options).bind(config)
     gateway = Gateway.options(num_replicas=cfg.gateway_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
-                              ray_actor_options={"num_cpus": 0.5})
+                              ray_actor_options={"num_cpus": GATEWAY_CPUS})
     return gateway.bind(engine, config)
+
+
+GATEWAY_CPUS = 0.5
+"""CPUs of a gateway replica, and of an EP group's engine replica (which only drives its ranks)."""
+
+
+def _engine_replica_resources(cfg: AppConfig, gpus: bool) -> dict[str, Any]:
+    """Deployment options of an engine replica: the in-process engine's CPUs (and GPU) for ep_size 1; for
+    more, the replica's bundle and one bundle per rank, gang-scheduled as one placement group."""
+    rank = rank_bundles(1, "cuda" if gpus else "cpu", cfg.cpus_per_rank)[0]
+    if cfg.ep_size == 1:
+        return {"ray_actor_options": {"num_cpus": rank["CPU"], "num_gpus": rank.get("GPU", 0)}}
+    return {"ray_actor_options": {"num_cpus": GATEWAY_CPUS},
+            "placement_group_bundles": [{"CPU": GATEWAY_CPUS}] + [dict(rank) for _ in range(cfg.ep_size)],
+            "placement_group_strategy": "PACK"}
+
+
+def app_bundles(cfg: AppConfig) -> list[dict[str, float]]:
+    """Every bundle of resources the app reserves (its replicas'), to check that the cluster can hold it."""
+    options = _engine_replica_resources(cfg, _uses_gpus(cfg.device))
+    if "placement_group_bundles" in options:
+        engine = options["placement_group_bundles"]
+    else:
+        actor = options["ray_actor_options"]
+        engine = [{"CPU": actor["num_cpus"], **({"GPU": actor["num_gpus"]} if actor["num_gpus"] else {})}]
+    return engine * cfg.engine_replicas + [{"CPU": GATEWAY_CPUS}] * cfg.gateway_replicas
 
 
 def _uses_gpus(device: str) -> bool:

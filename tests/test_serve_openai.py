@@ -483,6 +483,40 @@ def test_grpc_on_the_served_app(server):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def _listening_hosts(port: int) -> set[str]:
+    """Local addresses of the sockets listening on TCP `port` (from `ss`; IPv4-mapped IPv6 as IPv4)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    hosts = {line.split()[3].rpartition(":")[0] for line in out.splitlines() if line.strip()}
+    return {h.removeprefix("[::ffff:").removesuffix("]") if h.startswith("[::ffff:") else h for h in hosts}
+
+
+def _other_interface_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback, if it has one."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    addresses = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    return next((a for a in addresses if not a.startswith("127.")), None)
+
+
+def test_grpc_binds_the_http_host_and_the_banner_says_so(server):
+    """`serve` with the default --host 127.0.0.1: gRPC listens on loopback only, as HTTP does (no other
+    interface reaches it), and the banner names the addresses actually bound."""
+    import socket
+
+    port = server["grpc_port"]
+    assert _listening_hosts(port) == {"127.0.0.1"}
+    other = _other_interface_address()
+    if other is not None:
+        with pytest.raises(ConnectionRefusedError), socket.create_connection((other, port), timeout=5):
+            pass
+    deadline = time.monotonic() + 120
+    while "gRPC  " not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = server["log"].read_text()
+    assert f"gRPC  127.0.0.1:{port}  (bound to 127.0.0.1:{port}, this machine only;" in log
+    http_port = server["base"].rpartition(":")[2]
+    assert f"HTTP  http://127.0.0.1:{http_port}/v1  (bound to 127.0.0.1:{http_port}, this machine only;" in log
+
+
 # ---- schemathesis ---------------------------------------------------------------------------------
 
 def test_schemathesis_finds_no_server_error(server, tmp_path):

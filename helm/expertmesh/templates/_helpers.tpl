@@ -138,6 +138,7 @@ generated); empty with apiKeys.generate false (the Redis key store is then the o
 {{- end }}
 {{- if .Values.grpc.enabled }}
 {{- $_ := set $args "grpc_port" (int .Values.grpc.port) }}
+{{- $_ := set $args "grpc_host" "0.0.0.0" }}{{/* the pod's every interface, as the HTTP proxy's host */}}
 {{- else }}
 {{- $_ := set $args "grpc_port" nil }}
 {{- end }}
