@@ -79,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--engine-replicas", type=int, default=1, help="EP groups (model replicas) to run")
     srv.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                      help="dummy: random weights of the checkpoint's shapes (benchmarks); no weight files read")
+    srv.add_argument("--max-request-body-bytes", type=int, default=None,
+                     help="largest request body (HTTP, 413 beyond) and gRPC message accepted; default: 1 MiB + 32 "
+                          "bytes per token of max_model_len")
+    srv.add_argument("--health-stall-timeout-s", type=float, default=30.0,
+                     help="/health answers 503 once the engine has been busy this long without finishing a step")
+    srv.add_argument("--http-keep-alive-timeout-s", type=int, default=90,
+                     help="seconds an idle HTTP keep-alive connection stays open (Ray Serve's proxy)")
+    srv.add_argument("--http-header-timeout-s", type=float, default=30.0,
+                     help="seconds a client has to send a request's headers (and between bytes of its body) before "
+                          "its connection is closed; also the gRPC handshake timeout")
+    srv.add_argument("--http-request-timeout-s", type=float, default=None,
+                     help="end-to-end limit of one HTTP request (Ray Serve's request_timeout_s); default: none")
+    srv.add_argument("--grpc-max-connection-idle-s", type=float, default=300.0,
+                     help="a gRPC connection with no call for this long is closed")
+    srv.add_argument("--grpc-keepalive-time-s", type=float, default=60.0,
+                     help="the gRPC server pings idle connections this often and drops those that do not answer")
+    srv.add_argument("--grpc-max-concurrent-streams", type=int, default=1024,
+                     help="most gRPC calls one connection may hold open at once")
     srv.add_argument("--print-config", action="store_true",
                      help="print the Ray Serve config file (YAML) for these flags and exit; run it on a cluster "
                           "with `serve deploy FILE` or `serve run FILE`")
@@ -159,15 +177,31 @@ def _serve_config(args) -> dict:
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         expert_impl=args.expert_impl, load_format=args.load_format, max_n=args.max_n, api_keys=args.api_keys,
-        redis_url=args.redis_url, grpc_port=args.grpc_port or None, engine_replicas=args.engine_replicas)
+        redis_url=args.redis_url, grpc_port=args.grpc_port or None, engine_replicas=args.engine_replicas,
+        max_request_body_bytes=args.max_request_body_bytes, health_stall_timeout_s=args.health_stall_timeout_s,
+        http_keep_alive_timeout_s=args.http_keep_alive_timeout_s, http_header_timeout_s=args.http_header_timeout_s,
+        http_request_timeout_s=args.http_request_timeout_s, grpc_max_connection_idle_s=args.grpc_max_connection_idle_s,
+        grpc_keepalive_time_s=args.grpc_keepalive_time_s, grpc_max_concurrent_streams=args.grpc_max_concurrent_streams)
     return cfg.model_dump(exclude_defaults=True)
+
+
+def http_options(app_args: dict, host: str, port: int) -> dict:
+    """Serve's `http_options` for the app's settings: the proxy's keep-alive and request timeouts.
+    (Its header timeout travels in the environment: `gateway/proxy_timeouts.py`.)"""
+    from expertmesh.gateway.app_config import AppConfig
+
+    cfg = AppConfig.model_validate(app_args)
+    options = {"host": host, "port": port, "keep_alive_timeout_s": cfg.http_keep_alive_timeout_s}
+    if cfg.http_request_timeout_s is not None:
+        options["request_timeout_s"] = cfg.http_request_timeout_s
+    return options
 
 
 def serve_config_file(app_args: dict, host: str, port: int) -> dict:
     """A Ray Serve config file (the schema of `serve deploy`) running the expertmesh application."""
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": host, "port": port},
+        "http_options": http_options(app_args, host, port),
         "applications": [{"name": "expertmesh", "route_prefix": "/",
                           "import_path": "expertmesh.gateway.serve_app:build_app", "args": app_args}],
     }
@@ -191,10 +225,12 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
+    from expertmesh.gateway.app_config import AppConfig
     from expertmesh.gateway.serve_app import build_app
 
+    _proxy_environment(AppConfig.model_validate(app_args).http_header_timeout_s)
     ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options=http_options(app_args, args.host, args.port))
     serve.run(build_app(app_args), name="expertmesh", route_prefix="/")
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"expertmesh: serving {app_args.get('served_model_name') or os.path.basename(app_args['model'])}", flush=True)
@@ -208,6 +244,18 @@ def _serve(args) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def _proxy_environment(header_timeout_s: float) -> None:
+    """The proxy's header timeout (which Ray Serve does not expose) rides in the environment that
+    the Ray this process starts hands to its proxy. A proxy callback of the user's own is kept."""
+    from expertmesh.gateway.proxy_timeouts import CALLBACK_ENV, CALLBACK_PATH, proxy_env
+
+    if os.environ.get(CALLBACK_ENV, CALLBACK_PATH) != CALLBACK_PATH:
+        print(f"expertmesh: warning: {CALLBACK_ENV} is set to {os.environ[CALLBACK_ENV]}; the HTTP header "
+              "timeout is not applied", file=sys.stderr)
+        return
+    os.environ.update(proxy_env(header_timeout_s))
 
 
 def _llm(args):
