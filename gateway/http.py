@@ -18,6 +18,7 @@ engine replica died, say) ends with an error event, `data: {"error": {...}}`, th
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -78,7 +79,11 @@ def build_http_app(serving: OpenAIServing, auth: Authenticator | None = None,
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        stats, expert_load = await serving.engine_stats()
+        try:  # a dead or stuck engine leaves its gauges out; the gateway's own series still answer
+            stats, expert_load = await asyncio.wait_for(serving.engine_stats(), health_call_timeout_s)
+        except Exception:
+            log.warning("/metrics: the engine did not answer; its gauges are left out", exc_info=True)
+            stats, expert_load = {}, None
         serving.metrics.observe_engine(stats, expert_load)
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
 

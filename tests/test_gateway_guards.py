@@ -281,6 +281,9 @@ class SilentClient(LocalEngineClient):
     async def heartbeat(self):
         await asyncio.sleep(3600)
 
+    async def stats(self):
+        await asyncio.sleep(3600)
+
 
 def test_health_is_503_when_the_engine_does_not_answer(gateway):
     g = gateway(None, client_cls=SilentClient, health_call_timeout_s=0.5)
@@ -288,6 +291,10 @@ def test_health_is_503_when_the_engine_does_not_answer(gateway):
     r = g.call("GET", "/health")
     assert r.status == 503 and time.perf_counter() - t0 < 3
     assert "did not answer within 0.5 s" in json.loads(r.body)["reason"]
+    t0 = time.perf_counter()
+    metrics = g.call("GET", "/metrics")
+    assert metrics.status == 200 and time.perf_counter() - t0 < 3
+    assert b"expertmesh_requests_total" in metrics.body and b"expertmesh_num_requests_running" not in metrics.body
 
 
 # ---- item 10: a stream whose engine dies ends with an error event and [DONE] ---------------------------------
