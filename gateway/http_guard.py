@@ -1,4 +1,4 @@
-"""`RequestGuard`: what happens to an API request (`/v1/...`) before FastAPI reads its body.
+"""`RequestGuard`: what happens to an API request before FastAPI reads its body.
 
     headers ──▶ 1. API key (Authorization)         401 / 429 / 503, not one body byte read
             ──▶ 2. Content-Length over the limit    413 at once
@@ -11,8 +11,9 @@
 
 FastAPI reads and parses the whole body before any route dependency runs, so a key checked by a
 dependency is checked after a 50 MiB body was read and parsed, and a malformed body from a caller
-without a key got a 400 instead of a 401. The guard runs first. `/health`, `/livez`, `/metrics`
-and the docs pass through untouched (they are open and take no body).
+without a key got a 400 instead of a 401. The guard runs first, on every path but the open ones
+(`OPEN_PATHS`: health, liveness, metrics, the docs), so a route added later is guarded unless it
+is named there.
 
 The body limit (`max_request_body_bytes`) defaults to `default_max_request_body_bytes(max_model_len)`
 (see `gateway/app_config.py`): room for the longest prompt the model takes, and no more.
@@ -34,6 +35,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
+OPEN_PATHS = frozenset({"/health", "/livez", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+"""Paths served without a key, a body or counting (relative to the app's root path)."""
+
+
 class RequestGuard:
     """Pure ASGI middleware (wraps the FastAPI app); see the module docstring."""
 
@@ -43,10 +48,11 @@ class RequestGuard:
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        path = _route_path(scope)
+        if scope["type"] != "http" or path in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        outcome = RequestOutcome(endpoint_of(scope["path"]))
+        outcome = RequestOutcome(endpoint_of(path))
         first_status: list[int] = []
 
         async def send_noting_status(message: Message) -> None:
@@ -113,6 +119,12 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the app's mount point (Serve passes a route prefix as `root_path`)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -102,7 +102,7 @@ def run(loop, coro, timeout: float = 60):
 
 async def asgi(app, method: str, path: str, body: bytes | list[bytes] | None = None, *, key: str | None = KEY,
                headers: dict[str, str] | None = None, endless_chunk: bytes | None = None,
-               stall_after_first: bool = False) -> SimpleNamespace:
+               stall_after_first: bool = False, root_path: str = "") -> SimpleNamespace:
     """One request straight into the ASGI app. `body`: bytes (sent with its Content-Length) or a
     list of chunks (sent chunked); `endless_chunk`: sent again and again, never ending. Returns the
     status, headers, body and how many body chunks the app pulled."""
@@ -139,7 +139,8 @@ async def asgi(app, method: str, path: str, body: bytes | list[bytes] | None = N
             response.body += message.get("body", b"")
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "path": root_path + path, "raw_path": (root_path + path).encode(), "query_string": b"",
+             "root_path": root_path,
              "headers": [(k.lower().encode(), v.encode()) for k, v in hdrs.items()],
              "client": ("127.0.0.1", 1234), "server": ("gateway", 80)}
     try:
@@ -168,6 +169,16 @@ def test_unauthenticated_requests_get_401_before_the_body_is_read(gateway):
     assert error_of(huge, 401)["code"] == "invalid_api_key" and huge.pulled == 0
     assert huge.headers["www-authenticate"] == "Bearer"
     assert g.call("POST", "/v1/chat/completions", json.dumps(CHAT).encode()).status == 200
+
+
+def test_every_path_but_the_open_ones_needs_the_key_under_any_route_prefix(gateway):
+    g = gateway(Authenticator([KEY]))
+    for root in ("", "/api"):
+        assert g.call("GET", "/v1/models", key=None, root_path=root).status == 401
+        assert g.call("POST", "/v1/no-such-route", b"{}", key=None, root_path=root).status == 401
+        assert g.call("GET", "/v1/models", root_path=root).status == 200
+        for open_path in ("/health", "/livez", "/metrics", "/openapi.json"):
+            assert g.call("GET", open_path, key=None, root_path=root).status == 200, (root, open_path)
 
 
 def test_content_length_over_the_limit_gets_413_at_once(gateway):
