@@ -8,6 +8,10 @@ loop and callers never race the scheduler. A request's stream is an async genera
 early (a client that disconnected, a cancelled task) aborts the request on the next loop turn,
 which frees its KV blocks. A stream yields lists: everything that arrived for the request since
 the consumer last looked, so a slow consumer catches up in one message instead of one per step.
+
+The engine thread beats once per loop turn (after every step, and every `idle_wait_s` while it
+waits for work). `heartbeat()` reads that beat from any thread without waiting on the engine, so
+a health check can tell a busy engine that makes progress from one stuck in a step.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -33,7 +38,23 @@ class _Stream:
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped (shut down, or crashed); no request can run."""
+    """The engine thread stopped (shut down, or crashed), or the replica that ran it is gone;
+    no request can run there."""
+
+
+@dataclass(frozen=True)
+class EngineHeartbeat:
+    """What a health check needs to know of an engine, read without waiting on it.
+
+    `busy`: the engine thread is working (a step, or applying requests), not waiting for work.
+    `seconds_since_beat`: since the thread last finished a loop turn (a step, or an idle wait);
+    a busy engine whose beat grows past a limit is stuck. `num_requests`: requests whose callers
+    wait on this engine. `error`: why the thread stopped, when it did."""
+    alive: bool
+    busy: bool
+    seconds_since_beat: float
+    num_requests: int
+    error: str | None = None
 
 
 class AsyncEngine:
@@ -47,6 +68,8 @@ class AsyncEngine:
         self._stopped = False
         self._error: BaseException | None = None
         self._stats: dict[str, float] = core.stats()
+        self._beat = time.monotonic()
+        self._busy = True  # until the loop first waits for work
         self._thread = threading.Thread(target=self._loop, name="expertmesh-engine", daemon=True)
         self._thread.start()
 
@@ -100,9 +123,16 @@ class AsyncEngine:
         self._submit(("call", fn, future))
         return await future
 
+    def heartbeat(self) -> EngineHeartbeat:
+        """The engine thread's last beat (no wait on the engine: safe while it is stuck)."""
+        with self._lock:
+            num_requests = len(self._streams)
+        return EngineHeartbeat(alive=self.alive, busy=self._busy, seconds_since_beat=time.monotonic() - self._beat,
+                               num_requests=num_requests, error=None if self._error is None else str(self._error))
+
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopped
+        return self._thread.is_alive() and not self._stopped and self._error is None
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -126,10 +156,13 @@ class AsyncEngine:
                 self._apply_commands()
                 if not self.core.has_unfinished():
                     self._stats = self.core.stats()
+                    self._busy = False
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
+                    self._beat, self._busy = time.monotonic(), True
                     continue
                 outputs = self.core.step()
+                self._beat = time.monotonic()
                 self._stats = self.core.stats()
                 for out in outputs:
                     self._deliver(out.request_id, out)

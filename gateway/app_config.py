@@ -24,6 +24,20 @@ from expertmesh.engine.config import EngineConfig, engine_settings
 from expertmesh.engine.config_fields import Setting, setting, settings_of
 from expertmesh.model.hub import is_repo_id
 
+BODY_BYTES_PER_TOKEN = 32
+"""A generous bound on the request-body bytes one prompt token takes: English text is about 4
+bytes a token, CJK about 3 bytes a character, JSON's `\\uXXXX` escapes 6 bytes a character, and a
+prompt given as token ids at most 8 bytes an id (`151935, `)."""
+BODY_OVERHEAD_BYTES = 1 << 20
+"""Room beside the prompt: message framing, tools and their schemas, response formats."""
+
+
+def default_max_request_body_bytes(max_model_len: int) -> int:
+    """The request-body limit sized for the longest prompt the model takes:
+    `BODY_OVERHEAD_BYTES + BODY_BYTES_PER_TOKEN * max_model_len` (1 MiB + 32 bytes a token: about
+    9 MiB for a 262,144-token Qwen3-235B, 2.3 MiB for a 40,960-token Qwen3-30B)."""
+    return BODY_OVERHEAD_BYTES + BODY_BYTES_PER_TOKEN * max_model_len
+
 
 @dataclass
 class ServingConfig:
@@ -57,6 +71,26 @@ class ServingConfig:
     """Requests one replica holds at once (the engine batches them; Serve's default of 5 would starve it)."""
     log_level: str = setting("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     """Python logging level of expertmesh's and Ray Serve's logs."""
+    max_request_body_bytes: int | None = setting(None, ge=1024)
+    """Largest HTTP request body and gRPC request message accepted (413 / RESOURCE_EXHAUSTED beyond);
+    None sizes it for the model: 1 MiB + 32 bytes per token of max_model_len."""
+    health_stall_timeout_s: float = setting(30.0, gt=0)
+    """`/health` answers 503 when the engine has been busy this long without finishing a step."""
+    http_keep_alive_timeout_s: int = setting(90, ge=1)
+    """Seconds an idle HTTP keep-alive connection stays open (Ray Serve's proxy; above the 60 s idle
+    timeout of common load balancers, so they close first)."""
+    http_header_timeout_s: float = setting(30.0, gt=0)
+    """Seconds a client has to send a request's headers (counted from the connection, or from the
+    first byte of its next request); then the proxy closes the socket. gRPC: the HTTP/2 handshake."""
+    http_request_timeout_s: float | None = setting(None, gt=0)
+    """End-to-end limit of one HTTP request (Ray Serve's request_timeout_s; 408 beyond); None: no
+    limit, as a long generation may legitimately take minutes."""
+    grpc_max_connection_idle_s: float = setting(300.0, gt=0)
+    """A gRPC connection with no call for this long is closed (GOAWAY)."""
+    grpc_keepalive_time_s: float = setting(60.0, gt=0)
+    """The gRPC server pings an idle connection this often; one that does not answer within 20 s is closed."""
+    grpc_max_concurrent_streams: int = setting(1024, ge=1)
+    """Most gRPC calls one connection may hold open at once."""
 
 
 NOT_SERVED = frozenset({"ray_address"})
@@ -140,6 +174,10 @@ class _AppConfigBase(BaseModel):
         userinfo, _, host = parts.netloc.rpartition("@")
         user = userinfo.partition(":")[0]  # as written (already URL-quoted)
         return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+    def request_body_limit(self, max_model_len: int) -> int:
+        """`max_request_body_bytes`, or the limit sized for `max_model_len` (the model's, once loaded)."""
+        return self.max_request_body_bytes or default_max_request_body_bytes(max_model_len)
 
     def engine_config(self, ray_address: str | None = None) -> EngineConfig:
         values = {s.name: getattr(self, s.name) for s in engine_settings() if s.name not in NOT_SERVED}

@@ -213,11 +213,23 @@ def home_relative(path: str) -> str:
     return path
 
 
+def http_options(app_args: dict, host: str, port: int) -> dict:
+    """Serve's `http_options` for the app's settings: the proxy's keep-alive and request timeouts.
+    (Its header timeout travels in the environment: `gateway/proxy_timeouts.py`.)"""
+    from expertmesh.gateway.app_config import AppConfig
+
+    cfg = AppConfig.model_validate(app_args)
+    options = {"host": host, "port": port, "keep_alive_timeout_s": cfg.http_keep_alive_timeout_s}
+    if cfg.http_request_timeout_s is not None:
+        options["request_timeout_s"] = cfg.http_request_timeout_s
+    return options
+
+
 def serve_config_file(app_args: dict, host: str, port: int) -> dict:
     """A Ray Serve config file (the schema of `serve deploy`) running the expertmesh application."""
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": host, "port": port},
+        "http_options": http_options(app_args, host, port),
         "applications": [{"name": "expertmesh", "route_prefix": "/",
                           "import_path": "expertmesh.gateway.serve_app:build_app", "args": app_args}],
     }
@@ -249,11 +261,12 @@ def _serve(args) -> int:
     cfg = AppConfig.model_validate(app_args)
     model_dir(cfg.engine_config().load)  # a repo id is fetched here, once, before the replicas start
     load_tokenizer(cfg.engine_config().load)
+    _proxy_environment(cfg.http_header_timeout_s)
     ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
     check_placeable(f"the expertmesh app ({cfg.engine_replicas} engine replica(s) of ep_size {cfg.ep_size}, "
                     f"{cfg.gateway_replicas} gateway replica(s))", app_bundles(cfg))
     logging_config = {"log_level": cfg.log_level}
-    serve.start(http_options={"host": args.host, "port": args.port}, logging_config=logging_config)
+    serve.start(http_options=http_options(app_args, args.host, args.port), logging_config=logging_config)
     serve.run(build_app(app_args), name="expertmesh", route_prefix="/", logging_config=logging_config)
     grpc_bound = serve.get_app_handle("expertmesh").grpc_address.remote().result(timeout_s=120)
     print(banner(cfg.model_name(), f"{args.host}:{args.port}", grpc_bound), flush=True)
@@ -292,6 +305,18 @@ def banner(model_name: str, http_bound: str, grpc_bound: str | None) -> str:
     else:
         lines.append("gRPC  off (--grpc-port 0)")
     return "\n".join(lines)
+
+
+def _proxy_environment(header_timeout_s: float) -> None:
+    """The proxy's header timeout (which Ray Serve does not expose) rides in the environment that
+    the Ray this process starts hands to its proxy. A proxy callback of the user's own is kept."""
+    from expertmesh.gateway.proxy_timeouts import CALLBACK_ENV, CALLBACK_PATH, proxy_env
+
+    if os.environ.get(CALLBACK_ENV, CALLBACK_PATH) != CALLBACK_PATH:
+        print(f"expertmesh: warning: {CALLBACK_ENV} is set to {os.environ[CALLBACK_ENV]}; the HTTP header "
+              "timeout is not applied", file=sys.stderr)
+        return
+    os.environ.update(proxy_env(header_timeout_s))
 
 
 def _llm(args):

@@ -2,40 +2,55 @@
 
     /v1/chat/completions, /v1/completions   OpenAI shapes; `stream: true` → server-sent events
     /v1/models, /v1/models/{id}
-    /health                                 200 once the model is loaded, else 503 (open)
+    /health                                 200 while the engine makes progress, else 503 with the
+                                            reason (open; see `health.py`)
+    /livez                                  200 while this gateway answers at all (open; no engine call)
     /metrics                                Prometheus text format (open)
 
-Every error, ours or the framework's (malformed JSON, wrong types, unknown routes), leaves as
+Before FastAPI sees an API request, `RequestGuard` (`http_guard.py`) checks its API key, limits
+its body (413) and counts it in the metrics, whatever its outcome. Every error, ours or the
+framework's (malformed JSON, wrong types, unknown routes), leaves as
 {"error": {"message", "type", "param", "code"}} with a 4xx status. A stream's first chunk is
 awaited before the response starts, so a request the engine refuses still gets a 400 rather
 than a broken stream; a client that disconnects mid-stream cancels the generator, which aborts
-the request in the engine and frees its KV blocks.
+the request in the engine and frees its KV blocks. A stream that fails after its first chunk (the
+engine replica died, say) ends with an error event, `data: {"error": {...}}`, then `data: [DONE]`.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from expertmesh.gateway.app_config import default_max_request_body_bytes
 from expertmesh.gateway.auth import Authenticator
+from expertmesh.gateway.health import DEFAULT_CALL_TIMEOUT_S, DEFAULT_STALL_TIMEOUT_S, engine_health
+from expertmesh.gateway.http_guard import RequestGuard
 from expertmesh.gateway.metrics import CONTENT_TYPE
 from expertmesh.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from expertmesh.gateway.serving import OpenAIServing
 
+log = logging.getLogger(__name__)
+
 
 def build_http_app(serving: OpenAIServing, auth: Authenticator | None = None,
-                   ready: Callable[[], bool] = lambda: True) -> FastAPI:
+                   ready: Callable[[], bool] = lambda: True, *, max_body_bytes: int | None = None,
+                   health_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+                   health_call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S, body_timeout_s: float = 30.0) -> FastAPI:
+    """The FastAPI app. `max_body_bytes` None: sized from the model's max_model_len."""
     app = FastAPI(title="expertmesh", version="0.1.0",
                   description="OpenAI-compatible API of expertmesh, a server for Qwen3-MoE models.")
-
-    async def authorize(request: Request) -> None:
-        if auth is not None:
-            await auth.check_http(request.headers.get("authorization"))
+    if max_body_bytes is None:
+        max_body_bytes = default_max_request_body_bytes(serving.settings.max_model_len)
+    app.add_middleware(RequestGuard, auth=auth, max_body_bytes=max_body_bytes, metrics=serving.metrics,
+                       body_timeout_s=body_timeout_s)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -54,32 +69,40 @@ def build_http_app(serving: OpenAIServing, auth: Authenticator | None = None,
     @app.get("/health")
     async def health() -> Response:
         if not ready():
-            return JSONResponse(APIError("the model is still loading", status=503, type="server_error").to_dict(),
-                                status_code=503)
-        body: dict[str, Any] = {"status": "ok"}
+            return JSONResponse({"status": "unhealthy", "reason": "the model is still loading"}, status_code=503)
+        report = await engine_health(serving.client, health_stall_timeout_s, health_call_timeout_s)
+        body = dict(report.body)
         if auth is not None:
             body["auth"] = await auth.status()  # e.g. a key store that holds no key refuses everyone
-        return JSONResponse(body)
+        return JSONResponse(body, status_code=200 if report.healthy else 503)
+
+    @app.get("/livez")
+    async def livez() -> Response:
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        stats, expert_load = await serving.engine_stats()
+        try:  # a dead or stuck engine leaves its gauges out; the gateway's own series still answer
+            stats, expert_load = await asyncio.wait_for(serving.engine_stats(), health_call_timeout_s)
+        except Exception:
+            log.warning("/metrics: the engine did not answer; its gauges are left out", exc_info=True)
+            stats, expert_load = {}, None
         serving.metrics.observe_engine(stats, expert_load)
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return serving.models()
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         return serving.model(model_id)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         return await _respond(await serving.chat(body))
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
         return await _respond(await serving.completion(body))
 
@@ -108,6 +131,10 @@ async def _sse(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
                 yield _event(chunk)
     except APIError as exc:  # after the headers: the error travels as an event
         yield _event(exc.to_dict())
+    except Exception as exc:  # never cut a stream without an ending
+        log.exception("a stream failed", exc_info=exc)
+        yield _event(APIError("the server failed while streaming this response", status=500,
+                              type="server_error").to_dict())
     finally:
         await rest.aclose()
     yield "data: [DONE]\n\n"

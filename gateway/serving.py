@@ -10,8 +10,13 @@ chat behaves the same on either. One chat request:
 
 Every refusal is an `APIError` (status, OpenAI error fields) raised before the engine sees the
 request. The engine client is anything with `generate(request_id, prompt_token_ids, params,
-prompt)` (an async iterator of lists of `RequestOutput`), `stats()` and `expert_load()`: the
-in-process `AsyncEngine`, or the Ray Serve model deployment's handle (`serve_app.py`).
+prompt)` (an async iterator of lists of `RequestOutput`), `stats()`, `expert_load()` and
+`heartbeat()`: the in-process `AsyncEngine`, or the Ray Serve model deployment's handle
+(`serve_app.py`). An engine that is gone (`EngineDeadError`) is a 503 `engine_unavailable`.
+
+Validation, the chat template and tokenization run on a small thread pool, never on the event
+loop: a prompt of megabytes takes seconds to tokenize, and the loop meanwhile serves `/health`,
+other streams and gRPC.
 """
 from __future__ import annotations
 
@@ -19,14 +24,15 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from expertmesh.engine.async_engine import AsyncEngine, merge_outputs
+from expertmesh.engine.async_engine import AsyncEngine, EngineDeadError, EngineHeartbeat, merge_outputs
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.parsers import ParsedDelta, ReasoningParser, ToolCall, ToolCallParser
 from expertmesh.engine.sampling_params import GuidedDecodingParams, SamplingParams, ToolCallConstraint
-from expertmesh.gateway.metrics import Metrics
+from expertmesh.gateway.metrics import Metrics, current_outcome
 from expertmesh.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest, _SamplingFields
 from expertmesh.model.tokenizer import Tokenizer
 
@@ -43,6 +49,8 @@ class EngineClient(Protocol):
     async def stats(self) -> dict[str, float]: ...
 
     async def expert_load(self) -> list[list[float]] | None: ...
+
+    async def heartbeat(self) -> EngineHeartbeat: ...
 
 
 class TokenLimiter(Protocol):
@@ -69,6 +77,9 @@ class LocalEngineClient:
     async def expert_load(self) -> list[list[float]] | None:
         return await self.engine.call(expert_load_lists)
 
+    async def heartbeat(self) -> EngineHeartbeat:
+        return self.engine.heartbeat()
+
 
 def expert_load_lists(core) -> list[list[float]] | None:
     load = core.expert_load()
@@ -84,6 +95,8 @@ class ServingSettings:
     """Other names accepted in `model` (e.g. the checkpoint's path)."""
     vocab_size: int | None = None
     """The model's vocabulary: token ids in prompts and stop_token_ids must be below it."""
+    prepare_threads: int = 2
+    """Threads that validate, render and tokenize requests off the event loop."""
 
 
 @dataclass
@@ -119,6 +132,11 @@ class OpenAIServing:
         self.limiter: TokenLimiter | None = None
         """Reserves each engine request's most tokens (prompt + max_tokens x n) before it starts and
         settles them to the prompt plus generated tokens when it ends (per-key token limits)."""
+        self._prepare_pool = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="expertmesh-prepare")
+
+    async def _off_loop(self, fn, *args):
+        """fn(*args) on the prepare pool (templates and tokenization), awaited without blocking the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
     # ---- models ----------------------------------------------------------------------------
 
@@ -191,7 +209,7 @@ class OpenAIServing:
         return PreparedChat(ids, prompt, params, parse_tools, _starts_in_reasoning(prompt), guided_param)
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
-        p = self.prepare_chat(req)
+        p = await self._off_loop(self.prepare_chat, req)
         ids, params, tool_names, in_reasoning = p.prompt_token_ids, p.params, p.tool_names, p.starts_in_reasoning
         request_id = f"chatcmpl-{secrets.token_hex(12)}"
         stream = self._run("chat", request_id, ids, p.prompt, params, p.guided_param)
@@ -313,7 +331,7 @@ class OpenAIServing:
         return encoded, params, guided_param
 
     async def completion(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
-        encoded, params, guided_param = self.prepare_completion(req)
+        encoded, params, guided_param = await self._off_loop(self.prepare_completion, req)
         request_id = f"cmpl-{secrets.token_hex(12)}"
         streams = [self._run("completions", f"{request_id}-{i}", ids, text, params, guided_param)
                    for i, (ids, text) in enumerate(encoded)]
@@ -523,6 +541,10 @@ class OpenAIServing:
                     generated += new
                     m.generation_tokens.inc(new)
                 yield out
+        except EngineDeadError as exc:  # the engine (replica) is gone: the request cannot finish there
+            status = "503"
+            raise APIError(f"The engine serving this request is unavailable: {exc}", status=503, type="server_error",
+                           code="engine_unavailable") from None
         except ValueError as exc:  # refused by the engine (e.g. a grammar that does not compile)
             status = "400"
             raise APIError(str(exc), param=_param_of(str(exc), "max_tokens", guided_param)) from None
@@ -538,7 +560,11 @@ class OpenAIServing:
         finally:
             if stream is not None:
                 await stream.aclose()
-            m.requests.labels(endpoint, status).inc()
+            outcome = current_outcome.get()
+            if outcome is not None:
+                outcome.report(status)  # the transport counts the request once, with this status
+            else:
+                m.count_request(endpoint, status)
             if status == "200":
                 m.prompt_tokens.inc(len(ids))
                 m.e2e.observe(time.perf_counter() - arrival)

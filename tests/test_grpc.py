@@ -400,3 +400,31 @@ def test_guided_choice_and_engine_refusals(live):
         err = _error(call, bad, metadata=AUTH)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert "regex" in err.details()
+
+
+def test_a_message_over_the_body_limit_is_refused_unparsed(live):
+    """The HTTP body limit (sized for max_model_len 512) holds for gRPC messages too."""
+    from expertmesh.gateway.app_config import default_max_request_body_bytes
+
+    limit = default_max_request_body_bytes(512)
+    request = _chat(max_tokens=1)
+    request.messages[1].content = "x" * (limit + 1)
+    with pytest.raises(grpc.RpcError) as info:
+        live.stub.ChatCompletion(request, metadata=AUTH, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    request.messages[1].content = "x" * (limit - 4096)  # within the limit: read, rendered, refused for its length
+    with pytest.raises(grpc.RpcError) as info:
+        live.stub.ChatCompletion(request, metadata=AUTH, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "maximum context length" in info.value.details()
+
+
+def test_refused_calls_are_counted(live):
+    def count(status: str) -> float:
+        return live.serving.metrics.requests.labels("chat", status)._value.get()
+
+    before = count("401"), count("400")
+    with pytest.raises(grpc.RpcError):
+        live.stub.ChatCompletion(_chat(max_tokens=1))
+    with pytest.raises(grpc.RpcError):
+        live.stub.ChatCompletion(_chat(max_tokens=1, n=99), metadata=AUTH)
+    assert (count("401"), count("400")) == (before[0] + 1, before[1] + 1)

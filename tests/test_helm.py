@@ -286,6 +286,23 @@ def test_secrets_reach_the_pods_as_references_only(helm):
     assert secret["data"]["redis-password"] and "s3cret" not in json.dumps(secret)
 
 
+def test_every_proxy_gets_the_connection_timeouts(helm):
+    """Serve's own http_options carry the keep-alive and request timeouts; the header timeout, which
+    Serve does not expose, reaches every Ray container (each runs a proxy) through the environment."""
+    docs = render(helm, "multi-node", "--set", "app.http_header_timeout_s=12", "--set",
+                  "app.http_keep_alive_timeout_s=75", "--set", "app.http_request_timeout_s=600")
+    options = serve_config(docs)["http_options"]
+    assert (options["keep_alive_timeout_s"], options["request_timeout_s"]) == (75, 600)
+    (rs,) = by_kind(docs, "RayService")
+    cluster = rs["spec"]["rayClusterConfig"]
+    for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "expertmesh.gateway.proxy_timeouts:install"
+        assert env["EXPERTMESH_HTTP_HEADER_TIMEOUT_S"] == "12"
+    default = serve_config(render(helm, None))["http_options"]
+    assert default["keep_alive_timeout_s"] == 90 and "request_timeout_s" not in default
+
+
 def test_network_policy_keeps_ray_ports_inside(helm):
     docs = render(helm, "one-node-8gpu")
     (policy,) = by_kind(docs, "NetworkPolicy")

@@ -415,6 +415,27 @@ def test_metrics(server, client):
     assert re.search(r'expertmesh_requests_total\{endpoint="chat",status="40[04]"\} [1-9]', text)
 
 
+def requests_total(base: str) -> dict[tuple[str, str], float]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {(e, s): float(v) for e, s, v in
+            re.findall(r'^expertmesh_requests_total\{endpoint="([^"]+)",status="([^"]+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+def test_refused_requests_are_counted_with_their_status(server, client):
+    """Refusals the serving layer raises before the engine (400, 404) and the auth's 401 are counted."""
+    before = requests_total(server["base"])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-qwen3", messages=user("hi"), max_tokens=2, n=64)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-5", messages=user("hi"), max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["base"] + "/v1", api_key="sk-wrong", max_retries=0).chat.completions.create(
+            model="tiny-qwen3", messages=user("hi"), max_tokens=2)
+    after = requests_total(server["base"])
+    for status in ("400", "404", "401"):
+        assert after.get(("chat", status), 0) - before.get(("chat", status), 0) == 1, (status, after)
+
+
 # ---- many streams, half of them cancelled ------------------------------------------------------------
 
 def test_100_concurrent_streams_half_disconnected_free_every_block(server):

@@ -91,8 +91,13 @@ generated); empty with apiKeys.generate false (the Redis key store is then the o
 {{- end }}
 {{- end }}
 
-{{/* Env entries of every Ray container: the Secrets as environment variables, then extraEnv. */}}
+{{/* Env entries of every Ray container: the Serve proxy's header timeout (Serve has no setting for
+it: gateway/proxy_timeouts.py), the Secrets as environment variables, then extraEnv. */}}
 {{- define "expertmesh.rayEnv" -}}
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: expertmesh.gateway.proxy_timeouts:install
+- name: EXPERTMESH_HTTP_HEADER_TIMEOUT_S
+  value: {{ .Values.app.http_header_timeout_s | default 30 | quote }}
 {{- $keys := include "expertmesh.apiKeysSecret" . }}
 {{- if $keys }}
 - name: {{ include "expertmesh.apiKeysEnv" . }}
@@ -164,7 +169,11 @@ also needs the head's expertmesh_gateway resource. */}}
 {{- $gw := dict "name" "ExpertMeshGateway" "ray_actor_options" (dict "num_cpus" 0.5 "resources" (dict "expertmesh_gateway" 0.01)) }}
 {{- $_ := set $app "deployments" (list $gw) }}
 {{- end }}
-{{- $cfg := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) }}
+{{- $http := dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" (.Values.app.http_keep_alive_timeout_s | default 90 | int) }}
+{{- with .Values.app.http_request_timeout_s }}
+{{- $_ := set $http "request_timeout_s" . }}
+{{- end }}
+{{- $cfg := dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app) }}
 {{- toYaml $cfg }}
 {{- end }}
 
