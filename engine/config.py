@@ -1,7 +1,8 @@
 """`EngineConfig`: built once (CLI, Python API or Serve config) and handed down whole.
 
 Each part of the engine gets only the sub-config it uses: the scheduler its `SchedulerConfig`,
-the block manager its `CacheConfig`, the model runner `ModelLoadConfig` and `CacheConfig`.
+the block manager its `CacheConfig`, the model runner `ModelLoadConfig` and `CacheConfig`,
+request admission (stop strings, grammars) its `LimitsConfig`.
 Nothing below the entry points reads the environment.
 """
 from __future__ import annotations
@@ -101,8 +102,44 @@ class ParallelConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """How much work one request may ask of the engine: without these caps a single request can
+    stall the step loop (a grammar that compiles for minutes) or slow every other request (thousands
+    of stop strings). A request over a cap is refused before it is queued, with a ValueError naming
+    the setting (an HTTP 400)."""
+
+    max_stop_strings: int = 16
+    """Most stop strings per request (OpenAI allows 4)."""
+    max_stop_string_chars: int = 256
+    """Longest stop string, in characters."""
+    grammar_compile_timeout_s: float = 5.0
+    """Longest a constraint (JSON schema, regex, grammar, choice, tools) may take to compile. Grammars
+    compile in worker processes, never on the step loop; one that takes longer is abandoned (its
+    process killed) and the request refused."""
+    grammar_compile_workers: int = 1
+    """Grammar compiler processes (started on the first constrained request)."""
+    grammar_max_bytes: int = 131072
+    """Largest constraint text: the JSON schema (or the tools' parameter schemas together), the EBNF
+    grammar, or the choices together, in UTF-8 bytes."""
+    grammar_max_enum_values: int = 1000
+    """Most `enum` values (plus `const`s) in a JSON schema, or choices (OpenAI allows 1000)."""
+    grammar_max_regex_chars: int = 4096
+    """Longest `guided_regex`, in characters."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_stop_strings", "max_stop_string_chars", "grammar_compile_workers", "grammar_max_bytes",
+                     "grammar_max_enum_values", "grammar_max_regex_chars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.grammar_compile_timeout_s > 0:
+            raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}")
+
+
+@dataclass
 class EngineConfig:
     load: ModelLoadConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -14,7 +14,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from expertmesh.engine.config import CacheConfig, EngineConfig, ModelLoadConfig, ParallelConfig, SchedulerConfig
+from expertmesh.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    LimitsConfig,
+    ModelLoadConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 
 
 class AppConfig(BaseModel):
@@ -57,6 +64,21 @@ class AppConfig(BaseModel):
     gateway_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(1024, ge=1)
     """Requests one replica holds at once (the engine batches them; Serve's default of 5 would starve it)."""
+    max_stop_strings: int = Field(16, ge=1)
+    """Most stop strings per request (OpenAI allows 4); more is a 400."""
+    max_stop_string_chars: int = Field(256, ge=1)
+    """Longest stop string in characters; longer is a 400."""
+    grammar_compile_timeout_s: float = Field(5.0, gt=0)
+    """Longest a response_format / guided_* / tool_choice constraint may take to compile (in grammar
+    compiler processes, off the engine loop); past it the compile is killed and the request gets a 400."""
+    grammar_compile_workers: int = Field(1, ge=1)
+    """Grammar compiler processes per model replica."""
+    grammar_max_bytes: int = Field(131072, ge=1)
+    """Largest JSON schema (or the tools' parameter schemas together), EBNF grammar or list of choices, in bytes."""
+    grammar_max_enum_values: int = Field(1000, ge=1)
+    """Most enum values (and consts) in a JSON schema, or choices in guided_choice."""
+    grammar_max_regex_chars: int = Field(4096, ge=1)
+    """Longest guided_regex in characters."""
 
     @field_validator("model")
     @classmethod
@@ -113,4 +135,11 @@ class AppConfig(BaseModel):
                                       max_num_batched_tokens=self.max_num_batched_tokens),
             parallel=ParallelConfig(ep_size=self.ep_size, ray_address=ray_address, cpus_per_rank=self.cpus_per_rank,
                                     step_channel=self.step_channel),
+            limits=LimitsConfig(max_stop_strings=self.max_stop_strings,
+                                max_stop_string_chars=self.max_stop_string_chars,
+                                grammar_compile_timeout_s=self.grammar_compile_timeout_s,
+                                grammar_compile_workers=self.grammar_compile_workers,
+                                grammar_max_bytes=self.grammar_max_bytes,
+                                grammar_max_enum_values=self.grammar_max_enum_values,
+                                grammar_max_regex_chars=self.grammar_max_regex_chars),
         )

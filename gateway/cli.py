@@ -45,6 +45,21 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="experts' GEMM path (auto: grouped_mm where the device runs it)")
 
 
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("request limits", "what one request may ask of the engine (more is a 400 naming the flag)")
+    g.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings per request (OpenAI allows 4)")
+    g.add_argument("--max-stop-string-chars", type=int, default=256, help="longest stop string, in characters")
+    g.add_argument("--grammar-compile-timeout-s", type=float, default=5.0,
+                   help="seconds a response_format/guided_*/tool_choice constraint may take to compile (in "
+                        "compiler processes, off the engine loop); a slower one is killed and refused")
+    g.add_argument("--grammar-compile-workers", type=int, default=1, help="grammar compiler processes per replica")
+    g.add_argument("--grammar-max-bytes", type=int, default=131072,
+                   help="largest JSON schema (tools' schemas together), EBNF grammar or choice list, in bytes")
+    g.add_argument("--grammar-max-enum-values", type=int, default=1000,
+                   help="most enum values (and consts) in a JSON schema, or guided_choice choices")
+    g.add_argument("--grammar-max-regex-chars", type=int, default=4096, help="longest guided_regex, in characters")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per prompt")
@@ -82,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--print-config", action="store_true",
                      help="print the Ray Serve config file (YAML) for these flags and exit; run it on a cluster "
                           "with `serve deploy FILE` or `serve run FILE`")
+    _limit_args(srv)
     _engine_args(srv)
 
     gen = sub.add_parser("generate", help="complete prompts with a model")
@@ -159,7 +175,11 @@ def _serve_config(args) -> dict:
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         expert_impl=args.expert_impl, load_format=args.load_format, max_n=args.max_n, api_keys=args.api_keys,
-        redis_url=args.redis_url, grpc_port=args.grpc_port or None, engine_replicas=args.engine_replicas)
+        redis_url=args.redis_url, grpc_port=args.grpc_port or None, engine_replicas=args.engine_replicas,
+        max_stop_strings=args.max_stop_strings, max_stop_string_chars=args.max_stop_string_chars,
+        grammar_compile_timeout_s=args.grammar_compile_timeout_s, grammar_compile_workers=args.grammar_compile_workers,
+        grammar_max_bytes=args.grammar_max_bytes, grammar_max_enum_values=args.grammar_max_enum_values,
+        grammar_max_regex_chars=args.grammar_max_regex_chars)
     return cfg.model_dump(exclude_defaults=True)
 
 

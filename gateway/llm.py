@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from expertmesh.engine.config import (
     CacheConfig,
     EngineConfig,
+    LimitsConfig,
     ModelLoadConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -52,6 +53,13 @@ class LLM:
         load_format: str = "safetensors",
         seed: int = 0,
         ray_address: str | None = None,
+        max_stop_strings: int = 16,
+        max_stop_string_chars: int = 256,
+        grammar_compile_timeout_s: float = 5.0,
+        grammar_compile_workers: int = 1,
+        grammar_max_bytes: int = 131072,
+        grammar_max_enum_values: int = 1000,
+        grammar_max_regex_chars: int = 4096,
         progress: bool = True,
     ) -> None:
         model_path = Path(model) if model is not None else default_model_path()
@@ -65,6 +73,11 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
             parallel=ParallelConfig(ep_size=ep_size, ray_address=ray_address),
+            limits=LimitsConfig(max_stop_strings=max_stop_strings, max_stop_string_chars=max_stop_string_chars,
+                                grammar_compile_timeout_s=grammar_compile_timeout_s,
+                                grammar_compile_workers=grammar_compile_workers, grammar_max_bytes=grammar_max_bytes,
+                                grammar_max_enum_values=grammar_max_enum_values,
+                                grammar_max_regex_chars=grammar_max_regex_chars),
         )
         self.tokenizer = Tokenizer.from_pretrained(model_path)
         if ep_size == 1:
@@ -79,8 +92,8 @@ class LLM:
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
-        """Release the executor's workers (an EP group's actors and GPUs)."""
-        self.engine.executor.shutdown()
+        """Release the executor's workers (an EP group's actors and GPUs) and the grammar compiler processes."""
+        self.engine.shutdown()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
@@ -97,13 +110,13 @@ class LLM:
         prompts = list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        for ids, p in zip(encoded, params):
-            self.engine.validate(ids, p)  # every request is checked before any is admitted
+        # every request is checked (its grammar compiled) before any is admitted
+        compiled = [self.engine.validate(ids, p) for ids, p in zip(encoded, params)]
         request_ids = []
-        for prompt, ids, p in zip(prompts, encoded, params):
+        for prompt, ids, p, c in zip(prompts, encoded, params, compiled):
             request_id = f"llm-{next(self._ids)}"
             self.engine.add_request(request_id, ids, p, prompt=prompt if isinstance(prompt, str) else None,
-                                    stream=False)
+                                    stream=False, compiled=c)
             request_ids.append(request_id)
         return self._run(request_ids, use_tqdm)
 
