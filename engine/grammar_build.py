@@ -10,6 +10,10 @@ and it is the key of the compiled-grammar cache.
 
 JSON follows `json.dumps` spacing (`{"a": 1, "b": [2, 3]}`), not free whitespace: a model never
 loops on whitespace inside the answer, and the format is the one Qwen writes in tool calls.
+Strings in a JSON answer never hold a raw control character (U+0000 to U+001F), which JSON
+forbids: xgrammar (0.2.x, its issue #800) lowers a string with `minLength`/`maxLength` (and a
+`propertyNames` bound) to a class that admits them, so `build_grammar` narrows that class, and a
+raw control character written inside a schema's `pattern` is escaped before xgrammar reads it.
 """
 from __future__ import annotations
 
@@ -24,6 +28,11 @@ _NO_PARAMETERS = {"type": "object", "properties": {}}
 """The arguments of a tool without `parameters`: `{}` (strict: no properties)."""
 _LEADING_WHITESPACE = "root ::= [ \\t\\r\\n]{0,8}"
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
+_LENGTH_BOUNDED_CHAR = '[^\\"\\\\\\r\\n]'
+"""The class xgrammar prints for one character of a length-bounded JSON string: it admits U+0000 to
+U+001F except CR and LF, which JSON forbids raw (a strict parser fails: "Invalid control character")."""
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\]'
+"""One unescaped character of a JSON string, as xgrammar's own `basic_string` has it."""
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 """Schema keywords whose values are data, not schemas: never rewritten."""
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -104,10 +113,18 @@ def build_grammar(spec: GrammarSpec, tool_tokens: ToolTokens):
 
 
 def json_schema_grammar(schema_text: str, problem: str):
-    """xgrammar's grammar of a JSON schema (strict, `json.dumps` spacing)."""
+    """xgrammar's grammar of a JSON schema (strict, `json.dumps` spacing), with no raw control
+    character allowed inside any string (see the module doc)."""
     import xgrammar as xgr
 
-    return _built(problem, lambda: xgr.Grammar.from_json_schema(schema_text, any_whitespace=False))
+    schema = json.loads(schema_text)
+    if _has_raw_control_in_pattern(schema):
+        schema_text = json.dumps(_escape_pattern_controls(schema), ensure_ascii=False)
+    grammar = _built(problem, lambda: xgr.Grammar.from_json_schema(schema_text, any_whitespace=False))
+    ebnf = str(grammar)
+    if _LENGTH_BOUNDED_CHAR not in ebnf:
+        return grammar
+    return _built(problem, lambda: xgr.Grammar.from_ebnf(ebnf.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR)))
 
 
 def _tool_calls_grammar(functions: list[dict], tags: ToolTokens):
@@ -175,6 +192,41 @@ def _check_enums(what: str, schemas: list, limits: LimitsConfig) -> None:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+def _schema_nodes(schema):
+    """Every dict of a schema that may be a schema (not inside enum, const, default, examples)."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            yield node
+            stack.extend(v for k, v in node.items() if k not in _DATA_KEYWORDS)
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _has_raw_control_in_pattern(schema) -> bool:
+    return any(isinstance(n.get("pattern"), str) and any(ord(c) < 0x20 for c in n["pattern"])
+               for n in _schema_nodes(schema))
+
+
+def _escape_pattern_controls(schema):
+    """A copy of the schema whose `pattern`s spell control characters as regex escapes (`\\x09`):
+    xgrammar copies a raw one into the output, where JSON forbids it."""
+    if isinstance(schema, list):
+        return [_escape_pattern_controls(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _DATA_KEYWORDS:
+            out[key] = value
+        elif key == "pattern" and isinstance(value, str):
+            out[key] = "".join(f"\\x{ord(c):02x}" if ord(c) < 0x20 else c for c in value)
+        else:
+            out[key] = _escape_pattern_controls(value)
+    return out
+
 
 def xgrammar_message(exc: Exception) -> str:
     """xgrammar's error text without its log prefix ("[12:00:00] /project/cpp/x.cc:12: ")."""
