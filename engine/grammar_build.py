@@ -58,10 +58,9 @@ def grammar_spec(guided: GuidedDecodingParams, limits: LimitsConfig, after_think
     """The constraint as a spec; ValueError naming the cap when it is over one of `limits`."""
     kind = guided.kinds[0]
     if kind == "json":
-        schema = guided.schema
-        text = guided.json if isinstance(guided.json, str) else _dumps(schema, "guided_decoding.json")
+        text = guided.json if isinstance(guided.json, str) else _dumps(guided.json, "guided_decoding.json")
         _check_size("guided_decoding.json (the JSON schema) is {} bytes", text, limits)
-        _check_enums("guided_decoding.json", [schema], limits)
+        _check_enums("guided_decoding.json", [guided.schema], limits)
     elif kind == "json_object":
         text = ""
     elif kind == "regex":
