@@ -200,7 +200,11 @@ def test_request_aborted_while_its_grammar_compiles_leaves_nothing(lenient):
             req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                         response_format=response_format(schema), **NO_THINK)
             task = asyncio.create_task(rig.serving.chat(req))
-            await asyncio.sleep(0.5)
+            for _ in range(200):
+                if backend.num_compiling:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
             assert not task.done() and backend.num_compiling == 1  # still compiling
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
