@@ -54,8 +54,8 @@ class LLM:
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
-        """Release the executor's workers (an EP group's actors and GPUs)."""
-        self.engine.executor.shutdown()
+        """Release the executor's workers (an EP group's actors and GPUs) and the grammar compiler processes."""
+        self.engine.shutdown()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
@@ -72,13 +72,13 @@ class LLM:
         prompts = list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        for ids, p in zip(encoded, params):
-            self.engine.validate(ids, p)  # every request is checked before any is admitted
+        # every request is checked (its grammar compiled) before any is admitted
+        compiled = [self.engine.validate(ids, p) for ids, p in zip(encoded, params)]
         request_ids = []
-        for prompt, ids, p in zip(prompts, encoded, params):
+        for prompt, ids, p, c in zip(prompts, encoded, params, compiled):
             request_id = f"llm-{next(self._ids)}"
             self.engine.add_request(request_id, ids, p, prompt=prompt if isinstance(prompt, str) else None,
-                                    stream=False)
+                                    stream=False, compiled=c)
             request_ids.append(request_id)
         return self._run(request_ids, use_tqdm)
 

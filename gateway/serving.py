@@ -219,12 +219,12 @@ class OpenAIServing:
         final = await _last(stream)
         choices = []
         for out in final.outputs:
-            reasoning_parser = ReasoningParser(in_reasoning)
-            parsed = _join(reasoning_parser.feed(out.text), reasoning_parser.finish())
+            reasoning_parser, truncated = ReasoningParser(in_reasoning), out.finish_reason == "length"
+            parsed = _join(reasoning_parser.feed(out.text), reasoning_parser.finish(truncated))
             content, calls = parsed.content, []
             if tool_names is not None:
                 tool_parser = ToolCallParser(tool_names)
-                first, last = tool_parser.feed(content), tool_parser.finish()
+                first, last = tool_parser.feed(content), tool_parser.finish(truncated)
                 content, calls = first.content + last.content, [*first.calls, *last.calls]
             message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None,
                                        "reasoning_content": parsed.reasoning or None}
@@ -260,9 +260,10 @@ class OpenAIServing:
                     yield chunk(c.index, {"role": "assistant", "content": ""})
                 st.num_tokens += len(c.token_ids_delta)
                 parsed = st.reasoning.feed(c.text_delta)
+                truncated = c.finish_reason == "length"
                 if c.finished:
-                    parsed = _join(parsed, st.reasoning.finish())
-                delta = self._delta(st, parsed, c.finished)
+                    parsed = _join(parsed, st.reasoning.finish(truncated))
+                delta = self._delta(st, parsed, c.finished, truncated)
                 logprobs = (self._chat_logprobs(c.logprobs_delta, c.token_ids_delta, params.logprobs)
                             if params.logprobs is not None and c.token_ids_delta else None)
                 if delta or logprobs:
@@ -277,13 +278,13 @@ class OpenAIServing:
                    "choices": [], "usage": _usage_counts(num_prompt, completion, last.num_cached_tokens)}
 
     @staticmethod
-    def _delta(st: _Choice, parsed: ParsedDelta, finished: bool) -> dict[str, Any]:
+    def _delta(st: _Choice, parsed: ParsedDelta, finished: bool, truncated: bool = False) -> dict[str, Any]:
         delta: dict[str, Any] = {}
         if parsed.reasoning:
             delta["reasoning_content"] = parsed.reasoning
         content = parsed.content
         if st.tools is not None:
-            outs = [st.tools.feed(content)] + ([st.tools.finish()] if finished else [])
+            outs = [st.tools.feed(content)] + ([st.tools.finish(truncated)] if finished else [])
             content = "".join(o.content for o in outs)
             calls = [c for o in outs for c in o.calls]
             if calls:
