@@ -77,21 +77,6 @@ def _serving_flags(command: str) -> tuple:
     return tuple(s for s in settings_of(ServingConfig) if command == "serve" or s.name == "log_level")
 
 
-def _limit_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("request limits", "what one request may ask of the engine (more is a 400 naming the flag)")
-    g.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings per request (OpenAI allows 4)")
-    g.add_argument("--max-stop-string-chars", type=int, default=256, help="longest stop string, in characters")
-    g.add_argument("--grammar-compile-timeout-s", type=float, default=5.0,
-                   help="seconds a response_format/guided_*/tool_choice constraint may take to compile (in "
-                        "compiler processes, off the engine loop); a slower one is killed and refused")
-    g.add_argument("--grammar-compile-workers", type=int, default=1, help="grammar compiler processes per replica")
-    g.add_argument("--grammar-max-bytes", type=int, default=131072,
-                   help="largest JSON schema (tools' schemas together), EBNF grammar or choice list, in bytes")
-    g.add_argument("--grammar-max-enum-values", type=int, default=1000,
-                   help="most enum values (and consts) in a JSON schema, or guided_choice choices")
-    g.add_argument("--grammar-max-regex-chars", type=int, default=4096, help="longest guided_regex, in characters")
-
-
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per prompt")
