@@ -427,4 +427,8 @@ def test_refused_calls_are_counted(live):
         live.stub.ChatCompletion(_chat(max_tokens=1))
     with pytest.raises(grpc.RpcError):
         live.stub.ChatCompletion(_chat(max_tokens=1, n=99), metadata=AUTH)
+    # the server counts in the call's `finally`, which may run just after the client has its status
+    deadline = time.monotonic() + 10
+    while (count("401"), count("400")) != (before[0] + 1, before[1] + 1) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert (count("401"), count("400")) == (before[0] + 1, before[1] + 1)

@@ -37,11 +37,13 @@ def response_format(schema: dict) -> dict:
 
 
 def rig_with_http(**llm_kwargs):
-    """local_serving plus `post(path, body)` through the HTTP app (ASGI, in-process)."""
+    """local_serving plus `post(path, body)` through the HTTP app (ASGI, in-process). The body limit
+    is raised well past the hostile schemas here, so the grammar caps are what answers (the body
+    limit has its own tests in test_gateway_guards.py)."""
     cm = local_serving(max_model_len=2048, **llm_kwargs)
     rig = cm.__enter__()
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_http_app(rig.serving)), base_url="http://t",
-                             timeout=120)
+    app = build_http_app(rig.serving, max_body_bytes=64 << 20)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120)
     rig.http = http
     rig.post = lambda path, body: rig.run(http.post(path, json=body))
     return cm, rig
