@@ -145,6 +145,14 @@ class EngineCore:
             raise ValueError(
                 f"the prompt is {len(prompt_token_ids)} tokens, longer than this model allows: "
                 f"max_model_len is {self.max_model_len} (prompt plus at least one generated token)")
+        if params.top_k > self.vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size ({self.vocab_size}), got {params.top_k}")
+        if params.thinking_budget is not None and params.thinking_budget > self.max_model_len:
+            raise ValueError(f"thinking_budget must be at most max_model_len ({self.max_model_len}), "
+                             f"got {params.thinking_budget}")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}); got {bad[:5]}")
         return self.validate_guided_decoding(params, prompt_token_ids)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
