@@ -234,7 +234,7 @@ class EngineCore:
             failed = {s.request.request_id for out in outs for s in out.scheduled}
             for request_id in failed:
                 self._finish(self._sequences[request_id], RequestStatus.FINISHED_ERROR,
-                             error=f"{type(exc).__name__}: {exc}")
+                             error=f"the engine failed while running this request: {exc}")
             # Requests that arrived with this plan but did not run it are announced again.
             self._new = [n for n in plan.new_requests if n.request_id not in failed] + self._new
             return

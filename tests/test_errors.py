@@ -71,9 +71,9 @@ def test_guided_json_nested_too_deep():
     deep = {"type": "string"}
     for _ in range(900):
         deep = {"type": "array", "items": deep}
-    with pytest.raises(ValueError, match="guided_decoding.json nests deeper than 64 levels"):
+    with pytest.raises(ValueError, match=r"guided_decoding\.json nests deeper than 64 levels"):
         GuidedDecodingParams(json=deep)
-    with pytest.raises(ValueError, match="guided_decoding.json nests deeper than 64 levels"):
+    with pytest.raises(ValueError, match=r"guided_decoding\.json nests deeper than 64 levels"):
         GuidedDecodingParams(json='{"a": ' * 5000 + "1" + "}" * 5000)  # deeper than Python's json recurses
     with pytest.raises(ValueError, match=r"tool_calls.tools\['f'\].parameters nests deeper than 64"):
         ToolCallConstraint([{"name": "f", "parameters": deep}])
