@@ -191,8 +191,12 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
+    from expertmesh.gateway.proxy_errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV
     from expertmesh.gateway.serve_app import build_app
 
+    # Serve's proxy answers some requests itself (503 before a replica is up, a bare 500 when one
+    # dies): in OpenAI's error object when the Ray started here hands this to the proxy it starts.
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(app_args), name="expertmesh", route_prefix="/")

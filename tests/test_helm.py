@@ -276,6 +276,19 @@ def test_secrets_reach_the_pods_as_references_only(helm):
     assert secret["data"]["redis-password"] and "s3cret" not in json.dumps(secret)
 
 
+def test_every_ray_pod_gives_serve_proxy_the_openai_error_middleware(helm):
+    """Serve's proxy reads its middleware callback from the node's environment (gateway/proxy_errors.py)."""
+    from expertmesh.gateway.proxy_errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    for value_set in (None, "multi-node"):
+        (rs,) = by_kind(render(helm, value_set), "RayService")
+        cluster = rs["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        for pod in pods:
+            env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+            assert env[PROXY_CALLBACK_ENV] == PROXY_CALLBACK
+
+
 def test_network_policy_keeps_ray_ports_inside(helm):
     docs = render(helm, "one-node-8gpu")
     (policy,) = by_kind(docs, "NetworkPolicy")

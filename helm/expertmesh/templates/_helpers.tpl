@@ -86,6 +86,9 @@ app.kubernetes.io/component: redis
 
 {{/* Env entries of every Ray container: the Secrets as environment variables, then extraEnv. */}}
 {{- define "expertmesh.rayEnv" -}}
+{{/* Serve's proxy answers in OpenAI's error object too (gateway/proxy_errors.py). */}}
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: expertmesh.gateway.proxy_errors:middlewares
 {{- $keys := include "expertmesh.apiKeysSecret" . }}
 {{- if $keys }}
 - name: {{ include "expertmesh.apiKeysEnv" . }}
