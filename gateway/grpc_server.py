@@ -29,13 +29,11 @@ stay open.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -43,7 +41,14 @@ from pydantic import ValidationError
 
 from expertmesh.engine.async_engine import EngineDeadError
 from expertmesh.gateway.auth import Authenticator, bearer_token
-from expertmesh.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from expertmesh.gateway.grpc_wire import add_servicer, ascii_metadata, decoded, utf8_details
+from expertmesh.gateway.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    loads_json,
+    validation_error,
+)
 from expertmesh.gateway.serving import OpenAIServing
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -117,7 +122,7 @@ def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: 
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ])
-    _add_servicer(ExpertMeshServicer(serving, auth), server)
+    add_servicer(ExpertMeshServicer(serving, auth), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -126,44 +131,6 @@ def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: 
     except RuntimeError as exc:
         raise RuntimeError(f"cannot serve gRPC on {address}: {exc}") from exc
     return server
-
-
-class UndecodableRequest:
-    """Stands in for a request message that did not parse, so the call ends INVALID_ARGUMENT
-    (grpcio's own answer is UNKNOWN, naming protobuf's DecodeError)."""
-
-    def __init__(self, message_name: str, reason: str) -> None:
-        self.message_name, self.reason = message_name, reason
-
-
-def _lenient(message_class):
-    def parse(data: bytes):
-        try:
-            return message_class.FromString(data)
-        except DecodeError as exc:
-            reason = str(exc).rsplit(": ", 1)[-1]  # "Error parsing message with type 'x': <reason>"
-            return UndecodableRequest(message_class.DESCRIPTOR.full_name, reason)
-
-    return parse
-
-
-def _add_servicer(servicer: ExpertMeshServicer, server: grpc.aio.Server) -> None:
-    """`add_ExpertMeshServicer_to_server`, with requests parsed by `_lenient`."""
-    handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["ExpertMesh"].methods:
-        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_lenient(request),
-                                     response_serializer=response.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-def _decoded(request):
-    if isinstance(request, UndecodableRequest):
-        raise APIError(f"the request is not a valid {request.message_name} message: {request.reason}",
-                       code="invalid_message")
-    return request
 
 
 class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
@@ -194,7 +161,7 @@ class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async def models():
-            _decoded(request)
+            decoded(request)
             return self.serving.models()
 
         return await self._unary(context, models, models_response)
@@ -242,24 +209,14 @@ async def abort(context, exc: Exception) -> NoReturn:
     if isinstance(exc, ValidationError):
         exc = validation_error(exc.errors())
     if isinstance(exc, APIError):
-        trailers = [(f"error-{k}", _ascii(v)) for k, v in (("type", exc.type), ("param", exc.param),
+        trailers = [(f"error-{k}", ascii_metadata(v)) for k, v in (("type", exc.type), ("param", exc.param),
                                                           ("code", exc.code)) if v]
         trailers += [(k.lower(), v) for k, v in exc.headers.items() if k.isascii() and v.isascii()]
-        await context.abort(status_code(exc.status), _utf8(exc.message), trailing_metadata=tuple(trailers))
+        await context.abort(status_code(exc.status), utf8_details(exc.message), trailing_metadata=tuple(trailers))
     if isinstance(exc, EngineDeadError):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, _utf8(str(exc)))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, utf8_details(str(exc)))
     log.exception("gRPC call failed", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAILS)
-
-
-def _utf8(text: str) -> str:
-    """`text` with anything UTF-8 cannot carry (a lone surrogate quoted from a request) escaped."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _ascii(text: str) -> str:
-    """Metadata values are ASCII: `param` may quote a key of the request."""
-    return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 # ---- proto request → OpenAI request --------------------------------------------------------
@@ -274,11 +231,11 @@ _OPTIONAL_SAMPLING = ("n", "temperature", "top_p", "top_k", "min_p", "presence_p
 
 def chat_request(request: pb.ChatCompletionRequest, stream: bool = False) -> ChatCompletionRequest:
     """Raises APIError (an undecodable message, bad JSON text) or pydantic's ValidationError."""
-    return ChatCompletionRequest.model_validate(chat_request_dict(_decoded(request), stream))
+    return ChatCompletionRequest.model_validate(chat_request_dict(decoded(request), stream))
 
 
 def completion_request(request: pb.CompletionRequest, stream: bool = False) -> CompletionRequest:
-    return CompletionRequest.model_validate(completion_request_dict(_decoded(request), stream))
+    return CompletionRequest.model_validate(completion_request_dict(decoded(request), stream))
 
 
 def chat_request_dict(request: pb.ChatCompletionRequest, stream: bool = False) -> dict[str, Any]:
@@ -418,7 +375,7 @@ def _response_format_dict(fmt: pb.ResponseFormat) -> dict[str, Any]:
 
 def _json(text: str, param: str) -> Any:
     try:
-        return json.loads(text)
+        return loads_json(text)
     except RecursionError:
         raise APIError(f"{param} nests objects and arrays too deeply to parse", param=param,
                        code="too_deeply_nested") from None

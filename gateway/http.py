@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import reprlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -31,7 +30,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from expertmesh.gateway.auth import Authenticator
 from expertmesh.gateway.metrics import CONTENT_TYPE
-from expertmesh.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from expertmesh.gateway.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DuplicateKeyError,
+    loads_json,
+    validation_error,
+)
 from expertmesh.gateway.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
@@ -170,19 +176,6 @@ class _InternalErrors:
             await error_response(internal_error())(scope, receive, send)
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _DuplicateKey(twice)
-    return obj
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
 class _StrictJSONRequest(Request):
     """A request whose JSON body may not repeat a key in any object."""
 
@@ -190,10 +183,9 @@ class _StrictJSONRequest(Request):
         if not hasattr(self, "_json"):
             body = await self.body()
             try:
-                self._json = json.loads(body, object_pairs_hook=_unique_keys)
-            except _DuplicateKey as exc:
-                raise json.JSONDecodeError(f"the key {reprlib.repr(exc.args[0])} appears twice in one object",
-                                           "", 0) from None
+                self._json = loads_json(body)
+            except DuplicateKeyError as exc:
+                raise json.JSONDecodeError(str(exc), "", 0) from None  # FastAPI's path for bad JSON: a 400
         return self._json
 
 

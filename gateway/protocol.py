@@ -147,6 +147,27 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
 
 
+# ---- JSON in, errors out --------------------------------------------------------------------
+
+class DuplicateKeyError(ValueError):
+    """An object of the JSON text names one key twice."""
+
+
+def loads_json(text: str | bytes) -> Any:
+    """json.loads, refusing an object that repeats a key (`{"n": 1, "n": 9}`: parsers disagree on
+    which counts, so a proxy in front could check one value while we use the other)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKeyError(f"the key {_REPR.repr(twice)} appears twice in one object")
+    return obj
+
+
 # ---- pydantic's errors as OpenAI's ------------------------------------------------------------
 
 _REPR = reprlib.Repr()
