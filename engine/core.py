@@ -174,6 +174,14 @@ class EngineCore:
         if longest > limits.max_stop_string_chars:
             raise ValueError(f"stop: a stop string of {longest} characters, over the limit of "
                              f"{limits.max_stop_string_chars} (max_stop_string_chars)")
+        if params.top_k > self.vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size ({self.vocab_size}), got {params.top_k}")
+        if params.thinking_budget is not None and params.thinking_budget > self.max_model_len:
+            raise ValueError(f"thinking_budget must be at most max_model_len ({self.max_model_len}), "
+                             f"got {params.thinking_budget}")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}); got {bad[:5]}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = True, compiled: CompiledGuide | None = None) -> None:
@@ -265,7 +273,7 @@ class EngineCore:
             failed = {s.request.request_id for out in outs for s in out.scheduled}
             for request_id in failed:
                 self._finish(self._sequences[request_id], RequestStatus.FINISHED_ERROR,
-                             error=f"{type(exc).__name__}: {exc}")
+                             error=f"the engine failed while running this request: {exc}")
             # Requests that arrived with this plan but did not run it are announced again.
             self._new = [n for n in plan.new_requests if n.request_id not in failed] + self._new
             return

@@ -230,7 +230,7 @@ def _escape_pattern_controls(schema):
 def xgrammar_message(exc: Exception) -> str:
     """xgrammar's error text without its log prefix ("[12:00:00] /project/cpp/x.cc:12: ")."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return _XGRAMMAR_PREFIX.sub("", lines[0] if lines else type(exc).__name__)
+    return _XGRAMMAR_PREFIX.sub("", lines[0]) if lines else "the grammar compiler refused it without saying why"
 
 
 def _built(problem: str, build):

@@ -308,13 +308,14 @@ def banner(model_name: str, http_bound: str, grpc_bound: str | None) -> str:
 
 
 def _proxy_environment(header_timeout_s: float) -> None:
-    """The proxy's header timeout (which Ray Serve does not expose) rides in the environment that
-    the Ray this process starts hands to its proxy. A proxy callback of the user's own is kept."""
-    from expertmesh.gateway.proxy_timeouts import CALLBACK_ENV, CALLBACK_PATH, proxy_env
+    """The proxy's callback (its header timeout, which Ray Serve does not expose, and OpenAI's error
+    object for the answers it gives by itself) rides in the environment that the Ray this process
+    starts hands to its proxy. A proxy callback of the user's own is kept."""
+    from expertmesh.gateway.proxy_callback import PROXY_CALLBACK, PROXY_CALLBACK_ENV, proxy_env
 
-    if os.environ.get(CALLBACK_ENV, CALLBACK_PATH) != CALLBACK_PATH:
-        print(f"expertmesh: warning: {CALLBACK_ENV} is set to {os.environ[CALLBACK_ENV]}; the HTTP header "
-              "timeout is not applied", file=sys.stderr)
+    if os.environ.get(PROXY_CALLBACK_ENV, PROXY_CALLBACK) != PROXY_CALLBACK:
+        print(f"expertmesh: warning: {PROXY_CALLBACK_ENV} is set to {os.environ[PROXY_CALLBACK_ENV]}; the HTTP "
+              "header timeout and the proxy's OpenAI errors are not applied", file=sys.stderr)
         return
     os.environ.update(proxy_env(header_timeout_s))
 

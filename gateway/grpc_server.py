@@ -11,6 +11,11 @@ details are the APIError's message, and its `param`, `type` and `code` travel as
 metadata (`error-param`, `error-type`, `error-code`). A streaming call that the client cancels
 closes the serving stream, which aborts the request in the engine and frees its KV blocks.
 
+A request message that does not parse (corrupt wire format, a string field that is not UTF-8)
+is INVALID_ARGUMENT, as is every JSON text field that is not JSON or nests too deeply. Nothing
+unforeseen leaves with more than "internal error" and INTERNAL: no exception type, no traceback
+(those go to the log).
+
 `authorization: Bearer <key>` metadata is checked on every ExpertMesh call when the
 authenticator has keys; the standard `grpc.health.v1.Health` service and server reflection
 stay open. Every call is counted in `expertmesh_requests_total` under its HTTP-style status.
@@ -33,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -48,8 +52,15 @@ from pydantic import ValidationError
 from expertmesh.engine.async_engine import EngineDeadError
 from expertmesh.gateway.app_config import default_max_request_body_bytes
 from expertmesh.gateway.auth import Authenticator, bearer_token
+from expertmesh.gateway.grpc_wire import add_servicer, ascii_metadata, decoded, utf8_details
 from expertmesh.gateway.metrics import RequestOutcome, current_outcome
-from expertmesh.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from expertmesh.gateway.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    loads_json,
+    validation_error,
+)
 from expertmesh.gateway.serving import OpenAIServing
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -148,7 +159,7 @@ def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: 
     health_servicer = health if health is not None else GrpcHealth()
     options = options or GrpcOptions()
     server = grpc.aio.server(options=options.server_options(serving.settings.max_model_len))
-    pb_grpc.add_ExpertMeshServicer_to_server(ExpertMeshServicer(serving, auth), server)
+    add_servicer(ExpertMeshServicer(serving, auth), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -188,6 +199,7 @@ class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async def models():
+            decoded(request)
             return self.serving.models()
 
         return await self._unary(context, "models", models, models_response)
@@ -258,31 +270,22 @@ def http_status(exc: BaseException) -> int:
     return 503 if isinstance(exc, EngineDeadError) else 500
 
 
+INTERNAL_ERROR_DETAILS = "internal error: the server could not process this request; it is logged"
+
+
 async def abort(context, exc: Exception) -> NoReturn:
     """End the call with the status that `exc` maps to (see the module docstring)."""
     if isinstance(exc, ValidationError):
-        exc = validation_error(exc)
+        exc = validation_error(exc.errors())
     if isinstance(exc, APIError):
-        trailers = [(f"error-{k}", v) for k, v in (("type", exc.type), ("param", exc.param), ("code", exc.code))
-                    if v]
+        trailers = [(f"error-{k}", ascii_metadata(v)) for k, v in (("type", exc.type), ("param", exc.param),
+                                                          ("code", exc.code)) if v]
         trailers += [(k.lower(), v) for k, v in exc.headers.items() if k.isascii() and v.isascii()]
-        await context.abort(status_code(exc.status), exc.message, trailing_metadata=tuple(trailers))
+        await context.abort(status_code(exc.status), utf8_details(exc.message), trailing_metadata=tuple(trailers))
     if isinstance(exc, EngineDeadError):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, utf8_details(str(exc)))
     log.exception("gRPC call failed", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def validation_error(exc: ValidationError) -> APIError:
-    """A pydantic error as a 400 naming the field (in the OpenAI request's names)."""
-    errors = exc.errors()
-    if not errors:
-        return APIError("the request is invalid")
-    err = errors[0]
-    param = ".".join(str(p) for p in err.get("loc", ())) or None
-    text = repr(err.get("input"))
-    text = text if len(text) <= 80 else text[:77] + "..."
-    return APIError(f"{param or 'request'}: {err.get('msg')} (got {text})", param=param)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAILS)
 
 
 # ---- proto request → OpenAI request --------------------------------------------------------
@@ -296,12 +299,12 @@ _OPTIONAL_SAMPLING = ("n", "temperature", "top_p", "top_k", "min_p", "presence_p
 
 
 def chat_request(request: pb.ChatCompletionRequest, stream: bool = False) -> ChatCompletionRequest:
-    """Raises APIError (bad JSON text) or pydantic's ValidationError."""
-    return ChatCompletionRequest.model_validate(chat_request_dict(request, stream))
+    """Raises APIError (an undecodable message, bad JSON text) or pydantic's ValidationError."""
+    return ChatCompletionRequest.model_validate(chat_request_dict(decoded(request), stream))
 
 
 def completion_request(request: pb.CompletionRequest, stream: bool = False) -> CompletionRequest:
-    return CompletionRequest.model_validate(completion_request_dict(request, stream))
+    return CompletionRequest.model_validate(completion_request_dict(decoded(request), stream))
 
 
 def chat_request_dict(request: pb.ChatCompletionRequest, stream: bool = False) -> dict[str, Any]:
@@ -443,7 +446,10 @@ def _response_format_dict(fmt: pb.ResponseFormat) -> dict[str, Any]:
 
 def _json(text: str, param: str) -> Any:
     try:
-        return json.loads(text)
+        return loads_json(text)
+    except RecursionError:
+        raise APIError(f"{param} nests objects and arrays too deeply to parse", param=param,
+                       code="too_deeply_nested") from None
     except ValueError as exc:
         raise APIError(f"{param} is not valid JSON: {exc}", param=param) from None
 

@@ -24,7 +24,7 @@ from expertmesh.engine.executor import InProcessExecutor
 from expertmesh.engine.model_files import load_tokenizer, model_dir
 from expertmesh.engine.outputs import RequestOutput
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.model.tokenizer import Tokenizer
+from expertmesh.model.tokenizer import Tokenizer, check_template_kwargs
 
 Prompt = str | list[int]
 
@@ -93,6 +93,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Chat completion for one conversation (a list of messages) or several."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        check_template_kwargs(chat_template_kwargs or {})
         prompts = [
             self.tokenizer.apply_chat_template(conv, tools=tools, add_generation_prompt=add_generation_prompt,
                                                **(chat_template_kwargs or {}))

@@ -7,18 +7,17 @@ Its keep-alive timer starts only after a response, so a socket that connects and
 or sends half a request line and stalls (slowloris), is held forever; enough of them exhaust the
 proxy's file descriptors.
 
-Serve does expose one hook into the proxy process: the environment variable
-`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` names a function the proxy calls at start-up (meant
-to return ASGI middlewares). `install` is that function: it makes uvicorn's "auto" protocol a
-subclass with a header timer, read from `EXPERTMESH_HTTP_HEADER_TIMEOUT_S`:
+Serve does expose one hook into the proxy process: the callback of `gateway/proxy_callback.py`,
+which calls `install_header_timeout`: it makes uvicorn's "auto" protocol a subclass with a header
+timer, read from `EXPERTMESH_HTTP_HEADER_TIMEOUT_S`:
 
     connection made, or the first byte of a new request ──▶ timer armed (header_timeout_s)
     request headers complete (a request cycle starts)  ──▶ timer disarmed
     timer fires with no new request started            ──▶ the socket is closed
 
-`proxy_env(header_timeout_s)` gives both variables; they must be in the environment of the Ray
-nodes that run proxies (`expertmesh serve` sets them before it starts Ray; on a cluster started
-otherwise, set them on every node, e.g. in the Helm chart's container env).
+`proxy_callback.proxy_env(header_timeout_s)` gives the variables; they must be in the environment
+of the Ray nodes that run proxies (`expertmesh serve` sets them before it starts Ray; on a cluster
+started otherwise, set them on every node, e.g. in the Helm chart's container env).
 """
 from __future__ import annotations
 
@@ -30,15 +29,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 log = logging.getLogger(__name__)
 
-CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-HEADER_TIMEOUT_ENV = "EXPERTMESH_HTTP_HEADER_TIMEOUT_S"
-CALLBACK_PATH = "expertmesh.gateway.proxy_timeouts:install"
 PROTOCOL_PATH = "expertmesh.gateway.proxy_timeouts:HeaderTimeoutProtocol"
-
-
-def proxy_env(header_timeout_s: float) -> dict[str, str]:
-    """The environment a Serve proxy needs for the header timeout."""
-    return {CALLBACK_ENV: CALLBACK_PATH, HEADER_TIMEOUT_ENV: f"{header_timeout_s:g}"}
 
 
 class _HeaderTimeout:
@@ -84,13 +75,14 @@ class HeaderTimeoutProtocol(_HeaderTimeout, AutoHTTPProtocol):
     """uvicorn's HTTP/1.1 protocol (httptools where installed, else h11) with the header timeout."""
 
 
-def install() -> list:
-    """The proxy callback: uvicorn's "auto" HTTP protocol gets the header timeout. Returns no
-    middleware. Runs in the proxy process before its HTTP server starts."""
+def install_header_timeout() -> None:
+    """uvicorn's "auto" HTTP protocol gets the header timeout (in the proxy process, before its
+    HTTP server starts; called by `proxy_callback.install`)."""
     from uvicorn import config
+
+    from expertmesh.gateway.proxy_callback import HEADER_TIMEOUT_ENV
 
     timeout = float(os.environ.get(HEADER_TIMEOUT_ENV) or _HeaderTimeout.header_timeout_s)
     _HeaderTimeout.header_timeout_s = timeout
     config.HTTP_PROTOCOLS["auto"] = PROTOCOL_PATH
     log.info("expertmesh: HTTP header timeout %g s on this proxy", timeout)
-    return []

@@ -33,8 +33,14 @@ from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.parsers import ParsedDelta, ReasoningParser, ToolCall, ToolCallParser
 from expertmesh.engine.sampling_params import GuidedDecodingParams, SamplingParams, ToolCallConstraint
 from expertmesh.gateway.metrics import Metrics, current_outcome
-from expertmesh.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest, _SamplingFields
-from expertmesh.model.tokenizer import Tokenizer
+from expertmesh.gateway.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    _SamplingFields,
+    check_request_values,
+)
+from expertmesh.model.tokenizer import Tokenizer, check_template_kwargs
 
 MAX_N = 16
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -154,7 +160,8 @@ class OpenAIServing:
     def _check_model(self, name: str | None, param: str | None = "model") -> None:
         if name is None or name == self.settings.model_name or name in self.settings.model_aliases:
             return
-        raise APIError(f"The model `{name}` does not exist; this server serves `{self.settings.model_name}`.",
+        shown = name if len(name) <= 100 else name[:97] + "..."
+        raise APIError(f"The model `{shown}` does not exist; this server serves `{self.settings.model_name}`.",
                        status=404, type="not_found_error", param=param, code="model_not_found")
 
     async def engine_stats(self) -> tuple[dict[str, float], list[list[float]] | None]:
@@ -164,6 +171,7 @@ class OpenAIServing:
 
     def prepare_chat(self, req: ChatCompletionRequest) -> PreparedChat:
         """Validate and render a chat (raises APIError naming the problem)."""
+        check_request_values(req)
         self._check_model(req.model)
         tools = [t.model_dump(exclude_none=True, by_alias=True) for t in req.tools or []]
         tool_names = [t["function"]["name"] for t in tools]
@@ -181,6 +189,10 @@ class OpenAIServing:
         _check_tool_messages(req.messages)
 
         kwargs = dict(req.chat_template_kwargs or {})
+        try:
+            check_template_kwargs(kwargs)
+        except ValueError as exc:
+            raise APIError(str(exc), param="chat_template_kwargs") from None
         kwargs.setdefault("enable_thinking", True)
         try:
             prompt = self.tokenizer.apply_chat_template(
@@ -314,6 +326,7 @@ class OpenAIServing:
 
     def prepare_completion(self, req: CompletionRequest) -> tuple[list[tuple[list[int], str | None]], SamplingParams,
                                                                   str | None]:
+        check_request_values(req)
         self._check_model(req.model)
         if req.suffix is not None:
             raise APIError("suffix is not supported: Qwen3 models have no fill-in-the-middle format", param="suffix")
@@ -501,6 +514,11 @@ class OpenAIServing:
                 raise APIError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param=where)
         if req.n > self.settings.max_n:
             raise APIError(f"n must be at most {self.settings.max_n}, got {req.n}", param="n")
+        if vocab is not None and req.top_k is not None and req.top_k > vocab:
+            raise APIError(f"top_k must be at most the vocabulary size ({vocab}), got {req.top_k}", param="top_k")
+        if thinking_budget is not None and thinking_budget > limit:
+            raise APIError(f"thinking_budget must be at most the model's maximum context length ({limit}), "
+                           f"got {thinking_budget}", param="thinking_budget")
         fields = dict(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
@@ -513,7 +531,8 @@ class OpenAIServing:
         try:
             params = SamplingParams(**fields)
         except ValueError as exc:
-            raise APIError(str(exc), param=_param_of(str(exc), max_param, guided_param)) from None
+            raise APIError(str(exc), param=_param_of(str(exc), max_param, guided_param,
+                                                     chat=isinstance(req, ChatCompletionRequest))) from None
         return params
 
     async def _run(self, endpoint: str, request_id: str, ids: list[int], prompt: str | None,
@@ -670,14 +689,15 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _param_of(message: str, max_param: str, guided_param: str | None = None) -> str | None:
-    """The request field an engine message names (its first word), in OpenAI's names."""
+def _param_of(message: str, max_param: str, guided_param: str | None = None, chat: bool = True) -> str | None:
+    """The request field an engine message names (its first word), in OpenAI's names (chat's
+    `top_logprobs` is the engine's `logprobs`; completions call it `logprobs`)."""
     word = message.split(" ", 1)[0].rstrip(":")
     if guided_param is not None and (word.startswith(("guided_decoding", "tool_calls")) or word == "invalid"):
         return guided_param
     if word == "max_tokens":
         return max_param
     if word == "logprobs":
-        return "top_logprobs"
+        return "top_logprobs" if chat else "logprobs"
     return word if word in _SAMPLING_FIELDS else None
 

@@ -297,10 +297,23 @@ def test_every_proxy_gets_the_connection_timeouts(helm):
     cluster = rs["spec"]["rayClusterConfig"]
     for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "expertmesh.gateway.proxy_timeouts:install"
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "expertmesh.gateway.proxy_callback:install"
         assert env["EXPERTMESH_HTTP_HEADER_TIMEOUT_S"] == "12"
     default = serve_config(render(helm, None))["http_options"]
     assert default["keep_alive_timeout_s"] == 90 and "request_timeout_s" not in default
+
+
+def test_every_ray_pod_gives_serve_proxy_the_openai_error_middleware(helm):
+    """Serve's proxy reads its callback from the node's environment (gateway/proxy_callback.py)."""
+    from expertmesh.gateway.proxy_callback import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    for value_set in (None, "multi-node"):
+        (rs,) = by_kind(render(helm, value_set), "RayService")
+        cluster = rs["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        for pod in pods:
+            env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+            assert env[PROXY_CALLBACK_ENV] == PROXY_CALLBACK
 
 
 def test_network_policy_keeps_ray_ports_inside(helm):

@@ -22,7 +22,7 @@ import pytest
 
 from expertmesh.cluster.collective import free_port
 from expertmesh.gateway.app_config import default_max_request_body_bytes
-from expertmesh.gateway.proxy_timeouts import proxy_env
+from expertmesh.gateway.proxy_callback import proxy_env
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 

@@ -91,11 +91,12 @@ generated); empty with apiKeys.generate false (the Redis key store is then the o
 {{- end }}
 {{- end }}
 
-{{/* Env entries of every Ray container: the Serve proxy's header timeout (Serve has no setting for
-it: gateway/proxy_timeouts.py), the Secrets as environment variables, then extraEnv. */}}
+{{/* Env entries of every Ray container: the Serve proxy's callback (gateway/proxy_callback.py: the
+header timeout Serve has no setting for, and OpenAI's error object for the proxy's own answers),
+the Secrets as environment variables, then extraEnv. */}}
 {{- define "expertmesh.rayEnv" -}}
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
-  value: expertmesh.gateway.proxy_timeouts:install
+  value: expertmesh.gateway.proxy_callback:install
 - name: EXPERTMESH_HTTP_HEADER_TIMEOUT_S
   value: {{ .Values.app.http_header_timeout_s | default 30 | quote }}
 {{- $keys := include "expertmesh.apiKeysSecret" . }}
