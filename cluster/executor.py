@@ -19,11 +19,12 @@ import time
 
 import torch
 
-from expertmesh.cluster.bootstrap import NCCL_ENV, ensure_ray
+from expertmesh.cluster.bootstrap import NCCL_ENV, check_placeable, ensure_ray, wait_for_placement
 from expertmesh.cluster.placement import ExpertPlacement, rank_bundles
 from expertmesh.cluster.worker import RankWorker
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.executor import ExecutorDiedError
+from expertmesh.engine.model_files import model_dir
 from expertmesh.engine.step import StepPlan, StepResult
 from expertmesh.model.config import ModelConfig
 
@@ -40,7 +41,7 @@ class RayExecutor:
         self._own_placement_group = placement_group is None
         self._bundle_offset = bundle_offset
         self.num_ranks = config.parallel.ep_size
-        self.model_config = ModelConfig.from_pretrained(config.load.model)
+        self.model_config = ModelConfig.from_pretrained(model_dir(config.load))
         if not self.model_config.is_moe:
             raise ValueError(f"ep_size > 1 needs a Mixture-of-Experts model; {self.model_config.model_type} is dense")
         self.placement = ExpertPlacement.contiguous(self.model_config.num_experts, self.num_ranks)
@@ -70,7 +71,9 @@ class RayExecutor:
         ensure_ray(parallel.ray_address)
         device_type = self._device_type()
         bundles = rank_bundles(self.num_ranks, device_type, parallel.cpus_per_rank)
+        what = f"an EP group of {self.num_ranks} {device_type.upper()} ranks"
         if self._own_placement_group:
+            check_placeable(what, bundles)
             self.placement_group = placement_group(bundles, strategy="PACK")
         else:
             specs = self.placement_group.bundle_specs[self._bundle_offset:]
@@ -79,11 +82,10 @@ class RayExecutor:
                                  f"an EP group of {self.num_ranks} ranks needs one per rank")
             bundles = [{"CPU": spec.get("CPU", 0), "GPU": spec.get("GPU", 0)} for spec in specs[:self.num_ranks]]
         try:
-            ray.get(self.placement_group.ready(), timeout=parallel.startup_timeout_s)
-        except ray.exceptions.GetTimeoutError:
+            wait_for_placement(self.placement_group, what, bundles, parallel.placement_timeout_s)
+        except ValueError:
             self._kill()
-            raise RuntimeError(f"Ray could not reserve {bundles} for an EP group of {self.num_ranks} "
-                               f"within {parallel.startup_timeout_s:.0f} s") from None
+            raise
         actor = ray.remote(RankWorker)
         self.workers = [
             actor.options(

@@ -11,6 +11,15 @@ Worked example, 8 experts over 3 ranks (the first E % R ranks take one more):
     ((0, 0, 0, 1, 1, 1, 2, 2), (0, 1, 2, 0, 1, 2, 0, 1))
     >>> rank_bundles(3, "cuda", cpus_per_rank=2)
     [{'CPU': 2, 'GPU': 1}, {'CPU': 2, 'GPU': 1}, {'CPU': 2, 'GPU': 1}]
+    >>> rank_bundles(4, "cpu")  # half a CPU each by default: four CPU ranks fit on two cores
+    [{'CPU': 0.5}, {'CPU': 0.5}, {'CPU': 0.5}, {'CPU': 0.5}]
+
+Whether bundles can be placed at all, against each node's total resources:
+
+    >>> unplaceable([{"CPU": 64}, {"CPU": 64}], [{"CPU": 2.0}])
+    'CPU: 128 asked in all, the cluster has 2 (a bundle needs up to 64 on one node, the largest node has 2)'
+    >>> unplaceable([{"CPU": 0.5}] * 4, [{"CPU": 2.0}]) is None
+    True
 """
 from __future__ import annotations
 
@@ -69,9 +78,38 @@ class ExpertPlacement:
         return tuple(slot)
 
 
-def rank_bundles(ep_size: int, device_type: str, cpus_per_rank: int = 1) -> list[dict[str, float]]:
+CPU_RANK_CPUS, GPU_RANK_CPUS = 0.5, 1
+"""CPUs a rank reserves when cpus_per_rank is not given: a GPU rank feeds its GPU from one core; a CPU
+rank's share is a fraction, so an EP group of a few ranks fits on a small machine (Ray's CPU is a
+logical unit for scheduling; the rank's torch threads are set apart from it)."""
+
+
+def rank_cpus(device_type: str, cpus_per_rank: float | None = None) -> float:
+    """The CPUs one rank reserves: `cpus_per_rank`, or the device's default."""
+    if cpus_per_rank is not None:
+        return cpus_per_rank
+    return GPU_RANK_CPUS if device_type == "cuda" else CPU_RANK_CPUS
+
+
+def rank_bundles(ep_size: int, device_type: str, cpus_per_rank: float | None = None) -> list[dict[str, float]]:
     """One placement-group bundle per rank: a GPU each on CUDA, CPUs only on the CPU."""
-    bundle: dict[str, float] = {"CPU": cpus_per_rank}
+    bundle: dict[str, float] = {"CPU": rank_cpus(device_type, cpus_per_rank)}
     if device_type == "cuda":
         bundle["GPU"] = 1
     return [dict(bundle) for _ in range(ep_size)]
+
+
+def unplaceable(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> str | None:
+    """Why `bundles` can never be placed on nodes with these total resources, or None when they may be:
+    a resource asked for beyond the cluster's total, or a bundle larger than every node (one bundle
+    lives on one node). Necessary conditions only: None does not promise that packing succeeds."""
+    reasons = []
+    for resource in sorted({r for bundle in bundles for r in bundle}):
+        asked = sum(bundle.get(resource, 0) for bundle in bundles)
+        have = sum(node.get(resource, 0) for node in nodes)
+        largest_ask = max(bundle.get(resource, 0) for bundle in bundles)
+        largest_node = max((node.get(resource, 0) for node in nodes), default=0)
+        if asked > have or largest_ask > largest_node:
+            reasons.append(f"{resource}: {asked:g} asked in all, the cluster has {have:g} (a bundle needs up to "
+                           f"{largest_ask:g} on one node, the largest node has {largest_node:g})")
+    return "; ".join(reasons) or None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from expertmesh.cluster.collective import ProcessGroupAllToAll, free_port, host_address, init_process_group
-from expertmesh.cluster.placement import ExpertPlacement
+from expertmesh.cluster.placement import ExpertPlacement, rank_cpus
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.step import StepPlan, StepResult
@@ -28,7 +28,7 @@ class RankWorker:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-            torch.set_num_threads(config.parallel.cpus_per_rank)
+            torch.set_num_threads(max(1, round(rank_cpus("cpu", config.parallel.cpus_per_rank))))
         self.runner: ModelRunner | None = None
         self.timer = StageTimer() if config.parallel.time_collectives else None
 

@@ -3,11 +3,18 @@
     asyncio callers ──add/abort (command queue)──▶ engine thread: loop { apply commands; step() }
                     ◀──RequestOutput per step (loop.call_soon_threadsafe into a per-request queue)──
 
-Only the engine thread touches the `EngineCore`, so a long model step never blocks the event
-loop and callers never race the scheduler. A request's stream is an async generator: leaving it
-early (a client that disconnected, a cancelled task) aborts the request on the next loop turn,
-which frees its KV blocks. A stream yields lists: everything that arrived for the request since
-the consumer last looked, so a slow consumer catches up in one message instead of one per step.
+Only the engine thread touches the `EngineCore`'s requests, so a long model step never blocks the
+event loop and callers never race the scheduler. Grammars are compiled before a request is queued,
+in the grammar compiler processes (`EngineCore.prepare`): the caller awaits them, the engine loop
+never does, so a schema that takes minutes to compile delays nobody else. A request's stream is
+an async generator: leaving it early (a client that disconnected, a cancelled task) aborts the
+request on the next loop turn, which frees its KV blocks. A stream yields lists: everything that
+arrived for the request since the consumer last looked, so a slow consumer catches up in one
+message instead of one per step.
+
+The engine thread beats once per loop turn (after every step, and every `idle_wait_s` while it
+waits for work). `heartbeat()` reads that beat from any thread without waiting on the engine, so
+a health check can tell a busy engine that makes progress from one stuck in a step.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -33,7 +41,23 @@ class _Stream:
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped (shut down, or crashed); no request can run."""
+    """The engine thread stopped (shut down, or crashed), or the replica that ran it is gone;
+    no request can run there."""
+
+
+@dataclass(frozen=True)
+class EngineHeartbeat:
+    """What a health check needs to know of an engine, read without waiting on it.
+
+    `busy`: the engine thread is working (a step, or applying requests), not waiting for work.
+    `seconds_since_beat`: since the thread last finished a loop turn (a step, or an idle wait);
+    a busy engine whose beat grows past a limit is stuck. `num_requests`: requests whose callers
+    wait on this engine. `error`: why the thread stopped, when it did."""
+    alive: bool
+    busy: bool
+    seconds_since_beat: float
+    num_requests: int
+    error: str | None = None
 
 
 class AsyncEngine:
@@ -47,31 +71,37 @@ class AsyncEngine:
         self._stopped = False
         self._error: BaseException | None = None
         self._stats: dict[str, float] = core.stats()
+        self._beat = time.monotonic()
+        self._busy = True  # until the loop first waits for work
         self._thread = threading.Thread(target=self._loop, name="expertmesh-engine", daemon=True)
         self._thread.start()
 
     # ---- caller side (any event loop) ----------------------------------------------------
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the problem; reads only immutable engine settings."""
-        self.core.validate(prompt_token_ids, params)
-
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        prompt: str | None = None) -> AsyncIterator[list[RequestOutput]]:
         """Stream a request's outputs (each a list of one or more step outputs, deltas in order).
-        Bad input raises ValueError before anything is queued."""
+        Bad input raises ValueError before anything is queued; that includes a grammar that is
+        invalid, over a cap or too slow to compile, which this awaits (compiled in the grammar
+        processes: neither this event loop nor the engine loop waits for it)."""
         self._check_alive()
-        self.validate(prompt_token_ids, params)
+        if params.guided_decoding is None and params.thinking_budget is None:
+            prepared = self.core.prepare(prompt_token_ids, params)  # cheap checks only
+        else:  # caps and the first use of the grammar backend (building the vocabulary) off the loop
+            prepared = await asyncio.to_thread(self.core.prepare, prompt_token_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
-        added = stream.loop.create_future()
-        self._submit(("add", request_id, list(prompt_token_ids), params, prompt, added))
         finished = False
         try:
-            await added  # add_request's own ValueError (e.g. a grammar that does not compile) lands here
+            # A caller that leaves while this waits cancels only its own Future: the compile runs
+            # on (or is killed at its time budget) and nothing of the request was queued.
+            compiled = await asyncio.wrap_future(prepared)
+            added = stream.loop.create_future()
+            self._submit(("add", request_id, list(prompt_token_ids), params, prompt, added, compiled))
+            await added  # add_request's own ValueError (e.g. a request id in use) lands here
             while not finished:
                 batch = [await stream.queue.get()]
                 while not stream.queue.empty():
@@ -100,15 +130,22 @@ class AsyncEngine:
         self._submit(("call", fn, future))
         return await future
 
+    def heartbeat(self) -> EngineHeartbeat:
+        """The engine thread's last beat (no wait on the engine: safe while it is stuck)."""
+        with self._lock:
+            num_requests = len(self._streams)
+        return EngineHeartbeat(alive=self.alive, busy=self._busy, seconds_since_beat=time.monotonic() - self._beat,
+                               num_requests=num_requests, error=None if self._error is None else str(self._error))
+
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopped
+        return self._thread.is_alive() and not self._stopped and self._error is None
 
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=30)
-        self.core.executor.shutdown()
+        self.core.shutdown()
 
     def _submit(self, command: tuple) -> None:
         self._commands.put(command)
@@ -126,10 +163,13 @@ class AsyncEngine:
                 self._apply_commands()
                 if not self.core.has_unfinished():
                     self._stats = self.core.stats()
+                    self._busy = False
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
+                    self._beat, self._busy = time.monotonic(), True
                     continue
                 outputs = self.core.step()
+                self._beat = time.monotonic()
                 self._stats = self.core.stats()
                 for out in outputs:
                     self._deliver(out.request_id, out)
@@ -159,13 +199,13 @@ class AsyncEngine:
                     result, error = None, exc
                 _settle(future.get_loop(), future, error, result)
                 continue
-            _, request_id, ids, params, prompt, added = command
+            _, request_id, ids, params, prompt, added, compiled = command
             with self._lock:
                 stream = self._streams.get(request_id)
             if stream is None:  # the caller left before its request was added
                 continue
             try:
-                self.core.add_request(request_id, ids, params, prompt=prompt, stream=True)
+                self.core.add_request(request_id, ids, params, prompt=prompt, stream=True, compiled=compiled)
             except ValueError as exc:
                 _settle(stream.loop, added, exc)
             else:

@@ -1,7 +1,8 @@
 """`EngineConfig`: built once (CLI, Python API or Serve config) and handed down whole.
 
 Each part of the engine gets only the sub-config it uses: the scheduler its `SchedulerConfig`,
-the block manager its `CacheConfig`, the model runner `ModelLoadConfig` and `CacheConfig`.
+the block manager its `CacheConfig`, the model runner `ModelLoadConfig` and `CacheConfig`,
+request admission (stop strings, grammars) its `LimitsConfig`.
 Nothing below the entry points reads the environment.
 
 These fields are the one definition of the engine's settings (engine/config_fields.py): the
@@ -23,6 +24,10 @@ class ModelLoadConfig:
     """A checkpoint directory (Hugging Face format: config.json, safetensors, tokenizer.json) or a
     Hugging Face repo id (org/name, downloaded into the Hugging Face cache); None: the embedded
     default model."""
+    revision: str | None = None
+    """Branch, tag or commit of a Hugging Face repo model; default: main."""
+    download_dir: str | None = setting(None, path=True)
+    """Hugging Face cache directory that repo models are downloaded into; default: $HF_HOME/hub."""
     tokenizer: str | None = setting(None, path=True)
     """Tokenizer directory or Hugging Face repo id, when it is not the model's."""
     chat_template: str | None = setting(None, path=True)
@@ -97,12 +102,17 @@ class ParallelConfig:
     ray_address: str | None = None
     """Ray cluster to join (auto, host:port or ray://host:port); default: start a local Ray instance.
     `serve` always runs on Ray, generate and chat only with ep_size > 1."""
-    cpus_per_rank: int = setting(1, ge=1)
-    """CPUs each rank reserves in its placement-group bundle (and its torch threads on the CPU)."""
+    cpus_per_rank: float | None = setting(None, gt=0)
+    """CPUs each rank reserves in its placement-group bundle, a fraction allowed; default: 1 for a GPU rank,
+    0.5 for a CPU rank (an EP group of 4 CPU ranks fits on 2 cores). A CPU rank runs as many torch
+    threads, at least one."""
     step_timeout_s: float = setting(600.0, gt=0, public=False)
     """A step that takes longer is taken for a hung group: the group is replaced."""
     startup_timeout_s: float = setting(600.0, gt=0, public=False)
-    """How long the group may take to get its resources, rendezvous and load the model."""
+    """How long the group may take to rendezvous and load the model."""
+    placement_timeout_s: float = setting(60.0, gt=0, public=False)
+    """How long the group waits for resources the cluster has but others hold; resources the cluster
+    does not have at all fail at once."""
     time_collectives: bool = setting(False, public=False)
     """Time every all-to-all (CUDA events; for benchmarks)."""
     step_channel: str = setting("compiled", choices=("compiled", "ray_call"))
@@ -114,11 +124,41 @@ class ParallelConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """How much work one request may ask of the engine: without these caps a single request can
+    stall the step loop (a grammar that compiles for minutes) or slow every other request (thousands
+    of stop strings). A request over a cap is refused before it is queued, with a ValueError naming
+    the setting (an HTTP 400)."""
+
+    max_stop_strings: int = setting(16, ge=1)
+    """Most stop strings per request (OpenAI allows 4)."""
+    max_stop_string_chars: int = setting(256, ge=1)
+    """Longest stop string, in characters."""
+    grammar_compile_timeout_s: float = setting(5.0, gt=0)
+    """Longest a constraint (JSON schema, regex, grammar, choice, tools) may take to compile. Grammars
+    compile in worker processes, never on the step loop; one that takes longer is abandoned (its
+    process killed) and the request refused."""
+    grammar_compile_workers: int = setting(1, ge=1)
+    """Grammar compiler processes (started on the first constrained request)."""
+    grammar_max_bytes: int = setting(131072, ge=1)
+    """Largest constraint text: the JSON schema (or the tools' parameter schemas together), the EBNF
+    grammar, or the choices together, in UTF-8 bytes."""
+    grammar_max_enum_values: int = setting(1000, ge=1)
+    """Most enum values (plus consts) in a JSON schema, or choices (OpenAI allows 1000)."""
+    grammar_max_regex_chars: int = setting(4096, ge=1)
+    """Longest guided_regex, in characters."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
 class EngineConfig:
     load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -135,7 +175,7 @@ class EngineConfig:
 
 
 SUB_CONFIGS = {"load": ModelLoadConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-               "parallel": ParallelConfig}
+               "parallel": ParallelConfig, "limits": LimitsConfig}
 
 
 def engine_settings() -> tuple:

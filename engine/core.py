@@ -19,18 +19,22 @@ core's too: each such sequence has a `SequenceGuide` (engine/grammar.py) holding
 grammar matcher. Before a step, every guided sequence that samples in it fills one row of the
 step's packed token masks (`StepPlan.token_masks`); after it, the sampled token advances the
 guide, and a grammar that accepted its stop token ends the sequence ("stop"). Grammars compile
-in `validate`, so a bad schema, regex or grammar is a ValueError before anything is queued.
+in compiler processes with a time budget (`prepare` starts them, its caller waits), never in
+`step`; a bad, oversized or too-slow schema, regex or grammar is a ValueError before anything is
+queued. Stop strings and grammars are capped by `LimitsConfig`.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import threading
 from dataclasses import dataclass, field, replace
 
 from expertmesh.engine.block_manager import BlockManager
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from expertmesh.engine.executor import Executor, ExecutorDiedError
-from expertmesh.engine.grammar import CompiledGuide, GrammarBackend, SequenceGuide
+from expertmesh.engine.grammar import CompiledGuide, GrammarBackend, SequenceGuide, done_future
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.request import Request, RequestStatus
 from expertmesh.engine.sampling_params import SamplingParams
@@ -48,6 +52,7 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer
     stop_checker: StopChecker
     output: CompletionOutput
+    stop_token_ids: frozenset[int] = frozenset()
     changed: bool = False
 
 
@@ -78,6 +83,7 @@ class EngineCore:
         self._new: list[NewRequest] = []
         self._dropped: list[str] = []
         self._grammar: GrammarBackend | None = None
+        self._grammar_lock = threading.Lock()
         self._guides: dict[str, SequenceGuide] = {}
         """Sequences with a grammar or thinking to track (unconstrained ones never appear here)."""
         self.num_steps = 0
@@ -110,16 +116,19 @@ class EngineCore:
 
     @property
     def grammar_backend(self) -> GrammarBackend:
-        """The xgrammar vocabulary and compiler, built on first use (unconstrained serving never pays)."""
-        if self._grammar is None:
-            self._grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        return self._grammar
+        """The xgrammar vocabulary and compiler processes, built on first use (unconstrained serving
+        never pays). Thread-safe: requests are prepared on their callers' threads."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids, self.config.limits)
+            return self._grammar
 
     def validate_guided_decoding(self, params: SamplingParams,
                                  prompt_token_ids: list[int] | None = None) -> CompiledGuide | None:
         """Compile what the request's guided_decoding (and thinking) need; ValueError naming the
-        problem ("invalid JSON schema: ...", "invalid regex ...", "invalid grammar ...") if it cannot
-        be. Without prompt ids, checks the grammar as if the answer started at once and after thinking."""
+        problem ("invalid JSON schema: ...", "invalid regex ...", "invalid grammar ...", a cap, or the
+        compile time budget) if it cannot be. Without prompt ids, checks the grammar as if the answer
+        started at once and after thinking."""
         if params.guided_decoding is None and params.thinking_budget is None:
             return None
         if prompt_token_ids is None:
@@ -129,11 +138,23 @@ class EngineCore:
             return None
         return self.grammar_backend.compile_for(params, prompt_token_ids)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the problem if this request cannot run (grammars included)."""
+    def prepare(self, prompt_token_ids: list[int], params: SamplingParams) -> concurrent.futures.Future:
+        """Check a request (ValueError naming the problem, at once) and start compiling what it
+        needs in the grammar compiler processes: a Future of the `CompiledGuide` (or None) to hand
+        to `add_request`, which fails with ValueError if the grammar is invalid or too slow to
+        compile. Safe on any thread; the caller waits, never the step loop."""
         self._check(prompt_token_ids, params)
+        if params.guided_decoding is None and params.thinking_budget is None:
+            return done_future(None)
+        return self.grammar_backend.compile_for_async(params, prompt_token_ids)
 
-    def _check(self, prompt_token_ids: list[int], params: SamplingParams) -> CompiledGuide | None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> CompiledGuide | None:
+        """Raise ValueError naming the problem if this request cannot run (grammars included, which
+        this compiles and waits for); returns what `add_request` needs compiled."""
+        return self.prepare(prompt_token_ids, params).result()
+
+    def _check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The cheap checks (no grammar is compiled here)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if not prompt_token_ids:
@@ -145,14 +166,33 @@ class EngineCore:
             raise ValueError(
                 f"the prompt is {len(prompt_token_ids)} tokens, longer than this model allows: "
                 f"max_model_len is {self.max_model_len} (prompt plus at least one generated token)")
-        return self.validate_guided_decoding(params, prompt_token_ids)
+        limits = self.config.limits
+        if len(params.stop) > limits.max_stop_strings:
+            raise ValueError(f"stop: {len(params.stop)} stop strings, over the limit of {limits.max_stop_strings} "
+                             "(max_stop_strings)")
+        longest = max(map(len, params.stop), default=0)
+        if longest > limits.max_stop_string_chars:
+            raise ValueError(f"stop: a stop string of {longest} characters, over the limit of "
+                             f"{limits.max_stop_string_chars} (max_stop_string_chars)")
+        if params.top_k > self.vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size ({self.vocab_size}), got {params.top_k}")
+        if params.thinking_budget is not None and params.thinking_budget > self.max_model_len:
+            raise ValueError(f"thinking_budget must be at most max_model_len ({self.max_model_len}), "
+                             f"got {params.thinking_budget}")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}); got {bad[:5]}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, stream: bool = True) -> None:
+                    prompt: str | None = None, stream: bool = True, compiled: CompiledGuide | None = None) -> None:
         """Queue a request. With stream=True, every step that changes it yields a RequestOutput
-        (deltas and totals so far); with stream=False, only the final one (vLLM's FINAL_ONLY)."""
+        (deltas and totals so far); with stream=False, only the final one (vLLM's FINAL_ONLY).
+        `compiled` is what `prepare` gave; without it a constrained request is compiled here,
+        waiting (the offline `LLM` does that; the async engine never does, so its loop never waits)."""
         prompt_token_ids = list(prompt_token_ids)
-        compiled = self._check(prompt_token_ids, params)
+        self._check(prompt_token_ids, params)
+        if compiled is None and (params.guided_decoding is not None or params.thinking_budget is not None):
+            compiled = self.grammar_backend.compile_for(params, prompt_token_ids)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         taken = [i for i in [request_id, *child_ids] if i in self._parents or i in self._sequences]
         if taken:  # checked before anything changes, so a rejected request leaves no trace
@@ -172,7 +212,8 @@ class EngineCore:
                 IncrementalDetokenizer(self.tokenizer.raw, prompt_token_ids, params.skip_special_tokens),
                 StopChecker(params.stop, params.include_stop_str_in_output),
                 CompletionOutput(index, logprobs=[] if params.logprobs is not None else None,
-                                 cumulative_logprob=0.0 if params.logprobs is not None else None))
+                                 cumulative_logprob=0.0 if params.logprobs is not None else None),
+                frozenset(params.stop_token_ids))
             parent.children.append(child_id)
             self.schedulers[rank].add_request(req)
             self._new.append(NewRequest(child_id, prompt_token_ids, child_params, self.eos_token_ids, rank))
@@ -191,6 +232,12 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return bool(self._parents)
+
+    def shutdown(self) -> None:
+        """Stop the grammar compiler processes and release the executor's workers."""
+        if self._grammar is not None:
+            self._grammar.shutdown()
+        self.executor.shutdown()
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -226,7 +273,7 @@ class EngineCore:
             failed = {s.request.request_id for out in outs for s in out.scheduled}
             for request_id in failed:
                 self._finish(self._sequences[request_id], RequestStatus.FINISHED_ERROR,
-                             error=f"{type(exc).__name__}: {exc}")
+                             error=f"the engine failed while running this request: {exc}")
             # Requests that arrived with this plan but did not run it are announced again.
             self._new = [n for n in plan.new_requests if n.request_id not in failed] + self._new
             return
@@ -305,13 +352,13 @@ class EngineCore:
             if guide.terminated:  # the grammar is complete and took EOS: ends even with ignore_eos/min_tokens
                 status = RequestStatus.FINISHED_STOPPED
         if status is None and num_out >= params.min_tokens:
-            if token.token_id in params.stop_token_ids:
+            if token.token_id in seq.stop_token_ids:
                 status, stop_reason = RequestStatus.FINISHED_STOPPED, token.token_id
             elif not params.ignore_eos and token.token_id in req.eos_token_ids:
                 status = RequestStatus.FINISHED_STOPPED
         if status is None:  # a stop token's own text never reaches the output
-            delta = seq.detokenizer.add([token.token_id])
-            update = seq.stop_checker.update(seq.detokenizer.text, len(delta), check=num_out >= params.min_tokens)
+            seq.detokenizer.add([token.token_id])
+            update = seq.stop_checker.update(seq.detokenizer.text, check=num_out >= params.min_tokens)
             output.text_delta += update.delta
             output.text += update.delta
             if update.stop_str is not None:
@@ -326,8 +373,8 @@ class EngineCore:
 
     def _finish(self, seq: _Sequence, status: RequestStatus, error: str | None = None) -> None:
         if not seq.stop_checker.stopped:  # release held-back text, also of a request that failed
-            delta = seq.detokenizer.flush()
-            update = seq.stop_checker.update(seq.detokenizer.text, len(delta), finished=True)
+            seq.detokenizer.flush()
+            update = seq.stop_checker.update(seq.detokenizer.text, finished=True)
             seq.output.text_delta += update.delta
             seq.output.text += update.delta
         self.schedulers[seq.rank].finish(seq.request, status)

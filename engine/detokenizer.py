@@ -17,7 +17,9 @@ offset method of vLLM and text-generation-inference):
     the last 4 are released as they decode (with U+FFFD, as the full decode has it).
 
 `StopChecker` finds stop strings in the text and says how much of it is safe to stream:
-it holds back any tail that could still grow into a stop string.
+it holds back any tail that could still grow into a stop string. It scans each new character
+once through one Aho–Corasick automaton of the request's stops, so its cost per token does not
+grow with their number or length (the engine caps both as well: `LimitsConfig`).
 """
 from __future__ import annotations
 
@@ -90,6 +92,8 @@ def find_stop_string(text: str, new_text_len: int, stops: list[str]) -> tuple[in
 
     "First" is by end position, as if the text had arrived one character at a time, so the
     answer does not depend on how the text was cut into deltas; on a tie the longer one wins.
+    This is the plain reference (its cost grows with the number of stops); `StopChecker` gets the
+    same answers from a `StopAutomaton` whose cost does not.
     """
     best: tuple[int, int, str] | None = None  # (end, -len, stop)
     for stop in stops:
@@ -105,6 +109,63 @@ def find_stop_string(text: str, new_text_len: int, stops: list[str]) -> tuple[in
     return end - len(stop), stop
 
 
+class StopAutomaton:
+    """Aho–Corasick over a request's stop strings, fed one character at a time.
+
+    Built once per request (a trie of the stops with failure links): O(total characters of the
+    stops). Each fed character then costs O(1) amortized, however many stops there are: the
+    state is the longest tail of the text that begins some stop, so `partial` is the text to hold
+    back, and each state knows the longest stop that ends there.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self._goto: list[dict[str, int]] = [{}]
+        self._depth = [0]
+        self._match: list[str | None] = [None]
+        for stop in stops:
+            state = 0
+            for ch in stop:
+                nxt = self._goto[state].get(ch)
+                if nxt is None:
+                    nxt = len(self._goto)
+                    self._goto[state][ch] = nxt
+                    self._goto.append({})
+                    self._depth.append(self._depth[state] + 1)
+                    self._match.append(None)
+                state = nxt
+            self._match[state] = stop
+        self._fail = [0] * len(self._goto)
+        queue = list(self._goto[0].values())  # breadth first: a state's failure is shallower than it
+        for state in queue:
+            for ch, child in self._goto[state].items():
+                queue.append(child)
+                fail = self._fail[state]
+                while fail and ch not in self._goto[fail]:
+                    fail = self._fail[fail]
+                target = self._goto[fail].get(ch, 0)
+                self._fail[child] = target if target != child else 0
+                if self._match[child] is None:  # a stop ending here is at most as long as the state
+                    self._match[child] = self._match[self._fail[child]]
+        self._state = 0
+        self.steps = 0
+        """Transitions taken so far (at most two per fed character): the matcher's work."""
+
+    def feed(self, ch: str) -> str | None:
+        """Advance by one character; the longest stop string ending with it, or None."""
+        state = self._state
+        while state and ch not in self._goto[state]:
+            state = self._fail[state]
+            self.steps += 1
+        self._state = self._goto[state].get(ch, 0)
+        self.steps += 1
+        return self._match[self._state]
+
+    @property
+    def partial(self) -> int:
+        """Length of the longest tail of the text fed so far that is a prefix of some stop string."""
+        return self._depth[self._state]
+
+
 @dataclass(frozen=True)
 class StopUpdate:
     delta: str
@@ -116,43 +177,46 @@ class StopUpdate:
 
 
 class StopChecker:
-    """Per request: call `update(detokenizer.text, len(delta))` after each `add`, and
-    `update(..., finished=True)` once when the request ends otherwise (EOS, length), to
-    release the text held back. Streamed deltas concatenate to the request's final text."""
+    """Per request: call `update(detokenizer.text)` after each `add`, and `update(...,
+    finished=True)` once when the request ends otherwise (EOS, length), to release the text held
+    back. Streamed deltas concatenate to the request's final text. Only the characters added since
+    the last call are scanned, one automaton step each, so a call costs O(new text), whatever the
+    number and length of the stop strings."""
 
     def __init__(self, stops: list[str], include_stop_str_in_output: bool = False) -> None:
-        self._stops = list(stops)
+        self._automaton = StopAutomaton(list(stops)) if stops else None
         self._include = include_stop_str_in_output
+        self._scanned = 0
         self._streamed = 0
         self.stopped = False
 
-    def update(self, text: str, new_text_len: int, finished: bool = False, check: bool = True) -> StopUpdate:
-        """check=False (the request is still under min_tokens): release the text, match nothing."""
+    @property
+    def steps(self) -> int:
+        """The automaton's transitions so far (its work; 0 without stop strings)."""
+        return self._automaton.steps if self._automaton is not None else 0
+
+    def update(self, text: str, finished: bool = False, check: bool = True) -> StopUpdate:
+        """`text` is the request's whole text so far (it only grows). check=False (the request is
+        still under min_tokens): release the text, match nothing; a stop that begins here and ends
+        after min_tokens still counts."""
         if self.stopped:
             return StopUpdate("", None, None)
-        if not check:
+        automaton, start = self._automaton, self._scanned
+        self._scanned = len(text)
+        if automaton is None:
             return StopUpdate(self._advance(text, len(text)), None, None)
-        match = find_stop_string(text, new_text_len, self._stops) if self._stops else None
-        if match is not None:
-            index, stop = match
-            self.stopped = True
-            end = index + len(stop) if self._include else index
-            return StopUpdate(self._advance(text, end), stop, end)
-        if finished:
+        for offset, ch in enumerate(text[start:]):
+            stop = automaton.feed(ch)
+            if stop is not None and check:
+                self.stopped = True
+                end = start + offset + 1
+                end = end if self._include else end - len(stop)
+                return StopUpdate(self._advance(text, end), stop, end)
+        if finished or not check:
             return StopUpdate(self._advance(text, len(text)), None, None)
-        return StopUpdate(self._advance(text, len(text) - self._held_back(text)), None, None)
+        return StopUpdate(self._advance(text, len(text) - automaton.partial), None, None)
 
     def _advance(self, text: str, end: int) -> str:
         delta = text[self._streamed:end]
         self._streamed = max(self._streamed, end)
         return delta
-
-    def _held_back(self, text: str) -> int:
-        """Length of the longest tail of text that is a proper prefix of some stop string."""
-        longest = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest

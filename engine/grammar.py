@@ -1,6 +1,8 @@
 """Constrained decoding and thinking, on the driver: grammars compiled once, one matcher per sequence.
 
-    GuidedDecodingParams ──GrammarBackend.compile──▶ xgrammar CompiledGrammar (cached per engine)
+    GuidedDecodingParams ──GrammarBackend.compile_async──▶ Future of an xgrammar CompiledGrammar
+        (size caps checked at once; built and compiled in a compiler process with a time budget,
+         engine/grammar_pool.py; cached per engine, and one compile shared by identical requests)
     add_request ──GrammarBackend.guide──▶ SequenceGuide (one per sequence; None if nothing to do)
     each step:  guide.needs_mask ──fill_mask──▶ one int32 bitmask row ──StepPlan──▶ ranks (unpacked there)
     each token: guide.accept(token) ──▶ phase transition / matcher advance / terminated
@@ -31,30 +33,34 @@ and special ones (`<|im_start|>`) never allowed; ids past the tokenizer up to th
 size never are either. Tool calls are an xgrammar structural tag whose `<tool_call>` and
 `</tool_call>` are those single tokens.
 
-JSON follows `json.dumps` spacing (`{"a": 1, "b": [2, 3]}`), not free whitespace: a model never
-loops on whitespace inside the answer, and the format is the one Qwen writes in tool calls.
+The grammars themselves (JSON schemas with `json.dumps` spacing and no raw control character in
+strings, regexes, choices, EBNF, tool calls) are built in engine/grammar_build.py.
+
+Nothing here compiles on the caller's thread: the async engine awaits `compile_for_async` before
+it queues a request, so the step loop only ever creates matchers from compiled grammars.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import json
 import os
-import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from expertmesh.engine.config import LimitsConfig
+from expertmesh.engine.grammar_build import GrammarSpec, ToolTokens, grammar_spec
+from expertmesh.engine.grammar_pool import GrammarCompilePool
 from expertmesh.engine.sampling_params import GuidedDecodingParams, SamplingParams
 
 THINK_OPEN, THINK_CLOSE, TURN_START = "<think>", "</think>", "<|im_start|>"
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CACHE_LIMIT_BYTES = 512 << 20
-"""Compiled grammars kept (LRU) by the compiler: a server sees many schemas over its life."""
-_NO_PARAMETERS = {"type": "object", "properties": {}}
-"""The arguments of a tool without `parameters`: `{}` (strict: no properties)."""
-_LEADING_WHITESPACE = "root ::= [ \\t\\r\\n]{0,8}"
-_XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
+"""Compiled grammars kept (LRU): a server sees many schemas over its life."""
 
 
 class Phase(enum.Enum):
@@ -66,12 +72,6 @@ class Phase(enum.Enum):
 def bitmask_width(vocab_size: int) -> int:
     """int32 words per packed mask row."""
     return (vocab_size + 31) // 32
-
-
-def _xgrammar_message(exc: Exception) -> str:
-    """xgrammar's error text without its log prefix ("[12:00:00] /project/cpp/x.cc:12: ")."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return _XGRAMMAR_PREFIX.sub("", lines[0] if lines else type(exc).__name__)
 
 
 def _vocab_type(raw_tokenizer):
@@ -108,12 +108,16 @@ class CompiledGuide:
 
 
 class GrammarBackend:
-    """One per `EngineCore`: the vocabulary as xgrammar sees it and a caching GrammarCompiler."""
+    """One per `EngineCore`: the vocabulary as xgrammar sees it, the compiler processes, and the
+    cache of compiled grammars. Thread-safe: requests are prepared on the callers' threads while
+    the engine thread makes matchers and masks."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int],
+                 limits: LimitsConfig | None = None) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
+        self.limits = limits or LimitsConfig()
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(t for t in eos_token_ids if 0 <= t < vocab_size)
         raw = tokenizer.raw
@@ -127,76 +131,78 @@ class GrammarBackend:
         self.vocab_type = _vocab_type(raw)
         self.tokenizer_info = xgr.TokenizerInfo(encoded, self.vocab_type, vocab_size=vocab_size,
                                                 stop_token_ids=self.stop_token_ids)
-        self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=min(8, os.cpu_count() or 1),
-                                            cache_limit_bytes=_CACHE_LIMIT_BYTES)
         self.think_open = tokenizer.token_to_id(THINK_OPEN)
         self.think_close = tokenizer.token_to_id(THINK_CLOSE)
         self.turn_start = tokenizer.token_to_id(TURN_START)
-        self.tool_call_open = tokenizer.token_to_id(TOOL_CALL_OPEN)
-        self.tool_call_close = tokenizer.token_to_id(TOOL_CALL_CLOSE)
+        self.tool_tokens = ToolTokens(tokenizer.token_to_id(TOOL_CALL_OPEN), tokenizer.token_to_id(TOOL_CALL_CLOSE))
         self.width = bitmask_width(vocab_size)
+        self.pool = GrammarCompilePool(self.tokenizer_info.serialize_json(), self.tool_tokens,
+                                       workers=self.limits.grammar_compile_workers,
+                                       timeout_s=self.limits.grammar_compile_timeout_s,
+                                       max_threads=min(8, os.cpu_count() or 1))
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[GrammarSpec, object] = OrderedDict()
+        self._cache_bytes = 0
+        self._inflight: dict[GrammarSpec, concurrent.futures.Future] = {}
+        """Compiles under way, by spec: identical requests wait on one compile."""
 
     @property
     def has_think_tokens(self) -> bool:
         return self.think_open is not None and self.think_close is not None
 
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+
     # ---- compiling ------------------------------------------------------------------------------
 
-    def grammar(self, guided: GuidedDecodingParams):
-        """The xgrammar `Grammar` of a constraint; ValueError naming the problem if it is invalid."""
-        xgr = self._xgr
-        if guided.json is not None:
-            return _built("invalid JSON schema",
-                          lambda: xgr.Grammar.from_json_schema(json.dumps(guided.schema), any_whitespace=False))
-        if guided.json_object:
-            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-        if guided.regex is not None:
-            return _built(f"invalid regex {guided.regex!r}", lambda: xgr.Grammar.from_regex(guided.regex))
-        if guided.choice is not None:
-            alternatives = " | ".join(_ebnf_string(c) for c in guided.choice)
-            return _built(f"invalid choice {guided.choice!r}",
-                          lambda: xgr.Grammar.from_ebnf(f"root ::= {alternatives}"))
-        if guided.grammar is not None:
-            return _built(f"invalid grammar {_short(guided.grammar)}", lambda: xgr.Grammar.from_ebnf(guided.grammar))
-        if guided.tool_calls is not None:
-            return self._tool_calls_grammar(guided)
-        raise ValueError("guided_decoding sets no constraint")
-
-    def _tool_calls_grammar(self, guided: GuidedDecodingParams):
-        from xgrammar import structural_tag as st
-
-        calls = []
-        for fn in guided.tool_calls.functions:
-            name, params = fn["name"], fn.get("parameters")
-            try:
-                schema = dict(params or _NO_PARAMETERS)
-                schema.setdefault("type", "object")  # Qwen's wire format: arguments are an object
-                args = self._xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
-            except Exception as e:
-                raise ValueError(f"invalid JSON schema for the parameters of tool {name!r}: "
-                                 f"{_xgrammar_message(e)}") from e
-            calls.append(st.SequenceFormat(elements=[
-                st.ConstStringFormat(value='\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '),
-                st.GrammarFormat(grammar=str(args)),
-                st.ConstStringFormat(value="}\n")]))
-
-        def tag(token_id: int | None, text: str):
-            return st.TokenFormat(token=token_id) if token_id is not None else text
-
-        block = st.TagFormat(begin=tag(self.tool_call_open, TOOL_CALL_OPEN),
-                             content=calls[0] if len(calls) == 1 else st.OrFormat(elements=calls),
-                             end=tag(self.tool_call_close, TOOL_CALL_CLOSE))
-        more = st.StarFormat(content=st.SequenceFormat(elements=[st.ConstStringFormat(value="\n"), block]))
-        return _built("invalid tool_calls constraint", lambda: self._xgr.Grammar.from_structural_tag(
-            st.StructuralTag(format=st.SequenceFormat(elements=[block, more]))))
+    def compile_async(self, guided: GuidedDecodingParams, after_thinking: bool = False) -> concurrent.futures.Future:
+        """A Future of the compiled grammar (`after_thinking` allows leading whitespace). The caps
+        are checked at once (ValueError naming the setting); the Future fails with ValueError if the
+        constraint is invalid or does not compile within the time budget. Each call gets its own
+        Future, so a caller that stops waiting (cancels it) disturbs no other."""
+        spec = grammar_spec(guided, self.limits, after_thinking)
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+                return done_future(hit)
+            shared = self._inflight.get(spec)
+            if shared is None:
+                shared = self._inflight[spec] = concurrent.futures.Future()
+                submitted = self.pool.submit(spec)
+                submitted.add_done_callback(lambda f: self._settle(spec, shared, f))
+        return _follow(shared)
 
     def compile(self, guided: GuidedDecodingParams, after_thinking: bool = False):
-        """The compiled grammar (cached by the compiler); `after_thinking` allows leading whitespace."""
-        grammar = self.grammar(guided)
-        if after_thinking:
-            grammar = self._xgr.Grammar.concat(self._xgr.Grammar.from_ebnf(_LEADING_WHITESPACE), grammar)
-        return _built(f"invalid guided_decoding ({', '.join(guided.kinds)})",
-                      lambda: self.compiler.compile_grammar(grammar))
+        """The compiled grammar, waiting for it (ValueError as for `compile_async`)."""
+        return self.compile_async(guided, after_thinking).result()
+
+    def _settle(self, spec: GrammarSpec, shared: concurrent.futures.Future, done: concurrent.futures.Future) -> None:
+        """On a pool thread: deserialize the compiled grammar into this process and cache it."""
+        compiled, error = None, done.exception()
+        if error is None:
+            try:
+                compiled = self._xgr.CompiledGrammar.deserialize_json(done.result(), self.tokenizer_info)
+            except Exception as exc:
+                error = RuntimeError(f"the compiled grammar could not be loaded: {exc}")
+        with self._lock:
+            self._inflight.pop(spec, None)
+            if compiled is not None:
+                self._cache[spec] = compiled
+                self._cache_bytes += compiled.memory_size_bytes
+                while self._cache_bytes > _CACHE_LIMIT_BYTES and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= old.memory_size_bytes
+        if error is None:
+            shared.set_result(compiled)
+        else:
+            shared.set_exception(error)
+
+    @property
+    def num_compiling(self) -> int:
+        """Distinct compiles under way (or queued)."""
+        with self._lock:
+            return len(self._inflight)
 
     # ---- sequences -------------------------------------------------------------------------------
 
@@ -212,18 +218,21 @@ class GrammarBackend:
             return Phase.ANSWER if closed > opened else Phase.THINKING
         return Phase.THINKING if opened >= 0 else Phase.PENDING
 
-    def compile_for(self, params: SamplingParams, prompt_token_ids: list[int]) -> CompiledGuide | None:
-        """Compile what a request needs (ValueError if it cannot be); None if nothing is constrained
-        and nothing tracked."""
+    def compile_for_async(self, params: SamplingParams, prompt_token_ids: list[int]) -> concurrent.futures.Future:
+        """A Future of what a request needs compiled (a `CompiledGuide`, or None if nothing is
+        constrained and nothing tracked). Caps are checked at once, as in `compile_async`."""
         phase = self.start_phase(params, prompt_token_ids)
         guided = params.guided_decoding
         if guided is None:
-            if phase is Phase.ANSWER or params.thinking_budget is None:
-                return None
-            return CompiledGuide(None, None)
-        plain = self.compile(guided) if phase is not Phase.THINKING else None
-        after = self.compile(guided, after_thinking=True) if phase is not Phase.ANSWER else None
-        return CompiledGuide(plain, after)
+            untracked = phase is Phase.ANSWER or params.thinking_budget is None
+            return done_future(None if untracked else CompiledGuide(None, None))
+        plain = self.compile_async(guided) if phase is not Phase.THINKING else done_future(None)
+        after = self.compile_async(guided, after_thinking=True) if phase is not Phase.ANSWER else done_future(None)
+        return _both(plain, after)
+
+    def compile_for(self, params: SamplingParams, prompt_token_ids: list[int]) -> CompiledGuide | None:
+        """`compile_for_async`, waiting for it."""
+        return self.compile_for_async(params, prompt_token_ids).result()
 
     def guide(self, params: SamplingParams, prompt_token_ids: list[int],
               compiled: CompiledGuide | None = None) -> SequenceGuide | None:
@@ -302,24 +311,54 @@ class SequenceGuide:
         self.matcher = None
 
 
-def _built(problem: str, build):
-    """build(), with any xgrammar error turned into a ValueError that starts with `problem`."""
-    try:
-        return build()
-    except Exception as e:
-        raise ValueError(f"{problem}: {_xgrammar_message(e)}") from e
+def done_future(value) -> concurrent.futures.Future:
+    """A Future already settled with `value`."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(value)
+    return future
+
+
+def _follow(source: concurrent.futures.Future) -> concurrent.futures.Future:
+    """A new Future settled as `source` is; cancelling it leaves `source` alone."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def copy(done: concurrent.futures.Future) -> None:
+        if future.cancelled():
+            return
+        try:
+            if done.exception() is None:
+                future.set_result(done.result())
+            else:
+                future.set_exception(done.exception())
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+            pass
+
+    source.add_done_callback(copy)
+    return future
+
+
+def _both(plain: concurrent.futures.Future, after: concurrent.futures.Future) -> concurrent.futures.Future:
+    """A Future of CompiledGuide(plain, after), failing with the first error of either."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    lock = threading.Lock()
+
+    def settle(_) -> None:
+        with lock:
+            failed = [f.exception() for f in (plain, after) if f.done() and f.exception() is not None]
+            try:
+                if failed:
+                    future.set_exception(failed[0])
+                elif plain.done() and after.done():
+                    future.set_result(CompiledGuide(plain.result(), after.result()))
+            except concurrent.futures.InvalidStateError:  # settled already, or cancelled by its waiter
+                pass
+
+    plain.add_done_callback(settle)
+    after.add_done_callback(settle)
+    return future
 
 
 def _set_bit(bitmask: torch.Tensor, row: int, token_id: int) -> None:
     word = token_id >> 5
     words = bitmask[row].numpy().view(np.uint32)
     words[word] |= np.uint32(1 << (token_id & 31))
-
-
-def _ebnf_string(text: str) -> str:
-    """An EBNF string literal for `text` (JSON escapes: \\" \\\\ \\n \\uXXXX, which xgrammar reads)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _short(text: str, limit: int = 60) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "…")

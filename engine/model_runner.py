@@ -29,6 +29,7 @@ import torch
 
 from expertmesh.engine.config import CacheConfig, ModelLoadConfig, SchedulerConfig
 from expertmesh.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from expertmesh.engine.model_files import model_dir
 from expertmesh.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator, to_device
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.step import StepPlan, StepResult, TokenMasks
@@ -105,14 +106,15 @@ class ModelRunner:
         self.rank, self.ep_size = rank, ep_size
         self.device = device or resolve_device(load.device)
         self.dtype = resolve_dtype(load.dtype, self.device)
-        self.model_config = model_config or ModelConfig.from_pretrained(load.model)
+        checkpoint = model_dir(load)
+        self.model_config = model_config or ModelConfig.from_pretrained(checkpoint)
         self.block_size = cache.block_size
         self.model = CausalLM(self.model_config, expert_ids=expert_ids, dispatcher=dispatcher,
                               expert_impl=load.expert_impl, kernels=load.kernels, device=self.device, dtype=self.dtype)
         if load.load_format == "dummy":
             init_dummy_weights(self.model, seed=load.seed)
         else:
-            load_weights(self.model, load.model, self.model_config, expert_ids, progress=progress)
+            load_weights(self.model, checkpoint, self.model_config, expert_ids, progress=progress)
         self.num_blocks = cache.num_blocks or self._blocks_that_fit(cache)
         c = self.model_config
         # One block more than the block manager hands out: the scratch block of padding rows.

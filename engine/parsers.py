@@ -21,11 +21,16 @@ ToolCallParser:
     OUTSIDE --"<tool_call>"--> INSIDE --"</tool_call>"--> OUTSIDE, plus one ToolCall
                                                           (or the raw block as content if
                                                            its body is not a valid call)
+    INSIDE --end of output--> dropped: an unfinished call never reaches content
 
 Whitespace right before a parsed call, between calls, and after the last call at the end
 (Qwen writes newlines around its calls) is dropped from content; for that the tool parser
 holds trailing whitespace until the next non-whitespace character shows it is inner text.
-`finish()` releases whatever else is still held, as text.
+`finish()` releases whatever else is still held, as text, except markup cut off: a block that
+was opened and never closed (the output ran out of tokens, or ended, inside a call) is dropped
+with the whitespace before it, and so is a partial `<tool_call>` tag when the output was
+truncated (finish_reason "length"): `content` never holds tool-call markup, and the response's
+finish_reason tells the client the call was cut.
 """
 from __future__ import annotations
 
@@ -100,7 +105,7 @@ class ReasoningParser:
         while True:
             if self._state == _START:
                 head = self._buf.lstrip()
-                if THINK_OPEN.startswith(head):  # empty, or a partial "<think>": wait
+                if head != THINK_OPEN and THINK_OPEN.startswith(head):  # empty, or a partial "<think>": wait
                     break
                 if head.startswith(THINK_OPEN):
                     self._buf = head[len(THINK_OPEN):]
@@ -122,9 +127,12 @@ class ReasoningParser:
                 break
         return self._emit("".join(reasoning), "".join(content))
 
-    def finish(self) -> ParsedDelta:
-        """Releases the held tail: a partial tag that never completed is plain text."""
+    def finish(self, truncated: bool = False) -> ParsedDelta:
+        """Releases the held tail: a partial tag that never completed is plain text, unless the
+        output was `truncated` (cut by max_tokens), where it is a tag cut off and dropped."""
         held, self._buf = self._buf, ""
+        if truncated and held.strip():
+            held = ""
         if self.in_reasoning:
             return self._emit(held, "")
         return self._emit("", held)
@@ -187,13 +195,16 @@ class ToolCallParser:
                     self._space, self._after_call = "", True
         return ToolCallDelta("".join(content), tuple(calls))
 
-    def finish(self) -> ToolCallDelta:
-        """Releases held text; an unterminated block comes back as content."""
+    def finish(self, truncated: bool = False) -> ToolCallDelta:
+        """Releases held text. An unterminated block is dropped, and with `truncated` (the output
+        was cut by max_tokens) so is a held partial `<tool_call>` tag; without it, a partial tag
+        is only text that looked like one."""
         content: list[str] = []
-        held = CALL_OPEN + self._buf if self._inside else self._buf
+        cut_markup = self._inside or (truncated and bool(self._buf))
+        held = "" if cut_markup else self._buf
         self._buf, self._inside = "", False
         self._text(held, content)
-        if not self._after_call:
+        if not self._after_call and not cut_markup:
             content.append(self._space)
         self._space = ""
         return ToolCallDelta("".join(content))
@@ -228,8 +239,9 @@ class ToolCallParser:
 
 
 def parse_stream(deltas: Iterable[str], starts_in_reasoning: bool = False,
-                 tool_names: set[str] | None = None) -> tuple[str, str, list[ToolCall]]:
-    """Runs both parsers over text deltas, as a server does; returns (reasoning, content, calls)."""
+                 tool_names: set[str] | None = None, truncated: bool = False) -> tuple[str, str, list[ToolCall]]:
+    """Runs both parsers over text deltas, as a server does; returns (reasoning, content, calls).
+    `truncated`: the output was cut by max_tokens."""
     thinking, tools = ReasoningParser(starts_in_reasoning), ToolCallParser(tool_names)
     reasoning: list[str] = []
     content: list[str] = []
@@ -237,17 +249,17 @@ def parse_stream(deltas: Iterable[str], starts_in_reasoning: bool = False,
 
     def take(parsed: ParsedDelta, last: bool) -> None:
         reasoning.append(parsed.reasoning)
-        for out in [tools.feed(parsed.content)] + ([tools.finish()] if last else []):
+        for out in [tools.feed(parsed.content)] + ([tools.finish(truncated)] if last else []):
             content.append(out.content)
             calls.extend(out.calls)
 
     for delta in deltas:
         take(thinking.feed(delta), last=False)
-    take(thinking.finish(), last=True)
+    take(thinking.finish(truncated), last=True)
     return "".join(reasoning), "".join(content), calls
 
 
-def split_reasoning_and_tools(text: str, starts_in_reasoning: bool = False,
-                              tool_names: set[str] | None = None) -> tuple[str, str, list[ToolCall]]:
+def split_reasoning_and_tools(text: str, starts_in_reasoning: bool = False, tool_names: set[str] | None = None,
+                              truncated: bool = False) -> tuple[str, str, list[ToolCall]]:
     """Non-streaming use: the whole output as one delta. Returns (reasoning, content, calls)."""
-    return parse_stream([text], starts_in_reasoning, tool_names)
+    return parse_stream([text], starts_in_reasoning, tool_names, truncated)

@@ -1,7 +1,10 @@
 """`SamplingParams`: how one request is sampled and when it stops (vLLM's names and defaults).
 
 Every field is checked once, in `__post_init__`; a bad value raises `ValueError` naming the
-field, so nothing malformed reaches the scheduler or the sampler. `GuidedDecodingParams` (one
+field, so nothing malformed reaches the scheduler or the sampler. Numbers must be finite and
+within the bounds below (the same ones the HTTP and gRPC APIs answer 400 for); bounds that
+depend on the model (`top_k` up to the vocabulary, `thinking_budget` up to `max_model_len`,
+`stop_token_ids` inside the vocabulary) are checked by `EngineCore.validate`. `GuidedDecodingParams` (one
 constraint on the output: a JSON schema, any JSON object, a regex, a choice, an EBNF grammar or
 Qwen3 tool calls) is checked the same way for shape; whether a schema, regex or grammar compiles
 is checked by `EngineCore.validate`, which compiles it (see `expertmesh.engine.grammar`).
@@ -9,10 +12,22 @@ is checked by `EngineCore.validate`, which compiles it (see `expertmesh.engine.g
 from __future__ import annotations
 
 import json as _json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 _GREEDY_EPS = 1e-5
+INT64_MAX = 2**63 - 1
+MAX_TEMPERATURE = 2.0
+"""OpenAI's upper bound for `temperature`."""
+MAX_REPETITION_PENALTY = 2.0
+"""`repetition_penalty` is in (0, 2]: 1 is off, 2 already all but bans every seen token."""
+MAX_LOGPROBS = 20
+"""Most alternatives per token (`logprobs`; OpenAI's `top_logprobs` bound)."""
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of objects and arrays in a JSON schema (`guided_decoding.json`, a tool's
+`parameters`). Compiling grows with the square of the depth: 64 levels take about 0.1 s, 900
+levels over a minute; real schemas stay under 20."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,7 @@ class ToolCallConstraint:
         params = fn.get("parameters")
         _check(params is None or isinstance(params, dict),
                f"tool_calls.tools[{fn['name']!r}].parameters must be a JSON schema object, got {params!r}")
+        check_json_depth(params, f"tool_calls.tools[{fn['name']!r}].parameters")
         return fn
 
     @property
@@ -88,12 +104,17 @@ class GuidedDecodingParams:
         if self.json is not None:
             _check(isinstance(self.json, (dict, str)), f"guided_decoding.json must be a dict or a JSON string, "
                    f"got {type(self.json).__name__}")
+            schema = self.json
             if isinstance(self.json, str):
                 try:
                     schema = _json.loads(self.json)
+                except RecursionError:  # nested past Python's own limit
+                    raise ValueError(f"guided_decoding.json nests deeper than {MAX_JSON_DEPTH} levels of "
+                                     "objects and arrays") from None
                 except ValueError as e:
                     raise ValueError(f"invalid JSON schema: guided_decoding.json is not JSON: {e}") from e
                 _check(isinstance(schema, dict), "invalid JSON schema: guided_decoding.json must be an object")
+            check_json_depth(schema, "guided_decoding.json")
         _check(isinstance(self.json_object, bool), f"guided_decoding.json_object must be a bool, "
                f"got {self.json_object!r}")
         _check(self.regex is None or (isinstance(self.regex, str) and self.regex != ""),
@@ -170,41 +191,41 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
-        _check(_is_number(self.temperature) and self.temperature >= 0.0,
-               f"temperature must be >= 0, got {self.temperature!r}")
+        _check(_is_int(self.n) and 1 <= self.n <= INT64_MAX,
+               f"n must be an integer >= 1 (below 2**63), got {self.n!r}")
+        _check(_is_number(self.temperature) and 0.0 <= self.temperature <= MAX_TEMPERATURE,
+               f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
         _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
                f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1),
-               f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
+        _check(_is_int(self.top_k) and (self.top_k == -1 or 0 <= self.top_k <= INT64_MAX),
+               f"top_k must be -1, 0 (disabled) or a positive integer below 2**63, got {self.top_k!r}")
         _check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
                f"min_p must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_number(value) and -2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value!r}")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
-               f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63 - self.n),
+        _check(_is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+               f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty!r}")
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63 - self.n),
                f"seed must be an integer in [0, 2**63 - n), got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                f"stop must be non-empty strings, got {self.stop!r}")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0,
-               f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        _check(all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids),
+               f"stop_token_ids must be non-negative integers below 2**63, got {self.stop_token_ids!r}")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= INT64_MAX),
+               f"max_tokens must be an integer >= 1 (below 2**63), got {self.max_tokens!r}")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= INT64_MAX,
+               f"min_tokens must be an integer >= 0 (below 2**63), got {self.min_tokens!r}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-               f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         _check(self.guided_decoding is None or isinstance(self.guided_decoding, GuidedDecodingParams),
                f"guided_decoding must be GuidedDecodingParams, got {type(self.guided_decoding).__name__}")
         _check(isinstance(self.reasoning, bool), f"reasoning must be a bool, got {self.reasoning!r}")
-        _check(self.thinking_budget is None or (isinstance(self.thinking_budget, int)
-                                                and not isinstance(self.thinking_budget, bool)
-                                                and self.thinking_budget >= 0),
-               f"thinking_budget must be an integer >= 0, got {self.thinking_budget!r}")
+        _check(self.thinking_budget is None or (_is_int(self.thinking_budget)
+                                                and 0 <= self.thinking_budget <= INT64_MAX),
+               f"thinking_budget must be an integer >= 0 (below 2**63), got {self.thinking_budget!r}")
         _check(self.thinking_budget is None or self.reasoning,
                "thinking_budget needs reasoning=True (the engine only tracks thinking in reasoning requests)")
 
@@ -214,7 +235,36 @@ class SamplingParams:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool): NaN and the infinities fail every bound check."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= INT64_MAX
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deep objects and arrays nest in `value` (a scalar is 0, `{}` 1, `[[1]]` 2), counting
+    no further than `limit + 1`. Iterative: a value too deep for Python's own recursion is measured too."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_json_depth(value: Any, name: str) -> None:
+    """ValueError naming `name` when `value` nests deeper than MAX_JSON_DEPTH."""
+    _check(json_depth(value, MAX_JSON_DEPTH) <= MAX_JSON_DEPTH,
+           f"{name} nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -22,6 +22,21 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from expertmesh.engine.config import EngineConfig, engine_settings
 from expertmesh.engine.config_fields import Setting, setting, settings_of
+from expertmesh.model.hub import is_repo_id
+
+BODY_BYTES_PER_TOKEN = 32
+"""A generous bound on the request-body bytes one prompt token takes: English text is about 4
+bytes a token, CJK about 3 bytes a character, JSON's `\\uXXXX` escapes 6 bytes a character, and a
+prompt given as token ids at most 8 bytes an id (`151935, `)."""
+BODY_OVERHEAD_BYTES = 1 << 20
+"""Room beside the prompt: message framing, tools and their schemas, response formats."""
+
+
+def default_max_request_body_bytes(max_model_len: int) -> int:
+    """The request-body limit sized for the longest prompt the model takes:
+    `BODY_OVERHEAD_BYTES + BODY_BYTES_PER_TOKEN * max_model_len` (1 MiB + 32 bytes a token: about
+    9 MiB for a 262,144-token Qwen3-235B, 2.3 MiB for a 40,960-token Qwen3-30B)."""
+    return BODY_OVERHEAD_BYTES + BODY_BYTES_PER_TOKEN * max_model_len
 
 
 @dataclass
@@ -29,7 +44,7 @@ class ServingConfig:
     """The settings of a served model beyond the engine's: names, keys, ports, replicas."""
 
     served_model_name: str | None = None
-    """The name clients pass as `model`; default: the checkpoint directory's name (or the repo id)."""
+    """The name clients pass as `model`; default: the repo id, or the checkpoint directory's name."""
     max_n: int = setting(16, ge=1)
     """Largest `n` (completions per request) a request may ask for."""
     api_keys: list[str] = setting(default_factory=list, flag="--api-key")
@@ -45,6 +60,9 @@ class ServingConfig:
     """Name of an environment variable holding the password of redis_url (from a Secret, as above)."""
     grpc_port: int | None = setting(50051, ge=0, le=65535)
     """gRPC port of each gateway replica; 0 (or None) turns gRPC off."""
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds (0.0.0.0 for every interface); `expertmesh serve` binds --host's
+    address unless this is given."""
     engine_replicas: int = setting(1, ge=1)
     """EP groups (model deployment replicas) to run; each holds ep_size ranks."""
     gateway_replicas: int = setting(1, ge=1)
@@ -53,6 +71,26 @@ class ServingConfig:
     """Requests one replica holds at once (the engine batches them; Serve's default of 5 would starve it)."""
     log_level: str = setting("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     """Python logging level of expertmesh's and Ray Serve's logs."""
+    max_request_body_bytes: int | None = setting(None, ge=1024)
+    """Largest HTTP request body and gRPC request message accepted (413 / RESOURCE_EXHAUSTED beyond);
+    None sizes it for the model: 1 MiB + 32 bytes per token of max_model_len."""
+    health_stall_timeout_s: float = setting(30.0, gt=0)
+    """`/health` answers 503 when the engine has been busy this long without finishing a step."""
+    http_keep_alive_timeout_s: int = setting(90, ge=1)
+    """Seconds an idle HTTP keep-alive connection stays open (Ray Serve's proxy; above the 60 s idle
+    timeout of common load balancers, so they close first)."""
+    http_header_timeout_s: float = setting(30.0, gt=0)
+    """Seconds a client has to send a request's headers (counted from the connection, or from the
+    first byte of its next request); then the proxy closes the socket. gRPC: the HTTP/2 handshake."""
+    http_request_timeout_s: float | None = setting(None, gt=0)
+    """End-to-end limit of one HTTP request (Ray Serve's request_timeout_s; 408 beyond); None: no
+    limit, as a long generation may legitimately take minutes."""
+    grpc_max_connection_idle_s: float = setting(300.0, gt=0)
+    """A gRPC connection with no call for this long is closed (GOAWAY)."""
+    grpc_keepalive_time_s: float = setting(60.0, gt=0)
+    """The gRPC server pings an idle connection this often; one that does not answer within 20 s is closed."""
+    grpc_max_concurrent_streams: int = setting(1024, ge=1)
+    """Most gRPC calls one connection may hold open at once."""
 
 
 NOT_SERVED = frozenset({"ray_address"})
@@ -83,11 +121,12 @@ class _AppConfigBase(BaseModel):
         return {k: os.path.expanduser(v) if settings[k].path and isinstance(v, str) and v.startswith("~") else v
                 for k, v in data.items()}
 
-    @field_validator("model", check_fields=False)
+    @field_validator("model", "tokenizer", check_fields=False)
     @classmethod
-    def _model_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_dir():
-            raise ValueError(f"model directory {value!r} does not exist")
+    def _directory_or_repo_id(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir() and not is_repo_id(value):
+            raise ValueError(f"model directory {value!r} does not exist (and it is not a Hugging Face repo id, "
+                             "org/name)")
         return value
 
     @field_validator("grpc_port", check_fields=False)
@@ -103,7 +142,12 @@ class _AppConfigBase(BaseModel):
         return default_model_path()
 
     def model_name(self) -> str:
-        return self.served_model_name or self.model_path().name
+        """served_model_name, else a repo id as given (vLLM's name), else the checkpoint directory's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model is not None and not Path(self.model).is_dir():
+            return self.model
+        return self.model_path().name
 
     def resolved_api_keys(self) -> list[str]:
         """`api_keys` plus those in the variable `api_keys_env`. A named variable that is unset or
@@ -130,6 +174,10 @@ class _AppConfigBase(BaseModel):
         userinfo, _, host = parts.netloc.rpartition("@")
         user = userinfo.partition(":")[0]  # as written (already URL-quoted)
         return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+    def request_body_limit(self, max_model_len: int) -> int:
+        """`max_request_body_bytes`, or the limit sized for `max_model_len` (the model's, once loaded)."""
+        return self.max_request_body_bytes or default_max_request_body_bytes(max_model_len)
 
     def engine_config(self, ray_address: str | None = None) -> EngineConfig:
         values = {s.name: getattr(self, s.name) for s in engine_settings() if s.name not in NOT_SERVED}

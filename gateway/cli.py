@@ -16,6 +16,7 @@ The engine and serving flags are not written here: they are derived from the set
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,10 +31,13 @@ BENCHMARKS = {
 """`expertmesh bench NAME ...` runs `expertmesh.bench.NAME.main` (imported only then)."""
 
 
-def add_setting_flags(group, settings) -> None:
+def add_setting_flags(group, settings, unset: tuple[str, ...] = ()) -> None:
     """One flag per setting (engine/config_fields.py): `--max-model-len` for max_model_len, its type,
-    default and choices from the field, its --help from the field's docstring."""
+    default and choices from the field, its --help from the field's docstring. The flags named in
+    `unset` default to None, for the command to fill in from another flag."""
     for s in settings:
+        if s.name in unset:
+            s = dataclasses.replace(s, default=None)
         kwargs: dict = {"dest": s.name, "help": s.help.replace("%", "%%")}
         if s.type is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, default=s.default)
@@ -97,7 +101,8 @@ def _version() -> str:
 
 def _add_settings(p: argparse.ArgumentParser, command: str) -> None:
     add_setting_flags(p.add_argument_group("engine"), _engine_flags(command))
-    add_setting_flags(p.add_argument_group("serving" if command == "serve" else "logging"), _serving_flags(command))
+    add_setting_flags(p.add_argument_group("serving" if command == "serve" else "logging"), _serving_flags(command),
+                      unset=("grpc_host",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +194,7 @@ def _serve_config(args) -> dict:
     from expertmesh.model.default import DEFAULT_MODEL_NAME, default_model_path
 
     values = setting_values(args, app_settings())
+    values["grpc_host"] = values["grpc_host"] or args.host
     values["model"] = args.model_path or args.model
     if values["model"] is None:  # generated once here, so the replicas never race to write it
         values["model"] = str(default_model_path(_cache_dir() / "models" / DEFAULT_MODEL_NAME))
@@ -207,11 +213,23 @@ def home_relative(path: str) -> str:
     return path
 
 
+def http_options(app_args: dict, host: str, port: int) -> dict:
+    """Serve's `http_options` for the app's settings: the proxy's keep-alive and request timeouts.
+    (Its header timeout travels in the environment: `gateway/proxy_timeouts.py`.)"""
+    from expertmesh.gateway.app_config import AppConfig
+
+    cfg = AppConfig.model_validate(app_args)
+    options = {"host": host, "port": port, "keep_alive_timeout_s": cfg.http_keep_alive_timeout_s}
+    if cfg.http_request_timeout_s is not None:
+        options["request_timeout_s"] = cfg.http_request_timeout_s
+    return options
+
+
 def serve_config_file(app_args: dict, host: str, port: int) -> dict:
     """A Ray Serve config file (the schema of `serve deploy`) running the expertmesh application."""
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": host, "port": port},
+        "http_options": http_options(app_args, host, port),
         "applications": [{"name": "expertmesh", "route_prefix": "/",
                           "import_path": "expertmesh.gateway.serve_app:build_app", "args": app_args}],
     }
@@ -235,19 +253,23 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
+    from expertmesh.cluster.bootstrap import check_placeable
+    from expertmesh.engine.model_files import load_tokenizer, model_dir
     from expertmesh.gateway.app_config import AppConfig
-    from expertmesh.gateway.serve_app import build_app
+    from expertmesh.gateway.serve_app import app_bundles, build_app
 
     cfg = AppConfig.model_validate(app_args)
+    model_dir(cfg.engine_config().load)  # a repo id is fetched here, once, before the replicas start
+    load_tokenizer(cfg.engine_config().load)
+    _proxy_environment(cfg.http_header_timeout_s)
     ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    check_placeable(f"the expertmesh app ({cfg.engine_replicas} engine replica(s) of ep_size {cfg.ep_size}, "
+                    f"{cfg.gateway_replicas} gateway replica(s))", app_bundles(cfg))
     logging_config = {"log_level": cfg.log_level}
-    serve.start(http_options={"host": args.host, "port": args.port}, logging_config=logging_config)
+    serve.start(http_options=http_options(app_args, args.host, args.port), logging_config=logging_config)
     serve.run(build_app(app_args), name="expertmesh", route_prefix="/", logging_config=logging_config)
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"expertmesh: serving {cfg.model_name()}", flush=True)
-    print(f"HTTP  http://{host}:{args.port}/v1  (health: /health, metrics: /metrics)", flush=True)
-    if cfg.grpc_port:
-        print(f"gRPC  {host}:{cfg.grpc_port}  (service expertmesh.v1.ExpertMesh)", flush=True)
+    grpc_bound = serve.get_app_handle("expertmesh").grpc_address.remote().result(timeout_s=120)
+    print(banner(cfg.model_name(), f"{args.host}:{args.port}", grpc_bound), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -255,6 +277,47 @@ def _serve(args) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def banner(model_name: str, http_bound: str, grpc_bound: str | None) -> str:
+    """What `serve` prints once the app runs: the addresses the HTTP proxy and the gRPC server are bound
+    to, and the URL to reach each from this machine.
+
+        >>> print(banner("tiny", "0.0.0.0:8000", "127.0.0.1:50051"))
+        expertmesh: serving tiny
+        HTTP  http://127.0.0.1:8000/v1  (bound to 0.0.0.0:8000, every interface; health: /health, metrics: /metrics)
+        gRPC  127.0.0.1:50051  (bound to 127.0.0.1:50051, this machine only; service expertmesh.v1.ExpertMesh)
+    """
+    def reach(bound: str) -> tuple[str, str]:
+        host, _, port = bound.rpartition(":")
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            return f"127.0.0.1:{port}", f"bound to {bound}, every interface"
+        if host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+            return bound, f"bound to {bound}, this machine only"
+        return bound, f"bound to {bound}"
+
+    url, note = reach(http_bound)
+    lines = [f"expertmesh: serving {model_name}",
+             f"HTTP  http://{url}/v1  ({note}; health: /health, metrics: /metrics)"]
+    if grpc_bound:
+        address, note = reach(grpc_bound)
+        lines.append(f"gRPC  {address}  ({note}; service expertmesh.v1.ExpertMesh)")
+    else:
+        lines.append("gRPC  off (--grpc-port 0)")
+    return "\n".join(lines)
+
+
+def _proxy_environment(header_timeout_s: float) -> None:
+    """The proxy's callback (its header timeout, which Ray Serve does not expose, and OpenAI's error
+    object for the answers it gives by itself) rides in the environment that the Ray this process
+    starts hands to its proxy. A proxy callback of the user's own is kept."""
+    from expertmesh.gateway.proxy_callback import PROXY_CALLBACK, PROXY_CALLBACK_ENV, proxy_env
+
+    if os.environ.get(PROXY_CALLBACK_ENV, PROXY_CALLBACK) != PROXY_CALLBACK:
+        print(f"expertmesh: warning: {PROXY_CALLBACK_ENV} is set to {os.environ[PROXY_CALLBACK_ENV]}; the HTTP "
+              "header timeout and the proxy's OpenAI errors are not applied", file=sys.stderr)
+        return
+    os.environ.update(proxy_env(header_timeout_s))
 
 
 def _llm(args):

@@ -11,9 +11,22 @@ details are the APIError's message, and its `param`, `type` and `code` travel as
 metadata (`error-param`, `error-type`, `error-code`). A streaming call that the client cancels
 closes the serving stream, which aborts the request in the engine and frees its KV blocks.
 
+A request message that does not parse (corrupt wire format, a string field that is not UTF-8)
+is INVALID_ARGUMENT, as is every JSON text field that is not JSON or nests too deeply. Nothing
+unforeseen leaves with more than "internal error" and INTERNAL: no exception type, no traceback
+(those go to the log).
+
 `authorization: Bearer <key>` metadata is checked on every ExpertMesh call when the
 authenticator has keys; the standard `grpc.health.v1.Health` service and server reflection
-stay open.
+stay open. Every call is counted in `expertmesh_requests_total` under its HTTP-style status.
+
+Connections (`GrpcOptions`): a request message over the body limit (the HTTP one, sized for the
+model's max_model_len) is refused by gRPC itself with RESOURCE_EXHAUSTED before it is parsed; a
+client that does not finish the HTTP/2 handshake within the header timeout is dropped; a
+connection with no call for `max_connection_idle_s` gets GOAWAY; idle connections are pinged
+every `keepalive_time_s` and dropped when the ping goes unanswered; one connection holds at most
+`max_concurrent_streams` calls. Templates and tokenization run off the server's event loop (the
+serving layer's thread pool), as for HTTP.
 
     health = GrpcHealth(serving=False)          # NOT_SERVING until the model is loaded
     server = build_grpc_server(serving, auth, 50051, health=health)
@@ -23,10 +36,11 @@ stay open.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -36,8 +50,17 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from expertmesh.engine.async_engine import EngineDeadError
+from expertmesh.gateway.app_config import default_max_request_body_bytes
 from expertmesh.gateway.auth import Authenticator, bearer_token
-from expertmesh.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from expertmesh.gateway.grpc_wire import add_servicer, ascii_metadata, decoded, utf8_details
+from expertmesh.gateway.metrics import RequestOutcome, current_outcome
+from expertmesh.gateway.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    loads_json,
+    validation_error,
+)
 from expertmesh.gateway.serving import OpenAIServing
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -47,7 +70,36 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertMesh"].full_name  # "expertmesh.v1.ExpertMesh"
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name  # "grpc.health.v1.Health"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""Largest request or response message (gRPC's default is 4 MiB; a 262k-token prompt is more)."""
+"""Largest response message (gRPC's default is 4 MiB; a 262k-token echo with logprobs is more)."""
+
+
+@dataclass(frozen=True)
+class GrpcOptions:
+    """Limits of the gRPC server's connections (see the module docstring; `AppConfig` has the defaults)."""
+    max_message_bytes: int | None = None
+    """Largest request message; None: sized for the model's max_model_len, as the HTTP body limit."""
+    handshake_timeout_s: float = 30.0
+    max_connection_idle_s: float = 300.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    max_concurrent_streams: int = 1024
+
+    def server_options(self, max_model_len: int) -> list[tuple[str, int]]:
+        receive = self.max_message_bytes or default_max_request_body_bytes(max_model_len)
+        return [
+            ("grpc.max_receive_message_length", receive),
+            ("grpc.max_send_message_length", max(MAX_MESSAGE_BYTES, receive)),
+            ("grpc.so_reuseport", 0),
+            ("grpc.server_handshake_timeout_ms", _ms(self.handshake_timeout_s)),
+            ("grpc.max_connection_idle_ms", _ms(self.max_connection_idle_s)),
+            ("grpc.keepalive_time_ms", _ms(self.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", _ms(self.keepalive_timeout_s)),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+        ]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 STATUS_CODES: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -95,9 +147,8 @@ def _health_status(serving: bool) -> int:
     return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: int, host: str = "0.0.0.0", *,
-                      health: GrpcHealth | None = None,
-                      max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
+def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: int, host: str = "127.0.0.1", *,
+                      health: GrpcHealth | None = None, options: GrpcOptions | None = None) -> grpc.aio.Server:
     """An asyncio gRPC server (not started) on host:port serving `expertmesh.v1.ExpertMesh`,
     `grpc.health.v1.Health` and server reflection. Call it inside the event loop that runs it.
 
@@ -106,12 +157,9 @@ def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: 
     the port cannot be bound (in use: SO_REUSEPORT is off, so two servers never share one).
     """
     health_servicer = health if health is not None else GrpcHealth()
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ])
-    pb_grpc.add_ExpertMeshServicer_to_server(ExpertMeshServicer(serving, auth), server)
+    options = options or GrpcOptions()
+    server = grpc.aio.server(options=options.server_options(serving.settings.max_model_len))
+    add_servicer(ExpertMeshServicer(serving, auth), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -127,46 +175,57 @@ class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
         self.serving, self.auth = serving, auth
 
     async def ChatCompletion(self, request: pb.ChatCompletionRequest, context) -> pb.ChatCompletionResponse:
-        return await self._unary(context, lambda: self.serving.chat(chat_request(request)), chat_response)
+        return await self._unary(context, "chat", lambda: self.serving.chat(chat_request(request)), chat_response)
 
     async def ChatCompletionStream(self, request: pb.ChatCompletionRequest,
                                    context) -> AsyncIterator[pb.ChatCompletionChunk]:
         # grpc.aio streams from a method only if it is itself an async generator
-        call = self._stream(context, lambda: self.serving.chat(chat_request(request, stream=True)), chat_chunk)
+        call = self._stream(context, "chat", lambda: self.serving.chat(chat_request(request, stream=True)),
+                            chat_chunk)
         async with contextlib.aclosing(call) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     async def Completion(self, request: pb.CompletionRequest, context) -> pb.CompletionResponse:
-        return await self._unary(context, lambda: self.serving.completion(completion_request(request)),
+        return await self._unary(context, "completions", lambda: self.serving.completion(completion_request(request)),
                                  completion_response)
 
     async def CompletionStream(self, request: pb.CompletionRequest, context) -> AsyncIterator[pb.CompletionChunk]:
-        call = self._stream(context, lambda: self.serving.completion(completion_request(request, stream=True)),
-                            completion_chunk)
+        call = self._stream(context, "completions",
+                            lambda: self.serving.completion(completion_request(request, stream=True)), completion_chunk)
         async with contextlib.aclosing(call) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async def models():
+            decoded(request)
             return self.serving.models()
 
-        return await self._unary(context, models, models_response)
+        return await self._unary(context, "models", models, models_response)
 
-    async def _unary(self, context, call, convert):
+    async def _unary(self, context, endpoint: str, call, convert):
         """Authorize, await call() (an OpenAI-shaped dict), convert it; errors end the call with their status."""
+        outcome = _open_outcome(endpoint)
+        status = 200
         try:
             await self._authorize(context)
             return convert(await call())
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            status = 499
+            raise
         except Exception as exc:
+            status = http_status(exc)
             await abort(context, exc)
+        finally:
+            self.serving.metrics.count_request(endpoint, outcome.status or status)
 
-    async def _stream(self, context, call, convert):
+    async def _stream(self, context, endpoint: str, call, convert):
         """Authorize, await call() (an async iterator of OpenAI chunks) and stream each converted."""
-        stream = None
+        outcome = _open_outcome(endpoint)
+        status, stream = 200, None
         try:
             await self._authorize(context)
             stream = await call()
@@ -174,11 +233,16 @@ class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
                 yield convert(chunk)
         except grpc.aio.AbortError:
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499
+            raise
         except Exception as exc:
+            status = http_status(exc)
             await abort(context, exc)
         finally:
             if stream is not None:  # a cancelled call lands here too: the engine aborts the request
                 await stream.aclose()
+            self.serving.metrics.count_request(endpoint, outcome.status or status)
 
     async def _authorize(self, context) -> None:
         if self.auth is None or not self.auth.enabled:
@@ -189,31 +253,39 @@ class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
         await self.auth.check(bearer_token(header))
 
 
+def _open_outcome(endpoint: str) -> RequestOutcome:
+    """The call's outcome, where the serving layer reports its status (each call runs in its own
+    task, so the context variable needs no reset)."""
+    outcome = RequestOutcome(endpoint)
+    current_outcome.set(outcome)
+    return outcome
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP-style status a failed call is counted under."""
+    if isinstance(exc, APIError):
+        return exc.status
+    if isinstance(exc, ValidationError):
+        return 400
+    return 503 if isinstance(exc, EngineDeadError) else 500
+
+
+INTERNAL_ERROR_DETAILS = "internal error: the server could not process this request; it is logged"
+
+
 async def abort(context, exc: Exception) -> NoReturn:
     """End the call with the status that `exc` maps to (see the module docstring)."""
     if isinstance(exc, ValidationError):
-        exc = validation_error(exc)
+        exc = validation_error(exc.errors())
     if isinstance(exc, APIError):
-        trailers = [(f"error-{k}", v) for k, v in (("type", exc.type), ("param", exc.param), ("code", exc.code))
-                    if v]
+        trailers = [(f"error-{k}", ascii_metadata(v)) for k, v in (("type", exc.type), ("param", exc.param),
+                                                          ("code", exc.code)) if v]
         trailers += [(k.lower(), v) for k, v in exc.headers.items() if k.isascii() and v.isascii()]
-        await context.abort(status_code(exc.status), exc.message, trailing_metadata=tuple(trailers))
+        await context.abort(status_code(exc.status), utf8_details(exc.message), trailing_metadata=tuple(trailers))
     if isinstance(exc, EngineDeadError):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, utf8_details(str(exc)))
     log.exception("gRPC call failed", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def validation_error(exc: ValidationError) -> APIError:
-    """A pydantic error as a 400 naming the field (in the OpenAI request's names)."""
-    errors = exc.errors()
-    if not errors:
-        return APIError("the request is invalid")
-    err = errors[0]
-    param = ".".join(str(p) for p in err.get("loc", ())) or None
-    text = repr(err.get("input"))
-    text = text if len(text) <= 80 else text[:77] + "..."
-    return APIError(f"{param or 'request'}: {err.get('msg')} (got {text})", param=param)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAILS)
 
 
 # ---- proto request → OpenAI request --------------------------------------------------------
@@ -227,12 +299,12 @@ _OPTIONAL_SAMPLING = ("n", "temperature", "top_p", "top_k", "min_p", "presence_p
 
 
 def chat_request(request: pb.ChatCompletionRequest, stream: bool = False) -> ChatCompletionRequest:
-    """Raises APIError (bad JSON text) or pydantic's ValidationError."""
-    return ChatCompletionRequest.model_validate(chat_request_dict(request, stream))
+    """Raises APIError (an undecodable message, bad JSON text) or pydantic's ValidationError."""
+    return ChatCompletionRequest.model_validate(chat_request_dict(decoded(request), stream))
 
 
 def completion_request(request: pb.CompletionRequest, stream: bool = False) -> CompletionRequest:
-    return CompletionRequest.model_validate(completion_request_dict(request, stream))
+    return CompletionRequest.model_validate(completion_request_dict(decoded(request), stream))
 
 
 def chat_request_dict(request: pb.ChatCompletionRequest, stream: bool = False) -> dict[str, Any]:
@@ -278,7 +350,9 @@ def chat_request_dict(request: pb.ChatCompletionRequest, stream: bool = False) -
 
 def completion_request_dict(request: pb.CompletionRequest, stream: bool = False) -> dict[str, Any]:
     d = _common(request, stream)
-    texts, ids = list(request.prompt), [list(p.ids) for p in request.prompt_token_ids]
+    text = request.WhichOneof("text")
+    texts = [request.prompt] if text == "prompt" else list(request.prompts.texts)
+    ids = [list(p.ids) for p in request.prompt_token_ids]
     if texts and ids:
         raise APIError("give prompt or prompt_token_ids, not both", param="prompt")
     if texts:
@@ -372,7 +446,10 @@ def _response_format_dict(fmt: pb.ResponseFormat) -> dict[str, Any]:
 
 def _json(text: str, param: str) -> Any:
     try:
-        return json.loads(text)
+        return loads_json(text)
+    except RecursionError:
+        raise APIError(f"{param} nests objects and arrays too deeply to parse", param=param,
+                       code="too_deeply_nested") from None
     except ValueError as exc:
         raise APIError(f"{param} is not valid JSON: {exc}", param=param) from None
 

@@ -24,7 +24,7 @@ from expertmesh.engine.executor import InProcessExecutor
 from expertmesh.engine.model_files import load_tokenizer, model_dir
 from expertmesh.engine.outputs import RequestOutput
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.model.tokenizer import Tokenizer
+from expertmesh.model.tokenizer import Tokenizer, check_template_kwargs
 
 Prompt = str | list[int]
 
@@ -37,7 +37,10 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, progress: bool = True, **kwargs: Any) -> None:
         self.config = EngineConfig.from_kwargs(model=None if model is None else str(model), **kwargs)
-        self.config.load.model = str(model_dir(self.config.load))  # the default model, made once here
+        if model is None:  # the default model, made once here
+            self.config.load.model = str(model_dir(self.config.load))
+        else:  # a repo id is fetched here once, with a progress bar; every process resolves it again
+            model_dir(self.config.load)
         self.tokenizer = load_tokenizer(self.config.load)
         if self.config.parallel.ep_size == 1:
             executor = InProcessExecutor(self.config, progress=progress)
@@ -51,8 +54,8 @@ class LLM:
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
-        """Release the executor's workers (an EP group's actors and GPUs)."""
-        self.engine.executor.shutdown()
+        """Release the executor's workers (an EP group's actors and GPUs) and the grammar compiler processes."""
+        self.engine.shutdown()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
@@ -69,13 +72,13 @@ class LLM:
         prompts = list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        for ids, p in zip(encoded, params):
-            self.engine.validate(ids, p)  # every request is checked before any is admitted
+        # every request is checked (its grammar compiled) before any is admitted
+        compiled = [self.engine.validate(ids, p) for ids, p in zip(encoded, params)]
         request_ids = []
-        for prompt, ids, p in zip(prompts, encoded, params):
+        for prompt, ids, p, c in zip(prompts, encoded, params, compiled):
             request_id = f"llm-{next(self._ids)}"
             self.engine.add_request(request_id, ids, p, prompt=prompt if isinstance(prompt, str) else None,
-                                    stream=False)
+                                    stream=False, compiled=c)
             request_ids.append(request_id)
         return self._run(request_ids, use_tqdm)
 
@@ -90,6 +93,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Chat completion for one conversation (a list of messages) or several."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        check_template_kwargs(chat_template_kwargs or {})
         prompts = [
             self.tokenizer.apply_chat_template(conv, tools=tools, add_generation_prompt=add_generation_prompt,
                                                **(chat_template_kwargs or {}))

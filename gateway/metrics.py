@@ -4,10 +4,19 @@ Request-side series (counters and latency histograms) are recorded by the servin
 requests run; engine-side gauges (running and waiting requests, KV block usage, expert-load
 imbalance per layer) are read from the engine at scrape time, so `/metrics` is always current.
 Each gateway has its own registry: several apps in one process never collide.
+
+`expertmesh_requests_total{endpoint, status}` counts every API request once, refusals included
+(a 401, a 413, a malformed body never reach the serving layer): the transport (the HTTP guard,
+the gRPC servicer) opens a `RequestOutcome` for each request and counts it when the request
+ends. A request that reached the engine reports its own status into that outcome (a stream that
+started with 200 may still end in 499, 500 or 503). With no transport around it (tests calling
+`OpenAIServing` directly), the engine stream counts itself.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -18,6 +27,28 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+
+
+@dataclass
+class RequestOutcome:
+    """One API request's status, filled in as it runs and counted once when it ends."""
+    endpoint: str
+    status: str | None = None
+    """The status the serving layer reported (it outranks the transport's first status line)."""
+
+    def report(self, status: str) -> None:
+        if self.status is None or self.status == "200":
+            self.status = status
+
+
+current_outcome: ContextVar[RequestOutcome | None] = ContextVar("expertmesh_request_outcome", default=None)
+"""The outcome of the request being served in this context (set by the transport)."""
+
+
+def endpoint_of(path: str) -> str:
+    """The `endpoint` label of an HTTP path (a bounded set: unknown paths are "other")."""
+    return {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
+            "/v1/models": "models"}.get(path.rstrip("/"), "models" if path.startswith("/v1/models/") else "other")
 
 
 class _EngineCollector(Collector):
@@ -68,6 +99,9 @@ class Metrics:
                              buckets=_E2E_BUCKETS, registry=r)
         self._engine = _EngineCollector()
         r.register(self._engine)
+
+    def count_request(self, endpoint: str, status: int | str) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
 
     def observe_engine(self, stats: dict[str, float], expert_load: list[list[float]] | None) -> None:
         self._engine.stats, self._engine.expert_load = dict(stats), expert_load

@@ -10,15 +10,30 @@
 `build_app(args)` is the import path of a Serve config file (`serve run`/`serve deploy`, and the
 Helm chart's `serveConfigV2`); `args` is an `AppConfig`. `expertmesh serve` builds the same app
 from its flags. Both deployments allow many ongoing requests: the engine batches them itself.
+
+Lost ends, both ways:
+- the engine replica dies: its handle calls fail with Ray's actor errors, which the gateway's
+  client turns into `EngineDeadError`, so a stream ends with an error event (gRPC: UNAVAILABLE)
+  and a unary call with a 503;
+- the gateway replica dies: Ray does not cancel the calls it made, so each request carries its
+  gateway's actor handle (`GatewayRef`) and the engine replica pings the gateways it serves
+  (`CallerWatch`) every `CALLER_CHECK_PERIOD_S`; a gateway Ray reports dead has its requests
+  cancelled, which aborts them in the engine and frees their KV blocks.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
-from expertmesh.engine.async_engine import AsyncEngine
+from expertmesh.cluster.placement import rank_bundles
+from expertmesh.engine.async_engine import AsyncEngine, EngineDeadError, EngineHeartbeat
 from expertmesh.engine.core import EngineCore
 from expertmesh.engine.model_files import load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams
@@ -27,6 +42,61 @@ from expertmesh.gateway.app_config import AppConfig
 log = logging.getLogger(__name__)
 
 ENGINE_DEPLOYMENT, GATEWAY_DEPLOYMENT = "ExpertMeshEngine", "ExpertMeshGateway"
+CALLER_CHECK_PERIOD_S = 2.0
+"""How often an engine replica asks Ray whether the gateways with requests in flight still live."""
+
+
+@dataclass(frozen=True)
+class GatewayRef:
+    """The gateway replica a request came from: its Ray actor id and handle."""
+    actor_id: str
+    handle: Any
+
+
+class CallerWatch:
+    """Cancels the calls of gateway replicas that died (see the module docstring). Only Ray's word
+    that an actor died (`ActorDiedError`) counts: a gateway that is slow to answer keeps its calls."""
+
+    def __init__(self, period_s: float = CALLER_CHECK_PERIOD_S) -> None:
+        self.period_s = period_s
+        self._calls: dict[str, set[asyncio.Task]] = {}
+        self._watchers: dict[str, asyncio.Task] = {}
+
+    @contextlib.contextmanager
+    def watching(self, caller: GatewayRef | None):
+        """Within this block, the current task is cancelled if `caller` dies."""
+        task = asyncio.current_task()
+        if caller is None or task is None:
+            yield
+            return
+        calls = self._calls.setdefault(caller.actor_id, set())
+        calls.add(task)
+        if caller.actor_id not in self._watchers:
+            self._watchers[caller.actor_id] = asyncio.create_task(self._watch(caller))
+        try:
+            yield
+        finally:
+            calls.discard(task)
+            if not calls and self._calls.get(caller.actor_id) is calls:
+                del self._calls[caller.actor_id]
+                watcher = self._watchers.pop(caller.actor_id, None)
+                if watcher is not None and watcher is not asyncio.current_task():
+                    watcher.cancel()
+
+    async def _watch(self, caller: GatewayRef) -> None:
+        while caller.actor_id in self._calls:
+            await asyncio.sleep(self.period_s)
+            try:
+                await asyncio.wait_for(caller.handle.__ray_ready__.remote(), timeout=max(self.period_s, 5.0))
+            except ray.exceptions.ActorDiedError:
+                calls = self._calls.pop(caller.actor_id, set())
+                self._watchers.pop(caller.actor_id, None)
+                log.warning("gateway %s died: aborting its %d requests", caller.actor_id, len(calls))
+                for task in calls:
+                    task.cancel()
+                return
+            except Exception:  # slow or briefly unreachable is not dead
+                continue
 
 
 @serve.deployment(name=ENGINE_DEPLOYMENT, health_check_period_s=10, health_check_timeout_s=60,
@@ -50,23 +120,29 @@ class EngineServer:
 
             executor = RayExecutor(engine_config, placement_group=get_current_placement_group(), bundle_offset=1)
         self.engine = AsyncEngine(EngineCore(engine_config, executor, tokenizer))
+        self.callers = CallerWatch()
         self.info_dict = {"model_name": cfg.model_name(), "max_model_len": self.engine.core.max_model_len,
                           "vocab_size": self.engine.core.vocab_size}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None):
-        """Streams lists of RequestOutput; a refused request yields {"error": message} once."""
-        try:
-            async for batch in self.engine.generate(request_id, prompt_token_ids, params, prompt):
-                yield batch
-        except ValueError as exc:
-            yield {"error": str(exc)}
+                       prompt: str | None = None, caller: GatewayRef | None = None):
+        """Streams lists of RequestOutput; a refused request yields {"error": message} once. The
+        request is aborted when `caller` (the gateway replica) dies."""
+        with self.callers.watching(caller):
+            try:
+                async for batch in self.engine.generate(request_id, prompt_token_ids, params, prompt):
+                    yield batch
+            except ValueError as exc:
+                yield {"error": str(exc)}
 
     async def info(self) -> dict[str, Any]:
         return self.info_dict
 
     async def stats(self) -> dict[str, float]:
         return self.engine.stats()
+
+    async def heartbeat(self) -> EngineHeartbeat:
+        return self.engine.heartbeat()
 
     async def expert_load(self) -> list[list[float]] | None:
         from expertmesh.gateway.serving import expert_load_lists
@@ -84,14 +160,16 @@ class EngineServer:
 
 
 class ServeEngineClient:
-    """The serving layer's engine client over the model deployment's handle."""
+    """The serving layer's engine client over the model deployment's handle. A replica that dies
+    under a call surfaces as `EngineDeadError` (Ray's actor errors name no request)."""
 
-    def __init__(self, handle) -> None:
-        self.handle = handle
+    def __init__(self, handle, caller: GatewayRef | None = None) -> None:
+        self.handle, self.caller = handle, caller
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        prompt: str | None = None):
-        gen = self.handle.options(stream=True).generate.remote(request_id, prompt_token_ids, params, prompt)
+        gen = self.handle.options(stream=True).generate.remote(request_id, prompt_token_ids, params, prompt,
+                                                               self.caller)
         finished = False
         try:
             async for item in gen:
@@ -99,9 +177,14 @@ class ServeEngineClient:
                     raise ValueError(item["error"])
                 finished = item[-1].finished
                 yield item
+        except (ray.exceptions.RayActorError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+            raise EngineDeadError(f"the engine replica failed: {type(exc).__name__}") from exc
         finally:
             if not finished:
                 gen.cancel()  # the replica's generator is cancelled, which aborts the request
+
+    async def heartbeat(self) -> EngineHeartbeat:
+        return await self.handle.heartbeat.remote()
 
     async def stats(self) -> dict[str, float]:
         return await self.handle.stats.remote()
@@ -125,7 +208,8 @@ class Gateway:
 
         cfg = AppConfig.model_validate(config)
         _set_log_level(cfg.log_level)
-        client = ServeEngineClient(engine_handle)
+        context = ray.get_runtime_context()
+        client = ServeEngineClient(engine_handle, GatewayRef(context.get_actor_id(), context.current_actor))
         info = await client.info()  # waits for the model: the gateway is ready once it is loaded
         tokenizer = load_tokenizer(cfg.engine_config().load)
         aliases = tuple(a for a in (cfg.model, str(cfg.model_path())) if a)
@@ -136,17 +220,31 @@ class Gateway:
         self.auth = Authenticator(cfg.resolved_api_keys(), store=make_state_store(redis_url) if redis_url else None)
         self.serving.limiter = self.auth
         log.info("API keys: %s", await self.auth.status(wait_s=5.0))
-        self.grpc = None
+        self.cfg, self.max_body_bytes = cfg, cfg.request_body_limit(info["max_model_len"])
+        self.grpc, self.grpc_bound = None, None
         if cfg.grpc_port:
-            from expertmesh.gateway.grpc_server import build_grpc_server
+            from expertmesh.gateway.grpc_server import GrpcOptions, build_grpc_server
 
-            self.grpc = build_grpc_server(self.serving, self.auth, cfg.grpc_port)
+            options = GrpcOptions(max_message_bytes=self.max_body_bytes,
+                                  handshake_timeout_s=cfg.http_header_timeout_s,
+                                  max_connection_idle_s=cfg.grpc_max_connection_idle_s,
+                                  keepalive_time_s=cfg.grpc_keepalive_time_s,
+                                  max_concurrent_streams=cfg.grpc_max_concurrent_streams)
+            self.grpc = build_grpc_server(self.serving, self.auth, cfg.grpc_port, host=cfg.grpc_host,
+                                          options=options)
             await self.grpc.start()
+            self.grpc_bound = f"{cfg.grpc_host}:{cfg.grpc_port}"
+
+    async def grpc_address(self) -> str | None:
+        """host:port the gRPC server is bound to (None: gRPC is off), for the banner of `expertmesh serve`."""
+        return self.grpc_bound
 
     def __serve_build_asgi_app__(self):
         from expertmesh.gateway.http import build_http_app
 
-        return build_http_app(self.serving, self.auth)
+        return build_http_app(self.serving, self.auth, max_body_bytes=self.max_body_bytes,
+                              health_stall_timeout_s=self.cfg.health_stall_timeout_s,
+                              body_timeout_s=self.cfg.http_header_timeout_s)
 
     async def __del__(self) -> None:
         if getattr(self, "grpc", None) is not None:
@@ -159,19 +257,38 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     cfg = AppConfig.model_validate(dict(args or {}))
     config = cfg.model_dump()
     engine_options: dict[str, Any] = {"num_replicas": cfg.engine_replicas,
-                                      "max_ongoing_requests": cfg.max_ongoing_requests}
-    gpus = _uses_gpus(cfg.device)
-    if cfg.ep_size == 1:
-        engine_options["ray_actor_options"] = {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1 if gpus else 0}
-    else:
-        rank = {"CPU": cfg.cpus_per_rank, **({"GPU": 1} if gpus else {})}
-        engine_options["ray_actor_options"] = {"num_cpus": 0.5}
-        engine_options["placement_group_bundles"] = [{"CPU": 0.5}] + [dict(rank) for _ in range(cfg.ep_size)]
-        engine_options["placement_group_strategy"] = "PACK"
+                                      "max_ongoing_requests": cfg.max_ongoing_requests,
+                                      **_engine_replica_resources(cfg, _uses_gpus(cfg.device))}
     engine = EngineServer.options(**engine_options).bind(config)
     gateway = Gateway.options(num_replicas=cfg.gateway_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
-                              ray_actor_options={"num_cpus": 0.5})
+                              ray_actor_options={"num_cpus": GATEWAY_CPUS})
     return gateway.bind(engine, config)
+
+
+GATEWAY_CPUS = 0.5
+"""CPUs of a gateway replica, and of an EP group's engine replica (which only drives its ranks)."""
+
+
+def _engine_replica_resources(cfg: AppConfig, gpus: bool) -> dict[str, Any]:
+    """Deployment options of an engine replica: the in-process engine's CPUs (and GPU) for ep_size 1; for
+    more, the replica's bundle and one bundle per rank, gang-scheduled as one placement group."""
+    rank = rank_bundles(1, "cuda" if gpus else "cpu", cfg.cpus_per_rank)[0]
+    if cfg.ep_size == 1:
+        return {"ray_actor_options": {"num_cpus": rank["CPU"], "num_gpus": rank.get("GPU", 0)}}
+    return {"ray_actor_options": {"num_cpus": GATEWAY_CPUS},
+            "placement_group_bundles": [{"CPU": GATEWAY_CPUS}] + [dict(rank) for _ in range(cfg.ep_size)],
+            "placement_group_strategy": "PACK"}
+
+
+def app_bundles(cfg: AppConfig) -> list[dict[str, float]]:
+    """Every bundle of resources the app reserves (its replicas'), to check that the cluster can hold it."""
+    options = _engine_replica_resources(cfg, _uses_gpus(cfg.device))
+    if "placement_group_bundles" in options:
+        engine = options["placement_group_bundles"]
+    else:
+        actor = options["ray_actor_options"]
+        engine = [{"CPU": actor["num_cpus"], **({"GPU": actor["num_gpus"]} if actor["num_gpus"] else {})}]
+    return engine * cfg.engine_replicas + [{"CPU": GATEWAY_CPUS}] * cfg.gateway_replicas
 
 
 def _uses_gpus(device: str) -> bool:

@@ -10,8 +10,13 @@ chat behaves the same on either. One chat request:
 
 Every refusal is an `APIError` (status, OpenAI error fields) raised before the engine sees the
 request. The engine client is anything with `generate(request_id, prompt_token_ids, params,
-prompt)` (an async iterator of lists of `RequestOutput`), `stats()` and `expert_load()`: the
-in-process `AsyncEngine`, or the Ray Serve model deployment's handle (`serve_app.py`).
+prompt)` (an async iterator of lists of `RequestOutput`), `stats()`, `expert_load()` and
+`heartbeat()`: the in-process `AsyncEngine`, or the Ray Serve model deployment's handle
+(`serve_app.py`). An engine that is gone (`EngineDeadError`) is a 503 `engine_unavailable`.
+
+Validation, the chat template and tokenization run on a small thread pool, never on the event
+loop: a prompt of megabytes takes seconds to tokenize, and the loop meanwhile serves `/health`,
+other streams and gRPC.
 """
 from __future__ import annotations
 
@@ -19,16 +24,23 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from expertmesh.engine.async_engine import AsyncEngine, merge_outputs
+from expertmesh.engine.async_engine import AsyncEngine, EngineDeadError, EngineHeartbeat, merge_outputs
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.parsers import ParsedDelta, ReasoningParser, ToolCall, ToolCallParser
 from expertmesh.engine.sampling_params import GuidedDecodingParams, SamplingParams, ToolCallConstraint
-from expertmesh.gateway.metrics import Metrics
-from expertmesh.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest, _SamplingFields
-from expertmesh.model.tokenizer import Tokenizer
+from expertmesh.gateway.metrics import Metrics, current_outcome
+from expertmesh.gateway.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    _SamplingFields,
+    check_request_values,
+)
+from expertmesh.model.tokenizer import Tokenizer, check_template_kwargs
 
 MAX_N = 16
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -43,6 +55,8 @@ class EngineClient(Protocol):
     async def stats(self) -> dict[str, float]: ...
 
     async def expert_load(self) -> list[list[float]] | None: ...
+
+    async def heartbeat(self) -> EngineHeartbeat: ...
 
 
 class TokenLimiter(Protocol):
@@ -69,6 +83,9 @@ class LocalEngineClient:
     async def expert_load(self) -> list[list[float]] | None:
         return await self.engine.call(expert_load_lists)
 
+    async def heartbeat(self) -> EngineHeartbeat:
+        return self.engine.heartbeat()
+
 
 def expert_load_lists(core) -> list[list[float]] | None:
     load = core.expert_load()
@@ -84,6 +101,8 @@ class ServingSettings:
     """Other names accepted in `model` (e.g. the checkpoint's path)."""
     vocab_size: int | None = None
     """The model's vocabulary: token ids in prompts and stop_token_ids must be below it."""
+    prepare_threads: int = 2
+    """Threads that validate, render and tokenize requests off the event loop."""
 
 
 @dataclass
@@ -119,6 +138,11 @@ class OpenAIServing:
         self.limiter: TokenLimiter | None = None
         """Reserves each engine request's most tokens (prompt + max_tokens x n) before it starts and
         settles them to the prompt plus generated tokens when it ends (per-key token limits)."""
+        self._prepare_pool = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="expertmesh-prepare")
+
+    async def _off_loop(self, fn, *args):
+        """fn(*args) on the prepare pool (templates and tokenization), awaited without blocking the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
     # ---- models ----------------------------------------------------------------------------
 
@@ -136,7 +160,8 @@ class OpenAIServing:
     def _check_model(self, name: str | None, param: str | None = "model") -> None:
         if name is None or name == self.settings.model_name or name in self.settings.model_aliases:
             return
-        raise APIError(f"The model `{name}` does not exist; this server serves `{self.settings.model_name}`.",
+        shown = name if len(name) <= 100 else name[:97] + "..."
+        raise APIError(f"The model `{shown}` does not exist; this server serves `{self.settings.model_name}`.",
                        status=404, type="not_found_error", param=param, code="model_not_found")
 
     async def engine_stats(self) -> tuple[dict[str, float], list[list[float]] | None]:
@@ -146,6 +171,7 @@ class OpenAIServing:
 
     def prepare_chat(self, req: ChatCompletionRequest) -> PreparedChat:
         """Validate and render a chat (raises APIError naming the problem)."""
+        check_request_values(req)
         self._check_model(req.model)
         tools = [t.model_dump(exclude_none=True, by_alias=True) for t in req.tools or []]
         tool_names = [t["function"]["name"] for t in tools]
@@ -163,6 +189,10 @@ class OpenAIServing:
         _check_tool_messages(req.messages)
 
         kwargs = dict(req.chat_template_kwargs or {})
+        try:
+            check_template_kwargs(kwargs)
+        except ValueError as exc:
+            raise APIError(str(exc), param="chat_template_kwargs") from None
         kwargs.setdefault("enable_thinking", True)
         try:
             prompt = self.tokenizer.apply_chat_template(
@@ -191,7 +221,7 @@ class OpenAIServing:
         return PreparedChat(ids, prompt, params, parse_tools, _starts_in_reasoning(prompt), guided_param)
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
-        p = self.prepare_chat(req)
+        p = await self._off_loop(self.prepare_chat, req)
         ids, params, tool_names, in_reasoning = p.prompt_token_ids, p.params, p.tool_names, p.starts_in_reasoning
         request_id = f"chatcmpl-{secrets.token_hex(12)}"
         stream = self._run("chat", request_id, ids, p.prompt, params, p.guided_param)
@@ -201,12 +231,12 @@ class OpenAIServing:
         final = await _last(stream)
         choices = []
         for out in final.outputs:
-            reasoning_parser = ReasoningParser(in_reasoning)
-            parsed = _join(reasoning_parser.feed(out.text), reasoning_parser.finish())
+            reasoning_parser, truncated = ReasoningParser(in_reasoning), out.finish_reason == "length"
+            parsed = _join(reasoning_parser.feed(out.text), reasoning_parser.finish(truncated))
             content, calls = parsed.content, []
             if tool_names is not None:
                 tool_parser = ToolCallParser(tool_names)
-                first, last = tool_parser.feed(content), tool_parser.finish()
+                first, last = tool_parser.feed(content), tool_parser.finish(truncated)
                 content, calls = first.content + last.content, [*first.calls, *last.calls]
             message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None,
                                        "reasoning_content": parsed.reasoning or None}
@@ -242,9 +272,10 @@ class OpenAIServing:
                     yield chunk(c.index, {"role": "assistant", "content": ""})
                 st.num_tokens += len(c.token_ids_delta)
                 parsed = st.reasoning.feed(c.text_delta)
+                truncated = c.finish_reason == "length"
                 if c.finished:
-                    parsed = _join(parsed, st.reasoning.finish())
-                delta = self._delta(st, parsed, c.finished)
+                    parsed = _join(parsed, st.reasoning.finish(truncated))
+                delta = self._delta(st, parsed, c.finished, truncated)
                 logprobs = (self._chat_logprobs(c.logprobs_delta, c.token_ids_delta, params.logprobs)
                             if params.logprobs is not None and c.token_ids_delta else None)
                 if delta or logprobs:
@@ -259,13 +290,13 @@ class OpenAIServing:
                    "choices": [], "usage": _usage_counts(num_prompt, completion, last.num_cached_tokens)}
 
     @staticmethod
-    def _delta(st: _Choice, parsed: ParsedDelta, finished: bool) -> dict[str, Any]:
+    def _delta(st: _Choice, parsed: ParsedDelta, finished: bool, truncated: bool = False) -> dict[str, Any]:
         delta: dict[str, Any] = {}
         if parsed.reasoning:
             delta["reasoning_content"] = parsed.reasoning
         content = parsed.content
         if st.tools is not None:
-            outs = [st.tools.feed(content)] + ([st.tools.finish()] if finished else [])
+            outs = [st.tools.feed(content)] + ([st.tools.finish(truncated)] if finished else [])
             content = "".join(o.content for o in outs)
             calls = [c for o in outs for c in o.calls]
             if calls:
@@ -295,6 +326,7 @@ class OpenAIServing:
 
     def prepare_completion(self, req: CompletionRequest) -> tuple[list[tuple[list[int], str | None]], SamplingParams,
                                                                   str | None]:
+        check_request_values(req)
         self._check_model(req.model)
         if req.suffix is not None:
             raise APIError("suffix is not supported: Qwen3 models have no fill-in-the-middle format", param="suffix")
@@ -313,7 +345,7 @@ class OpenAIServing:
         return encoded, params, guided_param
 
     async def completion(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
-        encoded, params, guided_param = self.prepare_completion(req)
+        encoded, params, guided_param = await self._off_loop(self.prepare_completion, req)
         request_id = f"cmpl-{secrets.token_hex(12)}"
         streams = [self._run("completions", f"{request_id}-{i}", ids, text, params, guided_param)
                    for i, (ids, text) in enumerate(encoded)]
@@ -482,6 +514,11 @@ class OpenAIServing:
                 raise APIError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param=where)
         if req.n > self.settings.max_n:
             raise APIError(f"n must be at most {self.settings.max_n}, got {req.n}", param="n")
+        if vocab is not None and req.top_k is not None and req.top_k > vocab:
+            raise APIError(f"top_k must be at most the vocabulary size ({vocab}), got {req.top_k}", param="top_k")
+        if thinking_budget is not None and thinking_budget > limit:
+            raise APIError(f"thinking_budget must be at most the model's maximum context length ({limit}), "
+                           f"got {thinking_budget}", param="thinking_budget")
         fields = dict(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
@@ -494,7 +531,8 @@ class OpenAIServing:
         try:
             params = SamplingParams(**fields)
         except ValueError as exc:
-            raise APIError(str(exc), param=_param_of(str(exc), max_param, guided_param)) from None
+            raise APIError(str(exc), param=_param_of(str(exc), max_param, guided_param,
+                                                     chat=isinstance(req, ChatCompletionRequest))) from None
         return params
 
     async def _run(self, endpoint: str, request_id: str, ids: list[int], prompt: str | None,
@@ -523,6 +561,10 @@ class OpenAIServing:
                     generated += new
                     m.generation_tokens.inc(new)
                 yield out
+        except EngineDeadError as exc:  # the engine (replica) is gone: the request cannot finish there
+            status = "503"
+            raise APIError(f"The engine serving this request is unavailable: {exc}", status=503, type="server_error",
+                           code="engine_unavailable") from None
         except ValueError as exc:  # refused by the engine (e.g. a grammar that does not compile)
             status = "400"
             raise APIError(str(exc), param=_param_of(str(exc), "max_tokens", guided_param)) from None
@@ -538,7 +580,11 @@ class OpenAIServing:
         finally:
             if stream is not None:
                 await stream.aclose()
-            m.requests.labels(endpoint, status).inc()
+            outcome = current_outcome.get()
+            if outcome is not None:
+                outcome.report(status)  # the transport counts the request once, with this status
+            else:
+                m.count_request(endpoint, status)
             if status == "200":
                 m.prompt_tokens.inc(len(ids))
                 m.e2e.observe(time.perf_counter() - arrival)
@@ -643,14 +689,15 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _param_of(message: str, max_param: str, guided_param: str | None = None) -> str | None:
-    """The request field an engine message names (its first word), in OpenAI's names."""
+def _param_of(message: str, max_param: str, guided_param: str | None = None, chat: bool = True) -> str | None:
+    """The request field an engine message names (its first word), in OpenAI's names (chat's
+    `top_logprobs` is the engine's `logprobs`; completions call it `logprobs`)."""
     word = message.split(" ", 1)[0].rstrip(":")
     if guided_param is not None and (word.startswith(("guided_decoding", "tool_calls")) or word == "invalid"):
         return guided_param
     if word == "max_tokens":
         return max_param
     if word == "logprobs":
-        return "top_logprobs"
+        return "top_logprobs" if chat else "logprobs"
     return word if word in _SAMPLING_FIELDS else None
 

@@ -12,6 +12,7 @@ Rendering a chat:
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ from tokenizers import Tokenizer as RawTokenizer
 
 DEFAULT_TEMPLATE_PATH = Path(__file__).parent / "templates" / "qwen3.jinja"
 ROLES = ("system", "user", "assistant", "tool")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt")
+"""What `apply_chat_template` sets itself: template arguments may not name them."""
 
 
 def _read_json(path: Path) -> dict:
@@ -143,8 +147,17 @@ class Tokenizer:
         return self.raw.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; special tokens written in the text become their single ids."""
-        return self.raw.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; special tokens written in the text become their single ids.
+        ValueError for text that is not a string of valid Unicode (a lone surrogate such as "\\ud800")."""
+        if not isinstance(text, str):
+            raise ValueError(f"text to encode must be a string, got {type(text).__name__}")
+        surrogate = None if text.isascii() else _SURROGATE.search(text)
+        if surrogate is not None:
+            raise ValueError(f"the text holds a lone surrogate ({surrogate.group()!r} at character "
+                             f"{surrogate.start()}), which is not valid Unicode")
+        # Through `encode_batch`, which lets go of the GIL while it works: `encode` holds it, so a
+        # prompt of megabytes froze every other thread of the process for seconds.
+        return self.raw.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.raw.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -162,6 +175,7 @@ class Tokenizer:
 
         `template_kwargs` (e.g. `enable_thinking=False`) go into the template's context.
         Raises ValueError for malformed messages or tools, or when the template raises.
+        Callers that take the kwargs from a user's dict check it with `check_template_kwargs` first.
         """
         normalized = normalize_messages(messages)
         if tools is not None:
@@ -184,6 +198,23 @@ class Tokenizer:
             return template.render(**context)
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template error: {e}") from e
+        except RecursionError:  # e.g. `tojson` of a value nested deeper than Python recurses
+            raise ValueError("chat template error: a value in the messages, tools or template arguments "
+                             "is nested too deeply to render") from None
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+            # the template met a value of a shape it cannot use (e.g. a number where it adds strings)
+            raise ValueError(f"chat template error: {e}") from e
+
+
+def check_template_kwargs(kwargs: Any) -> None:
+    """ValueError unless `kwargs` (a request's `chat_template_kwargs`) is a dict with string keys
+    that leaves `messages`, `tools` and `add_generation_prompt` to their own arguments."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError("chat_template_kwargs must be an object with string keys")
+    reserved = [k for k in RESERVED_TEMPLATE_KWARGS if k in kwargs]
+    if reserved:
+        raise ValueError(f"chat_template_kwargs must not set {', '.join(map(repr, reserved))}: "
+                         "pass them as the request's own fields")
 
 
 def normalize_messages(messages: Any) -> list[dict]:
@@ -260,6 +291,8 @@ def _normalize_tool_call(where: str, call: Any) -> dict:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}.function.arguments is not valid JSON: {e}") from e
+        except RecursionError:
+            raise ValueError(f"{where}.function.arguments is nested too deeply") from None
     if not isinstance(arguments, dict):
         raise ValueError(f"{where}.function.arguments must be a JSON object, got {type(arguments).__name__}")
     out = {k: v for k, v in call.items() if k not in ("function", "name", "arguments")}

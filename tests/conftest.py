@@ -76,9 +76,10 @@ def thinking_model_path(qwen3_moe_path, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def local_serving(max_model_len: int):
-    """The OpenAI serving layer over the in-process engine (embedded default model), with an event
-    loop on a background thread for servers; `run(coro)` runs a coroutine there and waits."""
+def local_serving(max_model_len: int, **llm_kwargs):
+    """The OpenAI serving layer over the in-process engine (embedded default model, `LLM` keyword
+    arguments such as limits in `llm_kwargs`), with an event loop on a background thread for
+    servers; `run(coro)` runs a coroutine there and waits."""
     import asyncio
     import threading
     from types import SimpleNamespace
@@ -87,7 +88,7 @@ def local_serving(max_model_len: int):
     from expertmesh.engine.async_engine import AsyncEngine
     from expertmesh.gateway.serving import LocalEngineClient, OpenAIServing, ServingSettings
 
-    llm = LLM(max_model_len=max_model_len)
+    llm = LLM(max_model_len=max_model_len, **llm_kwargs)
     engine = AsyncEngine(llm.engine)
     serving = OpenAIServing(LocalEngineClient(engine), llm.tokenizer, ServingSettings("tiny", llm.engine.max_model_len))
     loop = asyncio.new_event_loop()

@@ -19,19 +19,26 @@ def _flags(subcommand: str) -> set[str]:
     return {opt for action in sub._actions for opt in action.option_strings}
 
 
-ENGINE_FLAGS = {"--model", "--tokenizer", "--chat-template", "--dtype", "--device", "--max-model-len",
-                "--expert-impl", "--kernels", "--enforce-eager", "--no-enforce-eager", "--load-format",
-                "--block-size", "--num-kv-blocks", "--kv-cache-memory-bytes", "--gpu-memory-utilization",
-                "--enable-prefix-caching", "--no-enable-prefix-caching", "--max-num-seqs",
-                "--max-num-batched-tokens", "--ep-size", "--ray-address", "--cpus-per-rank", "--step-channel"}
+ENGINE_FLAGS = {"--model", "--revision", "--download-dir", "--tokenizer", "--chat-template", "--dtype", "--device",
+                "--max-model-len", "--expert-impl", "--kernels", "--enforce-eager", "--no-enforce-eager",
+                "--load-format", "--block-size", "--num-kv-blocks", "--kv-cache-memory-bytes",
+                "--gpu-memory-utilization", "--enable-prefix-caching", "--no-enable-prefix-caching",
+                "--max-num-seqs", "--max-num-batched-tokens", "--ep-size", "--ray-address", "--cpus-per-rank",
+                "--step-channel", "--max-stop-strings", "--max-stop-string-chars", "--grammar-compile-timeout-s",
+                "--grammar-compile-workers", "--grammar-max-bytes", "--grammar-max-enum-values",
+                "--grammar-max-regex-chars"}
 SAMPLING_FLAGS = {"--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--seed", "--stop"}
 SERVING_FLAGS = {"--served-model-name", "--max-n", "--api-key", "--redis-url", "--api-keys-env",
-                 "--redis-password-env", "--grpc-port", "--engine-replicas", "--gateway-replicas",
-                 "--max-ongoing-requests"}
-LLM_KWARGS = ["model", "progress", "tokenizer", "chat_template", "dtype", "device", "max_model_len", "expert_impl",
-              "load_format", "seed", "kernels", "enforce_eager", "block_size", "num_kv_blocks",
-              "kv_cache_memory_bytes", "gpu_memory_utilization", "enable_prefix_caching", "max_num_seqs",
-              "max_num_batched_tokens", "ep_size", "ray_address", "cpus_per_rank", "step_channel"]
+                 "--redis-password-env", "--grpc-port", "--grpc-host", "--engine-replicas", "--gateway-replicas",
+                 "--max-ongoing-requests", "--max-request-body-bytes", "--health-stall-timeout-s",
+                 "--http-keep-alive-timeout-s", "--http-header-timeout-s", "--http-request-timeout-s",
+                 "--grpc-max-connection-idle-s", "--grpc-keepalive-time-s", "--grpc-max-concurrent-streams"}
+LLM_KWARGS = ["model", "progress", "revision", "download_dir", "tokenizer", "chat_template", "dtype", "device",
+              "max_model_len", "expert_impl", "load_format", "seed", "kernels", "enforce_eager", "block_size",
+              "num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization", "enable_prefix_caching",
+              "max_num_seqs", "max_num_batched_tokens", "ep_size", "ray_address", "cpus_per_rank", "step_channel",
+              "max_stop_strings", "max_stop_string_chars", "grammar_compile_timeout_s", "grammar_compile_workers",
+              "grammar_max_bytes", "grammar_max_enum_values", "grammar_max_regex_chars"]
 
 
 def test_the_public_flags_are_exactly_these():
@@ -149,3 +156,12 @@ def test_default_model_needs_no_network(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["prompt"] == "Hi"
     assert (tmp_path / "models" / "tiny-qwen3-moe-v1" / "config.json").is_file()
+
+
+def test_banner_names_the_bound_addresses():
+    from expertmesh.gateway.cli import banner
+
+    text = banner("m", "0.0.0.0:8000", "10.1.2.3:50051")
+    assert "HTTP  http://127.0.0.1:8000/v1  (bound to 0.0.0.0:8000, every interface;" in text
+    assert "gRPC  10.1.2.3:50051  (bound to 10.1.2.3:50051;" in text
+    assert banner("m", "127.0.0.1:8000", None).endswith("gRPC  off (--grpc-port 0)")

@@ -139,12 +139,12 @@ def run_checker(tok, text, stops, include=False, chunk=1):
     detok, checker = IncrementalDetokenizer(tok, []), StopChecker(stops, include)
     streamed = []
     for i in range(0, len(ids), chunk):
-        delta = detok.add(ids[i:i + chunk])
-        update = checker.update(detok.text, len(delta))
+        detok.add(ids[i:i + chunk])
+        update = checker.update(detok.text)
         streamed.append(update.delta)
         if update.stop_str is not None:
             return "".join(streamed), detok.text[:update.text_end], update.stop_str
-    update = checker.update(detok.text, 0, finished=True)
+    update = checker.update(detok.text, finished=True)
     streamed.append(update.delta)
     return "".join(streamed), detok.text, None
 
@@ -168,9 +168,83 @@ def test_held_back_text_is_released(tok):
     streamed, final, stop = run_checker(tok, "The answer is 42. Us", ["User:"])
     assert stop is None and streamed == final == "The answer is 42. Us"
     checker = StopChecker(["User:"])
-    assert checker.update("The answer. Us", 14).delta == "The answer. "
-    assert checker.update("The answer. Use", 1).delta == ""
-    assert checker.update("The answer. Used", 1).delta == "Used"
-    assert checker.update("The answer. Used U", 2).delta == " "
-    assert checker.update("The answer. Used U", 0, finished=True).delta == "U"
-    assert StopChecker([]).update("abc", 3).delta == "abc"
+    assert checker.update("The answer. Us").delta == "The answer. "
+    assert checker.update("The answer. Use").delta == ""
+    assert checker.update("The answer. Used").delta == "Used"
+    assert checker.update("The answer. Used U").delta == " "
+    assert checker.update("The answer. Used U", finished=True).delta == "U"
+    assert StopChecker([]).update("abc").delta == "abc"
+
+
+# ---- stop strings: one automaton, the naive matcher's answers, work independent of their count -----
+
+def naive_stream(text: str, cuts: list[int], stops: list[str], include: bool, check_from: int = 0):
+    """The plain matcher over text arriving in pieces (`find_stop_string` on each new piece), as
+    StopChecker did before its automaton; matching only from the piece index `check_from` on
+    (min_tokens). Returns (final text, stop) or (text, None)."""
+    prev = 0
+    for i, end in enumerate([*cuts, len(text)]):
+        seen = text[:end]
+        if i >= check_from:
+            match = find_stop_string(seen, end - prev, stops)
+            if match is not None:
+                index, stop = match
+                return seen[:index + len(stop) if include else index], stop
+        prev = end
+    return text, None
+
+
+def checker_stream(text: str, cuts: list[int], stops: list[str], include: bool, check_from: int = 0):
+    checker, streamed = StopChecker(stops, include), []
+    pieces = [*cuts, len(text)]
+    for i, end in enumerate(pieces):
+        update = checker.update(text[:end], finished=i == len(pieces) - 1, check=i >= check_from)
+        streamed.append(update.delta)
+        if update.stop_str is not None:
+            if check_from == 0:  # (text released under min_tokens may reach past a stop's start)
+                assert "".join(streamed) == text[:update.text_end]
+            return text[:update.text_end], update.stop_str
+    return "".join(streamed), None
+
+
+def test_stop_matching_agrees_with_the_naive_matcher_on_random_stop_sets():
+    rng = random.Random(7)
+    alphabet = "ab c\n你😀"
+    for trial in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        stops = list({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))
+                      for _ in range(rng.randint(1, 8))})
+        if rng.random() < 0.5 and len(text) > 3:  # stops that do occur, often across a cut
+            i = rng.randrange(len(text) - 1)
+            stops.append(text[i:i + rng.randint(1, 5)])
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(8, len(text) - 1)))) if len(text) > 1 else []
+        include = rng.random() < 0.5
+        check_from = rng.choice([0, 0, 1, 2])
+        assert checker_stream(text, cuts, stops, include, check_from) == \
+            naive_stream(text, cuts, stops, include, check_from), (trial, text, cuts, stops, include, check_from)
+
+
+def test_stop_matcher_work_does_not_grow_with_the_number_of_stops():
+    """Structural, not timed: the automaton takes at most two transitions per character of text,
+    for 1 stop string or 10,000 of 40 characters (the amplification attack)."""
+    rng = random.Random(3)
+    text = "".join(rng.choice("abcdefgh ") for _ in range(2000))
+    few = ["zz"]
+    many = ["".join(rng.choice("abcdefgh ") for _ in range(40)) for _ in range(10_000)]
+    many = [s for s in many if s not in text]
+    works = []
+    for stops in (few, many):
+        checker = StopChecker(stops)
+        for end in [*range(0, len(text), 3), len(text)]:  # a few characters per update, as tokens arrive
+            assert checker.update(text[:end]).stop_str is None
+        assert checker.steps <= 2 * len(text)
+        works.append(checker.steps)
+    assert works[1] <= 2 * len(text) and works[0] >= len(text)  # one step per character at least
+
+
+def test_stop_split_across_every_cut_is_found_once():
+    text = "The answer is 42.\n\nUser: more"
+    stops = ["\n\nUser:", "answer is 43"]
+    for cut in range(1, len(text)):
+        streamed, stop = checker_stream(text, [cut], stops, include=False)
+        assert (streamed, stop) == ("The answer is 42.", "\n\nUser:"), cut

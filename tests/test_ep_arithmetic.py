@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertmesh.cluster.placement import ExpertPlacement, rank_bundles
+from expertmesh.cluster.placement import ExpertPlacement, rank_bundles, unplaceable
 from expertmesh.router.all_to_all import padded_positions, plan_receive, plan_receive_padded, plan_send
 
 
@@ -28,6 +28,20 @@ def test_a_placement_must_cover_every_expert_once():
 def test_bundles():
     assert rank_bundles(2, "cuda") == [{"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
     assert rank_bundles(3, "cpu", cpus_per_rank=2) == [{"CPU": 2}] * 3
+    assert rank_bundles(4, "cpu") == [{"CPU": 0.5}] * 4  # a CPU rank reserves half a CPU by default
+    assert rank_bundles(2, "cpu", cpus_per_rank=0.25) == [{"CPU": 0.25}] * 2
+
+
+def test_unplaceable_names_what_no_node_or_cluster_has():
+    two_cores, gpu_nodes = [{"CPU": 2.0}], [{"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]
+    assert unplaceable(rank_bundles(4, "cpu"), two_cores) is None
+    assert unplaceable(rank_bundles(3, "cpu", cpus_per_rank=1), two_cores) == \
+        "CPU: 3 asked in all, the cluster has 2 (a bundle needs up to 1 on one node, the largest node has 2)"
+    assert unplaceable(rank_bundles(16, "cuda"), gpu_nodes) is None
+    assert unplaceable(rank_bundles(17, "cuda"), gpu_nodes).startswith("GPU: 17 asked in all, the cluster has 16")
+    assert unplaceable([{"CPU": 20.0}], gpu_nodes).startswith("CPU: 20 asked in all, the cluster has 32 (a bundle "
+                                                              "needs up to 20 on one node, the largest node has 16)")
+    assert unplaceable(rank_bundles(1, "cuda"), two_cores).startswith("GPU: 1 asked in all, the cluster has 0")
 
 
 def test_send_plan_orders_copies_by_rank_then_expert():

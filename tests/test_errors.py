@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from expertmesh import LLM, SamplingParams
+from expertmesh.engine.sampling_params import GuidedDecodingParams, ToolCallConstraint
 from expertmesh.model.config import ModelConfig
 
 
@@ -33,18 +34,73 @@ def test_one_bad_prompt_admits_none_of_the_batch(llm):
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
     ({"max_tokens": -3}, "max_tokens must be an integer >= 1"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"temperature": -0.5}, r"temperature must be in \[0, 2\]"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ({"top_k": -2}, "top_k must be"),
     ({"n": 0}, "n must be an integer >= 1"),
     ({"logprobs": 50}, "logprobs must be an integer in"),
     ({"presence_penalty": 3.0}, "presence_penalty must be in"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+    ({"repetition_penalty": 0.0}, r"repetition_penalty must be in \(0, 2\]"),
+    # non-finite and out-of-range numbers (issue 10, item 8): each refused, naming its field
+    ({"temperature": float("inf")}, "temperature must be in"),
+    ({"temperature": float("nan")}, "temperature must be in"),
+    ({"temperature": 2.5}, "temperature must be in"),
+    ({"top_p": float("nan")}, "top_p must be in"),
+    ({"min_p": float("inf")}, "min_p must be in"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty must be in"),
+    ({"repetition_penalty": 1e308 * 10}, "repetition_penalty must be in"),
+    ({"repetition_penalty": 3.0}, "repetition_penalty must be in"),
+    ({"presence_penalty": float("-inf")}, "presence_penalty must be in"),
+    ({"frequency_penalty": 10**400}, "frequency_penalty must be in"),
+    ({"top_k": 2**63}, "top_k must be"),
+    ({"top_k": True}, "top_k must be"),
+    ({"n": 2**63}, "n must be an integer >= 1"),
+    ({"max_tokens": 2**63}, "max_tokens must be an integer >= 1"),
+    ({"min_tokens": 2**64, "max_tokens": None}, "min_tokens must be an integer >= 0"),
+    ({"stop_token_ids": [2**63]}, "stop_token_ids must be"),
+    ({"thinking_budget": 2**63, "reasoning": True}, "thinking_budget must be an integer >= 0"),
+    ({"logprobs": True}, "logprobs must be an integer in"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_guided_json_nested_too_deep():
+    deep = {"type": "string"}
+    for _ in range(900):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ValueError, match=r"guided_decoding\.json nests deeper than 64 levels"):
+        GuidedDecodingParams(json=deep)
+    with pytest.raises(ValueError, match=r"guided_decoding\.json nests deeper than 64 levels"):
+        GuidedDecodingParams(json='{"a": ' * 5000 + "1" + "}" * 5000)  # deeper than Python's json recurses
+    with pytest.raises(ValueError, match=r"tool_calls.tools\['f'\].parameters nests deeper than 64"):
+        ToolCallConstraint([{"name": "f", "parameters": deep}])
+    shallow = {"type": "string"}
+    for _ in range(63):
+        shallow = {"type": "array", "items": shallow}
+    GuidedDecodingParams(json=shallow)  # 64 levels: the limit itself is fine
+
+
+def test_model_dependent_bounds(llm):
+    vocab, limit = llm.engine.vocab_size, llm.engine.max_model_len
+    for params, message in ((SamplingParams(top_k=vocab + 1), "top_k must be at most the vocabulary size"),
+                            (SamplingParams(thinking_budget=limit + 1, reasoning=True),
+                             "thinking_budget must be at most max_model_len"),
+                            (SamplingParams(stop_token_ids=[vocab]), "stop_token_ids must be in")):
+        with pytest.raises(ValueError, match=message):
+            llm.generate([[5] * 4], params)
+    assert not llm.engine.has_unfinished()
+    assert llm.generate([[5] * 4], SamplingParams(top_k=vocab, max_tokens=1))[0].outputs[0].token_ids
+
+
+def test_lone_surrogate_and_reserved_template_kwargs(llm):
+    with pytest.raises(ValueError, match="lone surrogate"):
+        llm.generate(["bad \ud800 text"], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="chat_template_kwargs must not set 'tools'"):
+        llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1),
+                 chat_template_kwargs={"tools": []})
 
 
 def test_token_ids_out_of_vocab(llm):

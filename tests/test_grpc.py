@@ -158,7 +158,7 @@ def live():
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         try:
             yield SimpleNamespace(stub=pb_grpc.ExpertMeshStub(channel), channel=channel, engine=rig.engine,
-                                  tokenizer=rig.tokenizer, health=health, run=rig.run)
+                                  serving=rig.serving, tokenizer=rig.tokenizer, health=health, run=rig.run)
         finally:
             channel.close()
             rig.run(server.stop(None))
@@ -223,7 +223,7 @@ def test_chat_stream_matches_unary(live, sampling):
 
 def test_completion_unary_and_stream(live):
     prompt = "The capital of France is"
-    req = pb.CompletionRequest(prompt=[prompt], sampling=pb.SamplingParams(max_tokens=8, temperature=0))
+    req = pb.CompletionRequest(prompt=prompt, sampling=pb.SamplingParams(max_tokens=8, temperature=0))
     r = live.stub.Completion(req, metadata=AUTH)
     (choice,) = r.choices
     assert choice.text and choice.finish_reason in ("stop", "length")
@@ -246,6 +246,46 @@ def test_completion_unary_and_stream(live):
                                                        sampling=req.sampling, echo=True), metadata=AUTH)
     assert [c.index for c in by_ids.choices] == [0, 1]
     assert by_ids.choices[0].text == live.tokenizer.decode(ids, skip_special_tokens=False) + choice.text
+
+
+def test_a_string_prompt_is_one_prompt_and_prompts_are_a_batch(live):
+    """`prompt` is one string (a repeated field took a Python string as one prompt per character);
+    several prompts go in `prompts`; a list for `prompt` is refused by protobuf itself."""
+    prompt = "The capital of France is"
+    sampling = pb.SamplingParams(max_tokens=4, temperature=0)
+    one = live.stub.Completion(pb.CompletionRequest(prompt=prompt, sampling=sampling), metadata=AUTH)
+    assert len(one.choices) == 1 and one.usage.prompt_tokens == len(live.tokenizer.encode(prompt))
+    batch = live.stub.Completion(pb.CompletionRequest(prompts=pb.PromptList(texts=[prompt, "Hello"]),
+                                                      sampling=sampling), metadata=AUTH)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == one.choices[0].text
+    with pytest.raises(TypeError):
+        pb.CompletionRequest(prompt=[prompt, "Hello"])
+    # The old field 2 (`repeated string prompt`) with one prompt reads as the same request.
+    old_wire = b"\x12" + bytes([len(prompt)]) + prompt.encode()
+    assert pb.CompletionRequest.FromString(old_wire).prompt == prompt
+    err = _error(live.stub.Completion, pb.CompletionRequest(prompt="x", prompt_token_ids=[pb.TokenIds(ids=[1])]),
+                 metadata=AUTH)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not both" in err.details()
+
+
+def test_the_readme_grpc_example_runs(live, capsys):
+    """The README's Python example (one prompt, then two) against a server without keys."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "pb.PromptList" in block]
+
+    async def start():
+        server = build_grpc_server(live.serving, None, port, host="127.0.0.1")
+        await server.start()
+        return server
+
+    port, namespace = free_port(), {}
+    server = live.run(start())
+    try:
+        exec(code.replace("127.0.0.1:50051", f"127.0.0.1:{port}"), namespace)
+    finally:
+        live.run(server.stop(None))
+    assert (len(namespace["one"].choices), len(namespace["two"].choices)) == (1, 2)
+    assert capsys.readouterr().out.strip()
 
 
 def test_list_models(live):
@@ -288,7 +328,7 @@ def _error(call, *args, **kwargs) -> grpc.RpcError:
                          ids=["no-key", "wrong-key", "no-bearer"])
 def test_unauthenticated(live, metadata):
     for call, req in ((live.stub.ChatCompletion, _chat(max_tokens=2)), (live.stub.ChatCompletionStream, _chat()),
-                      (live.stub.CompletionStream, pb.CompletionRequest(prompt=["x"])),
+                      (live.stub.CompletionStream, pb.CompletionRequest(prompt="x")),
                       (live.stub.ListModels, pb.ListModelsRequest())):
         err = _error(call, req, metadata=metadata)
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -313,12 +353,12 @@ def test_errors(live, request_, code, named):
 
 
 def test_completion_errors(live):
-    err = _error(live.stub.Completion, pb.CompletionRequest(model="nope", prompt=["x"]), metadata=AUTH)
+    err = _error(live.stub.Completion, pb.CompletionRequest(model="nope", prompt="x"), metadata=AUTH)
     assert err.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.details()
     err = _error(live.stub.Completion, pb.CompletionRequest(), metadata=AUTH)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.details()
     err = _error(live.stub.CompletionStream, pb.CompletionRequest(
-        prompt=["x"], sampling=pb.SamplingParams(top_p=2)), metadata=AUTH)
+        prompt="x", sampling=pb.SamplingParams(top_p=2)), metadata=AUTH)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in err.details()
     param = dict(err.trailing_metadata())["error-param"]
     assert param == "top_p"
@@ -351,7 +391,7 @@ def test_json_text_fields_stay_exact():
 
 def test_guided_choice_and_engine_refusals(live):
     """Guided decoding reaches the engine; a grammar the engine refuses fails the call, streamed or not."""
-    r = live.stub.Completion(pb.CompletionRequest(prompt=["Answer:"], guided_choice=["yes", "no"],
+    r = live.stub.Completion(pb.CompletionRequest(prompt="Answer:", guided_choice=["yes", "no"],
                                                   sampling=pb.SamplingParams(max_tokens=8, seed=5)), metadata=AUTH)
     assert r.choices[0].text in ("yes", "no")
     bad = pb.ChatCompletionRequest(messages=MESSAGES, guided_regex="(unclosed",
@@ -360,3 +400,35 @@ def test_guided_choice_and_engine_refusals(live):
         err = _error(call, bad, metadata=AUTH)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert "regex" in err.details()
+
+
+def test_a_message_over_the_body_limit_is_refused_unparsed(live):
+    """The HTTP body limit (sized for max_model_len 512) holds for gRPC messages too."""
+    from expertmesh.gateway.app_config import default_max_request_body_bytes
+
+    limit = default_max_request_body_bytes(512)
+    request = _chat(max_tokens=1)
+    request.messages[1].content = "x" * (limit + 1)
+    with pytest.raises(grpc.RpcError) as info:
+        live.stub.ChatCompletion(request, metadata=AUTH, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    request.messages[1].content = "x" * (limit - 4096)  # within the limit: read, rendered, refused for its length
+    with pytest.raises(grpc.RpcError) as info:
+        live.stub.ChatCompletion(request, metadata=AUTH, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "maximum context length" in info.value.details()
+
+
+def test_refused_calls_are_counted(live):
+    def count(status: str) -> float:
+        return live.serving.metrics.requests.labels("chat", status)._value.get()
+
+    before = count("401"), count("400")
+    with pytest.raises(grpc.RpcError):
+        live.stub.ChatCompletion(_chat(max_tokens=1))
+    with pytest.raises(grpc.RpcError):
+        live.stub.ChatCompletion(_chat(max_tokens=1, n=99), metadata=AUTH)
+    # the server counts in the call's `finally`, which may run just after the client has its status
+    deadline = time.monotonic() + 10
+    while (count("401"), count("400")) != (before[0] + 1, before[1] + 1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (count("401"), count("400")) == (before[0] + 1, before[1] + 1)

@@ -37,7 +37,7 @@ FULLNAME = "em-expertmesh"
 # KubeRay's RayService CRD (ray-project/kuberay ray-operator/config/crd/bases/, commit feeaf72 of
 # 2026-08-19, after v1.7.0; Apache-2.0), kept gzipped beside the tests so a bare checkout has it.
 KUBERAY_CRDS = Path(os.environ.get("EXPERTMESH_KUBERAY_CRDS", ROOT / "tests" / "data" / "kuberay"))
-CHART_SET_ARGS = {"model", "grpc_port", "redis_url", "redis_password_env", "api_keys", "api_keys_env"}
+CHART_SET_ARGS = {"model", "grpc_port", "grpc_host", "redis_url", "redis_password_env", "api_keys", "api_keys_env"}
 """AppConfig fields the chart fills from its own values (model.path, grpc, redis, apiKeys)."""
 
 
@@ -284,6 +284,36 @@ def test_secrets_reach_the_pods_as_references_only(helm):
         assert env["EXPERTMESH_REDIS_PASSWORD"]["name"] == f"{FULLNAME}-redis"
     (secret,) = by_kind(docs, "Secret")  # the bundled Redis's password; the API keys' Secret exists already
     assert secret["data"]["redis-password"] and "s3cret" not in json.dumps(secret)
+
+
+def test_every_proxy_gets_the_connection_timeouts(helm):
+    """Serve's own http_options carry the keep-alive and request timeouts; the header timeout, which
+    Serve does not expose, reaches every Ray container (each runs a proxy) through the environment."""
+    docs = render(helm, "multi-node", "--set", "app.http_header_timeout_s=12", "--set",
+                  "app.http_keep_alive_timeout_s=75", "--set", "app.http_request_timeout_s=600")
+    options = serve_config(docs)["http_options"]
+    assert (options["keep_alive_timeout_s"], options["request_timeout_s"]) == (75, 600)
+    (rs,) = by_kind(docs, "RayService")
+    cluster = rs["spec"]["rayClusterConfig"]
+    for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "expertmesh.gateway.proxy_callback:install"
+        assert env["EXPERTMESH_HTTP_HEADER_TIMEOUT_S"] == "12"
+    default = serve_config(render(helm, None))["http_options"]
+    assert default["keep_alive_timeout_s"] == 90 and "request_timeout_s" not in default
+
+
+def test_every_ray_pod_gives_serve_proxy_the_openai_error_middleware(helm):
+    """Serve's proxy reads its callback from the node's environment (gateway/proxy_callback.py)."""
+    from expertmesh.gateway.proxy_callback import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    for value_set in (None, "multi-node"):
+        (rs,) = by_kind(render(helm, value_set), "RayService")
+        cluster = rs["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        for pod in pods:
+            env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+            assert env[PROXY_CALLBACK_ENV] == PROXY_CALLBACK
 
 
 def test_network_policy_keeps_ray_ports_inside(helm):

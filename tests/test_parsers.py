@@ -110,13 +110,29 @@ def test_string_encoded_arguments_and_unknown_tool_names():
     assert content == text and calls == []
 
 
-def test_unterminated_block_at_finish_comes_back_as_content():
+def test_unterminated_block_at_finish_never_reaches_content():
     text = 'Calling: <tool_call>\n{"name": "f", "arguments": {"x": '
-    for deltas in chunkings(text, rounds=5):
-        assert summary(parse_stream(deltas)) == ("", text, [])
+    for truncated in (False, True):
+        for deltas in chunkings(text, rounds=5):
+            assert summary(parse_stream(deltas, truncated=truncated)) == ("", "Calling:", [])
     parser = ToolCallParser()
     assert parser.feed("x <tool_ca").content == "x"
-    assert parser.finish().content == " <tool_ca" and not parser.called
+    assert parser.finish().content == " <tool_ca" and not parser.called  # it ended there: only text
+
+
+def test_output_cut_by_max_tokens_anywhere_leaves_no_markup_in_content():
+    """Every prefix of a reply with a call, as a max_tokens cut leaves it: the complete calls are
+    parsed, the text outside them is content, and nothing of a tag or a block is."""
+    text = ('Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>')
+    first_end = text.index("</tool_call>") + len("</tool_call>")
+    for end in range(len(text) + 1):
+        cut = text[:end]
+        for deltas in chunkings(cut, rounds=2):
+            _, content, calls = parse_stream(deltas, truncated=end < len(text))
+            assert "<" not in content and "tool_call" not in content, (end, content)
+            assert content == (cut if end <= len("Sure. ") else "Sure."), (end, content)
+            assert [c.name for c in calls] == ["get_weather", "get_time"][:(end >= first_end) + (end == len(text))]
 
 
 def test_tag_lookalikes_are_released_as_content():
@@ -168,3 +184,10 @@ def test_engine_stream_matches_the_non_streaming_helper(tmp_path):
     assert streamed == summary(split_reasoning_and_tools(SAMPLE))
     assert streamed == (EXPECTED_REASONING, EXPECTED_CONTENT, EXPECTED_CALLS)
     assert tools.called
+
+
+def test_output_cut_at_or_inside_a_think_tag_leaves_no_tag_in_content():
+    assert parse_stream(["<think>"]) == ("", "", [])  # cut right after the tag: thinking had begun
+    assert parse_stream(["  <thi"], truncated=True) == ("", "", [])
+    assert parse_stream(["<thi"]) == ("", "<thi", [])  # the output ended there: text that looked like a tag
+    assert parse_stream(["<think>\nabc</thi"], truncated=True) == ("abc", "", [])

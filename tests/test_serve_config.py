@@ -73,3 +73,23 @@ def test_print_config_writes_no_path_of_the_home_folder(qwen3_moe_path, tmp_path
     args = yaml.safe_load(out)["applications"][0]["args"]
     assert args["model"] == "~/.cache/expertmesh/models/tiny-qwen3-moe-v1"
     assert AppConfig.model_validate(args).model_path() == home / ".cache/expertmesh/models/tiny-qwen3-moe-v1"
+
+
+@pytest.mark.parametrize(("flags", "grpc_host"), [([], "127.0.0.1"), (["--host", "0.0.0.0"], "0.0.0.0"),
+                                                  (["--grpc-host", "0.0.0.0"], "0.0.0.0"),
+                                                  (["--host", "0.0.0.0", "--grpc-host", "10.0.0.5"], "10.0.0.5")])
+def test_grpc_binds_the_http_host_unless_told_otherwise(qwen3_moe_path, capsys, flags, grpc_host):
+    assert main(["serve", str(qwen3_moe_path), *flags, "--print-config"]) == 0
+    args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
+    assert AppConfig.model_validate(args).grpc_host == grpc_host
+
+
+def test_a_hugging_face_repo_id_is_a_model(capsys):
+    cfg = AppConfig(model="Qwen/Qwen3-30B-A3B", revision="main")
+    assert cfg.model_name() == "Qwen/Qwen3-30B-A3B"  # as vLLM names it
+    assert cfg.engine_config().load.model == "Qwen/Qwen3-30B-A3B"  # each replica fetches it on its node
+    assert main(["serve", "Qwen/Qwen3-30B-A3B", "--revision", "v1", "--print-config"]) == 0
+    args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
+    assert (args["model"], args["revision"]) == ("Qwen/Qwen3-30B-A3B", "v1")
+    with pytest.raises(ValueError, match="not a Hugging Face repo id"):
+        AppConfig(model="no/such/dir")

@@ -415,6 +415,27 @@ def test_metrics(server, client):
     assert re.search(r'expertmesh_requests_total\{endpoint="chat",status="40[04]"\} [1-9]', text)
 
 
+def requests_total(base: str) -> dict[tuple[str, str], float]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {(e, s): float(v) for e, s, v in
+            re.findall(r'^expertmesh_requests_total\{endpoint="([^"]+)",status="([^"]+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+def test_refused_requests_are_counted_with_their_status(server, client):
+    """Refusals the serving layer raises before the engine (400, 404) and the auth's 401 are counted."""
+    before = requests_total(server["base"])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-qwen3", messages=user("hi"), max_tokens=2, n=64)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-5", messages=user("hi"), max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["base"] + "/v1", api_key="sk-wrong", max_retries=0).chat.completions.create(
+            model="tiny-qwen3", messages=user("hi"), max_tokens=2)
+    after = requests_total(server["base"])
+    for status in ("400", "404", "401"):
+        assert after.get(("chat", status), 0) - before.get(("chat", status), 0) == 1, (status, after)
+
+
 # ---- many streams, half of them cancelled ------------------------------------------------------------
 
 def test_100_concurrent_streams_half_disconnected_free_every_block(server):
@@ -481,6 +502,40 @@ def test_grpc_on_the_served_app(server):
         with pytest.raises(grpc.RpcError) as err:
             stub.ChatCompletion(request, timeout=60)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _listening_hosts(port: int) -> set[str]:
+    """Local addresses of the sockets listening on TCP `port` (from `ss`; IPv4-mapped IPv6 as IPv4)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    hosts = {line.split()[3].rpartition(":")[0] for line in out.splitlines() if line.strip()}
+    return {h.removeprefix("[::ffff:").removesuffix("]") if h.startswith("[::ffff:") else h for h in hosts}
+
+
+def _other_interface_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback, if it has one."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    addresses = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    return next((a for a in addresses if not a.startswith("127.")), None)
+
+
+def test_grpc_binds_the_http_host_and_the_banner_says_so(server):
+    """`serve` with the default --host 127.0.0.1: gRPC listens on loopback only, as HTTP does (no other
+    interface reaches it), and the banner names the addresses actually bound."""
+    import socket
+
+    port = server["grpc_port"]
+    assert _listening_hosts(port) == {"127.0.0.1"}
+    other = _other_interface_address()
+    if other is not None:
+        with pytest.raises(ConnectionRefusedError), socket.create_connection((other, port), timeout=5):
+            pass
+    deadline = time.monotonic() + 120
+    while "gRPC  " not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = server["log"].read_text()
+    assert f"gRPC  127.0.0.1:{port}  (bound to 127.0.0.1:{port}, this machine only;" in log
+    http_port = server["base"].rpartition(":")[2]
+    assert f"HTTP  http://127.0.0.1:{http_port}/v1  (bound to 127.0.0.1:{http_port}, this machine only;" in log
 
 
 # ---- schemathesis ---------------------------------------------------------------------------------

@@ -174,3 +174,35 @@ def test_usage_in_the_last_stream_chunk(rig):
     assert usage["completion_tokens"] == len(script.tokens) + 1
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert all("usage" not in c for c in chunks[:-1])
+
+
+def test_required_tool_calls_cut_by_max_tokens_anywhere_leave_no_markup_in_content(rig):
+    """tool_choice "required" (the grammar enforces the calls), the reply cut by max_tokens after
+    every token: the complete calls come back as tool_calls, never any markup as content, and
+    finish_reason is "length" until the reply is whole; streaming and not alike."""
+    serving, script, tokenizer, _ = rig
+    script.tokens = tokenizer.encode(THINK_THEN_CALLS)
+    for max_tokens in range(1, len(script.tokens) + 2):
+        shown = tokenizer.decode(script.tokens[:max_tokens], skip_special_tokens=False)
+        answer = shown.split("</think>", 1)[1] if "</think>" in shown else ""
+        complete = answer.count("</tool_call>")
+        for stream in (False, True):
+            req = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], stream=stream,
+                                        tools=[WEATHER, TIME], tool_choice="required", max_tokens=max_tokens)
+
+            async def run(req=req):
+                result = await serving.chat(req)
+                return result if not req.stream else [chunk async for chunk in result]
+
+            result = asyncio.run(run())
+            if stream:
+                _, content, calls, finish = collect(result)
+                names = [c["function"]["name"] for c in calls]
+            else:
+                message = result["choices"][0]["message"]
+                content, finish = message["content"] or "", result["choices"][0]["finish_reason"]
+                names = [c["function"]["name"] for c in message.get("tool_calls") or []]
+            where = (max_tokens, stream, content)
+            assert content == "", where  # only calls under "required": no text, no markup
+            assert names == ["get_weather", "get_time"][:complete], where
+            assert finish == ("length" if max_tokens <= len(script.tokens) else "tool_calls"), where

@@ -91,8 +91,14 @@ generated); empty with apiKeys.generate false (the Redis key store is then the o
 {{- end }}
 {{- end }}
 
-{{/* Env entries of every Ray container: the Secrets as environment variables, then extraEnv. */}}
+{{/* Env entries of every Ray container: the Serve proxy's callback (gateway/proxy_callback.py: the
+header timeout Serve has no setting for, and OpenAI's error object for the proxy's own answers),
+the Secrets as environment variables, then extraEnv. */}}
 {{- define "expertmesh.rayEnv" -}}
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: expertmesh.gateway.proxy_callback:install
+- name: EXPERTMESH_HTTP_HEADER_TIMEOUT_S
+  value: {{ .Values.app.http_header_timeout_s | default 30 | quote }}
 {{- $keys := include "expertmesh.apiKeysSecret" . }}
 {{- if $keys }}
 - name: {{ include "expertmesh.apiKeysEnv" . }}
@@ -138,6 +144,7 @@ generated); empty with apiKeys.generate false (the Redis key store is then the o
 {{- end }}
 {{- if .Values.grpc.enabled }}
 {{- $_ := set $args "grpc_port" (int .Values.grpc.port) }}
+{{- $_ := set $args "grpc_host" "0.0.0.0" }}{{/* the pod's every interface, as the HTTP proxy's host */}}
 {{- else }}
 {{- $_ := set $args "grpc_port" nil }}
 {{- end }}
@@ -163,7 +170,11 @@ also needs the head's expertmesh_gateway resource. */}}
 {{- $gw := dict "name" "ExpertMeshGateway" "ray_actor_options" (dict "num_cpus" 0.5 "resources" (dict "expertmesh_gateway" 0.01)) }}
 {{- $_ := set $app "deployments" (list $gw) }}
 {{- end }}
-{{- $cfg := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) }}
+{{- $http := dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" (.Values.app.http_keep_alive_timeout_s | default 90 | int) }}
+{{- with .Values.app.http_request_timeout_s }}
+{{- $_ := set $http "request_timeout_s" . }}
+{{- end }}
+{{- $cfg := dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app) }}
 {{- toYaml $cfg }}
 {{- end }}
 
