@@ -307,13 +307,15 @@ def part_profile(engine: EngineCore, batches=(1, 64), steps: int = 6, top: int =
     rows = []
     for batch in batches:
         for i, prompt in enumerate(_prompts(batch, 128, c.vocab_size, seed=batch)):
-            engine.add_request(f"prof{batch}-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=2 * steps + 8,
+            engine.add_request(f"prof{batch}-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=3 * steps + 8,
                                                                             ignore_eos=True), stream=False)
         recorder: StepRecorder = engine.executor
         recorder.steps = []
         while not (recorder.steps and recorder.steps[-1]["decode"] and recorder.steps[-1]["seqs"] == batch):
             engine.step()  # the prefills
-        engine.step()
+        for _ in range(steps):
+            engine.step()
+        executor_ms = statistics.median(s["seconds"] for s in recorder.steps[-steps:]) * 1e3
         graphs, size = runner.graphs, runner.graphs.size_for(batch)
         times = []
         for _ in range(20):  # the last step's inputs are still in the static buffers
@@ -336,13 +338,15 @@ def part_profile(engine: EngineCore, batches=(1, 64), steps: int = 6, top: int =
         kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
         kernels.sort(key=lambda e: -e.device_time_total)
         total_us = sum(e.device_time_total for e in kernels) / steps
-        row = {"batch": batch, "graph_replay_ms": statistics.median(times), "kernel_us_per_step": total_us,
+        row = {"batch": batch, "executor_step_ms": executor_ms, "graph_replay_ms": statistics.median(times),
+               "kernel_us_per_step": total_us,
                "kernels_per_step": sum(e.count for e in kernels) / steps,
                "top": [{"name": e.key[:90], "us_per_step": e.device_time_total / steps,
                         "calls_per_step": e.count / steps} for e in kernels[:top]]}
         rows.append(row)
-        print(f"[profile] batch {batch}: graph replay {row['graph_replay_ms']:.3f} ms; kernels {total_us / 1e3:.3f} ms "
-              f"in {row['kernels_per_step']:.0f} launches per step", flush=True)
+        print(f"[profile] batch {batch}: executor step {executor_ms:.3f} ms, graph replay "
+              f"{row['graph_replay_ms']:.3f} ms; kernels {total_us / 1e3:.3f} ms in {row['kernels_per_step']:.0f} "
+              "launches per step", flush=True)
         for k in row["top"]:
             print(f"    {k['us_per_step']:9.1f} us  {k['calls_per_step']:6.1f}x  {k['name']}", flush=True)
     return rows
