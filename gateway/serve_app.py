@@ -145,7 +145,7 @@ class EngineServer:
         return self.engine.heartbeat()
 
     async def expert_load(self) -> list[list[float]] | None:
-        from expertmesh.gateway.serving import expert_load_lists
+        from expertmesh.gateway.engine_client import expert_load_lists
 
         return await self.engine.call(expert_load_lists)
 

@@ -26,12 +26,18 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from expertmesh.engine.async_engine import AsyncEngine, EngineDeadError, EngineHeartbeat, merge_outputs
-from expertmesh.engine.outputs import CompletionOutput, RequestOutput
+from expertmesh.engine.async_engine import EngineDeadError, merge_outputs
+from expertmesh.engine.outputs import RequestOutput
 from expertmesh.engine.parsers import ParsedDelta, ReasoningParser, ToolCall, ToolCallParser
 from expertmesh.engine.sampling_params import GuidedDecodingParams, SamplingParams, ToolCallConstraint
+from expertmesh.gateway.engine_client import (  # noqa: F401  (re-exported: the serving layer's interface)
+    EngineClient,
+    LocalEngineClient,
+    TokenLimiter,
+    expert_load_lists,
+)
 from expertmesh.gateway.metrics import Metrics, current_outcome
 from expertmesh.gateway.protocol import (
     APIError,
@@ -40,56 +46,22 @@ from expertmesh.gateway.protocol import (
     _SamplingFields,
     check_request_values,
 )
+from expertmesh.gateway.serving_util import (
+    _all_or_none,
+    _call_dict,
+    _check_tool_messages,
+    _finish_reason,
+    _join,
+    _last,
+    _param_of,
+    _prompt_list,
+    _starts_in_reasoning,
+    _usage,
+    _usage_counts,
+)
 from expertmesh.model.tokenizer import Tokenizer, check_template_kwargs
 
 MAX_N = 16
-_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                    "repetition_penalty", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs",
-                    "thinking_budget", "guided_decoding")
-
-
-class EngineClient(Protocol):
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 prompt: str | None = None) -> AsyncIterator[list[RequestOutput]]: ...
-
-    async def stats(self) -> dict[str, float]: ...
-
-    async def expert_load(self) -> list[list[float]] | None: ...
-
-    async def heartbeat(self) -> EngineHeartbeat: ...
-
-
-class TokenLimiter(Protocol):
-    """A per-key tokens-per-minute budget (`Authenticator`): `reserve` before the engine sees a
-    request (APIError 429 when its most tokens do not fit), `settle` when it ends, however it ends."""
-
-    async def reserve(self, tokens: int) -> Any: ...
-
-    async def settle(self, reservation: Any, used: int) -> None: ...
-
-
-class LocalEngineClient:
-    """The in-process engine (no Ray Serve): `expertmesh serve --no-ray` style apps and tests."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-
-    def generate(self, request_id, prompt_token_ids, params, prompt=None):
-        return self.engine.generate(request_id, prompt_token_ids, params, prompt)
-
-    async def stats(self) -> dict[str, float]:
-        return self.engine.stats()
-
-    async def expert_load(self) -> list[list[float]] | None:
-        return await self.engine.call(expert_load_lists)
-
-    async def heartbeat(self) -> EngineHeartbeat:
-        return self.engine.heartbeat()
-
-
-def expert_load_lists(core) -> list[list[float]] | None:
-    load = core.expert_load()
-    return None if load is None else load.tolist()
 
 
 @dataclass
@@ -593,111 +565,3 @@ class OpenAIServing:
                 # request must still give its unused tokens back
                 used = len(ids) + generated if generated or status in ("200", "499", "500") else 0
                 await asyncio.shield(self.limiter.settle(reservation, used))
-
-
-# ---- helpers -------------------------------------------------------------------------------
-
-async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    """Drain a stream into its final output (every choice complete)."""
-    merged: dict[int, CompletionOutput] = {}
-    final = None
-    async for out in stream:
-        for c in out.outputs:
-            merged[c.index] = c
-        final = out
-    if final is None:
-        raise APIError("the engine returned no output", status=500, type="server_error")
-    for c in merged.values():
-        if c.finish_reason == "error":
-            raise APIError(c.error or "the engine failed this request", status=500, type="server_error")
-    final.outputs = [merged[i] for i in sorted(merged)]
-    return final
-
-
-async def _all_or_none(*coros):
-    """asyncio.gather, but the first failure cancels the rest: one prompt of a completion refused
-    (a 429 of its token budget, a grammar the engine refuses) stops its siblings' generation too."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-def _join(a: ParsedDelta, b: ParsedDelta) -> ParsedDelta:
-    return ParsedDelta(a.reasoning + b.reasoning, a.content + b.content)
-
-
-def _call_dict(call: ToolCall) -> dict[str, Any]:
-    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-
-
-def _finish_reason(out: CompletionOutput, called: bool) -> str | None:
-    if out.finish_reason == "stop" and called:
-        return "tool_calls"
-    return out.finish_reason
-
-
-def _usage(final: RequestOutput) -> dict[str, Any]:
-    return _usage_counts(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs),
-                         final.num_cached_tokens)
-
-
-def _usage_counts(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def _starts_in_reasoning(prompt: str) -> bool:
-    """The prompt leaves the model inside <think> (Qwen3-2507 thinking templates)."""
-    tail = prompt.rsplit("<|im_start|>", 1)[-1]
-    return "<think>" in tail and "</think>" not in tail.rsplit("<think>", 1)[-1]
-
-
-def _check_tool_messages(messages: list[dict[str, Any]]) -> None:
-    """Every `role: tool` message answers a call an earlier assistant message made."""
-    call_ids: set[str] = set()
-    any_call = False
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            continue
-        if m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
-            for c in m["tool_calls"]:
-                any_call = True
-                if isinstance(c, dict) and isinstance(c.get("id"), str):
-                    call_ids.add(c["id"])
-        elif m.get("role") == "tool":
-            call_id = m.get("tool_call_id")
-            if not any_call:
-                raise APIError(f"messages[{i}] is a tool result, but no earlier assistant message made a tool call",
-                               param=f"messages[{i}]")
-            if call_id is not None and call_ids and call_id not in call_ids:
-                raise APIError(f"messages[{i}].tool_call_id {call_id!r} matches no earlier tool call "
-                               f"(known ids: {', '.join(sorted(call_ids))})", param=f"messages[{i}].tool_call_id")
-
-
-def _prompt_list(prompt: Any) -> list[str | list[int]]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise APIError("prompt must not be empty", param="prompt")
-    if all(isinstance(t, int) for t in prompt):
-        return [list(prompt)]
-    return list(prompt)
-
-
-def _param_of(message: str, max_param: str, guided_param: str | None = None, chat: bool = True) -> str | None:
-    """The request field an engine message names (its first word), in OpenAI's names (chat's
-    `top_logprobs` is the engine's `logprobs`; completions call it `logprobs`)."""
-    word = message.split(" ", 1)[0].rstrip(":")
-    if guided_param is not None and (word.startswith(("guided_decoding", "tool_calls")) or word == "invalid"):
-        return guided_param
-    if word == "max_tokens":
-        return max_param
-    if word == "logprobs":
-        return "top_logprobs" if chat else "logprobs"
-    return word if word in _SAMPLING_FIELDS else None
-

@@ -4,6 +4,7 @@ folder is importable as a bare top-level name."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def test_no_folder_is_importable_as_a_bare_name(tmp_path):
     # (another distribution may own a name, as proto-plus owns `proto`: only ours must not appear)
     code = ("import importlib.util, sys; specs = [importlib.util.find_spec(n) for n in sys.argv[2:]]; "
             "print([s.origin for s in specs if s is not None and s.origin and s.origin.startswith(sys.argv[1])])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as an installed package sees it
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT), *FOLDERS], cwd=tmp_path, capture_output=True,
-                          text=True)
+                          text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
