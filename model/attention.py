@@ -15,6 +15,7 @@ The metadata is built once per step (`AttentionMetadata.build`) and shared by ev
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -325,13 +326,14 @@ def decode_split_args(query_start_B1: np.ndarray, seq_lens_B: np.ndarray, *, num
     runs them with this function's arguments too)."""
     from expertmesh.model.paged_attention import SPLIT_GRANULE
 
-    q_len = np.diff(np.asarray(query_start_B1, dtype=np.int64))
     qpk = num_q_heads // num_kv_heads
     dec_bq = max(16, 1 << max(0, qpk - 1).bit_length()) // qpk  # decode tile queries, as plan_attention's
-    decode = (q_len >= 1) & (q_len <= dec_bq)
-    if not decode.any() or (q_len > dec_bq).any() or int(decode.sum()) * num_kv_heads >= num_sms:
+    starts, lens = np.asarray(query_start_B1).tolist(), np.asarray(seq_lens_B).tolist()  # ints beat numpy here
+    q_len = [b - a for a, b in itertools.pairwise(starts)]
+    decode = [n for q, n in zip(q_len, lens) if 1 <= q <= dec_bq]
+    if not decode or any(q > dec_bq for q in q_len) or len(decode) * num_kv_heads >= num_sms:
         return {}
-    longest = int(np.asarray(seq_lens_B)[decode].max())
+    longest = max(decode)
     per_piece = -(-longest // FINE_SPLIT_PIECES)
     piece = -(-per_piece // block_n) * block_n  # rounded up to whole key tiles
     if piece >= SPLIT_GRANULE or SPLIT_GRANULE % block_n:

@@ -24,6 +24,7 @@ real count exit at once; so one captured decode launch serves every step of that
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -75,6 +76,17 @@ class WorkList:
         return self.groups_5J.shape[1]
 
 
+@functools.lru_cache(maxsize=1024)
+def _layout(dec_items: int, dec_groups: int, pre_items: int, pre_groups: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+    sections = [("counts_4", (4,)), ("decode_items", (6, dec_items)), ("decode_groups", (5, dec_groups)),
+                ("prefill_items", (6, pre_items)), ("prefill_groups", (5, pre_groups))]
+    out, offset = {}, 0
+    for name, shape in sections:
+        out[name] = (offset, shape)
+        offset += _align(math.prod(shape))
+    return out
+
+
 @dataclass(frozen=True)
 class AttentionPlan:
     """Host plan of one step (see the module docstring). `partial_rows` sizes the workspace;
@@ -89,17 +101,14 @@ class AttentionPlan:
     partial_rows: int
     capacity: int | None
 
+    @property
+    def caps(self) -> tuple[int, int, int, int]:
+        return self.decode.item_cap, self.decode.group_cap, self.prefill.item_cap, self.prefill.group_cap
+
     def layout(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """name -> (offset, shape) of each section of `packed()`. The decode sections come first
         and depend only on the capacity, so their device addresses stay put across steps."""
-        sections = [("counts_4", (4,)), ("decode_items", (6, self.decode.item_cap)),
-                    ("decode_groups", (5, self.decode.group_cap)), ("prefill_items", (6, self.prefill.item_cap)),
-                    ("prefill_groups", (5, self.prefill.group_cap))]
-        out, offset = {}, 0
-        for name, shape in sections:
-            out[name] = (offset, shape)
-            offset += _align(math.prod(shape))
-        return out
+        return _layout(*self.caps)
 
     @property
     def packed_size(self) -> int:
@@ -180,9 +189,75 @@ def _partial_rows_cap(work: WorkList, capacity, target, G, window) -> int:
     return _caps(capacity, target, G, window)[2] * G * work.block_m
 
 
+SMALL_WORK_TILES = 64
+"""Up to this many tiles, a kind is planned in Python ints (`_work_list_small`): at batch 1 the
+numpy arithmetic of `_work_list` is ~60 calls on arrays of one element, a few hundred µs a step
+of host time in front of every decode graph's launch."""
+
+
 def _work_list(seqs, *, q_len, seq_lens, G, window, min_split, granule, block_q, block_m, target, row_base, capacity):
     """Tiles of `seqs`, split along the keys when there are fewer than `target` programs, ordered
     longest first (the GPU starts programs in order, so the long ones do not trail)."""
+    args = dict(G=G, window=window, min_split=min_split, granule=granule, block_q=block_q, block_m=block_m,
+                target=target, row_base=row_base, capacity=capacity)
+    if len(seqs) <= SMALL_WORK_TILES and int(q_len[seqs].sum(initial=0)) <= SMALL_WORK_TILES * block_q:
+        tiles = _tiles_small(seqs.tolist(), q_len.tolist(), seq_lens.tolist(), block_q, window)
+        if len(tiles) <= SMALL_WORK_TILES:
+            return _work_list_small(tiles, **args)
+    return _work_list_numpy(seqs, q_len=q_len, seq_lens=seq_lens, **args)
+
+
+def _tiles_small(seqs: list[int], q_len: list[int], seq_lens: list[int], block_q: int,
+                 window: int | None) -> list[tuple[int, int, int, int, int]]:
+    """(sequence, first query, queries, first key, key end) of each tile of `seqs`."""
+    tiles = []
+    for b in seqs:
+        for qoff in range(0, q_len[b], block_q):
+            nq = min(block_q, q_len[b] - qoff)
+            pos0 = seq_lens[b] - q_len[b] + qoff
+            tiles.append((b, qoff, nq, max(0, pos0 - window + 1) if window is not None else 0, pos0 + nq))
+    return tiles
+
+
+def _work_list_small(tiles, *, G, window, min_split, granule, block_q, block_m, target, row_base, capacity):
+    """`_work_list_numpy`'s arithmetic in Python ints, for a few tiles (the same arrays, tested so)."""
+    chunk = None
+    if tiles and len(tiles) * G < target:
+        T = -(-target // G)
+        per = -(-sum(hi - lo for *_, lo, hi in tiles) // T)
+        chunk = max(min_split, -(-per // granule) * granule)
+    items, groups, prow0 = [], [], row_base
+    for b, qoff, nq, lo, hi in tiles:
+        if chunk is None:
+            items.append((b, qoff, nq, lo, hi, -1))
+            continue
+        first = lo // chunk
+        nsplit = -(-hi // chunk) - first
+        for piece in range(nsplit):
+            kv0, kv1 = max(lo, (first + piece) * chunk), min(hi, (first + piece + 1) * chunk)
+            items.append((b, qoff, nq, kv0, kv1, prow0 + piece * G * block_m if nsplit > 1 else -1))
+        if nsplit > 1:
+            groups.append((b, qoff, nq, prow0, nsplit))
+            prow0 += nsplit * G * block_m
+    items.sort(key=lambda item: item[3] - item[4])  # stable: longest key range first, ties in order
+    num_items, num_groups = len(items), len(groups)
+    item_cap, group_cap = num_items, num_groups
+    if capacity is not None:
+        item_cap, group_cap, _ = _caps(capacity, target, G, window)
+        assert num_items <= item_cap and num_groups <= group_cap, (num_items, item_cap, num_groups, group_cap)
+    items_6I = np.zeros((6, item_cap), dtype=np.int32)
+    groups_5J = np.zeros((5, group_cap), dtype=np.int32)
+    if items:
+        items_6I[:, :num_items] = np.array(items, dtype=np.int32).T
+    if groups:
+        groups_5J[:, :num_groups] = np.array(groups, dtype=np.int32).T
+    return WorkList(items_6I=items_6I, groups_5J=groups_5J, num_items=num_items, num_groups=num_groups,
+                    block_m=block_m, block_q=block_q)
+
+
+def _work_list_numpy(seqs, *, q_len, seq_lens, G, window, min_split, granule, block_q, block_m, target, row_base,
+                     capacity):
+    """`_work_list` in numpy (the reference of `_work_list_small`, and the path of large steps)."""
     n_tiles_b = -(-q_len[seqs] // block_q)
     tile_seq = np.repeat(seqs, n_tiles_b)
     n_tiles = len(tile_seq)
@@ -261,6 +336,8 @@ class AttentionPlanBuffers:
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
         self.buffer = torch.zeros(size, dtype=torch.int32, device=self.device)
         self._copied = torch.cuda.Event() if pin else None
+        self._host_np = self.host.numpy()
+        self._views: dict[tuple[int, int, int, int], dict[str, torch.Tensor]] = {}  # by the plan's caps
 
     def upload(self, plan: AttentionPlan) -> AttentionPlanTensors:
         flat = plan.packed()
@@ -268,11 +345,16 @@ class AttentionPlanBuffers:
             raise ValueError(f"plan needs {len(flat)} int32s, the buffers hold {self.host.numel()}")
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left the pinned buffer
-        self.host.numpy()[: len(flat)] = flat
+        self._host_np[: len(flat)] = flat
         self.buffer[: len(flat)].copy_(self.host[: len(flat)], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        return AttentionPlanTensors.view(plan, self.buffer)
+        views = self._views.get(plan.caps)
+        if views is None:  # a graph's batch size (or an eager step's shape) seen for the first time
+            views = self._views[plan.caps] = {
+                name: self.buffer[offset: offset + math.prod(shape)].view(shape)
+                for name, (offset, shape) in plan.layout().items()}
+        return AttentionPlanTensors(plan=plan, **views)
 
 
 @dataclass(frozen=True)

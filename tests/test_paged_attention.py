@@ -315,6 +315,43 @@ def test_plan_bounds_hold_every_random_step(capacity, window, split):
     assert split == "default" or finer >= 5  # the finer split did plan some of the steps
 
 
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("capacity", [None, 16])
+def test_small_work_lists_in_python_ints_equal_the_numpy_ones(capacity, window):
+    """Steps of a few tiles are planned in Python ints (_work_list_small): every array, count and
+    order equals the numpy arithmetic's (_work_list_numpy), for decode and prefill kinds, split
+    and not, with and without a graph's capacity and a window."""
+    from expertmesh.model import paged_attention as pa
+
+    rng = np.random.default_rng(7 if window is None else 8)
+    kw = dict(num_q_heads=32, num_kv_heads=4, num_sms=132, capacity=capacity, sliding_window=window)
+    small_plans = 0
+    for i in range(400):
+        B = int(rng.integers(1, 17))
+        q_lens = np.ones(B, int) if capacity is not None else np.where(
+            rng.random(B) < 0.6, 1, rng.integers(0, 600, B))
+        seq_lens = np.maximum(q_lens + rng.integers(0, 1 << int(rng.integers(1, 17)), B), 1)
+        qs = np.concatenate([[0], np.cumsum(q_lens)])
+        args = _split_args(("default", "engine", "granule16")[i % 3], qs, seq_lens, kw)
+        fast = plan_attention(qs, seq_lens, **kw, **args)
+        saved = pa.SMALL_WORK_TILES
+        pa.SMALL_WORK_TILES = -1  # every kind through numpy
+        try:
+            slow = plan_attention(qs, seq_lens, **kw, **args)
+        finally:
+            pa.SMALL_WORK_TILES = saved
+        for kind in ("decode", "prefill"):
+            a, b = getattr(fast, kind), getattr(slow, kind)
+            assert (a.num_items, a.num_groups, a.block_m, a.block_q) == (
+                b.num_items, b.num_groups, b.block_m, b.block_q)
+            np.testing.assert_array_equal(a.items_6I, b.items_6I)
+            np.testing.assert_array_equal(a.groups_5J, b.groups_5J)
+            assert a.items_6I.dtype == b.items_6I.dtype == np.int32
+        np.testing.assert_array_equal(fast.packed(), slow.packed())
+        small_plans += fast.decode.num_items > 0
+    assert small_plans > 300
+
+
 def test_small_decode_batches_split_finer_and_equal_the_reference():
     """The engine's rule (decode_split_args): batch 1 at 200 keys in 4 pieces of 64 (not one
     program per KV head walking all 200), 1,000 keys in 8 pieces of 128; the merged result is
