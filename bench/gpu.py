@@ -100,22 +100,47 @@ def run(engine: EngineCore, prompts: list[list[int]], max_tokens: list[int] | in
         engine.add_request(f"{tag}-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
                            stream=True)
     first: dict[str, float] = {}
-    while engine.has_unfinished():
-        before = len(recorder.steps)
-        step_start = time.perf_counter()
-        outputs = engine.step()
-        if len(recorder.steps) > before:  # the whole engine's step: scheduling, forward, detokenising
-            recorder.steps[-1]["engine_seconds"] = time.perf_counter() - step_start
-        for out in outputs:
-            first.setdefault(out.request_id, time.perf_counter() - start)
-            if out.finished and out.outputs[0].finish_reason not in ("length", "stop"):
-                raise RuntimeError(f"{out.request_id} ended with {out.outputs[0].finish_reason}: {out}")
+    with GcPauses() as pauses:
+        while engine.has_unfinished():
+            before = len(recorder.steps)
+            step_start = time.perf_counter()
+            pauses.seconds = 0.0
+            outputs = engine.step()
+            if len(recorder.steps) > before:  # the whole engine's step: scheduling, forward, detokenising
+                recorder.steps[-1]["engine_seconds"] = time.perf_counter() - step_start
+                recorder.steps[-1]["gc_seconds"] = pauses.seconds
+            for out in outputs:
+                first.setdefault(out.request_id, time.perf_counter() - start)
+                if out.finished and out.outputs[0].finish_reason not in ("length", "stop"):
+                    raise RuntimeError(f"{out.request_id} ended with {out.outputs[0].finish_reason}: {out}")
     return {"wall_s": time.perf_counter() - start, "steps": recorder.steps, "ttft_s": first}
+
+
+class GcPauses:
+    """The garbage collector's pauses (`gc.callbacks`) summed into `seconds`, which the caller
+    resets per step: whether a step's spike was a collection shows in its record."""
+
+    def __init__(self) -> None:
+        self.seconds, self._start = 0.0, 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def _series(steps: list[dict], pick) -> dict:
     """Median and worst of the executor's step times (forward, sampling, read-back) and of the
-    whole engine's (plus scheduling, detokenising, outputs)."""
+    whole engine's (plus scheduling, detokenising, outputs), and the longest garbage-collector
+    pause inside one step."""
     times = [s["seconds"] for s in steps if pick(s)]
     if not times:
         return {"n": 0}
@@ -123,7 +148,8 @@ def _series(steps: list[dict], pick) -> dict:
     engine = [s.get("engine_seconds", s["seconds"]) for s in steps if pick(s)]
     return {"n": len(times), "median_ms": median * 1e3, "worst_ms": max(times) * 1e3,
             "worst_over_median": max(times) / median, "engine_median_ms": statistics.median(engine) * 1e3,
-            "engine_worst_ms": max(engine) * 1e3}
+            "engine_worst_ms": max(engine) * 1e3,
+            "gc_worst_ms": max(s.get("gc_seconds", 0.0) for s in steps if pick(s)) * 1e3}
 
 
 def part_engine(engine: EngineCore, rates: DeviceRates, batches=(1, 64, 256), hf_batches=(1, 64),

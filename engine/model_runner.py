@@ -21,6 +21,7 @@ directly, and each rank of an EP group runs one.
 from __future__ import annotations
 
 import functools
+import gc
 import time
 from dataclasses import dataclass, field, replace
 
@@ -143,14 +144,17 @@ class ModelRunner:
                                        capture_sizes(min(max_seqs, max_tokens)), self.device)
 
     def capture_graphs(self, progress: bool = True) -> None:
-        """Record the decode graphs (after the dispatcher is set up); a no-op on the eager paths."""
+        """Record the decode graphs (after the dispatcher is set up), the last step of start-up;
+        then, on a GPU, freeze the garbage collector's heap (`freeze_startup_heap`)."""
         if self.graphs is not None:
             dispatcher = self.model.dispatcher
             if (hasattr(dispatcher, "begin_step") and not dispatcher.supports_fixed_capacity) or not all(
                     m.capturable for m in self.model.modules() if isinstance(m, SparseMoeBlock)):
                 self.graphs = None  # exact-split all-to-alls or batched experts read sizes on the host
-                return
-            self.graphs.capture(progress=progress)
+            else:
+                self.graphs.capture(progress=progress)
+        if self.device.type == "cuda":
+            freeze_startup_heap()
 
     @property
     def bytes_per_block(self) -> int:
@@ -314,6 +318,17 @@ class ModelRunner:
     def expert_load(self) -> torch.Tensor | None:
         stats = self.model.expert_load
         return None if stats is None else stats.snapshot()
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object alive after start-up (the model's modules, the
+    tokenizer, Triton's and torch's caches: millions of them) out of the garbage collector's
+    reach (`gc.freeze`, as vLLM does after start-up). Otherwise each full collection walks them
+    all: on the H200 a 126 ms pause in the middle of a 15 ms decode step at batch 256. Only on a
+    GPU: there the pause is a spike users see, while a CPU process (tests build many engines in
+    one) keeps its heap collectable."""
+    gc.collect()
+    gc.freeze()
 
 
 def gpu_kv_budget(free_bytes: int, total_bytes: int, gpu_memory_utilization: float) -> int:

@@ -31,7 +31,21 @@ def test_transformers_twin_and_engine_part(tmp_path):
     rows = gpu.part_engine(engine, rates, batches=(1, 2), hf_batches=(1,), new_tokens=4)
     assert [r["batch"] for r in rows] == [1, 2] and rows[0]["transformers_tok_s"] > 0
     assert all(r["n"] == 3 and r["worst_ms"] >= r["median_ms"] > 0 and r["ceiling_tok_s"] > 0 for r in rows)
+    assert all(r["gc_worst_ms"] >= 0 for r in rows)
     result = {"device": "cpu", "rates": rates.__dict__, "engine": rows}
     assert "| 1 |" in gpu.markdown(result)
     gpu.plot(result, tmp_path / "steps.png")
     assert (tmp_path / "steps.png").stat().st_size > 10_000
+
+
+def test_gc_pauses_are_timed_per_step_and_the_callback_leaves():
+    import gc
+
+    with gpu.GcPauses() as pauses:
+        assert pauses.seconds == 0.0
+        gc.collect()
+        collected = pauses.seconds
+        pauses.seconds = 0.0  # the next step's
+    assert collected > 0 and pauses._callback not in gc.callbacks
+    gc.collect()
+    assert pauses.seconds == 0.0  # no longer listening
