@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored dtype")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.add_argument("--num-shards", type=int, default=2, help="safetensors files (with an index when > 1)")
+    tiny.add_argument("--fp8", nargs="?", const="fp8", default=None, choices=["fp8", "compressed-tensors"],
+                      help="store the linear layers in FP8 e4m3: Qwen's block-scaled layout (`--fp8`), or "
+                           "llm-compressor's per-channel one (`--fp8 compressed-tensors`)")
+    tiny.add_argument("--fp8-block-size", type=int, default=128,
+                      help="rows and columns of one scaled block of the fp8 layout (default 128, as Qwen's)")
 
     keys = sub.add_parser(
         "keys", help="create, list and revoke API keys in the shared state store (Redis)",
@@ -368,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                              num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
                              moe_intermediate_size=args.moe_intermediate_size,
                              intermediate_size=args.intermediate_size, dtype=args.dtype, seed=args.seed,
-                             num_shards=args.num_shards)
+                             num_shards=args.num_shards, fp8=args.fp8, fp8_block_size=args.fp8_block_size)
             print(path)
         elif args.command in ("generate", "chat"):
             params = _params(args)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from expertmesh.model.quantization import Fp8Config, parse_quantization_config
+
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen3", "qwen2_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 
@@ -60,6 +62,8 @@ class ModelConfig:
     moe_layers: tuple[int, ...] = ()
     """Indices of the layers whose FFN is a sparse MoE block; the others are dense."""
     eos_token_ids: tuple[int, ...] = ()
+    quantization: Fp8Config | None = None
+    """How the checkpoint's FP8 weights are scaled (`model.quantization`); None: stored as used."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -109,6 +113,7 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
             intermediate_size=hf.get("intermediate_size", 0),
+            quantization=parse_quantization_config(hf.get("quantization_config")),
             extra=hf,
         )
         if hf.get("hidden_act", "silu") != "silu":

@@ -134,15 +134,19 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
     filled: dict[str, set] = defaultdict(set)
     unexpected: list[str] = []
     by_file: dict[Path, list[str]] = defaultdict(list)
-    for name, file in checkpoint_files(path).items():
+    files = checkpoint_files(path)
+    for name, file in files.items():
         by_file[file].append(name)
 
+    fp8 = Fp8Weights(config, files)
     bar = tqdm(total=sum(len(v) for v in by_file.values()), desc="Loading weights", unit="tensor",
                disable=not progress)
     for file, names in sorted(by_file.items()):
         with safe_open(file, "pt") as f:
             for name in sorted(names):
                 bar.update()
+                if fp8.is_scale(name):
+                    continue  # read beside its weight
                 match = _match(matchers, name)
                 if match is None and name == "lm_head.weight" and config.tie_word_embeddings:
                     continue  # some tied checkpoints still carry the copy
@@ -158,7 +162,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
                 param = params[target]
                 if rule.stacked_experts:
                     for slot, expert in enumerate(expert_ids):
-                        _copy(param[slot], f.get_slice(name)[expert], rule, name)
+                        _copy(param[slot], fp8.read(f, name, expert=expert), rule, name)
                         filled[target].add((slot, "whole"))
                 elif rule.per_expert:
                     expert = int(groups["E"])
@@ -166,12 +170,13 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
                         if expert >= config.num_experts:
                             unexpected.append(name)
                         continue  # another rank's expert: never read
-                    _copy(param[local_slot[expert]], f.get_tensor(name), rule, name)
+                    _copy(param[local_slot[expert]], fp8.read(f, name), rule, name)
                     filled[target].add((local_slot[expert], rule.part))
                 else:
-                    _copy(param, f.get_tensor(name), rule, name)
+                    _copy(param, fp8.read(f, name), rule, name)
                     filled[target].add((None, rule.part))
     bar.close()
+    unexpected += fp8.orphan_scales()
     if unexpected:
         raise ValueError(f"checkpoint {str(path)!r} has tensors this {config.model_type} model does not use: "
                          f"{', '.join(sorted(unexpected)[:10])}" + (" ..." if len(unexpected) > 10 else ""))
@@ -179,6 +184,42 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is missing tensor(s): "
                          f"{', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+
+
+class Fp8Weights:
+    """The FP8 side of loading (`model.quantization`): which checkpoint tensors are scales, and each
+    weight read as the model's values: an FP8 weight with its scale (from whichever shard holds
+    it) dequantized, any other tensor as stored. EP ranks read only their experts' weights and
+    scales. A float8 tensor without a scale, or a scale without its weight, is an error."""
+
+    def __init__(self, config: ModelConfig, files: dict[str, Path]) -> None:
+        self.quant = config.quantization
+        self.files = files
+        suffix = self.quant.scale_suffix if self.quant else None
+        self.scales = {name for name in files if suffix and name.endswith("." + suffix)}
+
+    def is_scale(self, name: str) -> bool:
+        return name in self.scales
+
+    def read(self, f, name: str, expert: int | None = None) -> torch.Tensor:
+        """Tensor `name` from open file `f` (one expert's slice of a stacked tensor if `expert`)."""
+        tensor = f.get_tensor(name) if expert is None else f.get_slice(name)[expert]
+        scale_name = self.quant.scale_name(name) if self.quant else None
+        if scale_name is None or scale_name not in self.scales:
+            if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                hint = ("config.json has no quantization_config" if not self.quant else
+                        f"the checkpoint has no {scale_name!r} beside it" if scale_name else
+                        "FP8 loads only as `<module>.weight` tensors with their scales")
+                raise ValueError(f"tensor {name!r} is {tensor.dtype} but {hint}")
+            return tensor
+        with safe_open(self.files[scale_name], "pt") as g:
+            scale = g.get_tensor(scale_name) if expert is None else g.get_slice(scale_name)[expert]
+        return self.quant.dequantize(tensor, scale, name)
+
+    def orphan_scales(self) -> list[str]:
+        """Scales whose weight the checkpoint lacks."""
+        cut = len(self.quant.scale_suffix) if self.quant else 0
+        return sorted(s for s in self.scales if s[:-cut] + "weight" not in self.files)
 
 
 def _compile(pattern: str) -> re.Pattern:

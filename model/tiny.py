@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -315,6 +316,8 @@ def make_tiny(
     dtype: str = "float32",
     seed: int = 0,
     num_shards: int = 2,
+    fp8: str | None = None,
+    fp8_block_size: int = 128,
 ) -> Path:
     """Write a random-weight HF checkpoint of `model_type` into `out_dir` and return its path.
 
@@ -322,6 +325,13 @@ def make_tiny(
     expert FFN width is `moe_intermediate_size` (written as Mixtral's `intermediate_size`);
     `intermediate_size` is the dense FFN of qwen3 and `shared_expert_intermediate_size` the
     shared expert of qwen2_moe.
+
+    `fp8="fp8"` stores the linear layers' weights (attention projections, experts, dense FFNs) as
+    Qwen's FP8 checkpoints do: float8 e4m3 with a float32 `weight_scale_inv` per block of
+    `fp8_block_size` x `fp8_block_size`, and the `quantization_config` of that layout; embeddings,
+    norms, router gates and lm_head stay in `dtype`. `fp8="compressed-tensors"` writes
+    llm-compressor's FP8-Dynamic layout instead (a `weight_scale` per output channel). The
+    random weights are the same as without `fp8` (the same seed), then quantized.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
@@ -333,6 +343,10 @@ def make_tiny(
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if fp8 not in FP8_LAYOUTS:
+        raise ValueError(f"fp8 must be one of {FP8_LAYOUTS}, got {fp8!r}")
+    if fp8_block_size < 1:
+        raise ValueError(f"fp8_block_size must be >= 1, got {fp8_block_size}")
 
     tokenizer_json = tiny_tokenizer_json()
     tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -349,9 +363,11 @@ def make_tiny(
             "shared_ffn": shared_expert_intermediate_size, "tie": tie_word_embeddings}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", _config(
-        model_type, dims, top_k=top_k, max_position_embeddings=max_position_embeddings,
-        rope_scaling=rope_scaling, dtype=dtype, token_ids=token_ids))
+    config = _config(model_type, dims, top_k=top_k, max_position_embeddings=max_position_embeddings,
+                     rope_scaling=rope_scaling, dtype=dtype, token_ids=token_ids)
+    if fp8 is not None:
+        config["quantization_config"] = _fp8_config(fp8, fp8_block_size)
+    _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {
         "bos_token_id": token_ids[PAD_TOKEN],
         "eos_token_id": [token_ids[EOS_TOKEN], token_ids[PAD_TOKEN]],
@@ -360,5 +376,39 @@ def make_tiny(
     (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     _write_json(out / "tokenizer_config.json", _tokenizer_config(token_ids, max_position_embeddings))
     tensors = _random_tensors(_tensor_table(model_type, dims), seed, DTYPES[dtype])
+    if fp8 is not None:
+        tensors = _quantized(tensors, fp8, fp8_block_size)
     _write_weights(out, tensors, num_shards)
+    return out
+
+
+FP8_LAYOUTS = (None, "fp8", "compressed-tensors")
+FP8_WEIGHTS = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+"""The linear layers an FP8 checkpoint quantizes (not embeddings, norms, router gates, lm_head)."""
+
+
+def _fp8_config(layout: str, block: int) -> dict:
+    if layout == "fp8":
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [block, block]}
+    fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {**fp8, "strategy": "channel", "dynamic": False},
+                "input_activations": {**fp8, "strategy": "token", "dynamic": True}}},
+            "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*block_sparse_moe.gate$", "re:.*shared_expert_gate$"]}
+
+
+def _quantized(tensors: OrderedDict[str, torch.Tensor], layout: str, block: int) -> OrderedDict[str, torch.Tensor]:
+    from expertmesh.model.quantization import quantize_blocks, quantize_channels
+
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, tensor in tensors.items():
+        if not FP8_WEIGHTS.search(name):
+            out[name] = tensor
+        elif layout == "fp8":
+            out[name], out[name[: -len("weight")] + "weight_scale_inv"] = quantize_blocks(tensor, (block, block))
+        else:
+            out[name], out[name[: -len("weight")] + "weight_scale"] = quantize_channels(tensor)
     return out

@@ -50,7 +50,7 @@ def test_the_public_flags_are_exactly_these():
     assert _flags("make-tiny") == {"-h", "--help", "--model-type", "--num-layers", "--num-experts", "--top-k",
                                    "--hidden-size", "--num-heads", "--num-kv-heads", "--head-dim",
                                    "--moe-intermediate-size", "--intermediate-size", "--dtype", "--seed",
-                                   "--num-shards"}
+                                   "--num-shards", "--fp8", "--fp8-block-size"}
     top = {opt for action in build_parser()._actions for opt in action.option_strings}
     assert top == {"-h", "--help", "--version"}
 
@@ -136,6 +136,19 @@ def test_make_tiny_then_generate(tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["prompt"] for line in lines] == ["Hello", "Bonjour"]
     assert all(len(line["token_ids"]) <= 5 and line["finish_reason"] in ("stop", "length") for line in lines)
+
+
+def test_make_tiny_fp8_then_generate(tmp_path, capsys):
+    """`make-tiny --fp8` (Qwen's block layout; 32 divides the tiny widths) and
+    `--fp8 compressed-tensors`: both serve tokens."""
+    for layout, flags in (("fp8", ["--fp8", "--fp8-block-size", "32"]), ("compressed-tensors",
+                                                                         ["--fp8", "compressed-tensors"])):
+        out = tmp_path / layout
+        assert main(["make-tiny", str(out), "--num-layers", "1", *flags]) == 0
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == layout
+        capsys.readouterr()
+        assert main(["generate", "--model", str(out), "--max-tokens", "4", "--json", "Hello"]) == 0
+        assert 1 <= len(json.loads(capsys.readouterr().out)["token_ids"]) <= 4
 
 
 def test_chat_renders_the_template(qwen3_moe_path, capsys):

@@ -1,0 +1,207 @@
+"""FP8 checkpoints: the `quantization_config` of config.json, and FP8 weights turned back into the
+model's dtype as they load.
+
+Two layouts load:
+
+  official fine-grained FP8 (Qwen/Qwen3-*-FP8, DeepSeek-V3; transformers' FineGrainedFP8Config):
+      "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                              "weight_block_size": [128, 128]}
+      name.weight            float8_e4m3fn [N, K]
+      name.weight_scale_inv  float32 [ceil(N/128), ceil(K/128)]: w = q * scale_inv, per block
+  llm-compressor's compressed-tensors FP8 (W8A8-FP8, FP8-Dynamic):
+      "quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
+          "config_groups": {"group_0": {"targets": ["Linear"],
+              "weights": {"num_bits": 8, "type": "float", "symmetric": true, "strategy": "channel"},
+              "input_activations": {"num_bits": 8, "type": "float", "dynamic": true, "strategy": "token"}}},
+          "ignore": ["lm_head", ...]}
+      name.weight            float8_e4m3fn [N, K]
+      name.weight_scale      float32 [N, 1] (channel), [1] (tensor) or the block grid (block)
+
+Which modules are quantized follows the checkpoint: a weight with a scale beside it is FP8, any
+other weight is read as stored (embeddings, norms, the router gate and lm_head stay bf16 in
+Qwen's FP8 checkpoints). Activations are quantized on the fly by the FP8 kernels (per token
+group of 128 for the block layout, per token for compressed-tensors); the dequantized weights
+here are the reference those kernels answer to, and the CPU path.
+
+A config this engine cannot run is a ValueError naming the field, at start-up.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""Largest finite e4m3fn value: a block's scale maps its largest |w| here."""
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """How a checkpoint's FP8 weights are scaled (see the module docstring)."""
+
+    method: str
+    """"fp8" (official, block-scaled) or "compressed-tensors"."""
+    strategy: str
+    """"block", "channel" or "tensor": the shape of the scale grid of each weight."""
+    block: tuple[int, int] | None
+    """Rows x columns of a weight block (strategy "block")."""
+    scale_suffix: str
+    """The scale tensor's name beside `<module>.weight`: "weight_scale_inv" or "weight_scale"."""
+
+    def scale_name(self, weight_name: str) -> str | None:
+        """The name of the scale of checkpoint tensor `weight_name` (None if it is not a weight)."""
+        if not weight_name.endswith(".weight"):
+            return None
+        return weight_name[: -len("weight")] + self.scale_suffix
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
+        """float32 weights of FP8 `q` [..., N, K] with its scale (leading dims: stacked experts)."""
+        if q.dtype != FP8_DTYPE:
+            raise ValueError(f"tensor {name!r} has a scale but is {q.dtype}, not {FP8_DTYPE} (float8 e4m3)")
+        N, K = q.shape[-2:]
+        lead = tuple(q.shape[:-2])
+        s = scale.to(torch.float32)
+        if self.strategy == "tensor":
+            if s.numel() != 1:
+                raise ValueError(f"scale of {name!r} has shape {tuple(scale.shape)}; a per-tensor scale has one value")
+            return q.to(torch.float32) * s.reshape(())
+        if self.strategy == "channel":
+            if s.numel() != math.prod(lead) * N:
+                raise ValueError(f"scale of {name!r} has shape {tuple(scale.shape)}; per-channel scales need "
+                                 f"{N} rows")
+            return q.to(torch.float32) * s.reshape(*lead, N, 1)
+        bn, bk = self.block
+        grid = (-(-N // bn), -(-K // bk))
+        if tuple(s.shape) != lead + grid:
+            raise ValueError(f"scale of {name!r} has shape {tuple(scale.shape)}; blocks of {bn}x{bk} over "
+                             f"{tuple(q.shape)} need {lead + grid}")
+        s = s.repeat_interleave(bn, dim=-2)[..., :N, :].repeat_interleave(bk, dim=-1)[..., :K]
+        return q.to(torch.float32) * s
+
+
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weights, float32 scale_inv grid) of `w` [N, K], one scale per block of `block`, as the
+    official FP8 checkpoints store them (a block's largest |w| maps to 448; edge blocks may be
+    partial). make-tiny --fp8 writes its checkpoints with it."""
+    N, K = w.shape
+    bn, bk = block
+    rows, cols = -(-N // bn), -(-K // bk)
+    padded = torch.zeros(rows * bn, cols * bk, dtype=torch.float32)
+    padded[:N, :K] = w.to(torch.float32)
+    blocks = padded.view(rows, bn, cols, bk)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(rows * bn, cols * bk)[:N, :K]
+    return q.to(FP8_DTYPE).contiguous(), scale_inv.contiguous()
+
+
+def quantize_channels(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weights, float32 scale [N, 1]) of `w` [N, K], one scale per output row
+    (compressed-tensors' "channel" strategy)."""
+    amax = w.to(torch.float32).abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (w.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX)
+    return q.to(FP8_DTYPE).contiguous(), scale.contiguous()
+
+
+def parse_quantization_config(qc: dict[str, Any] | None) -> Fp8Config | None:
+    """The Fp8Config of a config.json's `quantization_config` (None when it has none); a
+    ValueError naming the field for anything this engine cannot load."""
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise ValueError(f"quantization_config must be an object, got {type(qc).__name__}")
+    method = qc.get("quant_method")
+    if method == "fp8":
+        return _official_fp8(qc)
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc)
+    raise ValueError(f"quantization_config.quant_method {method!r} is not supported; expertmesh loads 'fp8' "
+                     "(fine-grained, block-scaled e4m3) and 'compressed-tensors' (FP8 float-quantized)")
+
+
+def _official_fp8(qc: dict[str, Any]) -> Fp8Config:
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ValueError(f"quantization_config.fmt {fmt!r} is not supported; FP8 weights must be 'e4m3'")
+    scheme = qc.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ValueError(f"quantization_config.activation_scheme {scheme!r} is not supported; only 'dynamic' "
+                         "(activations scaled per token group as they are computed)")
+    block = qc.get("weight_block_size")
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"quantization_config.weight_block_size must be two positive integers such as "
+                         f"[128, 128], got {block!r}")
+    return Fp8Config(method="fp8", strategy="block", block=(block[0], block[1]), scale_suffix="weight_scale_inv")
+
+
+def _compressed_tensors(qc: dict[str, Any]) -> Fp8Config:
+    fmt = qc.get("format")
+    if fmt not in ("float-quantized", "naive-quantized"):
+        raise ValueError(f"quantization_config.format {fmt!r} is not supported; compressed-tensors checkpoints "
+                         "load in 'float-quantized' (FP8) format")
+    if qc.get("kv_cache_scheme") is not None:
+        raise ValueError("quantization_config.kv_cache_scheme is not supported: the KV cache stays in the "
+                         "model's dtype (drop the FP8 KV-cache scales from the checkpoint's config)")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError("quantization_config.config_groups must name at least one quantization group")
+    configs = set()
+    for name, group in groups.items():
+        field = f"quantization_config.config_groups.{name}"
+        if not isinstance(group, dict):
+            raise ValueError(f"{field} must be an object")
+        targets = group.get("targets")
+        if targets != ["Linear"]:
+            raise ValueError(f"{field}.targets {targets!r} is not supported; FP8 groups must target ['Linear']")
+        configs.add(_ct_weights(group.get("weights"), f"{field}.weights"))
+        _ct_activations(group.get("input_activations"), f"{field}.input_activations")
+        if group.get("output_activations") is not None:
+            raise ValueError(f"{field}.output_activations is not supported")
+    if len(configs) > 1:
+        raise ValueError("quantization_config.config_groups quantize weights in more than one way; "
+                         "one FP8 weight scheme per checkpoint is supported")
+    return configs.pop()
+
+
+def _ct_weights(w: Any, field: str) -> Fp8Config:
+    if not isinstance(w, dict):
+        raise ValueError(f"{field} must describe the weights' quantization")
+    if w.get("num_bits") != 8 or w.get("type") != "float":
+        raise ValueError(f"{field} quantizes to {w.get('num_bits')}-bit {w.get('type')}; only 8-bit float "
+                         "(FP8 e4m3) is supported")
+    if not w.get("symmetric", True):
+        raise ValueError(f"{field}.symmetric false (zero points) is not supported for FP8")
+    if w.get("dynamic", False):
+        raise ValueError(f"{field}.dynamic true is not supported: FP8 weights carry their scales")
+    strategy = w.get("strategy")
+    if strategy in ("channel", "tensor"):
+        return Fp8Config(method="compressed-tensors", strategy=strategy, block=None, scale_suffix="weight_scale")
+    if strategy == "block":
+        block = w.get("block_structure")
+        if (not isinstance(block, (list, tuple)) or len(block) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise ValueError(f"{field}.block_structure must be two positive integers, got {block!r}")
+        return Fp8Config(method="compressed-tensors", strategy="block", block=(block[0], block[1]),
+                         scale_suffix="weight_scale")
+    raise ValueError(f"{field}.strategy {strategy!r} is not supported; FP8 weights scale per 'channel', "
+                     "'tensor' or 'block'")
+
+
+def _ct_activations(a: Any, field: str) -> None:
+    if a is None:
+        return  # weight-only FP8
+    if not isinstance(a, dict):
+        raise ValueError(f"{field} must be an object")
+    if a.get("num_bits") != 8 or a.get("type") != "float":
+        raise ValueError(f"{field} quantizes to {a.get('num_bits')}-bit {a.get('type')}; only 8-bit float")
+    if not a.get("dynamic", False):
+        raise ValueError(f"{field}.dynamic false (static input scales) is not supported; FP8 activations are "
+                         "scaled per token as they are computed")
+
+
+__all__ = ["FP8_DTYPE", "FP8_MAX", "Fp8Config", "parse_quantization_config", "quantize_blocks", "quantize_channels"]
