@@ -28,6 +28,8 @@ none synchronises with the host.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -64,11 +66,12 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gemv_gate_up_kernel(
-    x_ptr, w_ptr, act_ptr, ids_ptr, map_ptr,
+    x_ptr, w_ptr, act_ptr, ids_ptr, map_ptr, ws_ptr,
     F, D, num_experts,
-    stride_xt, stride_we, stride_wn, stride_ac,
+    stride_xt, stride_we, stride_wn, stride_ac, stride_se, stride_sn,
     TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
 ):
     copy = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -97,19 +100,28 @@ def _gemv_gate_up_kernel(
             xv = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             g = tl.load(gate_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             u = tl.load(up_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc_gate += g.to(tl.float32) * xv[None, :]
-        acc_up += u.to(tl.float32) * xv[None, :]
+        g = g.to(tl.float32)
+        u = u.to(tl.float32)
+        if HAS_WS:  # FP8 weights: one float32 scale per SBN x SBK block (gate rows, then up rows)
+            s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[:, None] * stride_sn
+                      + ((k0 + offs_k) // SBK)[None, :])
+            s_ok = n_ok[:, None] & (offs_k < D - k0)[None, :]
+            g = g * tl.load(s_ptrs, mask=s_ok, other=0.0)
+            u = u * tl.load(s_ptrs + (F // SBN) * stride_sn, mask=s_ok, other=0.0)
+        acc_gate += g * xv[None, :]
+        acc_up += u * xv[None, :]
     h = _silu_mul(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1))
     tl.store(act_ptr + copy.to(tl.int64) * stride_ac + offs_n, h.to(act_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _gemv_down_kernel(
-    act_ptr, w_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr,
+    act_ptr, w_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, ws_ptr,
     D, F, num_experts,
-    stride_ac, stride_we, stride_wn, stride_ot,
+    stride_ac, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
 ):
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -141,18 +153,25 @@ def _gemv_down_kernel(
             a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + k0, mask=valid[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :],
                         other=0.0)
-        acc += w.to(tl.float32) * (a.to(tl.float32) * scale[:, None])[:, None, :]
+        w = w.to(tl.float32)
+        if HAS_WS:
+            s_ptrs = (ws_ptr + tl.where(valid, expert, 0).to(tl.int64)[:, None, None] * stride_se
+                      + (offs_n // SBN)[None, :, None] * stride_sn + ((k0 + offs_k) // SBK)[None, None, :])
+            w = w * tl.load(s_ptrs, mask=valid[:, None, None] & n_ok[None, :, None]
+                            & (offs_k < F - k0)[None, None, :], other=0.0)
+        acc += w * (a.to(tl.float32) * scale[:, None])[:, None, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=0)
     tl.store(out_ptr + token.to(tl.int64) * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _gemm_gate_up_kernel(
-    x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+    x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, ws_ptr,
     num_copies, F, D, num_experts, num_blocks,
-    stride_xt, stride_we, stride_wn, stride_am,
+    stride_xt, stride_we, stride_wn, stride_am, stride_se, stride_sn,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -185,6 +204,12 @@ def _gemm_gate_up_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(gate_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if HAS_WS:  # FP8 weights scaled into the activations' dtype: the tensor cores take bf16
+            s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[None, :] * stride_sn
+                      + ((k0 + offs_k) // SBK)[:, None])
+            s_ok = (offs_k < D - k0)[:, None] & n_ok[None, :]
+            g = (g.to(tl.float32) * tl.load(s_ptrs, mask=s_ok, other=0.0)).to(a.dtype)
+            u = (u.to(tl.float32) * tl.load(s_ptrs + (F // SBN) * stride_sn, mask=s_ok, other=0.0)).to(a.dtype)
         acc_gate = tl.dot(a, g, acc_gate, input_precision=DOT_PRECISION)
         acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
@@ -197,11 +222,12 @@ def _gemm_gate_up_kernel(
 
 @triton.jit
 def _gemm_down_kernel(
-    act_ptr, w_ptr, y_ptr, weights_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+    act_ptr, w_ptr, y_ptr, weights_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, ws_ptr,
     num_copies, D, F, num_experts, num_blocks,
-    stride_am, stride_we, stride_wn, stride_yc,
+    stride_am, stride_we, stride_wn, stride_yc, stride_se, stride_sn,
     HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -232,6 +258,11 @@ def _gemm_down_kernel(
             k_ok = offs_k < F - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if HAS_WS:
+            s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[None, :] * stride_sn
+                      + ((k0 + offs_k) // SBK)[:, None])
+            b = (b.to(tl.float32) * tl.load(s_ptrs, mask=(offs_k < F - k0)[:, None] & n_ok[None, :],
+                                             other=0.0)).to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -269,6 +300,28 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@dataclass(frozen=True)
+class ExpertScales:
+    """FP8 expert weights' scales: float32 grids [E, 2F/SBN, D/SBK] (w13, gate rows then up rows)
+    and [E, D/SBN', F/SBK'] (w2), one per block of `block13` = (SBN, SBK) and `block2` = (SBN',
+    SBK') weight elements (SBN dividing F, so no block straddles gate and up; a per-channel scale
+    is a block of one row and the whole row). The kernels read FP8 weights, multiply each element
+    by its block's scale in float32 and go on as with bf16 weights: half the bytes read."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    block13: tuple[int, int]
+    block2: tuple[int, int]
+
+
+def _scale_args(scales: ExpertScales | None, which: str, dummy: torch.Tensor):
+    """(scale pointer, its expert and row strides, the kernel's constexprs) for a launcher."""
+    if scales is None:
+        return dummy, 0, 0, dict(HAS_WS=False, SBN=1, SBK=1)
+    grid, block = (scales.w13, scales.block13) if which == "w13" else (scales.w2, scales.block2)
+    return grid, grid.stride(0), grid.stride(1), dict(HAS_WS=True, SBN=block[0], SBK=block[1])
+
+
 def check_operands(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, out: torch.Tensor) -> None:
     """The kernels index rows by stride and read the last dimension contiguously."""
     D = x_TD.shape[1]
@@ -281,7 +334,8 @@ def check_operands(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tens
 
 
 def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor, act_NF: torch.Tensor, *,
-                 top_k: int, config: KernelConfig, expert_to_local_E: torch.Tensor | None = None) -> None:
+                 top_k: int, config: KernelConfig, expert_to_local_E: torch.Tensor | None = None,
+                 scales: ExpertScales | None = None) -> None:
     """act_NF[c] = silu(gate) * up of copy c = t*top_k + k (ids_N: its expert, global where a
     placement table maps it). Rows of copies whose expert is not local are left unwritten."""
     N, F = act_NF.shape
@@ -289,17 +343,18 @@ def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor,
     bn, bk = _block(config.BLOCK_N, F, 1), _block(config.BLOCK_K, D, 16)
     grid = (N, triton.cdiv(F, bn))
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
+    ws, se, sn, ws_args = _scale_args(scales, "w13", act_NF)
     _launch(_gemv_gate_up_kernel, grid,
-            (x_TD, w13_EFD, act_NF, ids_N, mapping, F, D, E,
-             x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0)),
+            (x_TD, w13_EFD, act_NF, ids_N, mapping, ws, F, D, E,
+             x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0), se, sn),
             num_warps=config.num_warps, num_stages=config.num_stages,
             TOP_K=top_k, HAS_MAP=expert_to_local_E is not None, BLOCK_N=bn, BLOCK_K=bk,
-            EVEN_K=D % bk == 0, EVEN_N=F % bn == 0)
+            EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, **ws_args)
 
 
 def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, out_TD: torch.Tensor, *,
               top_k: int, config: KernelConfig, weights_N: torch.Tensor | None = None,
-              expert_to_local_E: torch.Tensor | None = None) -> None:
+              expert_to_local_E: torch.Tensor | None = None, scales: ExpertScales | None = None) -> None:
     """out_TD[t] = sum_k weights_N[t*top_k+k] * act_NF[t*top_k+k] @ w2[e]^T (weight 1 without
     weights_N); copies whose expert is not local add nothing. Writes every element of out_TD."""
     T, D = out_TD.shape
@@ -307,17 +362,19 @@ def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, o
     bn, bk = _block(config.BLOCK_N, D, 1), _block(config.BLOCK_K, F, 16)
     grid = (T, triton.cdiv(D, bn))
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
+    ws, se, sn, ws_args = _scale_args(scales, "w2", act_NF)
     _launch(_gemv_down_kernel, grid,
-            (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, D, F, E,
-             act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0)),
+            (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, ws, D, F, E,
+             act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0), se, sn),
             num_warps=config.num_warps, num_stages=config.num_stages,
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), HAS_MAP=expert_to_local_E is not None,
-            HAS_WEIGHTS=weights_N is not None, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=F % bk == 0, EVEN_N=D % bn == 0)
+            HAS_WEIGHTS=weights_N is not None, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=F % bk == 0, EVEN_N=D % bn == 0,
+            **ws_args)
 
 
 def gemm_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, act_MF: torch.Tensor, sorted_ids_M: torch.Tensor,
                  block_expert_B: torch.Tensor, num_padded: torch.Tensor, *, num_copies: int, top_k: int,
-                 block_m: int, config: KernelConfig) -> None:
+                 block_m: int, config: KernelConfig, scales: ExpertScales | None = None) -> None:
     """act_MF[m] = silu(gate) * up of the copy at padded row m (sorted_ids_M[m] < num_copies);
     rows of padding and of the zero bucket are left unwritten."""
     F = act_MF.shape[1]
@@ -325,17 +382,19 @@ def gemm_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, act_MF: torch.Tensor
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, F, 16), _block(config.BLOCK_K, D, 16)
     grid = (num_blocks * triton.cdiv(F, bn),)
+    ws, se, sn, ws_args = _scale_args(scales, "w13", act_MF)
     _launch(_gemm_gate_up_kernel, grid,
-            (x_TD, w13_EFD, act_MF, sorted_ids_M, block_expert_B, num_padded, num_copies, F, D, E, num_blocks,
-             x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_MF.stride(0)),
+            (x_TD, w13_EFD, act_MF, sorted_ids_M, block_expert_B, num_padded, ws, num_copies, F, D, E, num_blocks,
+             x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_MF.stride(0), se, sn),
             num_warps=config.num_warps, num_stages=config.num_stages,
             TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.GROUP_M,
-            EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, DOT_PRECISION=_dot_precision(x_TD.dtype))
+            EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, DOT_PRECISION=_dot_precision(x_TD.dtype), **ws_args)
 
 
 def gemm_down(act_MF: torch.Tensor, w2_EDF: torch.Tensor, y_ND: torch.Tensor, sorted_ids_M: torch.Tensor,
               block_expert_B: torch.Tensor, num_padded: torch.Tensor, *, num_copies: int, block_m: int,
-              config: KernelConfig, weights_N: torch.Tensor | None = None) -> None:
+              config: KernelConfig, weights_N: torch.Tensor | None = None,
+              scales: ExpertScales | None = None) -> None:
     """y_ND[c] = weights_N[c] * act_MF[m] @ w2[e]^T for the copy c at padded row m, zeros for
     copies of the zero bucket: every row c < num_copies is written."""
     D = y_ND.shape[1]
@@ -343,10 +402,11 @@ def gemm_down(act_MF: torch.Tensor, w2_EDF: torch.Tensor, y_ND: torch.Tensor, so
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, D, 16), _block(config.BLOCK_K, F, 16)
     grid = (num_blocks * triton.cdiv(D, bn),)
+    ws, se, sn, ws_args = _scale_args(scales, "w2", act_MF)
     _launch(_gemm_down_kernel, grid,
             (act_MF, w2_EDF, y_ND, weights_N if weights_N is not None else act_MF, sorted_ids_M, block_expert_B,
-             num_padded, num_copies, D, F, E, num_blocks,
-             act_MF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), y_ND.stride(0)),
+             num_padded, ws, num_copies, D, F, E, num_blocks,
+             act_MF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), y_ND.stride(0), se, sn),
             num_warps=config.num_warps, num_stages=config.num_stages,
             HAS_WEIGHTS=weights_N is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.GROUP_M,
-            EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, DOT_PRECISION=_dot_precision(act_MF.dtype))
+            EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, DOT_PRECISION=_dot_precision(act_MF.dtype), **ws_args)

@@ -74,9 +74,10 @@ class LinearConfig:
 
 @triton.jit
 def _linear_small_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, T, N, K, stride_xt, stride_wn, stride_yt,
+    x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, T, N, K, stride_xt, stride_wn, stride_yt, stride_sn,
     T_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -102,6 +103,10 @@ def _linear_small_kernel(
             k_ok = offs_k < K - k0
             x = tl.load(x_ptrs + k0, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if HAS_WS:  # FP8 weights: each element times its (SBN x SBK) block's float32 scale
+            s = tl.load(ws_ptr + (offs_n // SBN)[:, None] * stride_sn + ((k0 + offs_k) // SBK)[None, :],
+                        mask=n_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+            w = (w.to(tl.float32) * s).to(x.dtype)
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         elif T_PAD == 1:
@@ -179,19 +184,22 @@ def config_entry(configs_by_t: dict[int, LinearConfig], max_t: int) -> dict:
 
 
 def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None, config: LinearConfig | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, config: LinearConfig | None = None,
+                 weight_scale: torch.Tensor | None = None, scale_block: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """F.linear(x_TD, weight_ND, bias) for T <= MAX_T rows: [T, N] in x's dtype (into `out`, a
     [T, N] buffer of that dtype with unit stride along N, when given). x needs unit stride along K
     (rows may be strided); the weight must be contiguous. `config`: force one (tests, the sweep);
     by default the table's or the heuristic's for this shape, even where select_config would
-    return None (the caller decides whether to come here)."""
+    return None (the caller decides whether to come here). FP8 weights (float8 e4m3) come with
+    `weight_scale`, float32 [ceil(N/bn), ceil(K/bk)] for blocks of `scale_block` = (bn, bk)."""
     if x_TD.dim() != 2 or weight_ND.dim() != 2 or x_TD.shape[1] != weight_ND.shape[1]:
         raise ValueError(f"x {tuple(x_TD.shape)} and weight {tuple(weight_ND.shape)} do not multiply")
     T, K = x_TD.shape
     N = weight_ND.shape[0]
     if T > MAX_T:
         raise ValueError(f"linear_small takes at most {MAX_T} rows, got {T}")
-    if x_TD.dtype != weight_ND.dtype or (bias is not None and bias.shape != (N,)):
+    fp8 = weight_scale is not None and weight_ND.dtype == torch.float8_e4m3fn
+    if (x_TD.dtype != weight_ND.dtype and not fp8) or (bias is not None and bias.shape != (N,)):
         raise ValueError(f"x is {x_TD.dtype}, the weight {weight_ND.dtype}"
                          + ("" if bias is None else f", bias {tuple(bias.shape)} for N={N}"))
     if not weight_ND.is_contiguous():
@@ -208,12 +216,15 @@ def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor
         config = _auto_config(N, K, T, x_TD.device)
     elif not config.fits(N, K, T):
         raise ValueError(f"config {config} does not fit T={T}")
+    if fp8 and weight_scale.shape != (-(-N // scale_block[0]), -(-K // scale_block[1])):
+        raise ValueError(f"weight_scale {tuple(weight_scale.shape)} is not the {scale_block} block grid of [{N}, {K}]")
     _linear_small_kernel[(triton.cdiv(N, config.block_n),)](
-        x_TD, weight_ND, weight_ND if bias is None else bias, out, T, N, K,
-        x_TD.stride(0), weight_ND.stride(0), out.stride(0),
+        x_TD, weight_ND, weight_ND if bias is None else bias, out, weight_scale if fp8 else out, T, N, K,
+        x_TD.stride(0), weight_ND.stride(0), out.stride(0), weight_scale.stride(0) if fp8 else 0,
         T_PAD=config.t_pad(T), BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=config.dot,
         HAS_BIAS=bias is not None, EVEN_K=K % config.block_k == 0, EVEN_N=N % config.block_n == 0,
         PRECISION="ieee" if x_TD.dtype == torch.float32 else "tf32",
+        HAS_WS=fp8, SBN=scale_block[0], SBK=scale_block[1],
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 

@@ -425,3 +425,79 @@ def test_gpu_cuda_graph_replay_of_topk_and_fused_moe_equals_eager(T):
     torch.cuda.synchronize()
     weights, ids = topk_softmax_triton(new_logits, s["K"], True, "topk_softmax")
     assert torch.equal(out, fused_moe(new_x, weights, ids, w13, w2))
+
+
+# ---------------------------------------------------------------- FP8 weights (W8A16)
+
+
+def fp8_experts(w13, w2, block):
+    """FP8 copies of the experts and their scale grids (quantize_blocks per expert), and the
+    dequantized float32 weights the kernels must equal."""
+    from expertmesh.experts.triton_moe import ExpertScales
+    from expertmesh.model.quantization import dequantize_blocks, quantize_blocks
+
+    def quantize(w_END, blk):
+        qs = [quantize_blocks(w, blk) for w in w_END.float()]
+        return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+    b13 = (block[0], block[1] or w13.shape[2])  # block[1] None: one scale per output row (channel)
+    b2 = (block[0], block[1] or w2.shape[2])
+    q13, s13 = quantize(w13, b13)
+    q2, s2 = quantize(w2, b2)
+    scales = ExpertScales(s13, s2, b13, b2)
+    return q13, q2, scales, dequantize_blocks(q13, s13, b13), dequantize_blocks(q2, s2, b2), (s13, s2, b13, b2)
+
+
+@interpreter
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["uniform", "uneven"])
+def test_fp8_expert_weights_equal_their_dequantized_reference(path, dtype, kind):
+    """Block-scaled FP8 experts (16x16 blocks; D = 80 leaves a ragged block column) through every
+    kernel path: the result is the float32 reference on the dequantized weights."""
+    E, D, F, K, T = 8, 80, 32, 2, 9
+    w13, w2 = random_weights(E, D, F, seed=21)
+    q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, (16, 16))
+    assert q13.dtype == torch.float8_e4m3fn and scales.w13.shape == (E, 4, 5) and scales.w2.shape == (E, 5, 2)
+    weights, ids = routing(kind, T, K, E, seed=T)
+    x = torch.randn(T, D).to(dtype)
+    out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, D, dtype=dtype), config=PATHS[path], scales=scales)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), reference_moe(x, weights, ids, d13, d2), **TOLERANCE[dtype])
+    if dtype == torch.float32:  # the scales matter: without them the same FP8 bits give another result
+        unscaled = fused_moe(x, weights, ids, q13.float(), q2.float(), config=PATHS[path])
+        assert (unscaled - out).abs().max() > 0.1
+
+
+@interpreter
+@pytest.mark.parametrize("path", ["gemv", "blocked16"])
+def test_fp8_experts_per_channel_with_padding_rows(path):
+    E, D, F = 5, 64, 32
+    w13, w2 = random_weights(E, D, F, seed=12)
+    q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, (1, None))  # per-channel scales
+    assert scales.w13.shape == (E, 2 * F, 1) and scales.block13 == (1, D) and scales.block2 == (1, F)
+    counts = torch.tensor([3, 0, 6, 1, 0])
+    expert_N = torch.cat([torch.repeat_interleave(torch.arange(E), counts), torch.full((4,), E)])
+    x = torch.randn(expert_N.numel(), D)
+    out = grouped_experts(x, expert_N, q13, q2, out=poisoned(x.shape[0], D, dtype=x.dtype), config=PATHS[path],
+                          scales=scales)
+    real = int(counts.sum())
+    want = reference_experts(d13, d2)(x[:real], counts)
+    torch.testing.assert_close(out[:real], want, **TOLERANCE[torch.float32])
+    assert (out[real:] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8, 64, 1024])
+@pytest.mark.parametrize("shape", ["235b", "30b"])
+def test_gpu_fp8_experts_match_their_dequantized_reference(shape, T):
+    """Qwen's FP8 layout (128x128 blocks) at the real shapes, GEMV and blocked paths, bf16
+    activations: the float32 reference on the dequantized weights, within bf16 tolerance."""
+    w13, w2, _ = gpu_weights(shape)
+    q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, (128, 128))
+    s = SHAPES[shape]
+    weights, ids = routing("uneven", T, s["K"], s["E"], seed=T, device="cuda")
+    x = gpu_tokens(T, s["D"], seed=T)
+    out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, s["D"], dtype=torch.bfloat16, device="cuda"),
+                    scales=scales)
+    assert_bf16_close(out, reference_moe(x, weights, ids, d13, d2))

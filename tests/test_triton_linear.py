@@ -198,3 +198,43 @@ def test_gpu_graph_replay_takes_new_inputs_without_host_sync():
     torch.cuda.synchronize()
     assert torch.equal(out, linear_small(new_x, w, b))
     torch.testing.assert_close(out, linear_reference(new_x, w, b), **TOL[torch.bfloat16])
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("config", ["fma_1row", "fma_wide", "dot"])
+@pytest.mark.parametrize("block", [(16, 16), (1, None)], ids=["block16", "channel"])
+def test_fp8_weights_equal_their_dequantized_reference(dtype, config, block):
+    """FP8 e4m3 weights with float32 scales per block (ragged: N = 50, K = 72 leave partial edge
+    blocks) or per row: the kernel equals the float64 reference on the dequantized weights."""
+    from expertmesh.model.quantization import dequantize_blocks, quantize_blocks
+
+    T, N, K = 3, 50, 72
+    x, w, _ = operands(T, N, K, torch.float32, seed=9)
+    block = (block[0], block[1] or K)
+    q, scale = quantize_blocks(w, block)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (-(-N // block[0]), -(-K // block[1]))
+    w_deq = dequantize_blocks(q, scale, block)
+    x = x.to(dtype)
+    out = torch.full((T, N), float("nan"), dtype=dtype)
+    got = linear_small(x, q, out=out, config=CONFIGS[config], weight_scale=scale, scale_block=block)
+    torch.testing.assert_close(got, (x.double() @ w_deq.double().T).to(dtype), **TOL[dtype])
+    with pytest.raises(ValueError, match="block grid"):
+        linear_small(x, q, weight_scale=scale[:-1], scale_block=block, config=CONFIGS[config])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_gpu_fp8_weights_at_decode_shapes(shape, T):
+    """FP8 e4m3 weights with 128x128 block scales (Qwen's layout) at the decode shapes, bf16
+    activations, through the config fast_linear picks: the float64 reference on the dequantized
+    weights, within bf16 tolerance."""
+    from expertmesh.model.quantization import dequantize_blocks, quantize_blocks
+
+    N, K = GPU_SHAPES[shape]
+    x, w, _ = operands(T, N, K, torch.bfloat16, seed=N + T)
+    q, scale = quantize_blocks(w.float(), (128, 128))
+    got = linear_small(x, q, weight_scale=scale, scale_block=(128, 128))
+    want = (x.double() @ dequantize_blocks(q, scale, (128, 128)).double().T).to(torch.bfloat16)
+    torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
