@@ -7,6 +7,7 @@ RankWorkers) and returns the sampled tokens. Errors raised by a rank propagate o
 """
 from __future__ import annotations
 
+import gc
 from typing import Protocol
 
 import torch
@@ -63,4 +64,7 @@ class InProcessExecutor:
         """Nothing to replace in-process: a failed step raised an ordinary error."""
 
     def shutdown(self) -> None:
+        if self.runner is not None and self.runner.device.type == "cuda":
+            gc.unfreeze()  # the start-up heap was frozen (freeze_startup_heap): let this engine's cycles go
         self.runner = None
+        gc.collect()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -37,9 +38,12 @@ from expertmesh.engine.step import StepPlan, StepResult, TokenMasks
 from expertmesh.engine.step_inputs import HostStep, StepInputs, host_step
 from expertmesh.model.attention import AttentionMetadata, KernelAttentionPlanner
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.decoder import CausalLM
-from expertmesh.model.loader import init_dummy_weights, load_weights
+from expertmesh.model.decoder import CausalLM, use_fast_kernels
+from expertmesh.model.loader import fp8_covers, init_dummy_weights, load_weights
 from expertmesh.model.moe import SparseMoeBlock
+from expertmesh.model.quantization import fp8_layout_problem
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,8 +114,10 @@ class ModelRunner:
         checkpoint = model_dir(load)
         self.model_config = model_config or ModelConfig.from_pretrained(checkpoint)
         self.block_size = cache.block_size
+        self.fp8_weights = keeps_fp8_weights(self.model_config, load, self.device, checkpoint)
         self.model = CausalLM(self.model_config, expert_ids=expert_ids, dispatcher=dispatcher,
-                              expert_impl=load.expert_impl, kernels=load.kernels, device=self.device, dtype=self.dtype)
+                              expert_impl=load.expert_impl, kernels=load.kernels, device=self.device, dtype=self.dtype,
+                              fp8_weights=self.fp8_weights)
         if load.load_format == "dummy":
             init_dummy_weights(self.model, seed=load.seed)
         else:
@@ -318,6 +324,30 @@ class ModelRunner:
     def expert_load(self) -> torch.Tensor | None:
         stats = self.model.expert_load
         return None if stats is None else stats.snapshot()
+
+
+def keeps_fp8_weights(config: ModelConfig, load: ModelLoadConfig, device: torch.device, checkpoint) -> bool:
+    """Whether an FP8 checkpoint's linear layers stay FP8 in memory (half the bytes of bf16, read
+    by the Triton kernels): on the kernel path with the fused experts, when its scale blocks fit
+    the fused parameters and it quantized every one of them. Otherwise they load dequantized
+    into the model's dtype (the reference path, and the CPU's), and the log says why."""
+    if config.quantization is None:
+        return False
+    why = None
+    if not use_fast_kernels(load.kernels, device):
+        why = "the plain-torch path (kernels 'torch', or no CUDA) runs dequantized weights"
+    elif load.expert_impl not in ("auto", "triton"):
+        why = f"expert_impl {load.expert_impl!r} multiplies dequantized weights"
+    else:
+        why = fp8_layout_problem(config)
+        if why is None and load.load_format != "dummy" and not fp8_covers(checkpoint, config):
+            why = "the checkpoint leaves some of the linear layers unquantized"
+    if why is None:
+        log.info("FP8 checkpoint: linear layers stay FP8 (%s scales), read by the Triton kernels",
+                 config.quantization.strategy)
+        return True
+    log.info("FP8 checkpoint loads dequantized to %s: %s", load.dtype, why)
+    return False
 
 
 def freeze_startup_heap() -> None:

@@ -59,6 +59,34 @@ class Experts(nn.Module):
         self.impl = impl if impl != "auto" else ("grouped" if _grouped_mm_works(self.w13_EFD) else "batched")
         self._forward = {"grouped": self._grouped, "batched": self._batched, "reference": self._reference}[self.impl]
 
+    scales = None
+    """ExpertScales when the weights are FP8 (`to_fp8`); only the fused Triton kernels read them."""
+
+    def to_fp8(self, block13: tuple[int, int], block2: tuple[int, int]) -> None:
+        """Replace the (empty) weights by FP8 ones and their float32 block scales, to be loaded:
+        `w13_EFD_scale` [E, ceil(2F/b), ceil(D/b')] and `w2_EDF_scale` [E, ceil(D/b), ceil(F/b')]."""
+        from expertmesh.experts.triton_moe import ExpertScales
+        from expertmesh.model.quantization import FP8_DTYPE
+
+        E, F2, D = self.w13_EFD.shape
+        F = F2 // 2
+        if F % block13[0]:
+            raise ValueError(f"FP8 blocks of {block13[0]} rows straddle the experts' gate and up ({F} rows each)")
+        device = self.w13_EFD.device
+
+        def param(*shape, dtype):
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.w13_EFD, self.w2_EDF = param(E, F2, D, dtype=FP8_DTYPE), param(E, D, F, dtype=FP8_DTYPE)
+        self.w13_EFD_scale = param(E, -(-F2 // block13[0]), -(-D // block13[1]), dtype=torch.float32)
+        self.w2_EDF_scale = param(E, -(-D // block2[0]), -(-F // block2[1]), dtype=torch.float32)
+        self.scales = ExpertScales(self.w13_EFD_scale, self.w2_EDF_scale, block13, block2)
+        self.impl = "fp8"  # the fused kernels only: no torch path multiplies FP8 weights
+        self._forward = self._fp8_unfused
+
+    def _fp8_unfused(self, *args, **kwargs):
+        raise RuntimeError("FP8 experts run only in the fused Triton kernels (router/fused_moe.py)")
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, expert_N: torch.Tensor | None = None) -> torch.Tensor:
         """x_ND sorted by local expert, counts_E (int64) per local expert, optionally expert_N (the
         local expert of each row, if the caller has it) -> y_ND in the same order."""

@@ -24,6 +24,7 @@ from expertmesh.model.attention import Attention, AttentionMetadata
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import DenseMLP, RMSNorm, RotaryEmbedding
 from expertmesh.model.moe import SparseMoeBlock
+from expertmesh.model.quantization import convert_to_fp8
 from expertmesh.router import ExpertLoadStats, LocalDispatcher
 
 KERNELS = ("auto", "triton", "torch")
@@ -76,7 +77,11 @@ class CausalLM(nn.Module):
         kernels: str = "auto",
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        fp8_weights: bool = False,
     ) -> None:
+        """`fp8_weights`: keep an FP8 checkpoint's linear layers in FP8 with their scales
+        (`model.quantization.convert_to_fp8`; the kernel path reads them); otherwise they load
+        dequantized into `dtype`."""
         super().__init__()
         self.config = config
         self.fast = fast = use_fast_kernels(kernels, device)
@@ -106,6 +111,11 @@ class CausalLM(nn.Module):
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fast=fast)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         _materialize(self, device, dtype)
+        if fp8_weights:
+            if not fast:
+                raise ValueError("FP8 weights are read by the Triton kernels only (kernels 'auto' on CUDA, "
+                                 "or 'triton')")
+            convert_to_fp8(self, config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

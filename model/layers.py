@@ -40,6 +40,11 @@ def fast_linear(module: nn.Linear, x_TD: torch.Tensor) -> torch.Tensor:
     built with `fast=True`: the plain path stays nn.Linear."""
     T, weight = x_TD.shape[0], module.weight
     ops = linear_ops()
+    scale = getattr(module, "weight_scale", None)
+    if scale is not None:  # an Fp8Linear: the FP8 GEMV reads half the bytes up to MAX_T_DEFAULT rows
+        if x_TD.dim() == 2 and 0 < T <= ops.MAX_T_DEFAULT:
+            return ops.linear_small(x_TD, weight, module.bias, weight_scale=scale, scale_block=module.block)
+        return module(x_TD)  # dequantized into x's dtype, then cuBLAS
     if x_TD.dim() == 2 and 0 < T <= ops.MAX_T and ops.use_kernel(weight.shape[0], weight.shape[1], T, x_TD.device):
         return ops.linear_small(x_TD, weight, module.bias)
     return module(x_TD)

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.quantization import FP8_DTYPE, FP8_MAX, FP8_PARAMS, row_scales, storage_block
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,10 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
                 if target not in params:
                     unexpected.append(name)
                     continue
-                param = params[target]
+                param, scale = params[target], params.get(target + "_scale")
                 if rule.stacked_experts:
                     for slot, expert in enumerate(expert_ids):
-                        _copy(param[slot], fp8.read(f, name, expert=expert), rule, name)
+                        fp8.fill(param[slot], None if scale is None else scale[slot], f, name, rule, expert=expert)
                         filled[target].add((slot, "whole"))
                 elif rule.per_expert:
                     expert = int(groups["E"])
@@ -170,10 +171,11 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
                         if expert >= config.num_experts:
                             unexpected.append(name)
                         continue  # another rank's expert: never read
-                    _copy(param[local_slot[expert]], fp8.read(f, name), rule, name)
-                    filled[target].add((local_slot[expert], rule.part))
+                    slot = local_slot[expert]
+                    fp8.fill(param[slot], None if scale is None else scale[slot], f, name, rule)
+                    filled[target].add((slot, rule.part))
                 else:
-                    _copy(param, fp8.read(f, name), rule, name)
+                    fp8.fill(param, scale, f, name, rule)
                     filled[target].add((None, rule.part))
     bar.close()
     unexpected += fp8.orphan_scales()
@@ -201,8 +203,11 @@ class Fp8Weights:
     def is_scale(self, name: str) -> bool:
         return name in self.scales
 
-    def read(self, f, name: str, expert: int | None = None) -> torch.Tensor:
-        """Tensor `name` from open file `f` (one expert's slice of a stacked tensor if `expert`)."""
+    def fill(self, dest: torch.Tensor, dest_scale: torch.Tensor | None, f, name: str, rule: Rule,
+             expert: int | None = None) -> None:
+        """Copy tensor `name` of open file `f` (one expert's slice of a stacked tensor if `expert`)
+        into `dest` (its part `rule` says): dequantized when `dest` is not FP8; as FP8 with its
+        scales into the rows of `dest_scale` that part covers when it is."""
         tensor = f.get_tensor(name) if expert is None else f.get_slice(name)[expert]
         scale_name = self.quant.scale_name(name) if self.quant else None
         if scale_name is None or scale_name not in self.scales:
@@ -211,15 +216,50 @@ class Fp8Weights:
                         f"the checkpoint has no {scale_name!r} beside it" if scale_name else
                         "FP8 loads only as `<module>.weight` tensors with their scales")
                 raise ValueError(f"tensor {name!r} is {tensor.dtype} but {hint}")
-            return tensor
+            if dest_scale is not None:
+                raise ValueError(f"tensor {name!r} is not FP8, but the engine keeps it in FP8 "
+                                 "(load_weights' caller should have checked `fp8_covers`)")
+            _copy(dest, tensor, rule, name)
+            return
         with safe_open(self.files[scale_name], "pt") as g:
             scale = g.get_tensor(scale_name) if expert is None else g.get_slice(scale_name)[expert]
-        return self.quant.dequantize(tensor, scale, name)
+        if dest_scale is None:
+            _copy(dest, self.quant.dequantize(tensor, scale, name), rule, name)
+            return
+        _copy(dest, tensor, rule, name)
+        grid = row_scales(self.quant, tensor, scale, name)
+        if rule.part_rows:  # the part's rows of the fused grid (fp8_layout_problem: whole blocks)
+            rows = storage_block(self.quant, tensor.shape[-1])[0]
+            first, count = sum(rule.part_rows[: rule.part]) // rows, rule.part_rows[rule.part] // rows
+            dest_scale = dest_scale.narrow(0, first, count)
+        if tuple(grid.shape) != tuple(dest_scale.shape):
+            raise ValueError(f"the scales of {name!r} form a {tuple(grid.shape)} grid, the engine expects "
+                             f"{tuple(dest_scale.shape)}")
+        dest_scale.copy_(grid)
 
     def orphan_scales(self) -> list[str]:
         """Scales whose weight the checkpoint lacks."""
         cut = len(self.quant.scale_suffix) if self.quant else 0
         return sorted(s for s in self.scales if s[:-cut] + "weight" not in self.files)
+
+
+def fp8_covers(path: str | Path, config: ModelConfig) -> bool:
+    """Whether every checkpoint weight that fills one of the engine's FP8 parameters (FP8_PARAMS)
+    is FP8 with a scale: then those parameters can stay FP8. A checkpoint that left some of
+    them unquantized, or stores experts stacked, loads dequantized instead."""
+    quant = config.quantization
+    if quant is None:
+        return False
+    files = checkpoint_files(Path(path))
+    matchers = [(_compile(rule.hf), rule) for rule in weight_rules(config)]
+    for name in files:
+        match = _match(matchers, name)
+        if match is None or not match[0].param.endswith(FP8_PARAMS):
+            continue
+        scale_name = quant.scale_name(name)
+        if match[0].stacked_experts or scale_name is None or scale_name not in files:
+            return False
+    return True
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -247,6 +287,8 @@ def _missing(params, filled, matchers, num_local: int, expert_ids: list[int]) ->
     """Checkpoint names that would have filled what is still empty."""
     missing = []
     for target in params:
+        if target.endswith("_scale") and target[: -len("_scale")] in params:
+            continue  # an FP8 weight's scales: filled with the weight
         layer = re.match(r"layers\.(\d+)\.", target)
         layer_id = layer.group(1) if layer else None
         rules = [r for _, r in matchers if r.param.format(L=layer_id) == target]
@@ -276,8 +318,13 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02)
     """Random weights generated on the model's device (no checkpoint): normal(0, std) for
     matrices, 1 + small noise for norm weights, so the shapes and the work are real."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, param in model.named_parameters():
+    params = dict(model.named_parameters())
+    for name, param in params.items():
         if param.dim() == 1 and "norm" in name:
             param.normal_(1.0, 0.01, generator=generator)
-        else:
+        elif param.dtype == FP8_DTYPE:  # N(0, std) in FP8: values up to 8 std map to 448
+            values = torch.empty(param.shape, device=param.device).normal_(0.0, FP8_MAX / 8, generator=generator)
+            param.copy_(values.clamp_(-FP8_MAX, FP8_MAX))
+            params[name + "_scale"].fill_(8 * std / FP8_MAX)
+        elif not name.endswith("_scale") or params.get(name[: -len("_scale")]) is None:
             param.normal_(0.0, std, generator=generator)

@@ -99,11 +99,12 @@ class SparseMoeBlock(nn.Module):
             fast_linear(self.gate, x_TD), g.top_k, g.renormalize, g.scoring,
             counts_E=None if stats is None else stats.layer_counts(self.moe_index),
             copy_weights_N=None if stats is None else stats.copy_weights_N)
-        w13, w2 = self.experts.w13_EFD, self.experts.w2_EDF
+        w13, w2, scales = self.experts.w13_EFD, self.experts.w2_EDF, self.experts.scales
         if not self.all_to_all:
-            return fused_moe.fused_moe(x_TD, topk_weights_TK, topk_ids_TK, w13, w2, expert_to_local_E=self._expert_map)
+            return fused_moe.fused_moe(x_TD, topk_weights_TK, topk_ids_TK, w13, w2, expert_to_local_E=self._expert_map,
+                                       scales=scales)
         routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
-        y_ND = fused_moe.grouped_experts(routed.x_ND, routed.expert_N, w13, w2)
+        y_ND = fused_moe.grouped_experts(routed.x_ND, routed.expert_N, w13, w2, scales=scales)
         return self.dispatcher.combine(y_ND, routed.handle)
 
     def _reference(self, x_TD: torch.Tensor) -> torch.Tensor:

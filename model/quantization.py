@@ -78,8 +78,119 @@ class Fp8Config:
         if tuple(s.shape) != lead + grid:
             raise ValueError(f"scale of {name!r} has shape {tuple(scale.shape)}; blocks of {bn}x{bk} over "
                              f"{tuple(q.shape)} need {lead + grid}")
-        s = s.repeat_interleave(bn, dim=-2)[..., :N, :].repeat_interleave(bk, dim=-1)[..., :K]
-        return q.to(torch.float32) * s
+        return dequantize_blocks(q, s, self.block)
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float32 `q` [..., N, K] times the scale of each (block[0] x block[1]) block, `scale`
+    [..., ceil(N/block[0]), ceil(K/block[1])] (partial edge blocks take their block's scale)."""
+    N, K = q.shape[-2:]
+    s = scale.to(torch.float32).repeat_interleave(block[0], dim=-2)[..., :N, :]
+    return q.to(torch.float32) * s.repeat_interleave(block[1], dim=-1)[..., :K]
+
+
+def storage_block(config: Fp8Config, in_features: int) -> tuple[int, int]:
+    """The (rows, columns) block the engine keeps a weight's scales by: the checkpoint's block,
+    or one row by the whole row for per-channel scales (per-tensor ones are spread over the
+    rows as they load: fused weights hold several tensors, each with its own)."""
+    return config.block if config.strategy == "block" else (1, in_features)
+
+
+def row_scales(config: Fp8Config, q: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
+    """The scale grid of checkpoint weight `q` [..., N, K] in `storage_block` form."""
+    if q.dtype != FP8_DTYPE:
+        raise ValueError(f"tensor {name!r} has a scale but is {q.dtype}, not {FP8_DTYPE} (float8 e4m3)")
+    if config.strategy == "block":
+        N, K = q.shape[-2:]
+        bn, bk = config.block
+        if tuple(scale.shape[-2:]) != (-(-N // bn), -(-K // bk)):
+            raise ValueError(f"scale of {name!r} has shape {tuple(scale.shape)}; blocks of {bn}x{bk} over "
+                             f"{tuple(q.shape)} need {(-(-N // bn), -(-K // bk))}")
+        return scale.to(torch.float32)
+    N = q.shape[-2]
+    s = scale.to(torch.float32)
+    if config.strategy == "tensor":
+        if s.numel() != 1:
+            raise ValueError(f"scale of {name!r} has shape {tuple(scale.shape)}; a per-tensor scale has one value")
+        return s.reshape(1, 1).expand(N, 1).clone()
+    if s.numel() != math.prod(q.shape[:-1]):
+        raise ValueError(f"scale of {name!r} has shape {tuple(scale.shape)}; per-channel scales need {N} rows")
+    return s.reshape(*q.shape[:-1], 1)
+
+
+class Fp8Linear(torch.nn.Module):
+    """nn.Linear's place for an FP8 weight on the kernel path: `weight` float8 e4m3 [N, K] and
+    `weight_scale` float32, one per `block` of it. `forward` is the reference (dequantize, then
+    F.linear in x's dtype); `model.layers.fast_linear` takes the FP8 GEMV for a few rows."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int], bias: bool, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
+                                         requires_grad=False)
+        grid = (-(-out_features // block[0]), -(-in_features // block[1]))
+        self.weight_scale = torch.nn.Parameter(torch.empty(grid, dtype=torch.float32, device=device),
+                                               requires_grad=False)
+        self.bias = (torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_blocks(self.weight, self.weight_scale, self.block).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.dequantized(x.dtype), self.bias)
+
+
+def fp8_linear_from(linear: torch.nn.Linear, block: tuple[int, int]) -> Fp8Linear:
+    """An (empty) Fp8Linear of `linear`'s shape, bias dtype and device."""
+    bias = linear.bias
+    return Fp8Linear(linear.in_features, linear.out_features, block, bias is not None, device=linear.weight.device,
+                     dtype=None if bias is None else bias.dtype)
+
+
+FP8_PARAMS = ("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_proj.weight", "w13_EFD", "w2_EDF")
+"""The model's parameters an FP8 checkpoint's weights stay FP8 in (on the kernel path)."""
+
+
+def fp8_layout_problem(config: Any) -> str | None:
+    """Why this model's FP8 weights cannot stay FP8 in the engine's fused parameters (None: they
+    can): a scale block that straddles two fused parts (q/k/v, gate/up) has no single scale."""
+    quant = config.quantization
+    if quant is None:
+        return "the checkpoint is not FP8"
+    rows = storage_block(quant, config.hidden_size)[0]
+    fused = {"q/k/v rows": (config.q_size, config.kv_size)}
+    if config.intermediate_size:
+        fused["dense gate/up rows"] = (config.intermediate_size,)
+    if config.is_moe:
+        fused["expert gate/up rows"] = (config.moe_intermediate_size,)
+    if config.shared_expert_intermediate_size:
+        fused["shared expert gate/up rows"] = (config.shared_expert_intermediate_size,)
+    for what, sizes in fused.items():
+        if any(size % rows for size in sizes):
+            return f"FP8 blocks of {rows} rows do not divide the {what} {sizes}"
+    return None
+
+
+def convert_to_fp8(model: torch.nn.Module, config: Any) -> None:
+    """Give the (empty, materialized) model FP8 parameters and scales where `FP8_PARAMS` says: its
+    attention projections, dense and shared-expert FFNs become `Fp8Linear`, its experts FP8
+    (`Experts.to_fp8`). Embeddings, norms, router gates and lm_head stay as they are."""
+    from expertmesh.experts.grouped import Experts
+
+    quant = config.quantization
+    problem = fp8_layout_problem(config)
+    if problem is not None:
+        raise ValueError(problem)
+    for module in list(model.modules()):
+        if isinstance(module, Experts):
+            module.to_fp8(storage_block(quant, config.hidden_size), storage_block(quant, module.intermediate_size))
+            continue
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            linear = getattr(module, name, None)
+            if isinstance(linear, torch.nn.Linear):
+                setattr(module, name, fp8_linear_from(linear, storage_block(quant, linear.in_features)))
 
 
 def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +200,7 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tens
     N, K = w.shape
     bn, bk = block
     rows, cols = -(-N // bn), -(-K // bk)
-    padded = torch.zeros(rows * bn, cols * bk, dtype=torch.float32)
+    padded = torch.zeros(rows * bn, cols * bk, dtype=torch.float32, device=w.device)
     padded[:N, :K] = w.to(torch.float32)
     blocks = padded.view(rows, bn, cols, bk)
     amax = blocks.abs().amax(dim=(1, 3))
@@ -204,4 +315,6 @@ def _ct_activations(a: Any, field: str) -> None:
                          "scaled per token as they are computed")
 
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "Fp8Config", "parse_quantization_config", "quantize_blocks", "quantize_channels"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "FP8_PARAMS", "Fp8Config", "Fp8Linear", "convert_to_fp8", "dequantize_blocks",
+           "fp8_layout_problem", "fp8_linear_from",
+           "parse_quantization_config", "quantize_blocks", "quantize_channels", "row_scales", "storage_block"]
