@@ -2,6 +2,7 @@
 
     expertmesh bench gpu --out DIR                   # every part
     expertmesh bench gpu --out DIR --parts engine prefill
+    expertmesh bench gpu --out DIR --parts engine moe --fp8   # and FP8 weights beside bf16
 
 Parts (random bf16 weights made on the GPU, `load_format="dummy"`; the ceilings come from the
 copy bandwidth and the bf16 matmul rate measured at the start of the same run, `bench/roofline.py`):
@@ -18,6 +19,11 @@ copy bandwidth and the bf16 matmul rate measured at the start of the same run, `
   step235b   Qwen3-235B-A22B's layer shape, 24 layers: decode step at batch 1, 64 and 256.
   moe        one 235B-shape MoE layer at 1, 64, 1,024 and 16,384 tokens (`bench/moe_layer.py`).
   attention  the paged-attention kernel alone (`bench/attention.py`).
+
+With --fp8, the engine part runs again (batch 1 and 64) on the same shape stored as Qwen's FP8
+checkpoints are (e4m3 weights, 128x128 block scales: the linear layers and experts stay FP8 and
+the kernels scale each block as they read it), beside its FP8 ceiling (one byte a weight) and
+the bf16 figure of the same run; the moe part adds fused_moe on FP8 experts.
 
 Every step series reports its median and its worst step (spikes are what users feel). Writes
 gpu.json, gpu.md and gpu_steps.png (step time against batch size: ours, the ceiling,
@@ -74,11 +80,11 @@ class StepRecorder:
 
 def build_engine(shape: dict, layers: int, *, max_model_len: int, max_num_seqs: int, kv_bytes: int,
                  max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens, device: str = "cuda",
-                 dtype: str = "bfloat16") -> EngineCore:
+                 dtype: str = "bfloat16", kernels: str = "auto") -> EngineCore:
     model_dir = write_model_dir(layers, shape)
     config = EngineConfig(
         load=ModelLoadConfig(str(model_dir), dtype=dtype, device=device, load_format="dummy",
-                             max_model_len=max_model_len),
+                             max_model_len=max_model_len, kernels=kernels),
         cache=CacheConfig(block_size=16, kv_cache_memory_bytes=kv_bytes),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
     executor = StepRecorder(InProcessExecutor(config, progress=True))
@@ -153,17 +159,18 @@ def _series(steps: list[dict], pick) -> dict:
 
 
 def part_engine(engine: EngineCore, rates: DeviceRates, batches=(1, 64, 256), hf_batches=(1, 64),
-                new_tokens: int = 128) -> list[dict]:
+                new_tokens: int = 128, fp8_weights: bool = False, prompt_len: int = 128) -> list[dict]:
     config = engine.executor.model_config
     dtype = engine.executor.runner.dtype
     rows = []
     for batch in batches:
-        prompts = _prompts(batch, 128, config.vocab_size, seed=batch)
+        prompts = _prompts(batch, prompt_len, config.vocab_size, seed=batch)
         run(engine, prompts, 8, f"warm{batch}")  # graphs and kernels warm at this batch size
         result = run(engine, prompts, new_tokens, f"b{batch}")
         decode = [s for s in result["steps"] if s["decode"] and s["seqs"] == batch]
         decode_s = sum(s.get("engine_seconds", s["seconds"]) for s in decode)
-        ceiling = step_ceiling(config, rates, dtype, batch, batch, 128 + new_tokens // 2)
+        ceiling = step_ceiling(config, rates, dtype, batch, batch, prompt_len + new_tokens // 2,
+                               fp8_weights=fp8_weights)
         row = {"batch": batch, "decode_tok_s": batch * len(decode) / decode_s,
                "ceiling_tok_s": batch / ceiling, "ceiling_step_ms": ceiling * 1e3,
                "overall_tok_s": batch * new_tokens / result["wall_s"], **_series(decode, lambda s: True)}
@@ -171,6 +178,34 @@ def part_engine(engine: EngineCore, rates: DeviceRates, batches=(1, 64, 256), hf
             row["transformers_tok_s"] = transformers_decode_rate(engine, prompts, new_tokens=32)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return rows
+
+
+FP8_BLOCK_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [128, 128]}
+"""Qwen3-*-FP8's quantization_config: the --fp8 engine's random weights are stored that way."""
+
+
+def part_engine_fp8(rates: DeviceRates, bf16_rows: list[dict] | None, batches=(1, 64), *, shape: dict = QWEN3_30B,
+                    layers: int = 48, block: int = 128, new_tokens: int = 128, prompt_len: int = 128,
+                    **engine_kwargs) -> list[dict]:
+    """The 30B shape as Qwen's FP8 checkpoint (e4m3, 128x128 block scales; dummy weights): the
+    linear layers and experts stay FP8 and the kernels read half the bytes. Each row beside its
+    FP8 ceiling and the bf16 figure of the same run (`bf16_rows`, from part_engine). The shape,
+    block and build_engine's keywords are parameters so the CPU tests can walk it."""
+    quant = {**FP8_BLOCK_CONFIG, "weight_block_size": [block, block]}
+    engine = build_engine({**shape, "quantization_config": quant}, layers, max_model_len=4096,
+                          max_num_seqs=max(batches), kv_bytes=engine_kwargs.pop("kv_bytes", 8 << 30), **engine_kwargs)
+    if not engine.executor.runner.fp8_weights:
+        raise RuntimeError("the FP8 engine fell back to dequantized weights (see the log for why)")
+    rows = part_engine(engine, rates, batches=batches, hf_batches=(), new_tokens=new_tokens, fp8_weights=True,
+                       prompt_len=prompt_len)
+    bf16 = {row["batch"]: row["decode_tok_s"] for row in bf16_rows or []}
+    for row in rows:
+        if row["batch"] in bf16:
+            row["bf16_tok_s"] = bf16[row["batch"]]
+            row["fp8_over_bf16"] = row["decode_tok_s"] / bf16[row["batch"]]
+    _free(engine)
     return rows
 
 
@@ -379,8 +414,9 @@ def part_profile(engine: EngineCore, batches=(1, 64), steps: int = 6, top: int =
 
 
 def _free(engine: EngineCore) -> None:
-    engine.executor.inner.shutdown()
+    engine.executor.inner.shutdown()  # unfreezes the collector's heap (engine/model_runner.py)
     del engine
+    gc.unfreeze()
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -398,6 +434,16 @@ def markdown(result: dict) -> str:
             hf = row.get("transformers_tok_s")
             lines.append(f"| {row['batch']} | {row['decode_tok_s']:,.0f} | {row['ceiling_tok_s']:,.0f} | "
                          f"{'-' if hf is None else f'{hf:,.1f}'} | {row['median_ms']:.2f} | {row['worst_ms']:.2f} |")
+        lines.append("")
+    if "engine_fp8" in result:
+        lines += ["## The same shape with FP8 weights (e4m3, 128x128 blocks)", "",
+                  "| batch | decode tok/s | FP8 ceiling tok/s | bf16 tok/s (this run) | FP8 / bf16 | step median ms "
+                  "| worst ms |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in result["engine_fp8"]:
+            bf16, ratio = row.get("bf16_tok_s"), row.get("fp8_over_bf16")
+            lines.append(f"| {row['batch']} | {row['decode_tok_s']:,.0f} | {row['ceiling_tok_s']:,.0f} | "
+                         f"{'-' if bf16 is None else f'{bf16:,.0f}'} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
+                         f"{row['median_ms']:.2f} | {row['worst_ms']:.2f} |")
         lines.append("")
     if "prefill" in result:
         lines += ["## Prefill, 30B shape (default chunking)", "",
@@ -461,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", required=True, help="directory for gpu.json, gpu.md and gpu_steps.png")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run (default: all)")
+    p.add_argument("--fp8", action="store_true",
+                   help="also run the engine part (batch 1 and 64) and the MoE layer with FP8 weights (e4m3, "
+                        "128x128 block scales, as Qwen3-*-FP8), beside bf16 and the FP8 ceiling")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
@@ -489,13 +538,16 @@ def main(argv: list[str] | None = None) -> int:
             result["longdecode"] = part_longdecode(engine, rates)
             save()
         _free(engine)
+    if args.fp8 and "engine" in args.parts:
+        result["engine_fp8"] = part_engine_fp8(rates, result.get("engine"))
+        save()
     if "step235b" in args.parts:
         result["step235b"] = part_step235b(rates)
         save()
     if "moe" in args.parts:
         from expertmesh.bench import moe_layer
 
-        moe_layer.main(["--out", str(out), "--tokens", "1", "64", "1024", "16384"])
+        moe_layer.main(["--out", str(out), "--tokens", "1", "64", "1024", "16384"] + (["--fp8"] if args.fp8 else []))
     if "attention" in args.parts:
         from expertmesh.bench import attention
 

@@ -7,6 +7,9 @@ top-8, expert FFN 1536; or Qwen3-30B-A3B's: hidden 2048, FFN 768) at several tok
   fused_moe     fused_moe alone, routing given
   grouped_mm    today's SparseMoeBlock: gate, local dispatcher, torch._grouped_mm experts, combine
   transformers  Qwen3MoeSparseMoeBlock with _experts_implementation = "grouped_mm"
+  fused_moe_fp8 (--fp8) fused_moe on the same experts quantized to FP8 e4m3 in 128x128 blocks, as
+                Qwen's FP8 checkpoints store them (the kernels scale each block as they read it),
+                beside its own ceiling (one byte a weight)
   ceiling       max(expert weights touched / copy bandwidth, FLOPs / matmul rate), both measured
                 in this run (bench/roofline.py)
 
@@ -106,7 +109,21 @@ def _measure(name: str, fn, graphs: bool, row: dict, timer=best_time) -> None:
     print(f"    {name}: {row[f'{name}_us'] and round(row[f'{name}_us'], 1)} us ({row[f'{name}_mode']})", flush=True)
 
 
-def _row(T: int, ours: SparseMoeBlock, hf, fused, route, config_for, device, dtype, timer) -> dict:
+def fp8_experts(block: SparseMoeBlock, size: int = 128):
+    """(w13, w2, ExpertScales) of `block`'s experts quantized in size x size blocks, as an FP8
+    checkpoint stores them."""
+    from expertmesh.experts.triton_moe import ExpertScales
+    from expertmesh.model.quantization import quantize_blocks
+
+    def quantize(w_END):
+        pairs = [quantize_blocks(w, (size, size)) for w in w_END]
+        return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+    (q13, s13), (q2, s2) = quantize(block.experts.w13_EFD), quantize(block.experts.w2_EDF)
+    return q13, q2, ExpertScales(s13, s2, (size, size), (size, size))
+
+
+def _row(T: int, ours: SparseMoeBlock, hf, fused, route, config_for, device, dtype, timer, fp8=None) -> dict:
     """One token count: the fused block checked against today's path, then every path timed."""
     from expertmesh.router.fused_moe import fused_moe
 
@@ -130,11 +147,22 @@ def _row(T: int, ours: SparseMoeBlock, hf, fused, route, config_for, device, dty
         _measure("fused_moe", lambda: fused_moe(x, weights, ids, w13, w2, out=out, config=config), graphs, row, timer)
         _measure("grouped_mm", lambda: ours(x), graphs, row, timer)
         _measure("transformers", lambda: hf(x[None]), graphs, row, timer)
+        if fp8 is not None:
+            from expertmesh.router.fused_moe import moe_config
+
+            q13, q2, scales = fp8
+            fp8_config = moe_config(T * K, q13)
+            row["rel_err_fp8_vs_bf16"] = _relative_error(
+                fused_moe(x, weights, ids, q13, q2, config=fp8_config, scales=scales),
+                fused_moe(x, weights, ids, w13, w2, config=config))
+            _measure("fused_moe_fp8", lambda: fused_moe(x, weights, ids, q13, q2, out=out, config=fp8_config,
+                                                        scales=scales), graphs, row, timer)
     return row
 
 
 def run_shape(shape: str, tokens: list[int], sweep: bool, deadline: float, rates, out_dir: Path | None, *,
-              device: str | torch.device = "cuda", dtype=torch.bfloat16, timer=best_time, sweep_timer=None) -> dict:
+              device: str | torch.device = "cuda", dtype=torch.bfloat16, timer=best_time, sweep_timer=None,
+              fp8: bool = False, fp8_block: int = 128) -> dict:
     """Rows of one shape (and its sweep). The device, dtype and timers are parameters so that the
     CPU tests can walk the whole function in Triton's interpreter with a stand-in timer."""
     from expertmesh.bench.moe_sweep import sweep as run_sweep
@@ -158,13 +186,16 @@ def run_shape(shape: str, tokens: list[int], sweep: bool, deadline: float, rates
             print(f"[{shape}] wrote {out_dir / 'configs' / name}; copy it to experts/configs/ to make it the default")
     fused, route, config_for = _fused_block(ours, table)
     expert_bytes = 3 * D * F * torch.empty((), dtype=dtype).element_size()
+    fp8_weights = fp8_experts(ours, fp8_block) if fp8 else None
     for T in tokens:
         print(f"[{shape}] T={T}", flush=True)
-        row = _row(T, ours, hf, fused, route, config_for, device, dtype, timer)
+        row = _row(T, ours, hf, fused, route, config_for, device, dtype, timer, fp8_weights)
         touched = E * (1 - (1 - K / E) ** T)
         flops = 2 * T * K * 3 * D * F
-        row["ceiling_us"] = 1e6 * max(touched * expert_bytes / (rates.copy_gb_s * 1e9),
-                                      flops / (rates.matmul_tflop_s * 1e12))
+        compute_us = 1e6 * flops / (rates.matmul_tflop_s * 1e12)
+        row["ceiling_us"] = max(1e6 * touched * expert_bytes / (rates.copy_gb_s * 1e9), compute_us)
+        if fp8:  # one byte a weight; the kernels multiply in bf16, so the FLOP side stays bf16's
+            row["ceiling_fp8_us"] = max(1e6 * touched * 3 * D * F / (rates.copy_gb_s * 1e9), compute_us)
         result["rows"].append(row)
     return result
 
@@ -200,6 +231,19 @@ def markdown(results: list[dict], rates, device_name: str) -> str:
                          f"{_cell(row, 'grouped_mm')} | {_cell(row, 'transformers')} | {row['ceiling_us']:,.1f} | "
                          f"{ratio} | {faster} | {path} | {'-' if err is None else f'{err:.1e}'} |")
         lines.append("")
+        fp8_rows = [row for row in r["rows"] if "ceiling_fp8_us" in row]
+        if fp8_rows:
+            lines += ["FP8 experts (e4m3, 128x128 block scales) against bf16, fused_moe alone:", "",
+                      "| tokens | bf16 µs | FP8 µs | FP8 / bf16 | FP8 ceiling µs | FP8 / ceiling | rel. err vs bf16 |",
+                      "|---:|---:|---:|---:|---:|---:|---:|"]
+            for row in fp8_rows:
+                bf16, fp8, ceiling = row.get("fused_moe_us"), row.get("fused_moe_fp8_us"), row["ceiling_fp8_us"]
+                vs_bf16 = f"{fp8 / bf16:.2f}" if fp8 and bf16 else "-"
+                vs_ceiling = f"{fp8 / ceiling:.2f}" if fp8 else "-"
+                err = row.get("rel_err_fp8_vs_bf16")
+                lines.append(f"| {row['tokens']:,} | {_cell(row, 'fused_moe')} | {_cell(row, 'fused_moe_fp8')} | "
+                             f"{vs_bf16} | {ceiling:,.1f} | {vs_ceiling} | {'-' if err is None else f'{err:.1e}'} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -213,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-budget-s", type=float, default=180.0,
                    help="wall-clock seconds the sweeps may take in all (later buckets keep the heuristic)")
     p.add_argument("--out", default=None, help="directory for moe_layer.json, moe_layer.md and configs/")
+    p.add_argument("--fp8", action="store_true",
+                   help="also time fused_moe on the experts quantized to FP8 (128x128 blocks) beside bf16")
     args = p.parse_args(argv)
     start = time.monotonic()
     out_dir = Path(args.out) if args.out else None
@@ -224,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shape:
         _, table_tokens, sweep_tokens = SHAPES[shape]
         tokens = args.tokens or (sorted(sweep_tokens) if args.sweep else table_tokens)
-        results.append(run_shape(shape, tokens, args.sweep, deadline, rates, out_dir))
+        results.append(run_shape(shape, tokens, args.sweep, deadline, rates, out_dir, fp8=args.fp8))
     device_name = torch.cuda.get_device_name()
     table = markdown(results, rates, device_name)
     if out_dir is not None:

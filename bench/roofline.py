@@ -53,13 +53,16 @@ def measure_rates(device: torch.device, dtype: torch.dtype) -> DeviceRates:
 
 
 def step_ceiling(config: ModelConfig, rates: DeviceRates, dtype: torch.dtype, num_tokens: int,
-                 num_seqs: int, context_len: int, ep_size: int = 1) -> float:
+                 num_seqs: int, context_len: int, ep_size: int = 1, fp8_weights: bool = False) -> float:
     """Lower bound, in seconds, of one step computing `num_tokens` tokens of `num_seqs` sequences
     whose context is about `context_len` tokens, on each of `ep_size` expert-parallel ranks with
     data-parallel attention (each rank: all dense weights, 1/ep_size of the sequences and of the
-    experts). Communication is not counted: this is the compute-side ceiling."""
+    experts). Communication is not counted: this is the compute-side ceiling. `fp8_weights`:
+    the attention projections, FFNs and experts are read as one byte a weight (their scales,
+    1/16,384 of it with 128x128 blocks, are left out); the embedding and lm_head stay `dtype`."""
     c = config
     itemsize = torch.empty((), dtype=dtype).element_size()
+    linear_itemsize = 1 if fp8_weights else itemsize
     tokens, seqs = num_tokens / ep_size, num_seqs / ep_size
     attn_params = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
     expert_params = 3 * c.hidden_size * c.moe_intermediate_size
@@ -70,8 +73,8 @@ def step_ceiling(config: ModelConfig, rates: DeviceRates, dtype: torch.dtype, nu
     lm_head = c.vocab_size * c.hidden_size
     # Experts of this rank that the step's copies (from every rank's tokens) touch.
     touched = (c.num_experts / ep_size) * (1 - (1 - c.top_k / c.num_experts) ** num_tokens) if c.is_moe else 0.0
-    weight_bytes = itemsize * (
-        c.num_layers * attn_params + num_dense * dense_ffn + num_moe * (touched * expert_params + shared) + lm_head)
+    weight_bytes = (linear_itemsize * (c.num_layers * attn_params + num_dense * dense_ffn
+                                       + num_moe * (touched * expert_params + shared)) + itemsize * lm_head)
     kv_bytes = itemsize * 2 * c.kv_size * c.num_layers * seqs * context_len
     dense_flops = 2 * tokens * (c.num_layers * attn_params + num_dense * dense_ffn + num_moe * shared)
     expert_flops = 2 * num_moe * expert_params * c.top_k * num_tokens / ep_size

@@ -3,12 +3,14 @@ logits from views of our weights (so its figures are on the same weights), and t
 the table and the plot run end to end."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from expertmesh.bench import gpu
 from expertmesh.bench.ep import SMOKE_SHAPE
 from expertmesh.bench.roofline import DeviceRates
 from expertmesh.model.attention import AttentionMetadata
+from expertmesh.model.config import ModelConfig
 
 
 def test_transformers_twin_and_engine_part(tmp_path):
@@ -49,3 +51,27 @@ def test_gc_pauses_are_timed_per_step_and_the_callback_leaves():
     assert collected > 0 and pauses._callback not in gc.callbacks
     gc.collect()
     assert pauses.seconds == 0.0  # no longer listening
+
+
+TINY_FP8_SHAPE = {**SMOKE_SHAPE, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "max_position_embeddings": 4096}
+
+
+def test_fp8_engine_part_keeps_fp8_weights_and_reports_beside_bf16():
+    """part_engine_fp8 on the CPU (Triton's interpreter, 16x16 blocks that divide the tiny shape):
+    the engine holds FP8 weights, its rows carry the FP8 ceiling and the ratio to the bf16 rows."""
+    pytest.importorskip("triton")
+    rates = DeviceRates(copy_gb_s=10.0, matmul_tflop_s=0.1)
+    bf16_rows = [{"batch": 1, "decode_tok_s": 100.0}, {"batch": 2, "decode_tok_s": 150.0}]
+    rows = gpu.part_engine_fp8(rates, bf16_rows, batches=(1, 2), shape=TINY_FP8_SHAPE, layers=1, block=16,
+                               new_tokens=2, prompt_len=8, device="cpu", dtype="float32", kernels="triton",
+                               kv_bytes=16 << 20)
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["decode_tok_s"] > 0 and r["fp8_over_bf16"] == r["decode_tok_s"] / r["bf16_tok_s"] for r in rows)
+    config = ModelConfig.from_hf_dict({**TINY_FP8_SHAPE, "num_hidden_layers": 1,
+                                       "quantization_config": {**gpu.FP8_BLOCK_CONFIG, "weight_block_size": [16, 16]}})
+    fp8_ceiling = gpu.step_ceiling(config, rates, torch.float32, 1, 1, 8 + 1, fp8_weights=True)
+    assert fp8_ceiling < gpu.step_ceiling(config, rates, torch.float32, 1, 1, 8 + 1)
+    assert rows[0]["ceiling_step_ms"] == pytest.approx(fp8_ceiling * 1e3)
+    assert "FP8 weights" in gpu.markdown({"device": "cpu", "rates": rates.__dict__, "engine_fp8": rows})

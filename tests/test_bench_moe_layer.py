@@ -61,7 +61,7 @@ def test_moe_layer_bench_runs_every_path_and_writes_its_sweep(tmp_path, monkeypa
 
     rates = DeviceRates(copy_gb_s=4000.0, matmul_tflop_s=700.0)
     result = moe_layer.run_shape("smoke", [1, 6], True, float("inf"), rates, tmp_path, device=torch.device("cpu"),
-                                 dtype=torch.float32, timer=timer, sweep_timer=sweep_timer)
+                                 dtype=torch.float32, timer=timer, sweep_timer=sweep_timer, fp8=True, fp8_block=32)
     assert [r["tokens"] for r in result["rows"]] == [1, 6]
     assert all(graphs_asked)  # small T: every path asked for graph replay
     for row in result["rows"]:
@@ -70,9 +70,12 @@ def test_moe_layer_bench_runs_every_path_and_writes_its_sweep(tmp_path, monkeypa
         assert row["rel_err_vs_grouped_mm"] < 1e-4
         assert row["rel_err_transformers_vs_grouped_mm"] < 1e-4
         assert row["ceiling_us"] > 0
+        assert row["fused_moe_fp8_us"] == 1.0 and 0 < row["rel_err_fp8_vs_bf16"] < 0.1  # FP8 rounds, a little
+        assert row["ceiling_fp8_us"] < row["ceiling_us"]
     name = config_file_name(16, 64, 256, "float32", "cpu")
     written = ConfigTable.from_json(json.loads((tmp_path / "configs" / name).read_text()))
     assert written == ConfigTable.from_json(result["sweep"]["table"])
     assert written.gemv_max_copies == 24  # GEMV (2 kernels) beat blocked (4 steps) at 4 and 24 copies
     text = moe_layer.markdown([result], rates, "cpu")
     assert "| 6 | 1.0 | 1.0 | 1.0 | 1.0 |" in text and "GEMV" in text
+    assert "FP8 experts" in text and "| 6 | 1.0 | 1.0 | 1.00 |" in text
