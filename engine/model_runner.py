@@ -171,6 +171,7 @@ class ModelRunner:
     def _blocks_that_fit(self, cache: CacheConfig) -> int:
         budget = cache.kv_cache_memory_bytes
         if budget is None and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what loading freed (a load's temporaries) is not the weights'
             budget = gpu_kv_budget(*torch.cuda.mem_get_info(self.device), cache.gpu_memory_utilization)
         if budget is None:
             budget = cache.cpu_kv_cache_bytes
@@ -336,6 +337,10 @@ def keeps_fp8_weights(config: ModelConfig, load: ModelLoadConfig, device: torch.
     why = None
     if not use_fast_kernels(load.kernels, device):
         why = "the plain-torch path (kernels 'torch', or no CUDA) runs dequantized weights"
+    elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        why = (f"{torch.cuda.get_device_name(device)} (compute capability "
+               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no float8 e4m3 type; Triton "
+               "reads it from 8.9 (Ada, Hopper) on")
     elif load.expert_impl not in ("auto", "triton"):
         why = f"expert_impl {load.expert_impl!r} multiplies dequantized weights"
     else:

@@ -51,21 +51,34 @@ class Experts(nn.Module):
             raise ValueError(f"unknown expert impl {impl!r}; choose one of {', '.join(EXPERT_IMPLS)}")
         self.num_local_experts = num_local_experts
         self.intermediate_size = intermediate_size
-        factory = dict(device=device, dtype=dtype)
+        # Built inside `torch.device("meta")` (CausalLM, which materializes every parameter once
+        # afterwards): no storage now; the grouped_mm probe still asks the real device.
+        building_on_meta = torch.get_default_device().type == "meta"
+        factory = dict(device="meta" if building_on_meta else device, dtype=dtype)
         self.w13_EFD = nn.Parameter(torch.empty(num_local_experts, 2 * intermediate_size, hidden_size, **factory),
                                     requires_grad=False)
         self.w2_EDF = nn.Parameter(torch.empty(num_local_experts, hidden_size, intermediate_size, **factory),
                                    requires_grad=False)
-        self.impl = impl if impl != "auto" else ("grouped" if _grouped_mm_works(self.w13_EFD) else "batched")
+        self.impl = impl if impl != "auto" else (
+            "grouped" if _grouped_mm_works(self.w13_EFD, None if device is None else torch.device(device))
+            else "batched")
         self._forward = {"grouped": self._grouped, "batched": self._batched, "reference": self._reference}[self.impl]
 
-    scales = None
-    """ExpertScales when the weights are FP8 (`to_fp8`); only the fused Triton kernels read them."""
+    _fp8_blocks: tuple[tuple[int, int], tuple[int, int]] | None = None
+
+    @property
+    def scales(self):
+        """ExpertScales when the weights are FP8 (`to_fp8`), else None; only the fused Triton
+        kernels read them. Built from the current parameters (materializing replaces them)."""
+        if self._fp8_blocks is None:
+            return None
+        from expertmesh.experts.triton_moe import ExpertScales
+
+        return ExpertScales(self.w13_EFD_scale, self.w2_EDF_scale, *self._fp8_blocks)
 
     def to_fp8(self, block13: tuple[int, int], block2: tuple[int, int]) -> None:
         """Replace the (empty) weights by FP8 ones and their float32 block scales, to be loaded:
         `w13_EFD_scale` [E, ceil(2F/b), ceil(D/b')] and `w2_EDF_scale` [E, ceil(D/b), ceil(F/b')]."""
-        from expertmesh.experts.triton_moe import ExpertScales
         from expertmesh.model.quantization import FP8_DTYPE
 
         E, F2, D = self.w13_EFD.shape
@@ -80,7 +93,7 @@ class Experts(nn.Module):
         self.w13_EFD, self.w2_EDF = param(E, F2, D, dtype=FP8_DTYPE), param(E, D, F, dtype=FP8_DTYPE)
         self.w13_EFD_scale = param(E, -(-F2 // block13[0]), -(-D // block13[1]), dtype=torch.float32)
         self.w2_EDF_scale = param(E, -(-D // block2[0]), -(-F // block2[1]), dtype=torch.float32)
-        self.scales = ExpertScales(self.w13_EFD_scale, self.w2_EDF_scale, block13, block2)
+        self._fp8_blocks = (block13, block2)
         self.impl = "fp8"  # the fused kernels only: no torch path multiplies FP8 weights
         self._forward = self._fp8_unfused
 
@@ -133,12 +146,14 @@ class Experts(nn.Module):
         return y_ECD.view(E * capacity, D)[row_N]
 
 
-def _grouped_mm_works(w13_EFD: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm runs for these weights' device, dtype and strides."""
-    if not hasattr(torch, "_grouped_mm") or w13_EFD.device.type == "meta":
+def _grouped_mm_works(w13_EFD: torch.Tensor, device: torch.device | None = None) -> bool:
+    """Whether torch._grouped_mm runs for these weights' dtype and strides on `device` (by default
+    theirs; a meta tensor needs the device it will be materialized on)."""
+    device = device or w13_EFD.device
+    if not hasattr(torch, "_grouped_mm") or device.type == "meta":
         return False
     _, F2, D = w13_EFD.shape
-    return _probe_grouped_mm(str(w13_EFD.device), w13_EFD.dtype, F2, D)
+    return _probe_grouped_mm(str(device), w13_EFD.dtype, F2, D)
 
 
 @functools.cache

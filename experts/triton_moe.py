@@ -71,7 +71,7 @@ def _gemv_gate_up_kernel(
     stride_xt, stride_we, stride_wn, stride_ac, stride_se, stride_sn,
     TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
 ):
     copy = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -103,11 +103,16 @@ def _gemv_gate_up_kernel(
         g = g.to(tl.float32)
         u = u.to(tl.float32)
         if HAS_WS:  # FP8 weights: one float32 scale per SBN x SBK block (gate rows, then up rows)
-            s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[:, None] * stride_sn
-                      + ((k0 + offs_k) // SBK)[None, :])
-            s_ok = n_ok[:, None] & (offs_k < D - k0)[None, :]
-            g = g * tl.load(s_ptrs, mask=s_ok, other=0.0)
-            u = u * tl.load(s_ptrs + (F // SBN) * stride_sn, mask=s_ok, other=0.0)
+            if SCALE_VEC:  # the tile lies in one block column: one scale per row
+                s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn + k0 // SBK
+                g = g * tl.load(s_ptrs, mask=n_ok, other=0.0)[:, None]
+                u = u * tl.load(s_ptrs + (F // SBN) * stride_sn, mask=n_ok, other=0.0)[:, None]
+            else:
+                s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[:, None] * stride_sn
+                          + ((k0 + offs_k) // SBK)[None, :])
+                s_ok = n_ok[:, None] & (offs_k < D - k0)[None, :]
+                g = g * tl.load(s_ptrs, mask=s_ok, other=0.0)
+                u = u * tl.load(s_ptrs + (F // SBN) * stride_sn, mask=s_ok, other=0.0)
         acc_gate += g * xv[None, :]
         acc_up += u * xv[None, :]
     h = _silu_mul(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1))
@@ -121,7 +126,7 @@ def _gemv_down_kernel(
     stride_ac, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
 ):
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -155,10 +160,15 @@ def _gemv_down_kernel(
                         other=0.0)
         w = w.to(tl.float32)
         if HAS_WS:
-            s_ptrs = (ws_ptr + tl.where(valid, expert, 0).to(tl.int64)[:, None, None] * stride_se
-                      + (offs_n // SBN)[None, :, None] * stride_sn + ((k0 + offs_k) // SBK)[None, None, :])
-            w = w * tl.load(s_ptrs, mask=valid[:, None, None] & n_ok[None, :, None]
-                            & (offs_k < F - k0)[None, None, :], other=0.0)
+            e_off = tl.where(valid, expert, 0).to(tl.int64) * stride_se
+            if SCALE_VEC:
+                s_ptrs = ws_ptr + e_off[:, None] + (offs_n // SBN)[None, :] * stride_sn + k0 // SBK
+                w = w * tl.load(s_ptrs, mask=valid[:, None] & n_ok[None, :], other=0.0)[:, :, None]
+            else:
+                s_ptrs = (ws_ptr + e_off[:, None, None] + (offs_n // SBN)[None, :, None] * stride_sn
+                          + ((k0 + offs_k) // SBK)[None, None, :])
+                w = w * tl.load(s_ptrs, mask=valid[:, None, None] & n_ok[None, :, None]
+                                & (offs_k < F - k0)[None, None, :], other=0.0)
         acc += w * (a.to(tl.float32) * scale[:, None])[:, None, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=0)
     tl.store(out_ptr + token.to(tl.int64) * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -171,7 +181,7 @@ def _gemm_gate_up_kernel(
     stride_xt, stride_we, stride_wn, stride_am, stride_se, stride_sn,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -205,11 +215,18 @@ def _gemm_gate_up_kernel(
             g = tl.load(gate_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_WS:  # FP8 weights scaled into the activations' dtype: the tensor cores take bf16
-            s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[None, :] * stride_sn
-                      + ((k0 + offs_k) // SBK)[:, None])
-            s_ok = (offs_k < D - k0)[:, None] & n_ok[None, :]
-            g = (g.to(tl.float32) * tl.load(s_ptrs, mask=s_ok, other=0.0)).to(a.dtype)
-            u = (u.to(tl.float32) * tl.load(s_ptrs + (F // SBN) * stride_sn, mask=s_ok, other=0.0)).to(a.dtype)
+            if SCALE_VEC:
+                s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn + k0 // SBK
+                s_g = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
+                s_u = tl.load(s_ptrs + (F // SBN) * stride_sn, mask=n_ok, other=0.0)[None, :]
+            else:
+                s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[None, :] * stride_sn
+                          + ((k0 + offs_k) // SBK)[:, None])
+                s_ok = (offs_k < D - k0)[:, None] & n_ok[None, :]
+                s_g = tl.load(s_ptrs, mask=s_ok, other=0.0)
+                s_u = tl.load(s_ptrs + (F // SBN) * stride_sn, mask=s_ok, other=0.0)
+            g = (g.to(tl.float32) * s_g).to(a.dtype)
+            u = (u.to(tl.float32) * s_u).to(a.dtype)
         acc_gate = tl.dot(a, g, acc_gate, input_precision=DOT_PRECISION)
         acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
@@ -227,7 +244,7 @@ def _gemm_down_kernel(
     stride_am, stride_we, stride_wn, stride_yc, stride_se, stride_sn,
     HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -259,10 +276,14 @@ def _gemm_down_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_WS:
-            s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[None, :] * stride_sn
-                      + ((k0 + offs_k) // SBK)[:, None])
-            b = (b.to(tl.float32) * tl.load(s_ptrs, mask=(offs_k < F - k0)[:, None] & n_ok[None, :],
-                                             other=0.0)).to(a.dtype)
+            if SCALE_VEC:
+                s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn + k0 // SBK
+                s_b = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
+            else:
+                s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[None, :] * stride_sn
+                          + ((k0 + offs_k) // SBK)[:, None])
+                s_b = tl.load(s_ptrs, mask=(offs_k < F - k0)[:, None] & n_ok[None, :], other=0.0)
+            b = (b.to(tl.float32) * s_b).to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -314,12 +335,14 @@ class ExpertScales:
     block2: tuple[int, int]
 
 
-def _scale_args(scales: ExpertScales | None, which: str, dummy: torch.Tensor):
-    """(scale pointer, its expert and row strides, the kernel's constexprs) for a launcher."""
+def _scale_args(scales: ExpertScales | None, which: str, dummy: torch.Tensor, block_k: int):
+    """(scale pointer, its expert and row strides, the kernel's constexprs) for a launcher whose
+    K tiles are `block_k` wide: SCALE_VEC when every tile lies within one block column."""
     if scales is None:
-        return dummy, 0, 0, dict(HAS_WS=False, SBN=1, SBK=1)
+        return dummy, 0, 0, dict(HAS_WS=False, SBN=1, SBK=1, SCALE_VEC=False)
     grid, block = (scales.w13, scales.block13) if which == "w13" else (scales.w2, scales.block2)
-    return grid, grid.stride(0), grid.stride(1), dict(HAS_WS=True, SBN=block[0], SBK=block[1])
+    return grid, grid.stride(0), grid.stride(1), dict(HAS_WS=True, SBN=block[0], SBK=block[1],
+                                                      SCALE_VEC=block[1] % block_k == 0)
 
 
 def check_operands(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, out: torch.Tensor) -> None:
@@ -333,6 +356,26 @@ def check_operands(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tens
         raise ValueError(f"out must be {tuple(x_TD.shape)} {x_TD.dtype}, got {tuple(out.shape)} {out.dtype}")
 
 
+def check_scales(w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, scales: ExpertScales | None) -> None:
+    """FP8 expert weights come with their scales and only they do; the grids fit the blocks."""
+    fp8 = [w.dtype == torch.float8_e4m3fn for w in (w13_EFD, w2_EDF)]
+    if fp8[0] != fp8[1] or fp8[0] != (scales is not None):
+        raise ValueError(f"expert weights {w13_EFD.dtype}/{w2_EDF.dtype} with scales {scales is not None}: FP8 "
+                         "(float8 e4m3) weights need their ExpertScales, and other weights take none")
+    if scales is None:
+        return
+    E, F2, D = w13_EFD.shape
+    F = F2 // 2
+    (bn, bk), (bn2, bk2) = scales.block13, scales.block2
+    if F % bn:
+        raise ValueError(f"w13 scale blocks of {bn} rows straddle gate and up ({F} rows each)")
+    want = {"w13": (E, F2 // bn, -(-D // bk)), "w2": (E, -(-D // bn2), -(-F // bk2))}
+    for name, grid in (("w13", scales.w13), ("w2", scales.w2)):
+        if tuple(grid.shape) != want[name] or grid.dtype != torch.float32 or grid.stride(-1) != 1:
+            raise ValueError(f"{name} scales must be float32 {want[name]} with unit stride along the last "
+                             f"dimension, got {grid.dtype} {tuple(grid.shape)}")
+
+
 def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor, act_NF: torch.Tensor, *,
                  top_k: int, config: KernelConfig, expert_to_local_E: torch.Tensor | None = None,
                  scales: ExpertScales | None = None) -> None:
@@ -343,7 +386,7 @@ def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor,
     bn, bk = _block(config.BLOCK_N, F, 1), _block(config.BLOCK_K, D, 16)
     grid = (N, triton.cdiv(F, bn))
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
-    ws, se, sn, ws_args = _scale_args(scales, "w13", act_NF)
+    ws, se, sn, ws_args = _scale_args(scales, "w13", act_NF, bk)
     _launch(_gemv_gate_up_kernel, grid,
             (x_TD, w13_EFD, act_NF, ids_N, mapping, ws, F, D, E,
              x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0), se, sn),
@@ -362,7 +405,7 @@ def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, o
     bn, bk = _block(config.BLOCK_N, D, 1), _block(config.BLOCK_K, F, 16)
     grid = (T, triton.cdiv(D, bn))
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
-    ws, se, sn, ws_args = _scale_args(scales, "w2", act_NF)
+    ws, se, sn, ws_args = _scale_args(scales, "w2", act_NF, bk)
     _launch(_gemv_down_kernel, grid,
             (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, ws, D, F, E,
              act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0), se, sn),
@@ -382,7 +425,7 @@ def gemm_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, act_MF: torch.Tensor
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, F, 16), _block(config.BLOCK_K, D, 16)
     grid = (num_blocks * triton.cdiv(F, bn),)
-    ws, se, sn, ws_args = _scale_args(scales, "w13", act_MF)
+    ws, se, sn, ws_args = _scale_args(scales, "w13", act_MF, bk)
     _launch(_gemm_gate_up_kernel, grid,
             (x_TD, w13_EFD, act_MF, sorted_ids_M, block_expert_B, num_padded, ws, num_copies, F, D, E, num_blocks,
              x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_MF.stride(0), se, sn),
@@ -402,7 +445,7 @@ def gemm_down(act_MF: torch.Tensor, w2_EDF: torch.Tensor, y_ND: torch.Tensor, so
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, D, 16), _block(config.BLOCK_K, F, 16)
     grid = (num_blocks * triton.cdiv(D, bn),)
-    ws, se, sn, ws_args = _scale_args(scales, "w2", act_MF)
+    ws, se, sn, ws_args = _scale_args(scales, "w2", act_MF, bk)
     _launch(_gemm_down_kernel, grid,
             (act_MF, w2_EDF, y_ND, weights_N if weights_N is not None else act_MF, sorted_ids_M, block_expert_B,
              num_padded, ws, num_copies, D, F, E, num_blocks,

@@ -24,7 +24,7 @@ from expertmesh.model.attention import Attention, AttentionMetadata
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import DenseMLP, RMSNorm, RotaryEmbedding
 from expertmesh.model.moe import SparseMoeBlock
-from expertmesh.model.quantization import convert_to_fp8
+from expertmesh.model.quantization import FP8_DTYPE, convert_to_fp8
 from expertmesh.router import ExpertLoadStats, LocalDispatcher
 
 KERNELS = ("auto", "triton", "torch")
@@ -110,12 +110,12 @@ class CausalLM(nn.Module):
             self.layers = nn.ModuleList(layers)
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fast=fast)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            if fp8_weights:  # still on meta: the bf16 copies are never allocated
+                if not fast:
+                    raise ValueError("FP8 weights are read by the Triton kernels only (kernels 'auto' on CUDA, "
+                                     "or 'triton')")
+                convert_to_fp8(self, config)
         _materialize(self, device, dtype)
-        if fp8_weights:
-            if not fast:
-                raise ValueError("FP8 weights are read by the Triton kernels only (kernels 'auto' on CUDA, "
-                                 "or 'triton')")
-            convert_to_fp8(self, config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -138,8 +138,12 @@ class CausalLM(nn.Module):
 
 
 def _materialize(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Storage for every parameter on `device`: `dtype`, except FP8 weights and their float32
+    scales (`convert_to_fp8`), which keep theirs."""
     for sub in module.modules():
         for name, param in sub._parameters.items():
             if param is not None:
+                keep = param.dtype == FP8_DTYPE or name.endswith("_scale")
                 sub._parameters[name] = nn.Parameter(
-                    torch.empty(param.shape, device=device, dtype=dtype), requires_grad=False)
+                    torch.empty(param.shape, device=device, dtype=param.dtype if keep else dtype),
+                    requires_grad=False)

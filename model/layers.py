@@ -41,10 +41,10 @@ def fast_linear(module: nn.Linear, x_TD: torch.Tensor) -> torch.Tensor:
     T, weight = x_TD.shape[0], module.weight
     ops = linear_ops()
     scale = getattr(module, "weight_scale", None)
-    if scale is not None:  # an Fp8Linear: the FP8 GEMV reads half the bytes up to MAX_T_DEFAULT rows
-        if x_TD.dim() == 2 and 0 < T <= ops.MAX_T_DEFAULT:
+    if scale is not None:  # an Fp8Linear: FP8 weights scaled as the kernels read them
+        if x_TD.dim() == 2 and 0 < T <= ops.MAX_T_DEFAULT:  # the GEMV
             return ops.linear_small(x_TD, weight, module.bias, weight_scale=scale, scale_block=module.block)
-        return module(x_TD)  # dequantized into x's dtype, then cuBLAS
+        return ops.linear_fp8(x_TD, weight, scale, module.block, module.bias)  # the blocked GEMM
     if x_TD.dim() == 2 and 0 < T <= ops.MAX_T and ops.use_kernel(weight.shape[0], weight.shape[1], T, x_TD.device):
         return ops.linear_small(x_TD, weight, module.bias)
     return module(x_TD)

@@ -13,6 +13,7 @@ not own) and every parameter element was filled, and names the key when either f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import defaultdict
@@ -140,6 +141,22 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
         by_file[file].append(name)
 
     fp8 = Fp8Weights(config, files)
+    try:
+        _load_files(by_file, fp8, matchers, params, expert_ids, local_slot, config, filled, unexpected, progress)
+    finally:
+        fp8.close()
+    unexpected += fp8.orphan_scales()
+    if unexpected:
+        raise ValueError(f"checkpoint {str(path)!r} has tensors this {config.model_type} model does not use: "
+                         f"{', '.join(sorted(unexpected)[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+    missing = _missing(params, filled, matchers, len(expert_ids), expert_ids)
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is missing tensor(s): "
+                         f"{', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+
+
+def _load_files(by_file, fp8, matchers, params, expert_ids, local_slot, config, filled, unexpected, progress) -> None:
+    """The sweep of `load_weights`: every tensor of every shard to its parameter (or the lists)."""
     bar = tqdm(total=sum(len(v) for v in by_file.values()), desc="Loading weights", unit="tensor",
                disable=not progress)
     for file, names in sorted(by_file.items()):
@@ -178,14 +195,6 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
                     fp8.fill(param, scale, f, name, rule)
                     filled[target].add((None, rule.part))
     bar.close()
-    unexpected += fp8.orphan_scales()
-    if unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} has tensors this {config.model_type} model does not use: "
-                         f"{', '.join(sorted(unexpected)[:10])}" + (" ..." if len(unexpected) > 10 else ""))
-    missing = _missing(params, filled, matchers, len(expert_ids), expert_ids)
-    if missing:
-        raise ValueError(f"checkpoint {str(path)!r} is missing tensor(s): "
-                         f"{', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
 
 
 class Fp8Weights:
@@ -199,6 +208,18 @@ class Fp8Weights:
         self.files = files
         suffix = self.quant.scale_suffix if self.quant else None
         self.scales = {name for name in files if suffix and name.endswith("." + suffix)}
+        self._open = contextlib.ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    def close(self) -> None:
+        self._open.close()
+        self._handles.clear()
+
+    def _handle(self, file: Path):
+        """One open handle per shard for the whole load (a scale may sit in another shard)."""
+        if file not in self._handles:
+            self._handles[file] = self._open.enter_context(safe_open(file, "pt"))
+        return self._handles[file]
 
     def is_scale(self, name: str) -> bool:
         return name in self.scales
@@ -221,8 +242,8 @@ class Fp8Weights:
                                  "(load_weights' caller should have checked `fp8_covers`)")
             _copy(dest, tensor, rule, name)
             return
-        with safe_open(self.files[scale_name], "pt") as g:
-            scale = g.get_tensor(scale_name) if expert is None else g.get_slice(scale_name)[expert]
+        g = self._handle(self.files[scale_name])
+        scale = g.get_tensor(scale_name) if expert is None else g.get_slice(scale_name)[expert]
         if dest_scale is None:
             _copy(dest, self.quant.dequantize(tensor, scale, name), rule, name)
             return

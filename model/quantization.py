@@ -121,7 +121,8 @@ def row_scales(config: Fp8Config, q: torch.Tensor, scale: torch.Tensor, name: st
 class Fp8Linear(torch.nn.Module):
     """nn.Linear's place for an FP8 weight on the kernel path: `weight` float8 e4m3 [N, K] and
     `weight_scale` float32, one per `block` of it. `forward` is the reference (dequantize, then
-    F.linear in x's dtype); `model.layers.fast_linear` takes the FP8 GEMV for a few rows."""
+    F.linear in x's dtype); `model.layers.fast_linear` runs the kernels: the FP8 GEMV for a few
+    rows, `triton_linear.linear_fp8` (a blocked W8A16 GEMM) for more."""
 
     def __init__(self, in_features: int, out_features: int, block: tuple[int, int], bias: bool, *,
                  device=None, dtype=None) -> None:
@@ -161,7 +162,7 @@ def fp8_layout_problem(config: Any) -> str | None:
         return "the checkpoint is not FP8"
     rows = storage_block(quant, config.hidden_size)[0]
     fused = {"q/k/v rows": (config.q_size, config.kv_size)}
-    if config.intermediate_size:
+    if config.intermediate_size and len(config.moe_layers) < config.num_layers:
         fused["dense gate/up rows"] = (config.intermediate_size,)
     if config.is_moe:
         fused["expert gate/up rows"] = (config.moe_intermediate_size,)

@@ -77,7 +77,7 @@ def _linear_small_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, T, N, K, stride_xt, stride_wn, stride_yt, stride_sn,
     T_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -104,8 +104,11 @@ def _linear_small_kernel(
             x = tl.load(x_ptrs + k0, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
         if HAS_WS:  # FP8 weights: each element times its (SBN x SBK) block's float32 scale
-            s = tl.load(ws_ptr + (offs_n // SBN)[:, None] * stride_sn + ((k0 + offs_k) // SBK)[None, :],
-                        mask=n_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+            if SCALE_VEC:  # the tile lies in one block column: one scale per row
+                s = tl.load(ws_ptr + (offs_n // SBN) * stride_sn + k0 // SBK, mask=n_ok, other=0.0)[:, None]
+            else:
+                s = tl.load(ws_ptr + (offs_n // SBN)[:, None] * stride_sn + ((k0 + offs_k) // SBK)[None, :],
+                            mask=n_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             w = (w.to(tl.float32) * s).to(x.dtype)
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
@@ -198,7 +201,12 @@ def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor
     N = weight_ND.shape[0]
     if T > MAX_T:
         raise ValueError(f"linear_small takes at most {MAX_T} rows, got {T}")
-    fp8 = weight_scale is not None and weight_ND.dtype == torch.float8_e4m3fn
+    fp8 = weight_ND.dtype == torch.float8_e4m3fn
+    if fp8 != (weight_scale is not None):
+        raise ValueError(f"a {weight_ND.dtype} weight with weight_scale {weight_scale is not None}: FP8 (float8 e4m3) "
+                         "weights need their scales, and other weights take none")
+    if fp8 and (weight_scale.dtype != torch.float32 or weight_scale.stride(-1) != 1):
+        raise ValueError("weight_scale must be float32 with unit stride along K")
     if (x_TD.dtype != weight_ND.dtype and not fp8) or (bias is not None and bias.shape != (N,)):
         raise ValueError(f"x is {x_TD.dtype}, the weight {weight_ND.dtype}"
                          + ("" if bias is None else f", bias {tuple(bias.shape)} for N={N}"))
@@ -224,7 +232,7 @@ def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor
         T_PAD=config.t_pad(T), BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=config.dot,
         HAS_BIAS=bias is not None, EVEN_K=K % config.block_k == 0, EVEN_N=N % config.block_n == 0,
         PRECISION="ieee" if x_TD.dtype == torch.float32 else "tf32",
-        HAS_WS=fp8, SBN=scale_block[0], SBK=scale_block[1],
+        HAS_WS=fp8, SBN=scale_block[0], SBK=scale_block[1], SCALE_VEC=scale_block[1] % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -262,3 +270,50 @@ __all__ = [
     "select_config",
     "use_kernel",
 ]
+
+
+def fp8_gemm_config(T: int, N: int, K: int) -> tuple[int, object]:
+    """(BLOCK_M, KernelConfig) of `linear_fp8`: row tiles sized to T (the weight is read once per
+    tile of rows), 128-wide K tiles that match Qwen's 128x128 scale blocks (one scale per row of
+    a tile), power-of-two tiles no larger than the small test shapes need."""
+    from expertmesh.experts.moe_config import KernelConfig
+
+    block_m = 16 if T <= 16 else 32 if T <= 32 else 64 if T <= 1024 else 128
+    block_n = min(128 if T <= 1024 else 256, triton.next_power_of_2(max(N, 16)))
+    block_k = min(128, triton.next_power_of_2(max(K, 16)))
+    return block_m, KernelConfig(block_n, block_k, GROUP_M=8, num_warps=8 if block_m >= 128 else 4, num_stages=3)
+
+
+def linear_fp8(x_TD: torch.Tensor, weight_ND: torch.Tensor, weight_scale: torch.Tensor, scale_block: tuple[int, int],
+               bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequantized(W)^T (+ bias) for any number of rows, W float8 e4m3 [N, K] with float32
+    scales per `scale_block`: the blocked expert kernel (experts/triton_moe.py `gemm_down`) with
+    one expert and every row routed to it, so each weight tile is read once per BLOCK_M rows,
+    scaled as it is read and multiplied on the tensor cores in x's dtype (W8A16). Where
+    `linear_small` takes over at few rows, this is the FP8 path of prefill and large decode
+    batches. No host sync: the row map is made on the device."""
+    from expertmesh.experts.triton_moe import ExpertScales, gemm_down
+
+    T, K = x_TD.shape
+    N = weight_ND.shape[0]
+    if weight_ND.dtype != torch.float8_e4m3fn or weight_scale.shape != (-(-N // scale_block[0]),
+                                                                        -(-K // scale_block[1])):
+        raise ValueError(f"linear_fp8 takes float8 e4m3 weights and their {scale_block} block grid, got "
+                         f"{weight_ND.dtype} {tuple(weight_ND.shape)} and scales {tuple(weight_scale.shape)}")
+    if x_TD.stride(1) != 1:
+        x_TD = x_TD.contiguous()
+    if out is None:
+        out = x_TD.new_empty(T, N)
+    if T == 0:
+        return out
+    block_m, config = fp8_gemm_config(T, N, K)
+    rows = triton.cdiv(T, block_m) * block_m
+    sorted_ids = torch.arange(rows, device=x_TD.device, dtype=torch.int32)  # rows >= T are masked (>= num_copies)
+    block_expert = torch.zeros(rows // block_m, device=x_TD.device, dtype=torch.int32)
+    num_padded = torch.full((1,), rows, device=x_TD.device, dtype=torch.int32)
+    grid = weight_scale[None]
+    gemm_down(x_TD, weight_ND[None], out, sorted_ids, block_expert, num_padded, num_copies=T, block_m=block_m,
+              config=config, scales=ExpertScales(grid, grid, scale_block, scale_block))
+    if bias is not None:
+        out += bias
+    return out

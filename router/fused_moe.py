@@ -30,6 +30,7 @@ from expertmesh.experts.moe_config import ConfigTable, MoeConfig, load_table, se
 from expertmesh.experts.triton_moe import (
     ExpertScales,
     check_operands,
+    check_scales,
     gemm_down,
     gemm_gate_up,
     gemv_down,
@@ -78,6 +79,7 @@ def fused_moe(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: to
     if out is None:
         out = torch.empty_like(x_TD)
     check_operands(x_TD, w13_EFD, w2_EDF, out)
+    check_scales(w13_EFD, w2_EDF, scales)
     if N == 0:
         return out
     config = config or moe_config(N, w13_EFD)
@@ -117,6 +119,7 @@ def grouped_experts(x_ND: torch.Tensor, expert_N: torch.Tensor, w13_EFD: torch.T
     if out is None:
         out = torch.empty_like(x_ND)
     check_operands(x_ND, w13_EFD, w2_EDF, out)
+    check_scales(w13_EFD, w2_EDF, scales)
     if N == 0:
         return out
     config = config or moe_config(N, w13_EFD)

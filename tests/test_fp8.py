@@ -267,13 +267,13 @@ def test_model_config_carries_the_fp8_layout(fp8_models):
 # ---- the kernel path keeps FP8 weights (W8A16 Triton kernels; here in Triton's interpreter) ----------------
 
 @pytest.mark.parametrize("layout", ["block", "channel"])
-def test_the_kernel_path_keeps_fp8_weights_and_equals_the_dequantized_model(fp8_models, layout):
+def test_the_kernel_path_keeps_fp8_weights_and_equals_the_dequantized_model(fp8_models, layout, monkeypatch):
     """kernels='triton' on the CPU runs the GPU's kernels in Triton's interpreter: the linear layers
     and experts stay FP8 with their scales (half the bytes), the GEMVs and fused-MoE kernels scale
     each weight block as they read it, and in float32 the logits are the dequantized model's."""
     pytest.importorskip("triton")
     fp8, plain = fp8_models[layout], fp8_models[f"{layout}_plain"]
-    common = dict(device="cpu", dtype="float32", max_num_batched_tokens=16, max_num_seqs=4, progress=False)
+    common = dict(device="cpu", dtype="float32", max_num_batched_tokens=40, max_num_seqs=4, progress=False)
     fast = LLM(fp8, kernels="triton", **common)
     runner = fast.engine.executor.runner
     assert runner.fp8_weights
@@ -282,9 +282,18 @@ def test_the_kernel_path_keeps_fp8_weights_and_equals_the_dequantized_model(fp8_
     assert layer.mlp.experts.w13_EFD.dtype == torch.float8_e4m3fn and layer.mlp.experts.scales is not None
     assert layer.mlp.gate.weight.dtype == torch.float32 and runner.model.lm_head.weight.dtype == torch.float32
     assert layer.attn.o_proj.weight_scale.shape[0] == (64 // BLOCK if layout == "block" else 64)
-    # chunked prefill (16-token budget) and decode batches of 3, 2 and 1 through the FP8 kernels
-    prompts = [[5, 9, 77, 1000, 3, 4, 4, 8, 12, 19, 400, 2, 2, 2, 7, 70, 700, 1], [42, 43], [7] * 9]
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=1) for n in (6, 3, 9)]
+    # chunked prefill (a 40-token budget: 80 expert copies take the blocked MoE kernels, the
+    # projections linear_fp8), then decode batches of 4 down to 1 (the GEMVs)
+    prompts = [[5, 9, 77, 1000, 3, 4, 4, 8, 12, 19, 400, 2, 2, 2, 7, 70, 700, 1], [42, 43], [7] * 9,
+               list(range(100, 130))]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=1) for n in (6, 3, 9, 4)]
+    from expertmesh.model import triton_linear
+    from expertmesh.router import fused_moe
+
+    calls = []
+    for module, name in ((fused_moe, "gemm_gate_up"), (triton_linear, "linear_fp8"), (triton_linear, "linear_small")):
+        inner = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=inner, **k: calls.append(_n) or _f(*a, **k))
     got = fast.generate(prompts, params)
     want = LLM(plain, kernels="torch", **common).generate(prompts, params)
     for g, w in zip(got, want):
@@ -292,6 +301,7 @@ def test_the_kernel_path_keeps_fp8_weights_and_equals_the_dequantized_model(fp8_
         for g_lp, w_lp in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
             (token, value), = ((t, g_lp[t]) for t in w_lp if t in g_lp)
             assert value == pytest.approx(w_lp[token], abs=1e-4)
+    assert {"gemm_gate_up", "linear_fp8", "linear_small"} <= set(calls)  # every FP8 kernel ran
 
 
 def test_a_partly_quantized_checkpoint_loads_dequantized_on_the_kernel_path(fp8_models, tmp_path, caplog):

@@ -452,13 +452,15 @@ def fp8_experts(w13, w2, block):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["uniform", "uneven"])
-def test_fp8_expert_weights_equal_their_dequantized_reference(path, dtype, kind):
-    """Block-scaled FP8 experts (16x16 blocks; D = 80 leaves a ragged block column) through every
-    kernel path: the result is the float32 reference on the dequantized weights."""
+@pytest.mark.parametrize("block", [(16, 16), (16, 64)])
+def test_fp8_expert_weights_equal_their_dequantized_reference(path, dtype, kind, block):
+    """Block-scaled FP8 experts (D = 80 leaves a ragged block column) through every kernel path,
+    16-wide blocks (a scale per element of a K tile) and 64-wide ones (one per row of a tile):
+    the result is the float32 reference on the dequantized weights."""
     E, D, F, K, T = 8, 80, 32, 2, 9
     w13, w2 = random_weights(E, D, F, seed=21)
-    q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, (16, 16))
-    assert q13.dtype == torch.float8_e4m3fn and scales.w13.shape == (E, 4, 5) and scales.w2.shape == (E, 5, 2)
+    q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, block)
+    assert q13.dtype == torch.float8_e4m3fn and scales.w13.shape == (E, 4, -(-D // block[1]))
     weights, ids = routing(kind, T, K, E, seed=T)
     x = torch.randn(T, D).to(dtype)
     out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, D, dtype=dtype), config=PATHS[path], scales=scales)
@@ -501,3 +503,22 @@ def test_gpu_fp8_experts_match_their_dequantized_reference(shape, T):
     out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, s["D"], dtype=torch.bfloat16, device="cuda"),
                     scales=scales)
     assert_bf16_close(out, reference_moe(x, weights, ids, d13, d2))
+
+
+@interpreter
+def test_fp8_weights_without_their_scales_and_bad_grids_are_refused():
+    E, D, F, K, T = 4, 64, 32, 2, 3
+    w13, w2 = random_weights(E, D, F, seed=4)
+    q13, q2, scales, *_ = fp8_experts(w13, w2, (16, 16))
+    weights, ids = routing("uniform", T, K, E)
+    x = torch.randn(T, D)
+    with pytest.raises(ValueError, match="need their ExpertScales"):
+        fused_moe(x, weights, ids, q13, q2)
+    with pytest.raises(ValueError, match="need their ExpertScales"):
+        grouped_experts(x, torch.zeros(T, dtype=torch.int64), w13, w2, scales=scales)
+    from expertmesh.experts.triton_moe import ExpertScales
+
+    with pytest.raises(ValueError, match="w2 scales must be float32"):
+        fused_moe(x, weights, ids, q13, q2, scales=ExpertScales(scales.w13, scales.w2[:, :1], (16, 16), (16, 16)))
+    with pytest.raises(ValueError, match="straddle gate and up"):
+        fused_moe(x, weights, ids, q13, q2, scales=ExpertScales(scales.w13, scales.w2, (64, 16), (16, 16)))

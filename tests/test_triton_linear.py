@@ -238,3 +238,24 @@ def test_gpu_fp8_weights_at_decode_shapes(shape, T):
     got = linear_small(x, q, weight_scale=scale, scale_block=(128, 128))
     want = (x.double() @ dequantize_blocks(q, scale, (128, 128)).double().T).to(torch.bfloat16)
     torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("T", "block"), [(9, (16, 16)), (40, (16, 64)), (70, (1, None))])
+def test_fp8_blocked_gemm_for_many_rows_equals_the_reference(dtype, T, block):
+    """linear_fp8 (the expert GEMM with one expert): rows past a BLOCK_M multiple, ragged N, K,
+    per-element and per-row scale tiles, a bias: the float64 reference on the dequantized weights."""
+    from expertmesh.model.quantization import dequantize_blocks, quantize_blocks
+    from expertmesh.model.triton_linear import linear_fp8
+
+    N, K = 50, 72 if block[1] != 64 else 128
+    x, w, b = operands(T, N, K, torch.float32, seed=T, bias=True)
+    block = (block[0], block[1] or K)
+    q, scale = quantize_blocks(w, block)
+    x, b = x.to(dtype), b.to(dtype)
+    got = linear_fp8(x, q, scale, block, b)
+    want = (x.double() @ dequantize_blocks(q, scale, block).double().T + b.double()).to(dtype)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    with pytest.raises(ValueError, match="float8 e4m3 weights"):
+        linear_fp8(x, w.to(dtype), scale, block)
