@@ -418,11 +418,23 @@ def test_a_message_over_the_body_limit_is_refused_unparsed(live):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "maximum context length" in info.value.details()
 
 
+def settled(read, quiet_s: float = 0.5, timeout_s: float = 10.0):
+    """`read()` once it has stopped changing for `quiet_s` (the server counts a call in its
+    `finally`, which on a busy machine may run well after the client has its status)."""
+    value, since, deadline = read(), time.monotonic(), time.monotonic() + timeout_s
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def test_refused_calls_are_counted(live):
     def count(status: str) -> float:
         return live.serving.metrics.requests.labels("chat", status)._value.get()
 
-    before = count("401"), count("400")
+    before = settled(lambda: (count("401"), count("400")))  # earlier tests' calls may still be counting
     with pytest.raises(grpc.RpcError):
         live.stub.ChatCompletion(_chat(max_tokens=1))
     with pytest.raises(grpc.RpcError):
