@@ -71,22 +71,30 @@ def _rank_main(rank, world, port, path, assignment, out_dir, padded):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["exact-splits", "fixed-capacity"])
-@pytest.mark.parametrize("world, assignment", [
-    (2, [[0, 1, 2], [3, 4]]),
-    (4, [[0, 1], [2], [3, 4], []]),  # rank 3 has no sequences at all
-])
-def test_ep_logits_equal_single_process(qwen3_moe_path, tmp_path, world, assignment, padded):
-    reference = ModelRunner(ModelLoadConfig(str(qwen3_moe_path), dtype="float32", device="cpu"),
+def assert_ranks_equal_one_process(path, tmp_path, world: int, assignment: list[list[int]], padded: bool) -> list:
+    """`world` gloo ranks over the checkpoint at `path`, each computing the PROMPTS `assignment`
+    gives it: every rank's logits equal the single-process model's within 1e-4 (float32).
+    Returns the single-process logits of every prompt."""
+    reference = ModelRunner(ModelLoadConfig(str(path), dtype="float32", device="cpu"),
                             CacheConfig(block_size=BLOCK, num_blocks=64), progress=False)
     with torch.inference_mode():
         expected = _logits(reference, PROMPTS, torch.device("cpu"))
-    mp.spawn(_rank_main, args=(world, free_port(), str(qwen3_moe_path), assignment, str(tmp_path), padded),
+    mp.spawn(_rank_main, args=(world, free_port(), str(path), assignment, str(tmp_path), padded),
              nprocs=world, join=True)
     for rank, indices in enumerate(assignment):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert len(got) == len(indices)
         for i, logits in zip(indices, got):
             torch.testing.assert_close(logits, expected[i], atol=1e-4, rtol=0)
+    return expected
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["exact-splits", "fixed-capacity"])
+@pytest.mark.parametrize("world, assignment", [
+    (2, [[0, 1, 2], [3, 4]]),
+    (4, [[0, 1], [2], [3, 4], []]),  # rank 3 has no sequences at all
+])
+def test_ep_logits_equal_single_process(qwen3_moe_path, tmp_path, world, assignment, padded):
+    expected = assert_ranks_equal_one_process(qwen3_moe_path, tmp_path, world, assignment, padded)
     solo = torch.load(tmp_path / "rank0b.pt")
     torch.testing.assert_close(solo[0], expected[assignment[0][0]], atol=1e-4, rtol=0)

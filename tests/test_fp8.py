@@ -13,16 +13,12 @@ import shutil
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_ep_gloo import PROMPTS as EP_PROMPTS
-from test_ep_gloo import _logits as ep_logits
-from test_ep_gloo import _rank_main as ep_rank_main
+from test_ep_gloo import assert_ranks_equal_one_process
 from test_oracle import our_logits, runner_for
 
 from expertmesh import LLM, SamplingParams
-from expertmesh.cluster.collective import free_port
 from expertmesh.engine.config import CacheConfig, ModelLoadConfig
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.model.config import ModelConfig
@@ -148,18 +144,7 @@ def test_fp8_weights_differ_from_the_unquantized_ones(fp8_models, qwen3_moe_path
 
 @pytest.mark.parametrize("world, assignment", [(2, [[0, 1, 2], [3, 4]]), (3, [[0, 1], [2, 3], [4]])])
 def test_expert_parallel_ranks_read_their_fp8_experts_and_equal_ep1(fp8_models, tmp_path, world, assignment):
-    path = fp8_models["block"]
-    reference = ModelRunner(ModelLoadConfig(str(path), dtype="float32", device="cpu"),
-                            CacheConfig(block_size=4, num_blocks=64), progress=False)
-    with torch.inference_mode():
-        expected = ep_logits(reference, EP_PROMPTS, torch.device("cpu"))
-    mp.spawn(ep_rank_main, args=(world, free_port(), str(path), assignment, str(tmp_path), True),
-             nprocs=world, join=True)
-    for rank, indices in enumerate(assignment):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert len(got) == len(indices)
-        for i, logits in zip(indices, got):
-            torch.testing.assert_close(logits, expected[i], atol=1e-4, rtol=0)
+    assert_ranks_equal_one_process(fp8_models["block"], tmp_path, world, assignment, padded=True)
 
 
 def test_ragged_blocks_dequantize_per_block():

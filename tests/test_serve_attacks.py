@@ -32,6 +32,7 @@ import openai
 import pytest
 from conftest import start_redis_server
 from test_hostile_requests import INTERNAL_NAMES, assert_openai_error, grpc_chat, nested
+from test_serve_resilience import raw_head, raw_response
 
 from expertmesh.bench.serve import wait_healthy
 from expertmesh.cluster.collective import free_port
@@ -181,27 +182,6 @@ def grpc_error(server, method: str, request: bytes, key: str | None) -> grpc.Rpc
     return info.value
 
 
-def head(headers: dict[str, str]) -> bytes:
-    lines = ["POST /v1/chat/completions HTTP/1.1", "Host: x", "Content-Type: application/json",
-             *(f"{k}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def response_of(sock: socket.socket) -> tuple[int, dict]:
-    """Status and JSON body of the one response `sock` gets (content-length or a single chunk)."""
-    sock.settimeout(30)
-    data = b""
-    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    top, _, body = data.partition(b"\r\n\r\n")
-    if b"chunked" in top.lower():
-        body = body.split(b"\r\n", 1)[1]
-    return int(top.split()[1]), json.loads(body[: body.rindex(b"}") + 1])
-
-
 # ---- item 1: a key store that lost its keys refuses everyone -------------------------------------------------
 
 def test_item01_redis_flushed_refuses_every_caller(server, keys):
@@ -304,18 +284,19 @@ def test_item02_grammar_caps_and_a_slow_grammar_while_a_chat_streams(server, key
 def test_item03_oversized_bodies_get_413_fast_and_unauthenticated_ones_401(server, keys):
     limit = default_max_request_body_bytes(MAX_MODEL_LEN)
     with socket.create_connection(("127.0.0.1", server["port"])) as sock:
-        sock.sendall(head({"Authorization": f"Bearer {keys.admin}", "Content-Length": str(50 << 20)}))
+        sock.sendall(raw_head("/v1/chat/completions",
+                              {"Authorization": f"Bearer {keys.admin}", "Content-Length": str(50 << 20)}))
         t0 = time.time()
         assert httpx.get(server["base"] + "/health", timeout=10).status_code == 200  # the loop is free
-        status, body = response_of(sock)  # not one byte of the 50 MiB was sent
+        status, body = raw_response(sock)  # not one byte of the 50 MiB was sent
     assert status == 413 and body["error"]["code"] == "request_too_large" and time.time() - t0 < 10, body
     assert str(limit) in body["error"]["message"]
     r = post_raw(server, keys.admin, b'{"messages": [{"role": "user", "content": "' + b"x" * limit + b'"}]}')
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
 
     with socket.create_connection(("127.0.0.1", server["port"])) as sock:  # no key: 401 before the size
-        sock.sendall(head({"Content-Length": str(50 << 20)}))
-        status, body = response_of(sock)
+        sock.sendall(raw_head("/v1/chat/completions", {"Content-Length": str(50 << 20)}))
+        status, body = raw_response(sock)
     assert status == 401 and body["error"]["code"] == "invalid_api_key", body
     r = post_raw(server, "anything", b"x" * (limit + 1))
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text

@@ -146,13 +146,15 @@ def test_grpc_drops_stalled_handshakes_and_idle_connections(served):
 
 # ---- item 3: body limit and key before the body -------------------------------------------------------------
 
-def _head(path: str, headers: dict[str, str]) -> bytes:
+def raw_head(path: str, headers: dict[str, str]) -> bytes:
+    """A POST's request line and headers, as a socket sends them."""
     lines = [f"POST {path} HTTP/1.1", "Host: x", "Content-Type: application/json",
              *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def _response(sock: socket.socket) -> tuple[int, dict]:
+def raw_response(sock: socket.socket) -> tuple[int, dict]:
+    """Status and JSON body of the one response `sock` gets (content-length or a single chunk)."""
     sock.settimeout(30)
     data = b""
     while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
@@ -169,9 +171,9 @@ def _response(sock: socket.socket) -> tuple[int, dict]:
 def test_a_body_over_the_limit_gets_413_before_it_is_read(served):
     limit = default_max_request_body_bytes(MAX_MODEL_LEN)
     sock = socket.create_connection(("127.0.0.1", served["port"]))
-    sock.sendall(_head("/v1/chat/completions", {"Authorization": f"Bearer {KEY}", "Content-Length": str(50 << 20)}))
+    sock.sendall(raw_head("/v1/chat/completions", {"Authorization": f"Bearer {KEY}", "Content-Length": str(50 << 20)}))
     t0 = time.time()
-    status, body = _response(sock)  # not one byte of the 50 MiB was sent
+    status, body = raw_response(sock)  # not one byte of the 50 MiB was sent
     assert status == 413 and body["error"]["code"] == "request_too_large" and time.time() - t0 < 10
     assert str(limit) in body["error"]["message"]
     sock.close()
@@ -180,13 +182,13 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(served):
     # 413 comes back (and the connection closes) soon after the limit is passed, not after the body.
     planned = 32 << 20
     sock = socket.create_connection(("127.0.0.1", served["port"]))
-    sock.sendall(_head("/v1/chat/completions", {"Authorization": f"Bearer {KEY}", "Transfer-Encoding": "chunked"}))
+    sock.sendall(raw_head("/v1/chat/completions", {"Authorization": f"Bearer {KEY}", "Transfer-Encoding": "chunked"}))
     chunk = b"x" * 65536
     framed, sent = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n", 0
     while sent < planned and not select.select([sock], [], [], 0.01)[0]:
         sock.sendall(framed)
         sent += len(chunk)
-    status, body = _response(sock)
+    status, body = raw_response(sock)
     assert status == 413 and body["error"]["code"] == "request_too_large"
     assert limit < sent < planned / 2, (limit, sent)
     assert closed_within(sock, 10) < 10  # the rest of the body is not waited for
@@ -195,8 +197,8 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(served):
 
 def test_a_caller_without_a_key_gets_401_whatever_its_body(served):
     sock = socket.create_connection(("127.0.0.1", served["port"]))
-    sock.sendall(_head("/v1/chat/completions", {"Content-Length": str(50 << 20)}))
-    status, body = _response(sock)
+    sock.sendall(raw_head("/v1/chat/completions", {"Content-Length": str(50 << 20)}))
+    status, body = raw_response(sock)
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     sock.close()
     r = httpx.post(served["base"] + "/v1/chat/completions", content=b'{"messages": [',
