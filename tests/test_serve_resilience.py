@@ -211,15 +211,20 @@ def test_a_caller_without_a_key_gets_401_whatever_its_body(served):
 def _http_stream(base: str, started: concurrent.futures.Future) -> list[str]:
     body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000, "ignore_eos": True,
             "stream": True, "chat_template_kwargs": {"enable_thinking": False}}
-    events = []
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[len("data: "):])
-                if len(events) == 3 and not started.done():
-                    started.set_result(True)
+    events, tokens = [], 0
+    try:
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+                    tokens += '"content"' in events[-1]
+                    if tokens == 3 and not started.done():  # three chunks of tokens: it runs in the engine
+                        started.set_result(True)
+    finally:
+        if not started.done():
+            started.set_exception(RuntimeError(f"the stream ended before its third token: {events[-3:]}"))
     return events
 
 
@@ -267,9 +272,17 @@ def test_streams_end_with_an_error_when_the_engine_replica_dies(served):
                       "/health reports the dead engine")
     assert health.json()["status"] == "unhealthy" and health.json()["reason"]
     assert httpx.get(served["base"] + "/livez").status_code == 200  # the gateway itself lives
-    # Serve replaces the replica; then the app is healthy again
+    # Serve replaces the replica; then the app is healthy again, and a chat gets its tokens
     wait_for(lambda: httpx.get(served["base"] + "/health", timeout=10).status_code == 200, 180,
-             "a new engine replica serves")
+             "a new engine replica is healthy")
+    wait_for(lambda: _chat_answers(served["base"]), 60, "a new engine replica serves a chat")
+
+
+def _chat_answers(base: str) -> bool:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "ignore_eos": True,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    r = httpx.post(base + "/v1/chat/completions", json=body, timeout=30, headers={"Authorization": f"Bearer {KEY}"})
+    return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_requests_of_a_dead_gateway_are_aborted_in_the_engine(served):
@@ -279,8 +292,19 @@ def test_requests_of_a_dead_gateway_are_aborted_in_the_engine(served):
         started = [concurrent.futures.Future() for _ in range(4)]
         streams = [pool.submit(_http_stream, served["base"], started[i]) for i in range(4)]
         concurrent.futures.wait(started, timeout=120)  # generous: CI's 2 cores may be busy
-        assert all(f.done() for f in started), [f.exception() for f in streams if f.done()]
-        assert wait_for(lambda: engine_stats()["num_running"] == 4, 60, "4 requests run")
+        assert all(f.done() and f.exception() is None for f in started), [
+            f.exception() for f in started if f.done()]
+        seen = []  # the four requests are in the engine (running, or waiting for a slot): say what it held
+
+        def all_four_inside():
+            stats = engine_stats()
+            seen.append((stats["num_running"], stats["num_waiting"]))
+            return stats["num_running"] + stats["num_waiting"] == 4 and stats["num_running"] >= 1
+
+        try:
+            wait_for(all_four_inside, 60, "the 4 requests are in the engine")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; (running, waiting) seen: {sorted(set(seen))}") from None
         ray.kill(replica_actor("ExpertMeshGateway"), no_restart=True)
         killed = time.time()
         drained = wait_for(lambda: engine_stats()["num_running"] + engine_stats()["num_waiting"] == 0, 60,
