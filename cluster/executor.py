@@ -111,6 +111,7 @@ class RayExecutor:
             raise
         self.num_blocks = min(info["num_blocks"] for info in infos)
         self.expert_params = [info["expert_params"] for info in infos]
+        self.fp8_weights = [info["fp8_weights"] for info in infos]  # per rank: ModelRunner.fp8_weights
         log.info("EP group of %d ranks on %s ready", self.num_ranks, device_type)
 
     def _kill(self) -> None:

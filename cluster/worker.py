@@ -54,7 +54,8 @@ class RankWorker:
             attach_moe_timer(self.runner.model, self.timer)
             self.runner.graphs = None  # timed collectives record events per call: a graph would replay stale ones
         self.runner.capture_graphs(progress=progress)
-        return {"num_blocks": self.runner.num_blocks, "expert_params": self.expert_param_count()}
+        return {"num_blocks": self.runner.num_blocks, "expert_params": self.expert_param_count(),
+                "fp8_weights": self.runner.fp8_weights}
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)

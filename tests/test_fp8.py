@@ -334,3 +334,30 @@ def test_gpu_fp8_engine_replays_graphs_and_follows_the_dequantized_model(fp8_mod
     tokens = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] for llm in (graphs, eager, plain)]
     assert tokens[0] == tokens[1]
     assert all(a[:4] == b[:4] for a, b in zip(tokens[0], tokens[2]))  # bf16 near-ties may flip later
+
+
+@pytest.mark.slow
+def test_expert_parallel_ranks_keep_fp8_experts_on_the_kernel_path(fp8_models):
+    """Two Ray ranks over gloo on the kernel path (Triton's interpreter): each keeps its own
+    experts in FP8 with their scales, the all-to-all carries bf16-shaped rows to the FP8 expert
+    kernels (grouped_experts with scales), and the tokens are the dequantized model's on one rank."""
+    ray = pytest.importorskip("ray")
+    from expertmesh.cluster.bootstrap import NCCL_ENV
+
+    prompts = ["The capital of France is", "a", "混合专家模型"]
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(fp8_models["block_plain"], device="cpu", progress=False)
+            .generate(prompts, params)]
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": dict(NCCL_ENV)}, configure_logging=False,
+             log_to_driver=False)
+    try:
+        llm = LLM(fp8_models["block"], device="cpu", kernels="triton", ep_size=2, progress=False)
+        try:
+            got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            kept = llm.engine.executor.fp8_weights
+        finally:
+            llm.shutdown()
+    finally:
+        ray.shutdown()
+    assert kept == [True, True]
+    assert got == want

@@ -398,16 +398,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_rendered_serve_config_starts(helm, monkeypatch):
-    """The cpu-demo serveConfigV2, with its API keys from a Secret, runs on Ray Serve."""
-    import grpc
-    import httpx
-    import ray
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from ray import serve
+def test_rendered_serve_config_starts(helm):
+    """The cpu-demo serveConfigV2, with its API keys from a Secret, runs on Ray Serve. In a process
+    of its own: a Serve session leaves driver-side state (its handles' routers) that a later Serve
+    session of the same driver (tests/test_serve_resilience.py) would inherit and hang on."""
+    import multiprocessing
 
     from expertmesh.gateway.app_config import AppConfig
-    from expertmesh.gateway.serve_app import build_app
     from expertmesh.model.default import default_model_path
 
     docs = render(helm, "cpu-demo", "--set", "apiKeys.existingSecret=demo-keys")
@@ -415,8 +412,28 @@ def test_rendered_serve_config_starts(helm, monkeypatch):
     args = {**app["args"], "model": str(default_model_path()), "grpc_port": _free_port()}
     assert args["api_keys_env"] == "EXPERTMESH_API_KEYS" and "api_keys" not in args
     AppConfig.model_validate(args)
-    monkeypatch.setenv("EXPERTMESH_API_KEYS", "demo-key-one,demo-key-two")  # as the Secret's env entry does
+    ctx = multiprocessing.get_context("spawn")
+    errors = ctx.Queue()
+    child = ctx.Process(target=_serve_rendered_app, args=(app, args, errors))
+    child.start()
+    child.join(timeout=600)
+    assert child.exitcode == 0, errors.get(timeout=5) if not errors.empty() else f"exit code {child.exitcode}"
 
+
+def _serve_rendered_app(app: dict, args: dict, errors) -> None:
+    """The child of test_rendered_serve_config_starts: start the app on a local Ray, then ask it."""
+    import os
+    import traceback
+
+    import grpc
+    import httpx
+    import ray
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ray import serve
+
+    from expertmesh.gateway.serve_app import build_app
+
+    os.environ["EXPERTMESH_API_KEYS"] = "demo-key-one,demo-key-two"  # as the Secret's env entry does
     http_port = _free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # replicas inherit the environment
     try:
@@ -428,13 +445,16 @@ def test_rendered_serve_config_starts(helm, monkeypatch):
                 "messages": [{"role": "user", "content": "Hello!"}]}
         assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 401
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
-                          headers={"Authorization": "Bearer demo-key-two"})
+                       headers={"Authorization": "Bearer demo-key-two"})
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
         assert choice["finish_reason"] in ("stop", "length") and isinstance(choice["message"]["content"], str)
         with grpc.insecure_channel(f"127.0.0.1:{args['grpc_port']}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    except BaseException:
+        errors.put(traceback.format_exc())
+        raise
     finally:
         serve.shutdown()
         ray.shutdown()
