@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import select
 import socket
 import time
@@ -99,12 +100,6 @@ def replica_actor(deployment: str):
              if deployment in a["name"] and a["name"].startswith("SERVE_REPLICA")]
     assert len(names) == 1, names
     return ray.get_actor(names[0], namespace="serve")
-
-
-def engine_stats() -> dict:
-    from ray import serve
-
-    return serve.get_deployment_handle("ExpertMeshEngine", APP).stats.remote().result(timeout_s=30)
 
 
 # ---- item 9: connections ----------------------------------------------------------------------------
@@ -300,9 +295,9 @@ def test_requests_of_a_dead_gateway_are_aborted_in_the_engine(served):
         seen = []  # the four requests are in the engine (running, or waiting for a slot): say what it held
 
         def all_four_inside():
-            stats = engine_stats()
-            seen.append((stats["num_running"], stats["num_waiting"]))
-            return stats["num_running"] + stats["num_waiting"] == 4 and stats["num_running"] >= 1
+            running, waiting, _ = engine_gauges(served["base"])
+            seen.append((running, waiting))
+            return running + waiting == 4 and running >= 1
 
         try:
             wait_for(all_four_inside, 60, "the 4 requests are in the engine")
@@ -310,10 +305,24 @@ def test_requests_of_a_dead_gateway_are_aborted_in_the_engine(served):
             raise AssertionError(f"{exc}; (running, waiting) seen: {sorted(set(seen))}") from None
         ray.kill(replica_actor("ExpertMeshGateway"), no_restart=True)
         killed = time.time()
-        drained = wait_for(lambda: engine_stats()["num_running"] + engine_stats()["num_waiting"] == 0, 60,
+        # Read through Serve's replacement gateway (the engine's own gauges, scraped per /metrics call)
+        drained = wait_for(lambda: engine_gauges(served["base"]) == (0, 0, 0.0), 60,
                            "the engine aborts the dead gateway's requests")
         took = time.time() - killed
         for f in streams:
             f.exception(timeout=60)  # the connections broke with the gateway
-    assert drained and took < 12, f"took {took:.1f} s"
-    assert engine_stats()["kv_usage"] == 0.0
+    assert drained and took < 30, f"took {took:.1f} s (Serve's new gateway replica included)"
+
+
+def engine_gauges(base: str) -> tuple[float, float, float]:
+    """(running, waiting, KV usage) of the engine, as the gateway's /metrics reports them. Through
+    HTTP, not a driver-side Serve handle: earlier tests' in-process Serve sessions (the CLI's
+    `serve` run from test_placement, for one) leave router state in this driver that makes such
+    handles hang."""
+    r = httpx.get(base + "/metrics", timeout=10)
+    if r.status_code != 200:
+        raise OSError(f"/metrics answered {r.status_code}")
+    values = dict(re.findall(r"^(expertmesh_num_requests_running|expertmesh_num_requests_waiting|"
+                             r"expertmesh_kv_cache_usage_ratio) (\S+)$", r.text, re.MULTILINE))
+    return (float(values["expertmesh_num_requests_running"]), float(values["expertmesh_num_requests_waiting"]),
+            float(values["expertmesh_kv_cache_usage_ratio"]))
