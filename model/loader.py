@@ -160,40 +160,40 @@ def _load_files(by_file, fp8, matchers, params, expert_ids, local_slot, config, 
     bar = tqdm(total=sum(len(v) for v in by_file.values()), desc="Loading weights", unit="tensor",
                disable=not progress)
     for file, names in sorted(by_file.items()):
-        with safe_open(file, "pt") as f:
-            for name in sorted(names):
-                bar.update()
-                if fp8.is_scale(name):
-                    continue  # read beside its weight
-                match = _match(matchers, name)
-                if match is None and name == "lm_head.weight" and config.tie_word_embeddings:
-                    continue  # some tied checkpoints still carry the copy
-                if match is None:
-                    if not IGNORED.match(name):
-                        unexpected.append(name)
-                    continue
-                rule, groups = match
-                target = rule.param.format(L=groups.get("L"))
-                if target not in params:
+        f = fp8.handle(file)  # one open handle per shard, shared with the scales read beside weights
+        for name in sorted(names):
+            bar.update()
+            if fp8.is_scale(name):
+                continue  # read beside its weight
+            match = _match(matchers, name)
+            if match is None and name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # some tied checkpoints still carry the copy
+            if match is None:
+                if not IGNORED.match(name):
                     unexpected.append(name)
-                    continue
-                param, scale = params[target], params.get(target + "_scale")
-                if rule.stacked_experts:
-                    for slot, expert in enumerate(expert_ids):
-                        fp8.fill(param[slot], None if scale is None else scale[slot], f, name, rule, expert=expert)
-                        filled[target].add((slot, "whole"))
-                elif rule.per_expert:
-                    expert = int(groups["E"])
-                    if expert not in local_slot:
-                        if expert >= config.num_experts:
-                            unexpected.append(name)
-                        continue  # another rank's expert: never read
-                    slot = local_slot[expert]
-                    fp8.fill(param[slot], None if scale is None else scale[slot], f, name, rule)
-                    filled[target].add((slot, rule.part))
-                else:
-                    fp8.fill(param, scale, f, name, rule)
-                    filled[target].add((None, rule.part))
+                continue
+            rule, groups = match
+            target = rule.param.format(L=groups.get("L"))
+            if target not in params:
+                unexpected.append(name)
+                continue
+            param, scale = params[target], params.get(target + "_scale")
+            if rule.stacked_experts:
+                for slot, expert in enumerate(expert_ids):
+                    fp8.fill(param[slot], None if scale is None else scale[slot], f, name, rule, expert=expert)
+                    filled[target].add((slot, "whole"))
+            elif rule.per_expert:
+                expert = int(groups["E"])
+                if expert not in local_slot:
+                    if expert >= config.num_experts:
+                        unexpected.append(name)
+                    continue  # another rank's expert: never read
+                slot = local_slot[expert]
+                fp8.fill(param[slot], None if scale is None else scale[slot], f, name, rule)
+                filled[target].add((slot, rule.part))
+            else:
+                fp8.fill(param, scale, f, name, rule)
+                filled[target].add((None, rule.part))
     bar.close()
 
 
@@ -215,7 +215,7 @@ class Fp8Weights:
         self._open.close()
         self._handles.clear()
 
-    def _handle(self, file: Path):
+    def handle(self, file: Path):
         """One open handle per shard for the whole load (a scale may sit in another shard)."""
         if file not in self._handles:
             self._handles[file] = self._open.enter_context(safe_open(file, "pt"))
@@ -242,7 +242,7 @@ class Fp8Weights:
                                  "(load_weights' caller should have checked `fp8_covers`)")
             _copy(dest, tensor, rule, name)
             return
-        g = self._handle(self.files[scale_name])
+        g = self.handle(self.files[scale_name])
         scale = g.get_tensor(scale_name) if expert is None else g.get_slice(scale_name)[expert]
         if dest_scale is None:
             _copy(dest, self.quant.dequantize(tensor, scale, name), rule, name)

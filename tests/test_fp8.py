@@ -52,6 +52,7 @@ def write_dequantized(fp8_dir, out_dir, block: int | None):
     config = json.loads((out_dir / "config.json").read_text())
     suffix = "weight_scale_inv" if config.pop("quantization_config")["quant_method"] == "fp8" else "weight_scale"
     (out_dir / "config.json").write_text(json.dumps(config))
+    files = checkpoint_files(fp8_dir)
     for path in out_dir.glob("*.safetensors"):
         tensors = load_file(path)
         plain = {}
@@ -60,8 +61,8 @@ def write_dequantized(fp8_dir, out_dir, block: int | None):
                 continue
             scale_name = name[: -len("weight")] + suffix
             scale = tensors.get(scale_name)
-            if scale is None and scale_name in checkpoint_files(fp8_dir):  # the scale sits in another shard
-                with safe_open(checkpoint_files(fp8_dir)[scale_name], "pt") as g:
+            if scale is None and scale_name in files:  # the scale sits in another shard
+                with safe_open(files[scale_name], "pt") as g:
                     scale = g.get_tensor(scale_name)
             plain[name] = tensor if scale is None else dequantized_by_loop(tensor, scale, block)
         save_file(plain, str(path), metadata={"format": "pt"})
