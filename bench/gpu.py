@@ -425,7 +425,8 @@ def markdown(result: dict) -> str:
     r = result["rates"]
     lines = [f"# expertmesh on {result['device']} (torch {torch.__version__})", "",
              f"Measured in this run: copy {r['copy_gb_s']:.0f} GB/s, bf16 matmul {r['matmul_tflop_s']:.0f} "
-             "TFLOP/s.", ""]
+             "TFLOP/s" + (f", FP8 matmul {r['fp8_matmul_tflop_s']:.0f} TFLOP/s." if r.get("fp8_matmul_tflop_s")
+                          else "."), ""]
     if "engine" in result:
         lines += ["## Qwen3-30B-A3B shape, whole engine (prompt 128, 128 new tokens)", "",
                   "| batch | decode tok/s | ceiling tok/s | transformers tok/s | step median ms | worst ms |",

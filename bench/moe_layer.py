@@ -150,8 +150,8 @@ def _row(T: int, ours: SparseMoeBlock, hf, fused, route, config_for, device, dty
         if fp8 is not None:
             from expertmesh.router.fused_moe import moe_config
 
-            q13, q2, scales = fp8
-            fp8_config = moe_config(T * K, q13)
+            q13, q2, scales, *fp8_table = fp8
+            fp8_config = moe_config(T * K, q13, *fp8_table)
             row["rel_err_fp8_vs_bf16"] = _relative_error(
                 fused_moe(x, weights, ids, q13, q2, config=fp8_config, scales=scales),
                 fused_moe(x, weights, ids, w13, w2, config=config))
@@ -184,9 +184,19 @@ def run_shape(shape: str, tokens: list[int], sweep: bool, deadline: float, rates
             (out_dir / "configs").mkdir(parents=True, exist_ok=True)
             (out_dir / "configs" / name).write_text(json.dumps(table.to_json(), indent=1) + "\n")
             print(f"[{shape}] wrote {out_dir / 'configs' / name}; copy it to experts/configs/ to make it the default")
+    fp8_weights = fp8_experts(ours, fp8_block) if fp8 else None
+    if sweep and fp8:
+        print(f"[{shape}] sweeping FP8 kernel configs at T = {sweep_tokens}", flush=True)
+        q13, q2, scales = fp8_weights
+        fp8_table, records = run_sweep(q13, q2, K, sweep_tokens, deadline, scales=scales,
+                                       **({"timer": sweep_timer} if sweep_timer else {}))
+        name = config_file_name(E, F, D, "float8_e4m3fn", device_name(device))
+        result["sweep_fp8"] = {"file": name, "table": fp8_table.to_json(), "buckets": records}
+        if out_dir is not None:
+            (out_dir / "configs" / name).write_text(json.dumps(fp8_table.to_json(), indent=1) + "\n")
+        fp8_weights = (q13, q2, scales, fp8_table)
     fused, route, config_for = _fused_block(ours, table)
     expert_bytes = 3 * D * F * torch.empty((), dtype=dtype).element_size()
-    fp8_weights = fp8_experts(ours, fp8_block) if fp8 else None
     for T in tokens:
         print(f"[{shape}] T={T}", flush=True)
         row = _row(T, ours, hf, fused, route, config_for, device, dtype, timer, fp8_weights)
@@ -194,8 +204,9 @@ def run_shape(shape: str, tokens: list[int], sweep: bool, deadline: float, rates
         flops = 2 * T * K * 3 * D * F
         compute_us = 1e6 * flops / (rates.matmul_tflop_s * 1e12)
         row["ceiling_us"] = max(1e6 * touched * expert_bytes / (rates.copy_gb_s * 1e9), compute_us)
-        if fp8:  # one byte a weight; the kernels multiply in bf16, so the FLOP side stays bf16's
-            row["ceiling_fp8_us"] = max(1e6 * touched * 3 * D * F / (rates.copy_gb_s * 1e9), compute_us)
+        if fp8:  # one byte a weight, and the FP8 tensor cores' rate measured in this run
+            row["ceiling_fp8_us"] = max(1e6 * touched * 3 * D * F / (rates.copy_gb_s * 1e9),
+                                        1e6 * flops / (rates.fp8_or_bf16_tflop_s * 1e12))
         result["rows"].append(row)
     return result
 
@@ -213,8 +224,9 @@ _HEADER = ("| tokens | fused block | fused_moe | grouped_mm block | transformers
 
 
 def markdown(results: list[dict], rates, device_name: str) -> str:
+    fp8_rate = f", FP8 matmul {rates.fp8_matmul_tflop_s:,.0f} TFLOP/s" if rates.fp8_matmul_tflop_s else ""
     lines = [f"MoE layer, bf16, {device_name}; copy {rates.copy_gb_s:,.0f} GB/s, matmul {rates.matmul_tflop_s:,.0f} "
-             f"TFLOP/s; µs, medians; T <= {GRAPH_MAX_TOKENS} replayed from CUDA graphs, larger T eager "
+             f"TFLOP/s{fp8_rate}; µs, medians; T <= {GRAPH_MAX_TOKENS} replayed from CUDA graphs, larger T eager "
              f"(* eager fallback: see the JSON)", ""]
     for r in results:
         lines += [f"**{r['shape']}** (hidden {r['hidden']}, {r['experts']} experts, top-{r['top_k']}, FFN {r['ffn']})",

@@ -51,6 +51,21 @@ GEMM_SECOND = {
 }
 
 
+def _candidates(configs: list[KernelConfig], fp8: bool) -> list[KernelConfig]:
+    """FP8 weights: the bf16 candidates with K tiles of 128 (one e4m3 tile row is 128 bytes, a
+    Qwen scale block wide; the kernels cut wider tiles to it) and one more pipeline stage (the
+    tiles take half the shared memory), without repeats."""
+    if not fp8:
+        return configs
+    out: list[KernelConfig] = []
+    for c in configs:
+        for cand in (KernelConfig(c.BLOCK_N, 128, c.GROUP_M, c.num_warps, c.num_stages),
+                     KernelConfig(c.BLOCK_N, 128, c.GROUP_M, c.num_warps, c.num_stages + 1)):
+            if cand not in out:
+                out.append(cand)
+    return out
+
+
 def block_ms(copies_per_expert: float) -> list[int]:
     """BLOCK_M values worth timing: small while one block holds an expert's copies."""
     if copies_per_expert <= 8:
@@ -82,25 +97,28 @@ def _best(candidates, make, log, timer) -> tuple[float, KernelConfig] | None:
 
 
 def sweep(w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, top_k: int, tokens: list[int], deadline: float,
-          log=print, timer=graph_time) -> tuple[ConfigTable, list[dict]]:
+          log=print, timer=graph_time, scales=None) -> tuple[ConfigTable, list[dict]]:
     """Best configs per bucket for these weights; returns the table and one record per bucket.
-    `timer(fn)` -> seconds per call of fn (fn has run once)."""
+    `timer(fn)` -> seconds per call of fn (fn has run once). FP8 weights come with their
+    ExpertScales (the table is then the float8_e4m3fn data file's; the K tiles are fitted to the
+    scale blocks as the kernels fit them, and the blocked GEMMs run W8A8)."""
     records = []
     for T in tokens:  # in the caller's order: the buckets that matter most first, should time run out
         if time.monotonic() > deadline:
             log(f"  sweep T={T}: skipped (time budget spent); the heuristic stays")
             records.append({"tokens": T, "copies": T * top_k, "skipped": True})
             continue
-        records.append(_sweep_bucket(w13_EFD, w2_EDF, top_k, T, log, timer))
+        records.append(_sweep_bucket(w13_EFD, w2_EDF, top_k, T, log, timer, scales))
     return _table(records), records
 
 
-def _sweep_bucket(w13_EFD, w2_EDF, K: int, T: int, log, timer) -> dict:
+def _sweep_bucket(w13_EFD, w2_EDF, K: int, T: int, log, timer, scales=None) -> dict:
     from expertmesh.experts.triton_moe import gemv_down, gemv_gate_up
     from expertmesh.router.triton_gating import topk_softmax_triton
 
     E, F2, D = w13_EFD.shape
-    F, N, device, dtype = F2 // 2, T * K, w13_EFD.device, w13_EFD.dtype
+    F, N, device = F2 // 2, T * K, w13_EFD.device
+    dtype = torch.bfloat16 if scales is not None else w13_EFD.dtype
     x = torch.randn(T, D, device=device, dtype=dtype)
     weights, ids = topk_softmax_triton(torch.randn(T, E, device=device), K, True, "topk_softmax")
     ids_N, weights_N = ids.reshape(-1), weights.reshape(-1)
@@ -108,22 +126,22 @@ def _sweep_bucket(w13_EFD, w2_EDF, K: int, T: int, log, timer) -> dict:
     record: dict = {"tokens": T, "copies": N}
     if N <= GEMV_PROBE_MAX_COPIES:
         act = torch.zeros(N, F, device=device, dtype=dtype)
-        first = _best(GEMV_FIRST, lambda c: lambda: gemv_gate_up(x, w13_EFD, ids_N, act, top_k=K, config=c),
-                      log, timer)
+        first = _best(GEMV_FIRST, lambda c: lambda: gemv_gate_up(x, w13_EFD, ids_N, act, top_k=K, config=c,
+                                                                 scales=scales), log, timer)
         second = _best(GEMV_SECOND, lambda c: lambda: gemv_down(act, w2_EDF, ids_N, out, top_k=K, config=c,
-                                                                  weights_N=weights_N), log, timer)
+                                                                  weights_N=weights_N, scales=scales), log, timer)
         if first and second:
             record["gemv_us"] = (first[0] + second[0]) * 1e6
             record["gemv"] = MoeConfig(first[1], second[1]).to_json()
             log(f"  sweep T={T}: GEMV {record['gemv_us']:.1f} us ({record['gemv']})")
     for bm in block_ms(N / E):
-        blocked = _sweep_blocked(x, w13_EFD, w2_EDF, ids_N, weights_N, out, K, bm, log, timer)
+        blocked = _sweep_blocked(x, w13_EFD, w2_EDF, ids_N, weights_N, out, K, bm, log, timer, scales)
         if blocked and ("blocked_us" not in record or blocked[0] < record["blocked_us"]):
             record["blocked_us"], record["blocked"] = blocked
     return record
 
 
-def _sweep_blocked(x, w13_EFD, w2_EDF, ids_N, weights_N, out, K: int, bm: int, log, timer):
+def _sweep_blocked(x, w13_EFD, w2_EDF, ids_N, weights_N, out, K: int, bm: int, log, timer, scales=None):
     """(microseconds, config json) of the blocked path with BLOCK_M = bm and its best GEMM configs."""
     from expertmesh.experts.triton_moe import gemm_down, gemm_gate_up
     from expertmesh.router.triton_align import align_blocks
@@ -133,12 +151,13 @@ def _sweep_blocked(x, w13_EFD, w2_EDF, ids_N, weights_N, out, K: int, bm: int, l
     align_s = timer(lambda: align_blocks(ids_N, E, bm))
     act = torch.zeros(blocks.sorted_ids_M.shape[0], F, device=x.device, dtype=x.dtype)
     y = torch.empty(N, D, device=x.device, dtype=x.dtype)
-    first = _best(GEMM_FIRST[bm], lambda c: lambda: gemm_gate_up(
+    fp8 = scales is not None
+    first = _best(_candidates(GEMM_FIRST[bm], fp8), lambda c: lambda: gemm_gate_up(
         x, w13_EFD, act, blocks.sorted_ids_M, blocks.block_bucket_B, blocks.num_padded, num_copies=N, top_k=K,
-        block_m=bm, config=c), log, timer)
-    second = _best(GEMM_SECOND[bm], lambda c: lambda: gemm_down(
+        block_m=bm, config=c, scales=scales), log, timer)
+    second = _best(_candidates(GEMM_SECOND[bm], fp8), lambda c: lambda: gemm_down(
         act, w2_EDF, y, blocks.sorted_ids_M, blocks.block_bucket_B, blocks.num_padded, num_copies=N, block_m=bm,
-        config=c, weights_N=weights_N), log, timer)
+        config=c, weights_N=weights_N, scales=scales), log, timer)
     sum_s = timer(lambda: torch.sum(y.view(T, K, D), dim=1, out=out))
     if not (first and second):
         return None

@@ -1,7 +1,8 @@
 """Rooflines: the fastest a step could possibly run on this device, from measured rates.
 
-`measure_rates` times a large device copy (bytes moved = read + write) and a large matmul in the
-model's dtype; `step_ceiling` holds one forward step of a model against them:
+`measure_rates` times a large device copy (bytes moved = read + write), a large matmul in the
+model's dtype and, on GPUs with FP8 tensor cores, the same matmul in e4m3; `step_ceiling` holds
+one forward step of a model against them (FP8 weights: one byte a weight, the FP8 rate):
 
   bytes  = dense weights + lm_head + the experts the step's tokens touch + KV read
   FLOPs  = 2 * active parameters * tokens + attention (QK and PV over the context)
@@ -24,6 +25,13 @@ from expertmesh.model.config import ModelConfig
 class DeviceRates:
     copy_gb_s: float
     matmul_tflop_s: float
+    fp8_matmul_tflop_s: float = 0.0
+    """e4m3 x e4m3 -> bf16 (torch._scaled_mm, per-tensor scales) where the device has FP8 tensor
+    cores, else 0 (the FP8 ceilings then count the bf16 rate)."""
+
+    @property
+    def fp8_or_bf16_tflop_s(self) -> float:
+        return self.fp8_matmul_tflop_s or self.matmul_tflop_s
 
 
 def _timed(fn, device, repeats: int = 5) -> float:
@@ -49,7 +57,14 @@ def measure_rates(device: torch.device, dtype: torch.dtype) -> DeviceRates:
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     mm_s = _timed(lambda: a @ b, device)
-    return DeviceRates(copy_gb_s=2 * n_bytes / copy_s / 1e9, matmul_tflop_s=2 * size ** 3 / mm_s / 1e12)
+    fp8_tflop_s = 0.0
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()  # cuBLASLt: B column-major
+        one = torch.ones((), device=device)
+        fp8_s = _timed(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), device)
+        fp8_tflop_s = 2 * size ** 3 / fp8_s / 1e12
+    return DeviceRates(copy_gb_s=2 * n_bytes / copy_s / 1e9, matmul_tflop_s=2 * size ** 3 / mm_s / 1e12,
+                       fp8_matmul_tflop_s=fp8_tflop_s)
 
 
 def step_ceiling(config: ModelConfig, rates: DeviceRates, dtype: torch.dtype, num_tokens: int,
@@ -80,4 +95,5 @@ def step_ceiling(config: ModelConfig, rates: DeviceRates, dtype: torch.dtype, nu
     expert_flops = 2 * num_moe * expert_params * c.top_k * num_tokens / ep_size
     attn_flops = 4 * c.q_size * c.num_layers * tokens * context_len
     flops = dense_flops + expert_flops + attn_flops + 2 * lm_head * seqs
-    return max((weight_bytes + kv_bytes) / (rates.copy_gb_s * 1e9), flops / (rates.matmul_tflop_s * 1e12))
+    rate = rates.fp8_or_bf16_tflop_s if fp8_weights else rates.matmul_tflop_s
+    return max((weight_bytes + kv_bytes) / (rates.copy_gb_s * 1e9), flops / (rate * 1e12))

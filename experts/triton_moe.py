@@ -22,6 +22,15 @@ Blocked path (copies aligned to BM-row blocks of one expert each, router/align.p
     Blocks past the real count (num_padded, on the device) exit at once; the grid is the static
     bound on blocks, so a call launches the same grid for every routing of the same T.
 
+FP8 weights (ExpertScales): the K tiles shrink to fit the scale blocks (one scale per row and
+tile). With bf16/fp16 activations every kernel quantizes each row's K tile on the fly (amax/448,
+e4m3) and runs e4m3 x e4m3 dots on the tensor cores, each tile's product times the row's and the
+weight block's scales (W8A8, as the FP8 checkpoints' dynamic activation scheme asks; reference:
+model/quantization.py's fake_quantize_activations with the dequantized weights); the GEMVs do it
+in a dot form of their own (_gemv_*_a8: the row padded to 16, the copies of a token one after
+another). float32 activations, and tiles too narrow for the FP8 dot, keep W8A16: each weight
+scaled into the activations' dtype as it is read.
+
 All accumulation is in float32; act and y are stored in the activations' dtype (as the torch path
 rounds its intermediate). Every launcher takes its outputs from the caller (CUDA-graph buffers);
 none synchronises with the host.
@@ -50,6 +59,29 @@ def _expert_of(ids_ptr, map_ptr, index, mask, num_experts, HAS_MAP: tl.constexpr
 @triton.jit
 def _silu_mul(gate, up):
     return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v rounded to the nearest e4m3 value (ties to even), in float32: the interpreter's own
+    float32 -> e4m3 cast mis-rounds values whose mantissa carries into the exponent (127.4 -> 64),
+    so on the CPU the cast below only ever sees values it represents exactly."""
+    e = tl.maximum(tl.floor(tl.log2(tl.abs(v) + 1e-30)), -6.0)  # e4m3: 3 mantissa bits, subnormal below 2^-6
+    step = tl.exp2(e - 3.0)
+    return ((v / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: float32's round-to-nearest-even
+
+
+@triton.jit
+def _quantize_rows(a, EXACT_CVT: tl.constexpr):
+    """A [rows, BLOCK_K] activation tile -> (e4m3 tile, float32 [rows] scales): each row's group of
+    BLOCK_K values divided by amax/448 (e4m3's largest value), as model/quantization.py's
+    quantize_activation_groups does for the reference."""
+    a = a.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0
+    v = a / scale[:, None]
+    if EXACT_CVT:
+        v = _round_e4m3(v)
+    return v.to(tl.float8e4nv), scale
 
 
 @triton.jit
@@ -175,6 +207,103 @@ def _gemv_down_kernel(
 
 
 @triton.jit
+def _gemv_gate_up_a8_kernel(
+    x_ptr, w_ptr, act_ptr, ids_ptr, map_ptr, ws_ptr,
+    F, D, num_experts,
+    stride_xt, stride_we, stride_wn, stride_ac, stride_se, stride_sn,
+    TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    SBN: tl.constexpr, SBK: tl.constexpr, EXACT_CVT: tl.constexpr,
+):
+    """The gate/up GEMV with FP8 weights and the copy's row quantized per K tile (W8A8): the row,
+    padded to 16 with zeros, times the e4m3 tile on the tensor cores; no weight is converted."""
+    copy = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = _expert_of(ids_ptr, map_ptr, copy, copy >= 0, num_experts, HAS_MAP)
+    if expert < 0:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    first = (tl.arange(0, 16) == 0)[:, None]
+    n_ok = offs_n < F
+    x_ptrs = x_ptr + (copy // TOP_K).to(tl.int64) * stride_xt + offs_k[None, :] + tl.zeros([16, 1], tl.int32)
+    gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    up_ptrs = gate_ptrs + F * stride_wn
+    s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn
+    acc_gate = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs + k0, mask=first, other=0.0)
+            if EVEN_N:
+                g = tl.load(gate_ptrs + k0)
+                u = tl.load(up_ptrs + k0)
+            else:
+                g = tl.load(gate_ptrs + k0, mask=n_ok[:, None], other=0.0)
+                u = tl.load(up_ptrs + k0, mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = offs_k < D - k0
+            x = tl.load(x_ptrs + k0, mask=first & k_ok[None, :], other=0.0)
+            g = tl.load(gate_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            u = tl.load(up_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        q, a_s = _quantize_rows(x, EXACT_CVT)
+        s_g = tl.load(s_ptrs + k0 // SBK, mask=n_ok, other=0.0)
+        s_u = tl.load(s_ptrs + (F // SBN) * stride_sn + k0 // SBK, mask=n_ok, other=0.0)
+        acc_gate += tl.dot(q, tl.trans(g)) * (a_s[:, None] * s_g[None, :])
+        acc_up += tl.dot(q, tl.trans(u)) * (a_s[:, None] * s_u[None, :])
+    h = _silu_mul(tl.sum(acc_gate, axis=0), tl.sum(acc_up, axis=0))  # rows past the first are zeros
+    tl.store(act_ptr + copy.to(tl.int64) * stride_ac + offs_n, h.to(act_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gemv_down_a8_kernel(
+    act_ptr, w_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, ws_ptr,
+    D, F, num_experts,
+    stride_ac, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
+    TOP_K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    SBN: tl.constexpr, SBK: tl.constexpr, EXACT_CVT: tl.constexpr,
+):
+    """The down GEMV and weighted combine with FP8 weights (W8A8): the token's copies one after
+    another, each act row quantized per K tile and multiplied on the tensor cores."""
+    token = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    first = (tl.arange(0, 16) == 0)[:, None]
+    n_ok = offs_n < D
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for c in tl.static_range(TOP_K):
+        copy = token * TOP_K + c
+        expert = _expert_of(ids_ptr, map_ptr, copy, copy >= 0, num_experts, HAS_MAP)
+        if expert >= 0:
+            if HAS_WEIGHTS:
+                weight = tl.load(weights_ptr + copy).to(tl.float32)
+            else:
+                weight = 1.0
+            a_ptrs = act_ptr + copy.to(tl.int64) * stride_ac + offs_k[None, :] + tl.zeros([16, 1], tl.int32)
+            w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
+                      + offs_k[None, :])
+            s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn
+            for k0 in range(0, F, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs + k0, mask=first, other=0.0)
+                    if EVEN_N:
+                        w = tl.load(w_ptrs + k0)
+                    else:
+                        w = tl.load(w_ptrs + k0, mask=n_ok[:, None], other=0.0)
+                else:
+                    k_ok = offs_k < F - k0
+                    a = tl.load(a_ptrs + k0, mask=first & k_ok[None, :], other=0.0)
+                    w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                q, a_s = _quantize_rows(a, EXACT_CVT)
+                s = tl.load(s_ptrs + k0 // SBK, mask=n_ok, other=0.0) * weight
+                acc += tl.dot(q, tl.trans(w)) * (a_s[:, None] * s[None, :])
+    y = tl.sum(acc, axis=0)
+    tl.store(out_ptr + token.to(tl.int64) * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def _gemm_gate_up_kernel(
     x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, ws_ptr,
     num_copies, F, D, num_experts, num_blocks,
@@ -182,6 +311,7 @@ def _gemm_gate_up_kernel(
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
+    A8: tl.constexpr, EXACT_CVT: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -214,7 +344,14 @@ def _gemm_gate_up_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(gate_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if HAS_WS:  # FP8 weights scaled into the activations' dtype: the tensor cores take bf16
+        if A8:  # W8A8: the rows' K tile quantized on the fly, e4m3 x e4m3 on the tensor cores
+            q, a_s = _quantize_rows(a, EXACT_CVT)
+            s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn + k0 // SBK
+            s_g = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
+            s_u = tl.load(s_ptrs + (F // SBN) * stride_sn, mask=n_ok, other=0.0)[None, :]
+            acc_gate += tl.dot(q, g) * (a_s[:, None] * s_g)
+            acc_up += tl.dot(q, u) * (a_s[:, None] * s_u)
+        elif HAS_WS:  # W8A16: FP8 weights scaled into the activations' dtype, bf16 tensor cores
             if SCALE_VEC:
                 s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn + k0 // SBK
                 s_g = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
@@ -227,8 +364,9 @@ def _gemm_gate_up_kernel(
                 s_u = tl.load(s_ptrs + (F // SBN) * stride_sn, mask=s_ok, other=0.0)
             g = (g.to(tl.float32) * s_g).to(a.dtype)
             u = (u.to(tl.float32) * s_u).to(a.dtype)
-        acc_gate = tl.dot(a, g, acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
+        if not A8:
+            acc_gate = tl.dot(a, g, acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
@@ -245,6 +383,7 @@ def _gemm_down_kernel(
     HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
+    A8: tl.constexpr, EXACT_CVT: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -275,16 +414,21 @@ def _gemm_down_kernel(
             k_ok = offs_k < F - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if HAS_WS:
-            if SCALE_VEC:
-                s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn + k0 // SBK
-                s_b = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
-            else:
-                s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[None, :] * stride_sn
-                          + ((k0 + offs_k) // SBK)[:, None])
-                s_b = tl.load(s_ptrs, mask=(offs_k < F - k0)[:, None] & n_ok[None, :], other=0.0)
-            b = (b.to(tl.float32) * s_b).to(a.dtype)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if A8:
+            q, a_s = _quantize_rows(a, EXACT_CVT)
+            s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn + k0 // SBK
+            acc += tl.dot(q, b) * (a_s[:, None] * tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :])
+        else:
+            if HAS_WS:
+                if SCALE_VEC:
+                    s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn + k0 // SBK
+                    s_b = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
+                else:
+                    s_ptrs = (ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN)[None, :] * stride_sn
+                              + ((k0 + offs_k) // SBK)[:, None])
+                    s_b = tl.load(s_ptrs, mask=(offs_k < F - k0)[:, None] & n_ok[None, :], other=0.0)
+                b = (b.to(tl.float32) * s_b).to(a.dtype)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if HAS_WEIGHTS:
@@ -326,8 +470,10 @@ class ExpertScales:
     """FP8 expert weights' scales: float32 grids [E, 2F/SBN, D/SBK] (w13, gate rows then up rows)
     and [E, D/SBN', F/SBK'] (w2), one per block of `block13` = (SBN, SBK) and `block2` = (SBN',
     SBK') weight elements (SBN dividing F, so no block straddles gate and up; a per-channel scale
-    is a block of one row and the whole row). The kernels read FP8 weights, multiply each element
-    by its block's scale in float32 and go on as with bf16 weights: half the bytes read."""
+    is a block of one row and the whole row). The GEMVs read FP8 weights, multiply each element by
+    its block's scale in float32 and go on as with bf16 weights (W8A16: half the bytes read); the
+    blocked GEMMs, with 16-bit activations, quantize each row's K tile of activations to e4m3 and
+    multiply on the FP8 tensor cores, scaling each tile's product by both scales (W8A8)."""
 
     w13: torch.Tensor
     w2: torch.Tensor
@@ -335,14 +481,66 @@ class ExpertScales:
     block2: tuple[int, int]
 
 
-def _scale_args(scales: ExpertScales | None, which: str, dummy: torch.Tensor, block_k: int):
+def fp8_block_k(block_k: int, scale_k: int) -> int:
+    """The K tile for FP8 weights: `block_k` halved until it divides the scale blocks' width (a
+    power of two), so each tile reads one scale per row (and, in W8A8, quantizes one activation
+    group per row). Widths that are not powers of two keep `block_k` (per-element scales)."""
+    if scale_k & (scale_k - 1):
+        return block_k
+    return max(16, min(block_k, scale_k)) if scale_k >= 16 else block_k
+
+
+A8_MIN_BLOCK_K = 32
+"""Narrowest K tile the W8A8 path takes (tl.dot on e4m3 needs K >= 32); narrower scale blocks
+(test checkpoints) keep W8A16."""
+
+
+def activations_fp8(scales: ExpertScales | None, act: torch.Tensor) -> bool:
+    """W8A8 (the blocked GEMMs quantize activations per row and K tile, FP8 tensor cores) where
+    the weights are FP8 and the activations 16-bit; float32 activations (the CPU reference runs)
+    keep W8A16, whose result is the dequantized model's exactly."""
+    return scales is not None and act.dtype in (torch.bfloat16, torch.float16)
+
+
+def _scale_args(scales: ExpertScales | None, which: str, dummy: torch.Tensor, block_k: int,
+                a8: bool | None = None):
     """(scale pointer, its expert and row strides, the kernel's constexprs) for a launcher whose
-    K tiles are `block_k` wide: SCALE_VEC when every tile lies within one block column."""
+    K tiles are `block_k` wide: SCALE_VEC when every tile lies within one block column. `a8`
+    (the blocked kernels, which take A8 and EXACT_CVT): W8A8 asked for, taken where SCALE_VEC and
+    the tile is at least A8_MIN_BLOCK_K wide."""
+    blocked = {} if a8 is None else dict(A8=False, EXACT_CVT=dummy.device.type != "cuda")
     if scales is None:
-        return dummy, 0, 0, dict(HAS_WS=False, SBN=1, SBK=1, SCALE_VEC=False)
+        return dummy, 0, 0, dict(HAS_WS=False, SBN=1, SBK=1, SCALE_VEC=False, **blocked)
     grid, block = (scales.w13, scales.block13) if which == "w13" else (scales.w2, scales.block2)
-    return grid, grid.stride(0), grid.stride(1), dict(HAS_WS=True, SBN=block[0], SBK=block[1],
-                                                      SCALE_VEC=block[1] % block_k == 0)
+    vec = block[1] % block_k == 0
+    if a8 is not None:  # the FP8 tensor cores multiply K in steps of 32
+        blocked["A8"] = bool(a8) and vec and block_k >= A8_MIN_BLOCK_K
+    return grid, grid.stride(0), grid.stride(1), dict(HAS_WS=True, SBN=block[0], SBK=block[1], SCALE_VEC=vec,
+                                                      **blocked)
+
+
+def _scale_k(scales: ExpertScales | None, which: str) -> int:
+    if scales is None:
+        return 0
+    return (scales.block13 if which == "w13" else scales.block2)[1]
+
+
+GEMV_A8 = {"first": False, "second": False}
+"""Which GEMV (gate/up "first", down "second") takes the W8A8 dot form by default for FP8 weights
+and 16-bit activations (a launcher's `a8` overrides it; False: W8A16). Measured on the H200 from
+HBM (weights cycled past the L2), best config of each form at one token: 30B shape gate/up 14.4
+us W8A8 against 13.7 W8A16, down 29.2 against 7.5 (the dot form walks a token's copies one after
+another); 235B gate/up 33.5 W8A8, down 17.6 W8A16. The per-tile quantization (a row reduction
+each K step) costs the dot form what the tensor cores save, so W8A16 stays the default."""
+
+
+def _gemv_a8(scales: ExpertScales | None, act: torch.Tensor, block_n: int, block_k: int, ws_args: dict) -> bool:
+    """The GEMVs take the W8A8 dot form for FP8 weights and 16-bit activations where the tiles
+    allow it (one scale per row of a K tile, K >= 32, 16 or more output rows): converting each
+    e4m3 weight to float32 in registers runs at the conversion units' rate, below the memory's,
+    so W8A16 GEMVs on FP8 weights measured slower than bf16 ones on the H200."""
+    return (activations_fp8(scales, act) and ws_args["SCALE_VEC"] and block_k >= A8_MIN_BLOCK_K
+            and block_n >= 16)
 
 
 def check_operands(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, out: torch.Tensor) -> None:
@@ -378,15 +576,29 @@ def check_scales(w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, scales: ExpertScal
 
 def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor, act_NF: torch.Tensor, *,
                  top_k: int, config: KernelConfig, expert_to_local_E: torch.Tensor | None = None,
-                 scales: ExpertScales | None = None) -> None:
+                 scales: ExpertScales | None = None, a8: bool | None = None) -> None:
     """act_NF[c] = silu(gate) * up of copy c = t*top_k + k (ids_N: its expert, global where a
     placement table maps it). Rows of copies whose expert is not local are left unwritten."""
     N, F = act_NF.shape
     E, _, D = w13_EFD.shape
     bn, bk = _block(config.BLOCK_N, F, 1), _block(config.BLOCK_K, D, 16)
+    if scales is not None:
+        bk = fp8_block_k(bk, _scale_k(scales, "w13"))
+        a8 = GEMV_A8["first"] if a8 is None else a8
+        if a8 and activations_fp8(scales, x_TD):  # the dot form's tiles: 16 output rows or more
+            bn = _block(max(bn, 16), F, 1)
     grid = (N, triton.cdiv(F, bn))
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
     ws, se, sn, ws_args = _scale_args(scales, "w13", act_NF, bk)
+    if a8 and _gemv_a8(scales, x_TD, bn, bk, ws_args):
+        _launch(_gemv_gate_up_a8_kernel, grid,
+                (x_TD, w13_EFD, act_NF, ids_N, mapping, ws, F, D, E,
+                 x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0), se, sn),
+                num_warps=config.num_warps, num_stages=config.num_stages,
+                TOP_K=top_k, HAS_MAP=expert_to_local_E is not None, BLOCK_N=bn, BLOCK_K=bk,
+                EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, SBN=ws_args["SBN"], SBK=ws_args["SBK"],
+                EXACT_CVT=x_TD.device.type != "cuda")
+        return
     _launch(_gemv_gate_up_kernel, grid,
             (x_TD, w13_EFD, act_NF, ids_N, mapping, ws, F, D, E,
              x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0), se, sn),
@@ -397,15 +609,30 @@ def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor,
 
 def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, out_TD: torch.Tensor, *,
               top_k: int, config: KernelConfig, weights_N: torch.Tensor | None = None,
-              expert_to_local_E: torch.Tensor | None = None, scales: ExpertScales | None = None) -> None:
+              expert_to_local_E: torch.Tensor | None = None, scales: ExpertScales | None = None,
+              a8: bool | None = None) -> None:
     """out_TD[t] = sum_k weights_N[t*top_k+k] * act_NF[t*top_k+k] @ w2[e]^T (weight 1 without
     weights_N); copies whose expert is not local add nothing. Writes every element of out_TD."""
     T, D = out_TD.shape
     E, _, F = w2_EDF.shape
     bn, bk = _block(config.BLOCK_N, D, 1), _block(config.BLOCK_K, F, 16)
+    if scales is not None:
+        bk = fp8_block_k(bk, _scale_k(scales, "w2"))
+        a8 = GEMV_A8["second"] if a8 is None else a8
+        if a8 and activations_fp8(scales, act_NF):
+            bn = _block(max(bn, 16), D, 1)
     grid = (T, triton.cdiv(D, bn))
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
     ws, se, sn, ws_args = _scale_args(scales, "w2", act_NF, bk)
+    if a8 and _gemv_a8(scales, act_NF, bn, bk, ws_args):
+        _launch(_gemv_down_a8_kernel, grid,
+                (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, ws, D, F,
+                 E, act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0), se, sn),
+                num_warps=config.num_warps, num_stages=config.num_stages,
+                TOP_K=top_k, HAS_MAP=expert_to_local_E is not None, HAS_WEIGHTS=weights_N is not None,
+                BLOCK_N=bn, BLOCK_K=bk, EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, SBN=ws_args["SBN"],
+                SBK=ws_args["SBK"], EXACT_CVT=act_NF.device.type != "cuda")
+        return
     _launch(_gemv_down_kernel, grid,
             (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, ws, D, F, E,
              act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0), se, sn),
@@ -424,8 +651,10 @@ def gemm_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, act_MF: torch.Tensor
     E, _, D = w13_EFD.shape
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, F, 16), _block(config.BLOCK_K, D, 16)
+    if scales is not None:
+        bk = fp8_block_k(bk, _scale_k(scales, "w13"))
     grid = (num_blocks * triton.cdiv(F, bn),)
-    ws, se, sn, ws_args = _scale_args(scales, "w13", act_MF, bk)
+    ws, se, sn, ws_args = _scale_args(scales, "w13", act_MF, bk, a8=activations_fp8(scales, x_TD))
     _launch(_gemm_gate_up_kernel, grid,
             (x_TD, w13_EFD, act_MF, sorted_ids_M, block_expert_B, num_padded, ws, num_copies, F, D, E, num_blocks,
              x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_MF.stride(0), se, sn),
@@ -444,8 +673,10 @@ def gemm_down(act_MF: torch.Tensor, w2_EDF: torch.Tensor, y_ND: torch.Tensor, so
     E, _, F = w2_EDF.shape
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, D, 16), _block(config.BLOCK_K, F, 16)
+    if scales is not None:
+        bk = fp8_block_k(bk, _scale_k(scales, "w2"))
     grid = (num_blocks * triton.cdiv(D, bn),)
-    ws, se, sn, ws_args = _scale_args(scales, "w2", act_MF, bk)
+    ws, se, sn, ws_args = _scale_args(scales, "w2", act_MF, bk, a8=activations_fp8(scales, act_MF))
     _launch(_gemm_down_kernel, grid,
             (act_MF, w2_EDF, y_ND, weights_N if weights_N is not None else act_MF, sorted_ids_M, block_expert_B,
              num_padded, ws, num_copies, D, F, E, num_blocks,

@@ -19,9 +19,12 @@ Two layouts load:
 
 Which modules are quantized follows the checkpoint: a weight with a scale beside it is FP8, any
 other weight is read as stored (embeddings, norms, the router gate and lm_head stay bf16 in
-Qwen's FP8 checkpoints). Activations are quantized on the fly by the FP8 kernels (per token
-group of 128 for the block layout, per token for compressed-tensors); the dequantized weights
-here are the reference those kernels answer to, and the CPU path.
+Qwen's FP8 checkpoints). On the GPU the blocked FP8 GEMMs (prefill, large batches) quantize
+activations on the fly per token and K tile of 128 (W8A8, FP8 tensor cores; for compressed-
+tensors' per-token scheme, groups of 128 are finer than it asks); the decode GEMVs, bandwidth-
+bound, keep activations in bf16 (W8A16). The dequantized weights here, with
+`fake_quantize_activations` for W8A8, are the reference those kernels answer to; the
+dequantized weights alone are the CPU path.
 
 A config this engine cannot run is a ValueError naming the field, at start-up.
 """
@@ -217,6 +220,27 @@ def quantize_channels(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (w.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX)
     return q.to(FP8_DTYPE).contiguous(), scale.contiguous()
+
+
+def quantize_activation_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 values, float32 scales [T, ceil(K/group)]) of activations `x` [T, K], one scale per
+    token and group of `group` features (amax/448, amax clamped at 1e-10): what the W8A8 kernels
+    (experts/triton_moe.py, A8) do to each K tile of activations before the FP8 tensor cores."""
+    T, K = x.shape
+    groups = -(-K // group)
+    padded = torch.zeros(T, groups * group, dtype=torch.float32, device=x.device)
+    padded[:, :K] = x.to(torch.float32)
+    view = padded.view(T, groups, group)
+    scale = view.abs().amax(dim=2).clamp(min=1e-10) / FP8_MAX
+    q = (view / scale[:, :, None]).view(T, groups * group)[:, :K]
+    return q.to(FP8_DTYPE), scale
+
+
+def fake_quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """`x` as the W8A8 kernels see it, in float32: quantized per token group, then scaled back.
+    With the dequantized weights, the reference of the W8A8 GEMMs."""
+    q, scale = quantize_activation_groups(x, group)
+    return q.to(torch.float32) * scale.repeat_interleave(group, dim=1)[:, :x.shape[1]]
 
 
 def parse_quantization_config(qc: dict[str, Any] | None) -> Fp8Config | None:

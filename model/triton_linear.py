@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+from expertmesh.experts.triton_moe import _quantize_rows
 
 MAX_T = 16
 """Most rows the kernel takes (the dot form pads x to 16 rows)."""
@@ -78,6 +80,7 @@ def _linear_small_kernel(
     T_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
     HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
+    A8: tl.constexpr, EXACT_CVT: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -103,14 +106,20 @@ def _linear_small_kernel(
             k_ok = offs_k < K - k0
             x = tl.load(x_ptrs + k0, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-        if HAS_WS:  # FP8 weights: each element times its (SBN x SBK) block's float32 scale
+        if A8:  # FP8 weights, x's rows quantized per K tile: e4m3 x e4m3 on the tensor cores
+            q, a_s = _quantize_rows(x, EXACT_CVT)
+            s = tl.load(ws_ptr + (offs_n // SBN) * stride_sn + k0 // SBK, mask=n_ok, other=0.0)
+            acc += tl.dot(q, tl.trans(w)) * (a_s[:, None] * s[None, :])
+        elif HAS_WS:  # FP8 weights: each element times its (SBN x SBK) block's float32 scale
             if SCALE_VEC:  # the tile lies in one block column: one scale per row
                 s = tl.load(ws_ptr + (offs_n // SBN) * stride_sn + k0 // SBK, mask=n_ok, other=0.0)[:, None]
             else:
                 s = tl.load(ws_ptr + (offs_n // SBN)[:, None] * stride_sn + ((k0 + offs_k) // SBK)[None, :],
                             mask=n_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             w = (w.to(tl.float32) * s).to(x.dtype)
-        if USE_DOT:
+        if A8:
+            pass
+        elif USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         elif T_PAD == 1:
             acc += w.to(tl.float32) * x.to(tl.float32)
@@ -188,7 +197,8 @@ def config_entry(configs_by_t: dict[int, LinearConfig], max_t: int) -> dict:
 
 def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, config: LinearConfig | None = None,
-                 weight_scale: torch.Tensor | None = None, scale_block: tuple[int, int] = (1, 1)) -> torch.Tensor:
+                 weight_scale: torch.Tensor | None = None, scale_block: tuple[int, int] = (1, 1),
+                 a8: bool | None = None) -> torch.Tensor:
     """F.linear(x_TD, weight_ND, bias) for T <= MAX_T rows: [T, N] in x's dtype (into `out`, a
     [T, N] buffer of that dtype with unit stride along N, when given). x needs unit stride along K
     (rows may be strided); the weight must be contiguous. `config`: force one (tests, the sweep);
@@ -220,12 +230,23 @@ def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor
         raise ValueError(f"out must be [{T}, {N}] {x_TD.dtype} with unit stride along N")
     if T == 0 or N == 0:
         return out
+    sixteen_bit = x_TD.dtype in (torch.bfloat16, torch.float16)
+    a8 = fp8 and sixteen_bit and (FP8_GEMV_A8 if a8 is None else a8)
     if config is None:
-        config = _auto_config(N, K, T, x_TD.device)
+        config = fp8_gemv_config(N, K) if fp8 and sixteen_bit else _auto_config(N, K, T, x_TD.device)
     elif not config.fits(N, K, T):
         raise ValueError(f"config {config} does not fit T={T}")
     if fp8 and weight_scale.shape != (-(-N // scale_block[0]), -(-K // scale_block[1])):
         raise ValueError(f"weight_scale {tuple(weight_scale.shape)} is not the {scale_block} block grid of [{N}, {K}]")
+    if fp8 and scale_block[1] % config.block_k:  # K tiles inside one scale column: one scale per row
+        from expertmesh.experts.triton_moe import fp8_block_k
+
+        config = replace(config, block_k=fp8_block_k(config.block_k, scale_block[1]))
+    if a8:  # W8A8 in the dot form, where the tiles take it
+        from expertmesh.experts.triton_moe import A8_MIN_BLOCK_K
+
+        a8 = (config.dot and scale_block[1] % config.block_k == 0 and config.block_k >= A8_MIN_BLOCK_K
+              and config.block_n >= 16)
     _linear_small_kernel[(triton.cdiv(N, config.block_n),)](
         x_TD, weight_ND, weight_ND if bias is None else bias, out, weight_scale if fp8 else out, T, N, K,
         x_TD.stride(0), weight_ND.stride(0), out.stride(0), weight_scale.stride(0) if fp8 else 0,
@@ -233,8 +254,26 @@ def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor
         HAS_BIAS=bias is not None, EVEN_K=K % config.block_k == 0, EVEN_N=N % config.block_n == 0,
         PRECISION="ieee" if x_TD.dtype == torch.float32 else "tf32",
         HAS_WS=fp8, SBN=scale_block[0], SBK=scale_block[1], SCALE_VEC=scale_block[1] % config.block_k == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        A8=a8, EXACT_CVT=x_TD.device.type != "cuda", num_warps=config.num_warps, num_stages=config.num_stages)
     return out
+
+
+FP8_GEMV_A8 = False
+"""Whether FP8 weights with 16-bit rows take the W8A8 dot form by default (`linear_small(a8=...)`
+overrides it). Measured on the H200 from HBM at one row, best of each form: 30B qkv 8.7 us W8A16
+against 11.8 W8A8, o_proj 9.9 against 16.5, 235B qkv 19.9 against 26.8, o_proj 21.7 against 31.2
+(the dot form quantizes x's tile with a row reduction every K step). W8A16 stays the default."""
+
+FP8_GEMV_CONFIG = LinearConfig(block_n=32, block_k=128, num_warps=4, num_stages=4, dot=True)
+"""The FP8 GEMV's tiles: 32 output rows a program, K tiles of one 128-wide scale block (one scale
+per row), on the tensor cores with the weights scaled into x's dtype (W8A16) or x quantized (W8A8);
+the best of 36 configs on three of the four decode shapes measured (bench notes in DESIGN.md)."""
+
+
+def fp8_gemv_config(N: int, K: int) -> LinearConfig:
+    """FP8_GEMV_CONFIG cut to small test shapes (power-of-two tiles no larger than needed)."""
+    return replace(FP8_GEMV_CONFIG, block_n=max(16, min(FP8_GEMV_CONFIG.block_n, triton.next_power_of_2(N))),
+                   block_k=max(16, min(FP8_GEMV_CONFIG.block_k, triton.next_power_of_2(K))))
 
 
 @functools.cache

@@ -76,6 +76,10 @@ def test_moe_layer_bench_runs_every_path_and_writes_its_sweep(tmp_path, monkeypa
     written = ConfigTable.from_json(json.loads((tmp_path / "configs" / name).read_text()))
     assert written == ConfigTable.from_json(result["sweep"]["table"])
     assert written.gemv_max_copies == 24  # GEMV (2 kernels) beat blocked (4 steps) at 4 and 24 copies
+    fp8_name = config_file_name(16, 64, 256, "float8_e4m3fn", "cpu")  # FP8 weights swept on their own
+    assert result["sweep_fp8"]["file"] == fp8_name
+    assert ConfigTable.from_json(json.loads((tmp_path / "configs" / fp8_name).read_text())) == \
+        ConfigTable.from_json(result["sweep_fp8"]["table"])
     text = moe_layer.markdown([result], rates, "cpu")
     assert "| 6 | 1.0 | 1.0 | 1.0 | 1.0 |" in text and "GEMV" in text
     assert "FP8 experts" in text and "| 6 | 1.0 | 1.0 | 1.00 |" in text

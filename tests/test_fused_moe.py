@@ -427,7 +427,7 @@ def test_gpu_cuda_graph_replay_of_topk_and_fused_moe_equals_eager(T):
     assert torch.equal(out, fused_moe(new_x, weights, ids, w13, w2))
 
 
-# ---------------------------------------------------------------- FP8 weights (W8A16)
+# ---------------------------------------------------------------- FP8 weights (W8A16 GEMVs, W8A8 blocked GEMMs)
 
 
 def fp8_experts(w13, w2, block):
@@ -448,27 +448,99 @@ def fp8_experts(w13, w2, block):
     return q13, q2, scales, dequantize_blocks(q13, s13, b13), dequantize_blocks(q2, s2, b2), (s13, s2, b13, b2)
 
 
+A8_ATOL = 2e-3
+"""W8A8 against its reference: both quantize the same activations, but an accumulation order that
+differs in the last bit may round an element of the intermediate to the neighbouring e4m3 value
+(6% of that element); outputs are of order one."""
+
+
+def a8_groups(config: MoeConfig, scales, D: int, F: int) -> tuple[int | None, int | None]:
+    """The activation groups of the two blocked GEMMs: their K tiles, fitted to the scale blocks;
+    None for a GEMM whose tiles are too narrow for the FP8 tensor cores (it stays W8A16)."""
+    from expertmesh.experts.triton_moe import A8_MIN_BLOCK_K, GEMV_A8, fp8_block_k
+
+    def group(block_k, dim, scale_k, which):
+        tile = fp8_block_k(max(16, min(block_k, 1 << max(dim - 1, 0).bit_length())), scale_k)
+        a8 = tile >= A8_MIN_BLOCK_K and scale_k % tile == 0 and (GEMV_A8[which] or not config.gemv)
+        return tile if a8 else None
+
+    return (group(config.first.BLOCK_K, D, scales.block13[1], "first"),
+            group(config.second.BLOCK_K, F, scales.block2[1], "second"))
+
+
+def reference_moe_a8(x_TD, weights_TK, ids_TK, d13, d2, groups):
+    """The W8A8 blocked path in float32: x quantized per token and group of groups[0], the
+    SiLU-and-mul intermediate rounded to x's dtype (as the kernel stores it) and quantized per
+    group of groups[1] (a group None: that GEMM is W8A16), each times the dequantized weights."""
+    from expertmesh.model.quantization import fake_quantize_activations
+
+    def fake(x, group):
+        return x.float() if group is None else fake_quantize_activations(x, group)
+
+    F = d2.shape[2]
+    x_hat = fake(x_TD, groups[0])
+    out = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    for e in ids_TK.unique().tolist():
+        t, k = (ids_TK == e).nonzero(as_tuple=True)
+        h13 = x_hat[t] @ d13[e].T
+        act = (torch.nn.functional.silu(h13[:, :F]) * h13[:, F:]).to(x_TD.dtype)
+        y = fake(act, groups[1]) @ d2[e].T
+        out.index_add_(0, t, weights_TK[t, k].float()[:, None] * y)
+    return out
+
+
 @interpreter
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["uniform", "uneven"])
-@pytest.mark.parametrize("block", [(16, 16), (16, 64)])
+@pytest.mark.parametrize("block", [(16, 16), (16, 64), (16, 32)])
 def test_fp8_expert_weights_equal_their_dequantized_reference(path, dtype, kind, block):
     """Block-scaled FP8 experts (D = 80 leaves a ragged block column) through every kernel path,
-    16-wide blocks (a scale per element of a K tile) and 64-wide ones (one per row of a tile):
-    the result is the float32 reference on the dequantized weights."""
+    16-wide blocks (K tiles cut to 16: W8A16 only) and 32- and 64-wide ones (GEMVs and blocked
+    GEMMs take fp16 activations in FP8, W8A8): the float32 reference on the dequantized weights,
+    with the activations quantized as the kernels quantize them where they do."""
     E, D, F, K, T = 8, 80, 32, 2, 9
     w13, w2 = random_weights(E, D, F, seed=21)
     q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, block)
     assert q13.dtype == torch.float8_e4m3fn and scales.w13.shape == (E, 4, -(-D // block[1]))
     weights, ids = routing(kind, T, K, E, seed=T)
     x = torch.randn(T, D).to(dtype)
-    out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, D, dtype=dtype), config=PATHS[path], scales=scales)
+    config = PATHS[path]
+    out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, D, dtype=dtype), config=config, scales=scales)
     assert not out.isnan().any()
-    torch.testing.assert_close(out.float(), reference_moe(x, weights, ids, d13, d2), **TOLERANCE[dtype])
+    plain = reference_moe(x, weights, ids, d13, d2)
+    groups = a8_groups(config, scales, D, F)
+    if dtype == torch.float16 and any(groups):  # 16-bit activations in FP8
+        a8 = reference_moe_a8(x, weights, ids, d13, d2, groups)
+        torch.testing.assert_close(out.float(), a8, rtol=0, atol=A8_ATOL)
+        assert (out.float() - plain).abs().max() > 4 * A8_ATOL  # the activations were quantized
+    else:
+        torch.testing.assert_close(out.float(), plain, **TOLERANCE[dtype])
     if dtype == torch.float32:  # the scales matter: without them the same FP8 bits give another result
         unscaled = fused_moe(x, weights, ids, q13.float(), q2.float(), config=PATHS[path])
         assert (unscaled - out).abs().max() > 0.1
+
+
+@interpreter
+@pytest.mark.parametrize("a8", [{"first": True, "second": True}, {"first": True, "second": False}])
+@pytest.mark.parametrize("block", [(16, 32), (16, 64)])
+def test_fp8_gemvs_in_their_w8a8_dot_form_equal_the_reference(a8, block, monkeypatch):
+    """The GEMVs' W8A8 dot form (off by default: it measured slower than W8A16), either kernel or
+    both: fp16 rows quantized per K tile, ragged D, uneven routing; the reference quantizes the
+    same activations, and without quantization the result is farther off."""
+    from expertmesh.experts import triton_moe
+
+    monkeypatch.setattr(triton_moe, "GEMV_A8", a8)
+    E, D, F, K, T = 8, 80, 32, 2, 5
+    w13, w2 = random_weights(E, D, F, seed=22)
+    q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, block)
+    weights, ids = routing("uneven", T, K, E, seed=3)
+    x = torch.randn(T, D).to(torch.float16)
+    out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, D, dtype=torch.float16), config=GEMV, scales=scales)
+    groups = a8_groups(GEMV, scales, D, F)
+    assert groups[0] is not None and (groups[1] is not None) == a8["second"]
+    torch.testing.assert_close(out.float(), reference_moe_a8(x, weights, ids, d13, d2, groups), rtol=0, atol=A8_ATOL)
+    assert (out.float() - reference_moe(x, weights, ids, d13, d2)).abs().max() > 4 * A8_ATOL
 
 
 @interpreter
@@ -490,19 +562,26 @@ def test_fp8_experts_per_channel_with_padding_rows(path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 8, 64, 1024])
+@pytest.mark.parametrize("T", [1, 7, 64, 1000])
 @pytest.mark.parametrize("shape", ["235b", "30b"])
-def test_gpu_fp8_experts_match_their_dequantized_reference(shape, T):
-    """Qwen's FP8 layout (128x128 blocks) at the real shapes, GEMV and blocked paths, bf16
-    activations: the float32 reference on the dequantized weights, within bf16 tolerance."""
+@pytest.mark.parametrize("kind", ["uneven", "uniform"])
+def test_gpu_fp8_experts_match_their_dequantized_reference(shape, T, kind):
+    """Qwen's FP8 layout (128x128 blocks) at the real shapes, bf16 activations, ragged and
+    uneven loads (experts with no tokens), GEMV (W8A16 by default) and blocked (W8A8, the FP8
+    tensor cores) paths: the float32 reference on the dequantized weights with the activations
+    quantized as the kernels quantize them, within bf16 tolerance, and the plain one within FP8
+    tolerance."""
     w13, w2, _ = gpu_weights(shape)
     q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, (128, 128))
     s = SHAPES[shape]
-    weights, ids = routing("uneven", T, s["K"], s["E"], seed=T, device="cuda")
+    weights, ids = routing(kind, T, s["K"], s["E"], seed=T, device="cuda")
     x = gpu_tokens(T, s["D"], seed=T)
+    config = moe_config(T * s["K"], q13)
     out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, s["D"], dtype=torch.bfloat16, device="cuda"),
                     scales=scales)
-    assert_bf16_close(out, reference_moe(x, weights, ids, d13, d2))
+    plain = reference_moe(x, weights, ids, d13, d2)
+    assert_bf16_close(out, reference_moe_a8(x, weights, ids, d13, d2, a8_groups(config, scales, s["D"], s["F"])))
+    assert ((out.float() - plain).norm() / plain.norm()).item() < 6e-2  # e4m3 activations: 3 mantissa bits
 
 
 @interpreter

@@ -228,16 +228,46 @@ def test_fp8_weights_equal_their_dequantized_reference(dtype, config, block):
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
 def test_gpu_fp8_weights_at_decode_shapes(shape, T):
     """FP8 e4m3 weights with 128x128 block scales (Qwen's layout) at the decode shapes, bf16
-    activations, through the config fast_linear picks: the float64 reference on the dequantized
-    weights, within bf16 tolerance."""
-    from expertmesh.model.quantization import dequantize_blocks, quantize_blocks
+    activations, through the config fast_linear picks: W8A16 (the default) equals the float64
+    reference on the dequantized weights within bf16 tolerance; W8A8 (x quantized per 128-group,
+    FP8 tensor cores) equals it with x quantized the same way, and the plain one within FP8
+    tolerance."""
+    from expertmesh.model.quantization import dequantize_blocks, fake_quantize_activations, quantize_blocks
 
     N, K = GPU_SHAPES[shape]
     x, w, _ = operands(T, N, K, torch.bfloat16, seed=N + T)
     q, scale = quantize_blocks(w.float(), (128, 128))
-    got = linear_small(x, q, weight_scale=scale, scale_block=(128, 128))
-    want = (x.double() @ dequantize_blocks(q, scale, (128, 128)).double().T).to(torch.bfloat16)
+    w_deq = dequantize_blocks(q, scale, (128, 128)).double()
+    got = linear_small(x, q, weight_scale=scale, scale_block=(128, 128))  # the default: W8A16
+    torch.testing.assert_close(got, (x.double() @ w_deq.T).to(torch.bfloat16), **TOL[torch.bfloat16])
+    got = linear_small(x, q, weight_scale=scale, scale_block=(128, 128), a8=True)
+    want = (fake_quantize_activations(x, 128).double() @ w_deq.T).to(torch.bfloat16)  # W8A8, groups of 128
     torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+    plain = x.double() @ w_deq.T
+    assert ((got.double() - plain).norm() / plain.norm()).item() < 6e-2  # e4m3 activations: 3 mantissa bits
+
+
+@interpreter
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("block", [(16, 32), (1, 64)], ids=["block32", "channel"])
+def test_fp8_gemv_with_16bit_rows_quantizes_them_per_k_tile(T, block):
+    """fp16 rows and FP8 weights (K tiles of 32 or more inside the scale blocks) in the W8A8 dot
+    form (asked for: W8A16 measured faster and is the default): the float64 reference with x
+    quantized per row and K tile as the kernel does (ragged N), clearly not the unquantized x's."""
+    from expertmesh.model.quantization import dequantize_blocks, fake_quantize_activations, quantize_blocks
+    from expertmesh.model.triton_linear import fp8_gemv_config
+
+    N, K = 50, 64
+    x, w, b = operands(T, N, K, torch.float32, seed=T, bias=True)
+    q, scale = quantize_blocks(w, block)
+    x, b = x.to(torch.float16), b.to(torch.float16)
+    got = linear_small(x, q, b, out=torch.full((T, N), float("nan"), dtype=torch.float16), weight_scale=scale,
+                       scale_block=block, a8=True)
+    group = min(fp8_gemv_config(N, K).block_k, block[1])
+    w_deq = dequantize_blocks(q, scale, block).double()
+    want = fake_quantize_activations(x, group).double() @ w_deq.T + b.double()
+    torch.testing.assert_close(got, want.to(torch.float16), rtol=2e-3, atol=2e-3)
+    assert (got.double() - (x.double() @ w_deq.T + b.double())).abs().max() > 8e-3
 
 
 @interpreter
@@ -245,9 +275,12 @@ def test_gpu_fp8_weights_at_decode_shapes(shape, T):
 @pytest.mark.parametrize(("T", "block"), [(9, (16, 16)), (40, (16, 64)), (70, (1, None))])
 def test_fp8_blocked_gemm_for_many_rows_equals_the_reference(dtype, T, block):
     """linear_fp8 (the expert GEMM with one expert): rows past a BLOCK_M multiple, ragged N, K,
-    per-element and per-row scale tiles, a bias: the float64 reference on the dequantized weights."""
-    from expertmesh.model.quantization import dequantize_blocks, quantize_blocks
-    from expertmesh.model.triton_linear import linear_fp8
+    per-element and per-row scale tiles, a bias: the float64 reference on the dequantized weights;
+    16-bit activations whose K tiles (32 or wider) fit the scale blocks go through the FP8 tensor cores (W8A8),
+    and the reference quantizes them as the kernel does (per row and K tile)."""
+    from expertmesh.experts.triton_moe import A8_MIN_BLOCK_K, fp8_block_k
+    from expertmesh.model.quantization import dequantize_blocks, fake_quantize_activations, quantize_blocks
+    from expertmesh.model.triton_linear import fp8_gemm_config, linear_fp8
 
     N, K = 50, 72 if block[1] != 64 else 128
     x, w, b = operands(T, N, K, torch.float32, seed=T, bias=True)
@@ -255,7 +288,13 @@ def test_fp8_blocked_gemm_for_many_rows_equals_the_reference(dtype, T, block):
     q, scale = quantize_blocks(w, block)
     x, b = x.to(dtype), b.to(dtype)
     got = linear_fp8(x, q, scale, block, b)
-    want = (x.double() @ dequantize_blocks(q, scale, block).double().T + b.double()).to(dtype)
-    torch.testing.assert_close(got, want, **TOL[dtype])
+    w_deq = dequantize_blocks(q, scale, block).double()
+    group = fp8_block_k(fp8_gemm_config(T, N, K)[1].BLOCK_K, block[1])
+    if dtype != torch.float32 and block[1] % group == 0 and group >= A8_MIN_BLOCK_K:
+        want = (fake_quantize_activations(x, group).double() @ w_deq.T + b.double()).to(dtype)
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # fp16 output: one ulp is 1e-3
+        assert (got.double() - (x.double() @ w_deq.T + b.double())).abs().max() > 8e-3  # quantized
+    else:
+        torch.testing.assert_close(got, (x.double() @ w_deq.T + b.double()).to(dtype), **TOL[dtype])
     with pytest.raises(ValueError, match="float8 e4m3 weights"):
         linear_fp8(x, w.to(dtype), scale, block)
