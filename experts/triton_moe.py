@@ -97,6 +97,23 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_gate_up(gate_ptrs, up_ptrs, k0, n_ok, k_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """The gate and up [BLOCK_N, BLOCK_K] weight tiles at K offset k0 (k_ok: the tile's columns
+    inside D, read only where EVEN_K is false)."""
+    if EVEN_K:
+        if EVEN_N:
+            g = tl.load(gate_ptrs + k0)
+            u = tl.load(up_ptrs + k0)
+        else:
+            g = tl.load(gate_ptrs + k0, mask=n_ok[:, None], other=0.0)
+            u = tl.load(up_ptrs + k0, mask=n_ok[:, None], other=0.0)
+    else:
+        g = tl.load(gate_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        u = tl.load(up_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    return g, u
+
+
+@triton.jit
 def _gemv_gate_up_kernel(
     x_ptr, w_ptr, act_ptr, ids_ptr, map_ptr, ws_ptr,
     F, D, num_experts,
@@ -119,19 +136,12 @@ def _gemv_gate_up_kernel(
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k0
         if EVEN_K:
             xv = tl.load(x_row + k0 + offs_k).to(tl.float32)
-            if EVEN_N:
-                g = tl.load(gate_ptrs + k0)
-                u = tl.load(up_ptrs + k0)
-            else:
-                g = tl.load(gate_ptrs + k0, mask=n_ok[:, None], other=0.0)
-                u = tl.load(up_ptrs + k0, mask=n_ok[:, None], other=0.0)
         else:
-            k_ok = offs_k < D - k0
             xv = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            g = tl.load(gate_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            u = tl.load(up_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        g, u = _load_gate_up(gate_ptrs, up_ptrs, k0, n_ok, k_ok, EVEN_K, EVEN_N)
         g = g.to(tl.float32)
         u = u.to(tl.float32)
         if HAS_WS:  # FP8 weights: one float32 scale per SBN x SBK block (gate rows, then up rows)
@@ -233,19 +243,12 @@ def _gemv_gate_up_a8_kernel(
     acc_gate = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k0
         if EVEN_K:
             x = tl.load(x_ptrs + k0, mask=first, other=0.0)
-            if EVEN_N:
-                g = tl.load(gate_ptrs + k0)
-                u = tl.load(up_ptrs + k0)
-            else:
-                g = tl.load(gate_ptrs + k0, mask=n_ok[:, None], other=0.0)
-                u = tl.load(up_ptrs + k0, mask=n_ok[:, None], other=0.0)
         else:
-            k_ok = offs_k < D - k0
             x = tl.load(x_ptrs + k0, mask=first & k_ok[None, :], other=0.0)
-            g = tl.load(gate_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            u = tl.load(up_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        g, u = _load_gate_up(gate_ptrs, up_ptrs, k0, n_ok, k_ok, EVEN_K, EVEN_N)
         q, a_s = _quantize_rows(x, EXACT_CVT)
         s_g = tl.load(s_ptrs + k0 // SBK, mask=n_ok, other=0.0)
         s_u = tl.load(s_ptrs + (F // SBN) * stride_sn + k0 // SBK, mask=n_ok, other=0.0)
