@@ -1,6 +1,7 @@
 """The sampler: one token per sequence from the last position's logits, vectorized over the batch.
 
-    rows ──SamplingBatch.build──▶ per-row tensors (once per step)
+    rows ──SamplingBatch.build──▶ per-row tensors (once per step; those that follow from the
+                                  params alone are reused while the rows' params are the same objects)
     logits_BV ──Sampler──▶ SamplerOutput (token ids, and raw logprobs when asked)
 
 Steps of `Sampler.__call__` (vLLM's order):
@@ -9,7 +10,9 @@ Steps of `Sampler.__call__` (vLLM's order):
     have fewer than min_tokens outputs.
  3. Repetition penalty on tokens of the prompt or the output (positive logits divided, negative
     multiplied), then frequency and presence penalties on output tokens (counts by scatter_add).
- 4. Greedy rows take the argmax here; if every row is greedy, stop.
+ 4. Greedy rows take the argmax here; if every row is greedy, stop. (A batch of greedy rows
+    with no mask, penalty or logprobs takes the argmax of the logits in their own dtype at
+    once: casting to float32 first changes no order, and costs a copy of [B, V].)
  5. Temperature, top-k and top-p (one sort, at least one token kept), then min-p.
  6. Sample by the exponential race, argmax(probs / E) with E ~ Exp(1): rows without their
     own generator draw E in one batched op; seeded rows draw theirs from their generator, so
@@ -105,6 +108,12 @@ class SamplingBatch:
     def any_penalties(self) -> bool:
         return self.output_ids_BL is not None
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row takes the argmax of its raw logits: nothing masks, penalizes or asks logprobs."""
+        return (self.all_greedy and self.allowed_token_mask_BV is None and self.min_tokens_rows_M is None
+                and not self.any_penalties and self.max_num_logprobs is None)
+
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str,
               allowed_token_mask_BV: torch.Tensor | None = None) -> SamplingBatch:
@@ -113,14 +122,8 @@ class SamplingBatch:
         greedy = [p.greedy for p in params]
         # Greedy rows take the argmax whatever their top_k: 1 keeps max_top_k small for topk().
         top_k = [1 if g else min(p.top_k, V) if p.top_k > 0 else V for p, g in zip(params, greedy)]
-        floats_6B = to_device(np.array(
-            [[1.0 if g else p.temperature for p, g in zip(params, greedy)],
-             [p.top_p for p in params],
-             [p.min_p for p in params],
-             [p.repetition_penalty for p in params],
-             [p.presence_penalty for p in params],
-             [p.frequency_penalty for p in params]], dtype=np.float32).reshape(6, len(rows)), device)
-        temperature_B, top_p_B, min_p_B, repetition_B, presence_B, frequency_B = floats_6B.unbind(0)
+        per_params = _params_tensors(params, greedy, top_k, V, torch.device(device))
+        temperature_B, top_p_B, min_p_B, repetition_B, presence_B, frequency_B = per_params.floats
 
         any_repetition = any(p.repetition_penalty != 1.0 for p in params)
         any_output_penalty = any_repetition or any(
@@ -140,10 +143,9 @@ class SamplingBatch:
         return cls(
             vocab_size=V,
             temperature_B=temperature_B,
-            greedy_B=to_device(np.array(greedy, dtype=bool), device),
+            greedy_B=per_params.greedy_B,
             all_greedy=all(greedy),
-            top_k_B=(to_device(np.array(top_k, dtype=np.int64), device)
-                     if any(k < V for k, g in zip(top_k, greedy) if not g) else None),
+            top_k_B=per_params.top_k_B if any(k < V for k, g in zip(top_k, greedy) if not g) else None,
             max_top_k=max(top_k, default=V),
             top_p_B=top_p_B if any(p.top_p < 1.0 and not p.greedy for p in params) else None,
             min_p_B=min_p_B if any(p.min_p > 0.0 and not p.greedy for p in params) else None,
@@ -160,6 +162,45 @@ class SamplingBatch:
             max_num_logprobs=max(asked) if asked else None,
             allowed_token_mask_BV=allowed_token_mask_BV,
         )
+
+
+@dataclass(frozen=True)
+class _ParamsTensors:
+    """The device tensors a batch's rows get from their SamplingParams alone."""
+    params: tuple[SamplingParams, ...]
+    """The params objects themselves (held, so that their ids cannot be reused while cached)."""
+    vocab_size: int
+    device: torch.device
+    floats: tuple[torch.Tensor, ...]
+    """[B] each: temperature (1 on greedy rows), top_p, min_p, repetition, presence, frequency penalties."""
+    greedy_B: torch.Tensor
+    top_k_B: torch.Tensor
+
+
+_LAST_PARAMS: list[_ParamsTensors] = []
+"""The last batch's per-params tensors: a decode step whose rows are the step before's (the
+steady state) reuses them instead of two host-to-device copies per step. The tensors are never
+written after they are made, so sharing them between steps is safe."""
+
+
+def _params_tensors(params: list[SamplingParams], greedy: list[bool], top_k: list[int], V: int,
+                    device: torch.device) -> _ParamsTensors:
+    last = _LAST_PARAMS[0] if _LAST_PARAMS else None
+    if (last is not None and last.vocab_size == V and last.device == device and len(last.params) == len(params)
+            and all(a is b for a, b in zip(last.params, params))):
+        return last
+    floats_6B = to_device(np.array(
+        [[1.0 if g else p.temperature for p, g in zip(params, greedy)],
+         [p.top_p for p in params],
+         [p.min_p for p in params],
+         [p.repetition_penalty for p in params],
+         [p.presence_penalty for p in params],
+         [p.frequency_penalty for p in params]], dtype=np.float32).reshape(6, len(params)), device)
+    greedy_B = to_device(np.array(greedy, dtype=bool), device)
+    made = _ParamsTensors(tuple(params), V, device, floats_6B.unbind(0), greedy_B,
+                          to_device(np.array(top_k, dtype=np.int64), device))
+    _LAST_PARAMS[:] = [made]
+    return made
 
 
 def _pad(lists: list[list[int]], pad: int, device: torch.device | str) -> torch.Tensor:
@@ -217,6 +258,8 @@ class Sampler:
         if logits_BV.shape != (batch.num_rows, batch.vocab_size):
             raise ValueError(f"logits of shape {tuple(logits_BV.shape)}, batch of "
                              f"{batch.num_rows} rows over a vocabulary of {batch.vocab_size}")
+        if batch.plain_greedy:  # the argmax of the logits as they are: the float32 copy changes no order
+            return SamplerOutput(logits_BV.argmax(dim=-1), None, None, None)
         logits_BV = logits_BV.to(torch.float32)
         raw_logprobs_BV = (torch.log_softmax(logits_BV, dim=-1)
                            if batch.max_num_logprobs is not None else None)

@@ -47,6 +47,34 @@ def test_build_skips_what_nobody_asked_for():
     assert batch.seeded_rows == (1,) and batch.any_top_k and batch.max_num_logprobs == 2
 
 
+def test_steady_decode_reuses_the_params_tensors_and_a_new_param_rebuilds_them():
+    """The same params objects (a decode step after the one before): the per-params tensors are
+    the same tensors, no upload; a different params object in any row builds fresh ones, with its
+    values."""
+    rows = [row(temperature=0.7, top_p=0.9), row(temperature=0.0)]
+    first = SamplingBatch.build(rows, V, "cpu")
+    again = SamplingBatch.build([dataclasses.replace(r, output_token_ids=[4]) for r in rows], V, "cpu")
+    assert again.temperature_B is first.temperature_B and again.greedy_B is first.greedy_B
+    changed = SamplingBatch.build([rows[0], row(temperature=0.3)], V, "cpu")
+    assert changed.temperature_B is not first.temperature_B
+    assert changed.temperature_B.tolist() == pytest.approx([0.7, 0.3]) and not changed.greedy_B.any()
+    assert SamplingBatch.build(rows[:1], V, "cpu").temperature_B.tolist() == pytest.approx([0.7])
+
+
+def test_plain_greedy_takes_the_argmax_in_the_logits_own_dtype():
+    """All-greedy rows with nothing else asked: the argmax of the bf16 logits, as the float32 path
+    gives it (ties included: 0.1 and 0.1000001 are one bf16 value); asking logprobs leaves the path."""
+    x_BV = logits(8).to(torch.bfloat16)
+    x_BV[3, 7] = x_BV[3, 9] = x_BV[3].max() + 1  # a tie: the first index wins either way
+    greedy = [row(temperature=0.0)] * 8
+    assert SamplingBatch.build(greedy, V, "cpu").plain_greedy
+    out = sample(x_BV, greedy)
+    assert torch.equal(out.token_ids_B, x_BV.float().argmax(-1)) and int(out.token_ids_B[3]) == 7
+    asked = [row(temperature=0.0, logprobs=1)] * 8
+    assert not SamplingBatch.build(asked, V, "cpu").plain_greedy
+    assert torch.equal(sample(x_BV, asked).token_ids_B, out.token_ids_B)
+
+
 def test_greedy_equals_argmax_alone_and_mixed():
     x_BV = logits(8)
     assert torch.equal(sample(x_BV, [row(temperature=0.0)] * 8).token_ids_B, x_BV.argmax(-1))
