@@ -23,13 +23,14 @@ Blocked path (copies aligned to BM-row blocks of one expert each, router/align.p
     bound on blocks, so a call launches the same grid for every routing of the same T.
 
 FP8 weights (ExpertScales): the K tiles shrink to fit the scale blocks (one scale per row and
-tile). With bf16/fp16 activations every kernel quantizes each row's K tile on the fly (amax/448,
-e4m3) and runs e4m3 x e4m3 dots on the tensor cores, each tile's product times the row's and the
-weight block's scales (W8A8, as the FP8 checkpoints' dynamic activation scheme asks; reference:
-model/quantization.py's fake_quantize_activations with the dequantized weights); the GEMVs do it
-in a dot form of their own (_gemv_*_a8: the row padded to 16, the copies of a token one after
-another). float32 activations, and tiles too narrow for the FP8 dot, keep W8A16: each weight
-scaled into the activations' dtype as it is read.
+tile). With bf16/fp16 activations the blocked GEMMs quantize each row's K tile on the fly
+(amax/448, e4m3) and run e4m3 x e4m3 dots on the tensor cores, each tile's product times the
+row's and the weight block's scales (W8A8, as the FP8 checkpoints' dynamic activation scheme asks; reference:
+model/quantization.py's fake_quantize_activations with the dequantized weights). The GEMVs
+(decode, bandwidth-bound) take the form GEMV_FORM picks by measurement: gate/up a dot form with
+the row padded to 16 and e4m3 -> fp16 weights (W8A16, _gemv_gate_up_dot_kernel), down the
+elementwise form that scales each weight as it is read (W8A16); a W8A8 dot form of each exists
+for measurement. float32 activations, and tiles too narrow for a dot, keep the elementwise form.
 
 All accumulation is in float32; act and y are stored in the activations' dtype (as the torch path
 rounds its intermediate). Every launcher takes its outputs from the caller (CUDA-graph buffers);
@@ -217,16 +218,25 @@ def _gemv_down_kernel(
 
 
 @triton.jit
-def _gemv_gate_up_a8_kernel(
+def _fp16_shift(amax):
+    """Per row, the power of two that brings a largest |x| of `amax` into [2^13, 2^14] (fp16's
+    range, exactly: only the exponent changes): x * 2^-shift is multiplied, the sum times 2^shift."""
+    return tl.ceil(tl.log2(amax + 1e-30)) - 14.0
+
+
+@triton.jit
+def _gemv_gate_up_dot_kernel(
     x_ptr, w_ptr, act_ptr, ids_ptr, map_ptr, ws_ptr,
     F, D, num_experts,
     stride_xt, stride_we, stride_wn, stride_ac, stride_se, stride_sn,
     TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    SBN: tl.constexpr, SBK: tl.constexpr, EXACT_CVT: tl.constexpr,
+    SBN: tl.constexpr, SBK: tl.constexpr, A8: tl.constexpr, EXACT_CVT: tl.constexpr,
 ):
-    """The gate/up GEMV with FP8 weights and the copy's row quantized per K tile (W8A8): the row,
-    padded to 16 with zeros, times the e4m3 tile on the tensor cores; no weight is converted."""
+    """The gate/up GEMV with FP8 weights on the tensor cores: the copy's row, padded to 16 with
+    zeros, times the e4m3 tiles, each tile's product times its block scales. A8: the row is
+    quantized per K tile (W8A8: no weight converted); else the weights become fp16 exactly, one
+    packed conversion per two, and the row is scaled into fp16's range by a power of two (W8A16)."""
     copy = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = _expert_of(ids_ptr, map_ptr, copy, copy >= 0, num_experts, HAS_MAP)
@@ -240,6 +250,13 @@ def _gemv_gate_up_a8_kernel(
     gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     up_ptrs = gate_ptrs + F * stride_wn
     s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn
+    if not A8:
+        amax = tl.zeros([16], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            xa = tl.load(x_ptrs + k0, mask=first & (offs_k < D - k0)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
+        x_shift = _fp16_shift(amax)
+        x_inv = tl.exp2(-x_shift)
     acc_gate = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -249,11 +266,20 @@ def _gemv_gate_up_a8_kernel(
         else:
             x = tl.load(x_ptrs + k0, mask=first & k_ok[None, :], other=0.0)
         g, u = _load_gate_up(gate_ptrs, up_ptrs, k0, n_ok, k_ok, EVEN_K, EVEN_N)
-        q, a_s = _quantize_rows(x, EXACT_CVT)
         s_g = tl.load(s_ptrs + k0 // SBK, mask=n_ok, other=0.0)
         s_u = tl.load(s_ptrs + (F // SBN) * stride_sn + k0 // SBK, mask=n_ok, other=0.0)
-        acc_gate += tl.dot(q, tl.trans(g)) * (a_s[:, None] * s_g[None, :])
-        acc_up += tl.dot(q, tl.trans(u)) * (a_s[:, None] * s_u[None, :])
+        if A8:
+            q, a_s = _quantize_rows(x, EXACT_CVT)
+            acc_gate += tl.dot(q, tl.trans(g)) * (a_s[:, None] * s_g[None, :])
+            acc_up += tl.dot(q, tl.trans(u)) * (a_s[:, None] * s_u[None, :])
+        else:
+            x16 = (x.to(tl.float32) * x_inv[:, None]).to(tl.float16)
+            acc_gate += tl.dot(x16, tl.trans(g.to(tl.float16))) * s_g[None, :]
+            acc_up += tl.dot(x16, tl.trans(u.to(tl.float16))) * s_u[None, :]
+    if not A8:
+        back = tl.exp2(x_shift)[:, None]
+        acc_gate = acc_gate * back
+        acc_up = acc_up * back
     h = _silu_mul(tl.sum(acc_gate, axis=0), tl.sum(acc_up, axis=0))  # rows past the first are zeros
     tl.store(act_ptr + copy.to(tl.int64) * stride_ac + offs_n, h.to(act_ptr.dtype.element_ty), mask=n_ok)
 
@@ -528,22 +554,31 @@ def _scale_k(scales: ExpertScales | None, which: str) -> int:
     return (scales.block13 if which == "w13" else scales.block2)[1]
 
 
-GEMV_A8 = {"first": False, "second": False}
-"""Which GEMV (gate/up "first", down "second") takes the W8A8 dot form by default for FP8 weights
-and 16-bit activations (a launcher's `a8` overrides it; False: W8A16). Measured on the H200 from
-HBM (weights cycled past the L2), best config of each form at one token: 30B shape gate/up 14.4
-us W8A8 against 13.7 W8A16, down 29.2 against 7.5 (the dot form walks a token's copies one after
-another); 235B gate/up 33.5 W8A8, down 17.6 W8A16. The per-tile quantization (a row reduction
-each K step) costs the dot form what the tensor cores save, so W8A16 stays the default."""
+GEMV_FORMS = ("fma", "f16", "a8")
+GEMV_FORM = {"first": "f16", "second": "fma"}
+"""How each GEMV (gate/up "first", down "second") multiplies FP8 weights with 16-bit activations
+by default (a launcher's `form` overrides it): "fma" scales each weight into float32 and
+accumulates elementwise (W8A16); "f16" multiplies on the tensor cores in fp16 with the block
+scale after each tile's product (W8A16; gate/up only); "a8" quantizes the row per K tile and
+multiplies e4m3 x e4m3 (W8A8). Measured on the H200 from HBM (weights cycled past the L2), best
+config of each form at one token: 30B gate/up 12.5 us f16, 13.7 fma, 14.4 a8; down 7.5 fma, 29.2
+a8 (the dot form walks a token's copies one after another); 235B gate/up 34.6 f16, 33.5 a8,
+down 17.2 fma. The a8 form pays a row reduction every K step, which f16 does not. (The same fp16
+dot form for the dense GEMV measured slower than its W8A16 dot form, 9.8+ against 8.7 us on the
+30B qkv, and was not kept.)"""
 
 
-def _gemv_a8(scales: ExpertScales | None, act: torch.Tensor, block_n: int, block_k: int, ws_args: dict) -> bool:
-    """The GEMVs take the W8A8 dot form for FP8 weights and 16-bit activations where the tiles
-    allow it (one scale per row of a K tile, K >= 32, 16 or more output rows): converting each
-    e4m3 weight to float32 in registers runs at the conversion units' rate, below the memory's,
-    so W8A16 GEMVs on FP8 weights measured slower than bf16 ones on the H200."""
-    return (activations_fp8(scales, act) and ws_args["SCALE_VEC"] and block_k >= A8_MIN_BLOCK_K
-            and block_n >= 16)
+def _gemv_form(which: str, form: str | None, scales: ExpertScales | None, act: torch.Tensor, block_n: int,
+               block_k: int, vec: bool) -> str:
+    """The form a GEMV launch takes: the asked-for (or default) one where the tiles allow a dot
+    form (FP8 weights, 16-bit activations, one scale per row of a K tile, K >= 32, 16 or more
+    output rows), else "fma"."""
+    form = GEMV_FORM[which] if form is None else form
+    if form not in GEMV_FORMS:
+        raise ValueError(f"form must be one of {GEMV_FORMS}, got {form!r}")
+    if form == "fma" or not (activations_fp8(scales, act) and vec and block_k >= A8_MIN_BLOCK_K and block_n >= 16):
+        return "fma"
+    return form
 
 
 def check_operands(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, out: torch.Tensor) -> None:
@@ -579,28 +614,29 @@ def check_scales(w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, scales: ExpertScal
 
 def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor, act_NF: torch.Tensor, *,
                  top_k: int, config: KernelConfig, expert_to_local_E: torch.Tensor | None = None,
-                 scales: ExpertScales | None = None, a8: bool | None = None) -> None:
+                 scales: ExpertScales | None = None, form: str | None = None) -> None:
     """act_NF[c] = silu(gate) * up of copy c = t*top_k + k (ids_N: its expert, global where a
-    placement table maps it). Rows of copies whose expert is not local are left unwritten."""
+    placement table maps it). Rows of copies whose expert is not local are left unwritten.
+    `form`: how FP8 weights multiply (GEMV_FORM)."""
     N, F = act_NF.shape
     E, _, D = w13_EFD.shape
     bn, bk = _block(config.BLOCK_N, F, 1), _block(config.BLOCK_K, D, 16)
     if scales is not None:
         bk = fp8_block_k(bk, _scale_k(scales, "w13"))
-        a8 = GEMV_A8["first"] if a8 is None else a8
-        if a8 and activations_fp8(scales, x_TD):  # the dot form's tiles: 16 output rows or more
-            bn = _block(max(bn, 16), F, 1)
+        if (GEMV_FORM["first"] if form is None else form) != "fma" and activations_fp8(scales, x_TD):
+            bn = _block(max(bn, 16), F, 1)  # the dot forms' tiles: 16 output rows or more
     grid = (N, triton.cdiv(F, bn))
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
     ws, se, sn, ws_args = _scale_args(scales, "w13", act_NF, bk)
-    if a8 and _gemv_a8(scales, x_TD, bn, bk, ws_args):
-        _launch(_gemv_gate_up_a8_kernel, grid,
+    form = _gemv_form("first", form, scales, x_TD, bn, bk, ws_args["SCALE_VEC"])
+    if form != "fma":
+        _launch(_gemv_gate_up_dot_kernel, grid,
                 (x_TD, w13_EFD, act_NF, ids_N, mapping, ws, F, D, E,
                  x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0), se, sn),
                 num_warps=config.num_warps, num_stages=config.num_stages,
                 TOP_K=top_k, HAS_MAP=expert_to_local_E is not None, BLOCK_N=bn, BLOCK_K=bk,
                 EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, SBN=ws_args["SBN"], SBK=ws_args["SBK"],
-                EXACT_CVT=x_TD.device.type != "cuda")
+                A8=form == "a8", EXACT_CVT=x_TD.device.type != "cuda")
         return
     _launch(_gemv_gate_up_kernel, grid,
             (x_TD, w13_EFD, act_NF, ids_N, mapping, ws, F, D, E,
@@ -613,21 +649,23 @@ def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor,
 def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, out_TD: torch.Tensor, *,
               top_k: int, config: KernelConfig, weights_N: torch.Tensor | None = None,
               expert_to_local_E: torch.Tensor | None = None, scales: ExpertScales | None = None,
-              a8: bool | None = None) -> None:
+              form: str | None = None) -> None:
     """out_TD[t] = sum_k weights_N[t*top_k+k] * act_NF[t*top_k+k] @ w2[e]^T (weight 1 without
     weights_N); copies whose expert is not local add nothing. Writes every element of out_TD."""
+    if form == "f16":
+        raise ValueError('the down GEMV has no "f16" form (its dot form quantizes: "a8")')
     T, D = out_TD.shape
     E, _, F = w2_EDF.shape
     bn, bk = _block(config.BLOCK_N, D, 1), _block(config.BLOCK_K, F, 16)
     if scales is not None:
         bk = fp8_block_k(bk, _scale_k(scales, "w2"))
-        a8 = GEMV_A8["second"] if a8 is None else a8
-        if a8 and activations_fp8(scales, act_NF):
+        if (GEMV_FORM["second"] if form is None else form) != "fma" and activations_fp8(scales, act_NF):
             bn = _block(max(bn, 16), D, 1)
     grid = (T, triton.cdiv(D, bn))
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
     ws, se, sn, ws_args = _scale_args(scales, "w2", act_NF, bk)
-    if a8 and _gemv_a8(scales, act_NF, bn, bk, ws_args):
+    form = _gemv_form("second", form, scales, act_NF, bn, bk, ws_args["SCALE_VEC"])
+    if form == "a8":
         _launch(_gemv_down_a8_kernel, grid,
                 (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, ws, D, F,
                  E, act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0), se, sn),

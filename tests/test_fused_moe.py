@@ -448,20 +448,21 @@ def fp8_experts(w13, w2, block):
     return q13, q2, scales, dequantize_blocks(q13, s13, b13), dequantize_blocks(q2, s2, b2), (s13, s2, b13, b2)
 
 
-A8_ATOL = 2e-3
+A8_ATOL = 5e-3
 """W8A8 against its reference: both quantize the same activations, but an accumulation order that
 differs in the last bit may round an element of the intermediate to the neighbouring e4m3 value
-(6% of that element); outputs are of order one."""
+(6% of that element); outputs are of order one. Measured over 12 inputs x 4 paths: at most
+1.8e-3, where the unquantized reference is 5e-2 to 1e-1 away."""
 
 
 def a8_groups(config: MoeConfig, scales, D: int, F: int) -> tuple[int | None, int | None]:
     """The activation groups of the two blocked GEMMs: their K tiles, fitted to the scale blocks;
     None for a GEMM whose tiles are too narrow for the FP8 tensor cores (it stays W8A16)."""
-    from expertmesh.experts.triton_moe import A8_MIN_BLOCK_K, GEMV_A8, fp8_block_k
+    from expertmesh.experts.triton_moe import A8_MIN_BLOCK_K, GEMV_FORM, fp8_block_k
 
     def group(block_k, dim, scale_k, which):
         tile = fp8_block_k(max(16, min(block_k, 1 << max(dim - 1, 0).bit_length())), scale_k)
-        a8 = tile >= A8_MIN_BLOCK_K and scale_k % tile == 0 and (GEMV_A8[which] or not config.gemv)
+        a8 = tile >= A8_MIN_BLOCK_K and scale_k % tile == 0 and (GEMV_FORM[which] == "a8" or not config.gemv)
         return tile if a8 else None
 
     return (group(config.first.BLOCK_K, D, scales.block13[1], "first"),
@@ -504,7 +505,7 @@ def test_fp8_expert_weights_equal_their_dequantized_reference(path, dtype, kind,
     q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, block)
     assert q13.dtype == torch.float8_e4m3fn and scales.w13.shape == (E, 4, -(-D // block[1]))
     weights, ids = routing(kind, T, K, E, seed=T)
-    x = torch.randn(T, D).to(dtype)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(7)).to(dtype)
     config = PATHS[path]
     out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, D, dtype=dtype), config=config, scales=scales)
     assert not out.isnan().any()
@@ -513,7 +514,7 @@ def test_fp8_expert_weights_equal_their_dequantized_reference(path, dtype, kind,
     if dtype == torch.float16 and any(groups):  # 16-bit activations in FP8
         a8 = reference_moe_a8(x, weights, ids, d13, d2, groups)
         torch.testing.assert_close(out.float(), a8, rtol=0, atol=A8_ATOL)
-        assert (out.float() - plain).abs().max() > 4 * A8_ATOL  # the activations were quantized
+        assert (out.float() - plain).abs().max() > 2 * A8_ATOL  # the activations were quantized
     else:
         torch.testing.assert_close(out.float(), plain, **TOLERANCE[dtype])
     if dtype == torch.float32:  # the scales matter: without them the same FP8 bits give another result
@@ -522,25 +523,40 @@ def test_fp8_expert_weights_equal_their_dequantized_reference(path, dtype, kind,
 
 
 @interpreter
-@pytest.mark.parametrize("a8", [{"first": True, "second": True}, {"first": True, "second": False}])
+@pytest.mark.parametrize("forms", [{"first": "a8", "second": "a8"}, {"first": "a8", "second": "fma"},
+                                   {"first": "f16", "second": "a8"}, {"first": "fma", "second": "fma"}],
+                         ids=["a8-a8", "a8-fma", "f16-a8", "fma-fma"])
 @pytest.mark.parametrize("block", [(16, 32), (16, 64)])
-def test_fp8_gemvs_in_their_w8a8_dot_form_equal_the_reference(a8, block, monkeypatch):
-    """The GEMVs' W8A8 dot form (off by default: it measured slower than W8A16), either kernel or
-    both: fp16 rows quantized per K tile, ragged D, uneven routing; the reference quantizes the
-    same activations, and without quantization the result is farther off."""
+def test_fp8_gemvs_in_each_form_equal_their_reference(forms, block, monkeypatch):
+    """The GEMVs' forms for FP8 weights and fp16 rows, either kernel or both: "a8" (rows quantized
+    per K tile) against the reference that quantizes the same activations, and farther from the
+    plain one; "f16" and "fma" (W8A16) against the dequantized weights; ragged D, uneven routing."""
     from expertmesh.experts import triton_moe
 
-    monkeypatch.setattr(triton_moe, "GEMV_A8", a8)
+    monkeypatch.setattr(triton_moe, "GEMV_FORM", forms)
     E, D, F, K, T = 8, 80, 32, 2, 5
     w13, w2 = random_weights(E, D, F, seed=22)
     q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, block)
     weights, ids = routing("uneven", T, K, E, seed=3)
-    x = torch.randn(T, D).to(torch.float16)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(8)).to(torch.float16)
     out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, D, dtype=torch.float16), config=GEMV, scales=scales)
     groups = a8_groups(GEMV, scales, D, F)
-    assert groups[0] is not None and (groups[1] is not None) == a8["second"]
-    torch.testing.assert_close(out.float(), reference_moe_a8(x, weights, ids, d13, d2, groups), rtol=0, atol=A8_ATOL)
-    assert (out.float() - reference_moe(x, weights, ids, d13, d2)).abs().max() > 4 * A8_ATOL
+    assert [g is not None for g in groups] == [forms[w] == "a8" for w in ("first", "second")]
+    plain = reference_moe(x, weights, ids, d13, d2)
+    if any(groups):
+        torch.testing.assert_close(out.float(), reference_moe_a8(x, weights, ids, d13, d2, groups), rtol=0,
+                                   atol=A8_ATOL)
+        assert (out.float() - plain).abs().max() > 2 * A8_ATOL
+    else:
+        torch.testing.assert_close(out.float(), plain, **TOLERANCE[torch.float16])
+
+
+def test_the_down_gemv_has_no_f16_form():
+    from expertmesh.experts.triton_moe import gemv_down
+
+    with pytest.raises(ValueError, match='no "f16" form'):
+        gemv_down(torch.zeros(2, 32), torch.zeros(1, 16, 32), torch.zeros(2, dtype=torch.int64), torch.zeros(1, 16),
+                  top_k=2, config=GEMV.second, form="f16")
 
 
 @interpreter
