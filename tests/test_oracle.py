@@ -73,6 +73,29 @@ def test_logits_match_transformers(tiny_models, name):
             torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0, msg=f"{name}, len {len(p)}, chunk {chunk}")
 
 
+def test_yarn_logits_match_transformers_four_windows_out(tiny_models):
+    """YaRN (factor 4 on an original window of 128, as Qwen3's model card scales 32,768) at
+    positions up to four times the original window: the interpolated low frequencies and the
+    attention factor matter there, not near position 0. Whole prompt and chunked through the
+    cache; the last window's logits are compared on their own too, so a mismatch far out cannot
+    hide among the first positions."""
+    path = tiny_models["qwen3_moe_yarn"]
+    hf = hf_model(path)
+    original = hf.config.rope_parameters["original_max_position_embeddings"]
+    length = 4 * original
+    assert hf.config.max_position_embeddings >= length
+    runner = runner_for(path, num_blocks=2 * length // BLOCK + 8)
+    prompt = torch.randint(0, runner.model_config.vocab_size, (length,), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = hf(prompt[None]).logits[0]
+    for chunk in (length, 96):
+        (ours,) = our_logits(runner, [prompt.tolist()], chunk)
+        far = slice(3 * original, length)
+        assert expected[far].abs().max() > 0.05
+        torch.testing.assert_close(ours[far], expected[far], atol=1e-4, rtol=0, msg=f"chunk {chunk}, past 3 windows")
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0, msg=f"chunk {chunk}")
+
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 PROMPTS = [
     "The capital of France is",
