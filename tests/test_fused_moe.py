@@ -534,6 +534,10 @@ def test_fp8_gemvs_in_each_form_equal_their_reference(forms, block, monkeypatch)
     from expertmesh.experts import triton_moe
 
     monkeypatch.setattr(triton_moe, "GEMV_FORM", forms)
+    launched = []
+    launch = triton_moe._launch
+    monkeypatch.setattr(triton_moe, "_launch", lambda kernel, *a, **k: launched.append(
+        (kernel.fn.__name__, k.get("A8"))) or launch(kernel, *a, **k))
     E, D, F, K, T = 8, 80, 32, 2, 5
     w13, w2 = random_weights(E, D, F, seed=22)
     q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, block)
@@ -542,6 +546,10 @@ def test_fp8_gemvs_in_each_form_equal_their_reference(forms, block, monkeypatch)
     out = fused_moe(x, weights, ids, q13, q2, out=poisoned(T, D, dtype=torch.float16), config=GEMV, scales=scales)
     groups = a8_groups(GEMV, scales, D, F)
     assert [g is not None for g in groups] == [forms[w] == "a8" for w in ("first", "second")]
+    first = {"fma": ("_gemv_gate_up_kernel", None), "f16": ("_gemv_gate_up_dot_kernel", False),
+             "a8": ("_gemv_gate_up_dot_kernel", True)}[forms["first"]]
+    second = ("_gemv_down_a8_kernel" if forms["second"] == "a8" else "_gemv_down_kernel", None)
+    assert launched == [first, second]
     plain = reference_moe(x, weights, ids, d13, d2)
     if any(groups):
         torch.testing.assert_close(out.float(), reference_moe_a8(x, weights, ids, d13, d2, groups), rtol=0,
@@ -557,6 +565,31 @@ def test_the_down_gemv_has_no_f16_form():
     with pytest.raises(ValueError, match='no "f16" form'):
         gemv_down(torch.zeros(2, 32), torch.zeros(1, 16, 32), torch.zeros(2, dtype=torch.int64), torch.zeros(1, 16),
                   top_k=2, config=GEMV.second, form="f16")
+
+
+@interpreter
+@pytest.mark.parametrize("path", ["gemv", "blocked16"])
+def test_fp8_grouped_experts_with_16bit_rows_and_padding(path):
+    """The expert-parallel entry (rows already grouped by local expert, padding rows past the last
+    expert) with FP8 weights and fp16 rows: the GEMV path's default forms (fp16 tensor-core gate/up,
+    elementwise down: W8A16) give the dequantized reference; the blocked path (W8A8) gives the
+    reference that quantizes the same activations; padding rows are zeros either way."""
+    E, D, F = 5, 64, 32
+    w13, w2 = random_weights(E, D, F, seed=13)
+    q13, q2, scales, d13, d2, _ = fp8_experts(w13, w2, (16, 32))
+    counts = torch.tensor([3, 0, 6, 1, 0])
+    expert_N = torch.cat([torch.repeat_interleave(torch.arange(E), counts), torch.full((4,), E)])
+    x = torch.randn(expert_N.numel(), D, generator=torch.Generator().manual_seed(2)).to(torch.float16)
+    config = PATHS[path]
+    out = grouped_experts(x, expert_N, q13, q2, out=poisoned(x.shape[0], D, dtype=torch.float16), config=config,
+                          scales=scales)
+    real = int(counts.sum())
+    assert (out[real:] == 0).all()
+    groups = a8_groups(config, scales, D, F)
+    assert (groups == (None, None)) == config.gemv
+    ids = expert_N[:real, None]
+    want = reference_moe_a8(x[:real], torch.ones(real, 1), ids, d13, d2, groups)
+    torch.testing.assert_close(out[:real].float(), want, rtol=0, atol=A8_ATOL if any(groups) else 3e-3)
 
 
 @interpreter
