@@ -125,7 +125,7 @@ class Fp8Linear(torch.nn.Module):
     """nn.Linear's place for an FP8 weight on the kernel path: `weight` float8 e4m3 [N, K] and
     `weight_scale` float32, one per `block` of it. `forward` is the reference (dequantize, then
     F.linear in x's dtype); `model.layers.fast_linear` runs the kernels: the FP8 GEMV for a few
-    rows, `triton_linear.linear_fp8` (a blocked W8A16 GEMM) for more."""
+    rows, `triton_linear.linear_fp8` (a blocked GEMM, W8A8 for 16-bit x) for more."""
 
     def __init__(self, in_features: int, out_features: int, block: tuple[int, int], bias: bool, *,
                  device=None, dtype=None) -> None:

@@ -267,7 +267,7 @@ against 11.8 W8A8, o_proj 9.9 against 16.5, 235B qkv 19.9 against 26.8, o_proj 2
 FP8_GEMV_CONFIG = LinearConfig(block_n=32, block_k=128, num_warps=4, num_stages=4, dot=True)
 """The FP8 GEMV's tiles: 32 output rows a program, K tiles of one 128-wide scale block (one scale
 per row), on the tensor cores with the weights scaled into x's dtype (W8A16) or x quantized (W8A8);
-the best of 36 configs on three of the four decode shapes measured (bench notes in DESIGN.md)."""
+the best of 36 configs on three of the four decode shapes measured from HBM on the H200."""
 
 
 def fp8_gemv_config(N: int, K: int) -> LinearConfig:
@@ -327,8 +327,9 @@ def linear_fp8(x_TD: torch.Tensor, weight_ND: torch.Tensor, weight_scale: torch.
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ dequantized(W)^T (+ bias) for any number of rows, W float8 e4m3 [N, K] with float32
     scales per `scale_block`: the blocked expert kernel (experts/triton_moe.py `gemm_down`) with
-    one expert and every row routed to it, so each weight tile is read once per BLOCK_M rows,
-    scaled as it is read and multiplied on the tensor cores in x's dtype (W8A16). Where
+    one expert and every row routed to it, so each weight tile is read once per BLOCK_M rows. 16-bit
+    x is quantized per row and 128-wide K tile and multiplied e4m3 x e4m3 on the tensor cores
+    (W8A8); float32 x (the CPU runs) meets each weight tile scaled into its dtype (W8A16). Where
     `linear_small` takes over at few rows, this is the FP8 path of prefill and large decode
     batches. No host sync: the row map is made on the device."""
     from expertmesh.experts.triton_moe import ExpertScales, gemm_down
