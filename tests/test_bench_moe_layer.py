@@ -36,6 +36,54 @@ def test_sweep_threshold_is_the_largest_bucket_up_to_which_gemv_wins_every_bucke
     assert ConfigTable.from_json(json.loads(json.dumps(table.to_json()))) == table
 
 
+def test_routings_past_the_l2_for_the_decode_shapes():
+    """Twice the H200's 50 MB of L2 in expert weights per timed call: three routings for one
+    token of the 30B shape in FP8 (38 MB each), two in bf16, one for the 235B shape or many
+    tokens (their experts already exceed it)."""
+    from expertmesh.bench.moe_sweep import routings_past_l2
+
+    l2 = 50 << 20
+    w30_fp8 = torch.empty(128, 2 * 768, 2048, dtype=torch.float8_e4m3fn, device="meta")
+    w30 = torch.empty(128, 2 * 768, 2048, dtype=torch.bfloat16, device="meta")
+    w235 = torch.empty(128, 2 * 1536, 4096, dtype=torch.bfloat16, device="meta")
+    assert routings_past_l2(w30_fp8, 8, 1, l2) == 3
+    assert routings_past_l2(w30, 8, 1, l2) == 2
+    assert routings_past_l2(w235, 8, 1, l2) == 1 and routings_past_l2(w30, 8, 64, l2) == 1
+
+
+def test_sweep_times_each_candidate_over_several_routings(monkeypatch):
+    """With an L2 that one routing's experts fit in, each timed call makes one launch per routing,
+    each with its own routing, and the time per call is the timer's over their number."""
+    from expertmesh.bench import moe_sweep
+    from expertmesh.experts import triton_moe
+
+    monkeypatch.setattr(moe_sweep, "GEMV_FIRST", [KernelConfig(64, 128)])
+    monkeypatch.setattr(moe_sweep, "GEMV_SECOND", [KernelConfig(64, 64)])
+    monkeypatch.setattr(moe_sweep, "GEMM_FIRST", {16: [KernelConfig(64, 128)]})
+    monkeypatch.setattr(moe_sweep, "GEMM_SECOND", {16: [KernelConfig(128, 64)]})
+    seen = []
+    gemv = triton_moe.gemv_gate_up
+    monkeypatch.setattr(triton_moe, "gemv_gate_up", lambda x, w, ids, *a, **k: seen.append(ids.tolist())
+                        or gemv(x, w, ids, *a, **k))
+    E, D, F, K = 16, 64, 32, 2
+    w13, w2 = torch.randn(E, 2 * F, D) / 8, torch.randn(E, D, F) / 8
+    per_call = K * 3 * F * D * 4  # one token's experts, float32
+    timed = []
+
+    def timer(fn):
+        seen.clear()
+        fn()
+        timed.append([tuple(ids) for ids in seen])
+        return 1e-6 * 4
+
+    table, records = moe_sweep.sweep(w13, w2, K, [1], float("inf"), log=lambda *_: None, timer=timer,
+                                     l2_bytes=2 * per_call)
+    assert records[0]["routings"] == 4
+    assert len(timed[0]) == 4 and len(set(timed[0])) > 1  # the GEMV: one launch per routing, each its own
+    assert records[0]["gemv_us"] == pytest.approx(2.0)  # (4 us / 4 routings) for each of the two kernels
+    assert table.gemv and table.blocked
+
+
 @pytest.mark.slow
 def test_moe_layer_bench_runs_every_path_and_writes_its_sweep(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
