@@ -112,7 +112,7 @@ def _measure(name: str, fn, graphs: bool, row: dict, timer=best_time) -> None:
 def fp8_experts(block: SparseMoeBlock, size: int = 128):
     """(w13, w2, ExpertScales) of `block`'s experts quantized in size x size blocks, as an FP8
     checkpoint stores them."""
-    from expertmesh.experts.triton_moe import ExpertScales
+    from expertmesh.experts.triton_fp8 import ExpertScales
     from expertmesh.model.quantization import quantize_blocks
 
     def quantize(w_END):
@@ -160,14 +160,31 @@ def _row(T: int, ours: SparseMoeBlock, hf, fused, route, config_for, device, dty
     return row
 
 
+def _sweep_to_file(result: dict, key: str, shape: str, w13, w2, K: int, tokens: list[int], deadline: float,
+                   sweep_timer, scales, dtype_name: str, device: torch.device, out_dir: Path | None) -> ConfigTable:
+    """Sweep these experts' configs (FP8 ones with their scales), record the table under
+    result[key] and write its data file to OUT/configs/; returns the table."""
+    from expertmesh.bench.moe_sweep import sweep as run_sweep
+    from expertmesh.router.fused_moe import device_name
+
+    E, F2, D = w13.shape
+    print(f"[{shape}] sweeping {dtype_name} kernel configs at T = {tokens}", flush=True)
+    table, records = run_sweep(w13, w2, K, tokens, deadline, scales=scales,
+                               **({"timer": sweep_timer} if sweep_timer else {}))
+    name = config_file_name(E, F2 // 2, D, dtype_name, device_name(device))
+    result[key] = {"file": name, "table": table.to_json(), "buckets": records}
+    if out_dir is not None:
+        (out_dir / "configs").mkdir(parents=True, exist_ok=True)
+        (out_dir / "configs" / name).write_text(json.dumps(table.to_json(), indent=1) + "\n")
+        print(f"[{shape}] wrote {out_dir / 'configs' / name}; copy it to experts/configs/ to make it the default")
+    return table
+
+
 def run_shape(shape: str, tokens: list[int], sweep: bool, deadline: float, rates, out_dir: Path | None, *,
               device: str | torch.device = "cuda", dtype=torch.bfloat16, timer=best_time, sweep_timer=None,
               fp8: bool = False, fp8_block: int = 128) -> dict:
     """Rows of one shape (and its sweep). The device, dtype and timers are parameters so that the
     CPU tests can walk the whole function in Triton's interpreter with a stand-in timer."""
-    from expertmesh.bench.moe_sweep import sweep as run_sweep
-    from expertmesh.router.fused_moe import device_name
-
     device = torch.device(device)
     hf_dict, _, sweep_tokens = SHAPES[shape]
     config, ours, hf = _build(hf_dict, device, dtype)
@@ -175,25 +192,13 @@ def run_shape(shape: str, tokens: list[int], sweep: bool, deadline: float, rates
     result: dict = {"shape": shape, "experts": E, "hidden": D, "ffn": F, "top_k": K, "rows": []}
     table = None
     if sweep:
-        print(f"[{shape}] sweeping kernel configs at T = {sweep_tokens}", flush=True)
-        table, records = run_sweep(ours.experts.w13_EFD, ours.experts.w2_EDF, K, sweep_tokens, deadline,
-                                   **({"timer": sweep_timer} if sweep_timer else {}))
-        name = config_file_name(E, F, D, str(dtype).removeprefix("torch."), device_name(device))
-        result["sweep"] = {"file": name, "table": table.to_json(), "buckets": records}
-        if out_dir is not None:
-            (out_dir / "configs").mkdir(parents=True, exist_ok=True)
-            (out_dir / "configs" / name).write_text(json.dumps(table.to_json(), indent=1) + "\n")
-            print(f"[{shape}] wrote {out_dir / 'configs' / name}; copy it to experts/configs/ to make it the default")
+        table = _sweep_to_file(result, "sweep", shape, ours.experts.w13_EFD, ours.experts.w2_EDF, K, sweep_tokens,
+                               deadline, sweep_timer, None, str(dtype).removeprefix("torch."), device, out_dir)
     fp8_weights = fp8_experts(ours, fp8_block) if fp8 else None
     if sweep and fp8:
-        print(f"[{shape}] sweeping FP8 kernel configs at T = {sweep_tokens}", flush=True)
         q13, q2, scales = fp8_weights
-        fp8_table, records = run_sweep(q13, q2, K, sweep_tokens, deadline, scales=scales,
-                                       **({"timer": sweep_timer} if sweep_timer else {}))
-        name = config_file_name(E, F, D, "float8_e4m3fn", device_name(device))
-        result["sweep_fp8"] = {"file": name, "table": fp8_table.to_json(), "buckets": records}
-        if out_dir is not None:
-            (out_dir / "configs" / name).write_text(json.dumps(fp8_table.to_json(), indent=1) + "\n")
+        fp8_table = _sweep_to_file(result, "sweep_fp8", shape, q13, q2, K, sweep_tokens, deadline, sweep_timer,
+                                   scales, "float8_e4m3fn", device, out_dir)
         fp8_weights = (q13, q2, scales, fp8_table)
     fused, route, config_for = _fused_block(ours, table)
     expert_bytes = 3 * D * F * torch.empty((), dtype=dtype).element_size()

@@ -72,7 +72,7 @@ class Experts(nn.Module):
         kernels read them. Built from the current parameters (materializing replaces them)."""
         if self._fp8_blocks is None:
             return None
-        from expertmesh.experts.triton_moe import ExpertScales
+        from expertmesh.experts.triton_fp8 import ExpertScales
 
         return ExpertScales(self.w13_EFD_scale, self.w2_EDF_scale, *self._fp8_blocks)
 

@@ -38,14 +38,22 @@ none synchronises with the host.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from expertmesh.experts.moe_config import KernelConfig
+from expertmesh.experts.triton_fp8 import (
+    A8_MIN_BLOCK_K,
+    ExpertScales,
+    activations_fp8,
+    fp8_block_k,
+    fp16_shift,
+    quantize_rows,
+    scale_args,
+    scale_k_of,
+)
 
 
 @triton.jit
@@ -60,29 +68,6 @@ def _expert_of(ids_ptr, map_ptr, index, mask, num_experts, HAS_MAP: tl.constexpr
 @triton.jit
 def _silu_mul(gate, up):
     return gate / (1.0 + tl.exp(-gate)) * up
-
-
-@triton.jit
-def _round_e4m3(v):
-    """v rounded to the nearest e4m3 value (ties to even), in float32: the interpreter's own
-    float32 -> e4m3 cast mis-rounds values whose mantissa carries into the exponent (127.4 -> 64),
-    so on the CPU the cast below only ever sees values it represents exactly."""
-    e = tl.maximum(tl.floor(tl.log2(tl.abs(v) + 1e-30)), -6.0)  # e4m3: 3 mantissa bits, subnormal below 2^-6
-    step = tl.exp2(e - 3.0)
-    return ((v / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: float32's round-to-nearest-even
-
-
-@triton.jit
-def _quantize_rows(a, EXACT_CVT: tl.constexpr):
-    """A [rows, BLOCK_K] activation tile -> (e4m3 tile, float32 [rows] scales): each row's group of
-    BLOCK_K values divided by amax/448 (e4m3's largest value), as model/quantization.py's
-    quantize_activation_groups does for the reference."""
-    a = a.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0
-    v = a / scale[:, None]
-    if EXACT_CVT:
-        v = _round_e4m3(v)
-    return v.to(tl.float8e4nv), scale
 
 
 @triton.jit
@@ -218,13 +203,6 @@ def _gemv_down_kernel(
 
 
 @triton.jit
-def _fp16_shift(amax):
-    """Per row, the power of two that brings a largest |x| of `amax` into [2^13, 2^14] (fp16's
-    range, exactly: only the exponent changes): x * 2^-shift is multiplied, the sum times 2^shift."""
-    return tl.ceil(tl.log2(amax + 1e-30)) - 14.0
-
-
-@triton.jit
 def _gemv_gate_up_dot_kernel(
     x_ptr, w_ptr, act_ptr, ids_ptr, map_ptr, ws_ptr,
     F, D, num_experts,
@@ -255,7 +233,7 @@ def _gemv_gate_up_dot_kernel(
         for k0 in range(0, D, BLOCK_K):
             xa = tl.load(x_ptrs + k0, mask=first & (offs_k < D - k0)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
-        x_shift = _fp16_shift(amax)
+        x_shift = fp16_shift(amax)
         x_inv = tl.exp2(-x_shift)
     acc_gate = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([16, BLOCK_N], dtype=tl.float32)
@@ -269,7 +247,7 @@ def _gemv_gate_up_dot_kernel(
         s_g = tl.load(s_ptrs + k0 // SBK, mask=n_ok, other=0.0)
         s_u = tl.load(s_ptrs + (F // SBN) * stride_sn + k0 // SBK, mask=n_ok, other=0.0)
         if A8:
-            q, a_s = _quantize_rows(x, EXACT_CVT)
+            q, a_s = quantize_rows(x, EXACT_CVT)
             acc_gate += tl.dot(q, tl.trans(g)) * (a_s[:, None] * s_g[None, :])
             acc_up += tl.dot(q, tl.trans(u)) * (a_s[:, None] * s_u[None, :])
         else:
@@ -325,7 +303,7 @@ def _gemv_down_a8_kernel(
                     k_ok = offs_k < F - k0
                     a = tl.load(a_ptrs + k0, mask=first & k_ok[None, :], other=0.0)
                     w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                q, a_s = _quantize_rows(a, EXACT_CVT)
+                q, a_s = quantize_rows(a, EXACT_CVT)
                 s = tl.load(s_ptrs + k0 // SBK, mask=n_ok, other=0.0) * weight
                 acc += tl.dot(q, tl.trans(w)) * (a_s[:, None] * s[None, :])
     y = tl.sum(acc, axis=0)
@@ -374,7 +352,7 @@ def _gemm_gate_up_kernel(
             g = tl.load(gate_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if A8:  # W8A8: the rows' K tile quantized on the fly, e4m3 x e4m3 on the tensor cores
-            q, a_s = _quantize_rows(a, EXACT_CVT)
+            q, a_s = quantize_rows(a, EXACT_CVT)
             s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn + k0 // SBK
             s_g = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
             s_u = tl.load(s_ptrs + (F // SBN) * stride_sn, mask=n_ok, other=0.0)[None, :]
@@ -444,7 +422,7 @@ def _gemm_down_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if A8:
-            q, a_s = _quantize_rows(a, EXACT_CVT)
+            q, a_s = quantize_rows(a, EXACT_CVT)
             s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + (offs_n // SBN) * stride_sn + k0 // SBK
             acc += tl.dot(q, b) * (a_s[:, None] * tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :])
         else:
@@ -494,66 +472,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@dataclass(frozen=True)
-class ExpertScales:
-    """FP8 expert weights' scales: float32 grids [E, 2F/SBN, D/SBK] (w13, gate rows then up rows)
-    and [E, D/SBN', F/SBK'] (w2), one per block of `block13` = (SBN, SBK) and `block2` = (SBN',
-    SBK') weight elements (SBN dividing F, so no block straddles gate and up; a per-channel scale
-    is a block of one row and the whole row). The GEMVs read FP8 weights, multiply each element by
-    its block's scale in float32 and go on as with bf16 weights (W8A16: half the bytes read); the
-    blocked GEMMs, with 16-bit activations, quantize each row's K tile of activations to e4m3 and
-    multiply on the FP8 tensor cores, scaling each tile's product by both scales (W8A8)."""
-
-    w13: torch.Tensor
-    w2: torch.Tensor
-    block13: tuple[int, int]
-    block2: tuple[int, int]
-
-
-def fp8_block_k(block_k: int, scale_k: int) -> int:
-    """The K tile for FP8 weights: `block_k` halved until it divides the scale blocks' width (a
-    power of two), so each tile reads one scale per row (and, in W8A8, quantizes one activation
-    group per row). Widths that are not powers of two keep `block_k` (per-element scales)."""
-    if scale_k & (scale_k - 1):
-        return block_k
-    return max(16, min(block_k, scale_k)) if scale_k >= 16 else block_k
-
-
-A8_MIN_BLOCK_K = 32
-"""Narrowest K tile the W8A8 path takes (tl.dot on e4m3 needs K >= 32); narrower scale blocks
-(test checkpoints) keep W8A16."""
-
-
-def activations_fp8(scales: ExpertScales | None, act: torch.Tensor) -> bool:
-    """W8A8 (the blocked GEMMs quantize activations per row and K tile, FP8 tensor cores) where
-    the weights are FP8 and the activations 16-bit; float32 activations (the CPU reference runs)
-    keep W8A16, whose result is the dequantized model's exactly."""
-    return scales is not None and act.dtype in (torch.bfloat16, torch.float16)
-
-
-def _scale_args(scales: ExpertScales | None, which: str, dummy: torch.Tensor, block_k: int,
-                a8: bool | None = None):
-    """(scale pointer, its expert and row strides, the kernel's constexprs) for a launcher whose
-    K tiles are `block_k` wide: SCALE_VEC when every tile lies within one block column. `a8`
-    (the blocked kernels, which take A8 and EXACT_CVT): W8A8 asked for, taken where SCALE_VEC and
-    the tile is at least A8_MIN_BLOCK_K wide."""
-    blocked = {} if a8 is None else dict(A8=False, EXACT_CVT=dummy.device.type != "cuda")
-    if scales is None:
-        return dummy, 0, 0, dict(HAS_WS=False, SBN=1, SBK=1, SCALE_VEC=False, **blocked)
-    grid, block = (scales.w13, scales.block13) if which == "w13" else (scales.w2, scales.block2)
-    vec = block[1] % block_k == 0
-    if a8 is not None:  # the FP8 tensor cores multiply K in steps of 32
-        blocked["A8"] = bool(a8) and vec and block_k >= A8_MIN_BLOCK_K
-    return grid, grid.stride(0), grid.stride(1), dict(HAS_WS=True, SBN=block[0], SBK=block[1], SCALE_VEC=vec,
-                                                      **blocked)
-
-
-def _scale_k(scales: ExpertScales | None, which: str) -> int:
-    if scales is None:
-        return 0
-    return (scales.block13 if which == "w13" else scales.block2)[1]
-
-
 GEMV_FORMS = ("fma", "f16", "a8")
 GEMV_FORM = {"first": "f16", "second": "fma"}
 """How each GEMV (gate/up "first", down "second") multiplies FP8 weights with 16-bit activations
@@ -592,26 +510,6 @@ def check_operands(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tens
         raise ValueError(f"out must be {tuple(x_TD.shape)} {x_TD.dtype}, got {tuple(out.shape)} {out.dtype}")
 
 
-def check_scales(w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, scales: ExpertScales | None) -> None:
-    """FP8 expert weights come with their scales and only they do; the grids fit the blocks."""
-    fp8 = [w.dtype == torch.float8_e4m3fn for w in (w13_EFD, w2_EDF)]
-    if fp8[0] != fp8[1] or fp8[0] != (scales is not None):
-        raise ValueError(f"expert weights {w13_EFD.dtype}/{w2_EDF.dtype} with scales {scales is not None}: FP8 "
-                         "(float8 e4m3) weights need their ExpertScales, and other weights take none")
-    if scales is None:
-        return
-    E, F2, D = w13_EFD.shape
-    F = F2 // 2
-    (bn, bk), (bn2, bk2) = scales.block13, scales.block2
-    if F % bn:
-        raise ValueError(f"w13 scale blocks of {bn} rows straddle gate and up ({F} rows each)")
-    want = {"w13": (E, F2 // bn, -(-D // bk)), "w2": (E, -(-D // bn2), -(-F // bk2))}
-    for name, grid in (("w13", scales.w13), ("w2", scales.w2)):
-        if tuple(grid.shape) != want[name] or grid.dtype != torch.float32 or grid.stride(-1) != 1:
-            raise ValueError(f"{name} scales must be float32 {want[name]} with unit stride along the last "
-                             f"dimension, got {grid.dtype} {tuple(grid.shape)}")
-
-
 def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor, act_NF: torch.Tensor, *,
                  top_k: int, config: KernelConfig, expert_to_local_E: torch.Tensor | None = None,
                  scales: ExpertScales | None = None, form: str | None = None) -> None:
@@ -622,12 +520,12 @@ def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor,
     E, _, D = w13_EFD.shape
     bn, bk = _block(config.BLOCK_N, F, 1), _block(config.BLOCK_K, D, 16)
     if scales is not None:
-        bk = fp8_block_k(bk, _scale_k(scales, "w13"))
+        bk = fp8_block_k(bk, scale_k_of(scales, "w13"))
         if (GEMV_FORM["first"] if form is None else form) != "fma" and activations_fp8(scales, x_TD):
             bn = _block(max(bn, 16), F, 1)  # the dot forms' tiles: 16 output rows or more
     grid = (N, triton.cdiv(F, bn))
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
-    ws, se, sn, ws_args = _scale_args(scales, "w13", act_NF, bk)
+    ws, se, sn, ws_args = scale_args(scales, "w13", act_NF, bk)
     form = _gemv_form("first", form, scales, x_TD, bn, bk, ws_args["SCALE_VEC"])
     if form != "fma":
         _launch(_gemv_gate_up_dot_kernel, grid,
@@ -658,12 +556,12 @@ def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, o
     E, _, F = w2_EDF.shape
     bn, bk = _block(config.BLOCK_N, D, 1), _block(config.BLOCK_K, F, 16)
     if scales is not None:
-        bk = fp8_block_k(bk, _scale_k(scales, "w2"))
+        bk = fp8_block_k(bk, scale_k_of(scales, "w2"))
         if (GEMV_FORM["second"] if form is None else form) != "fma" and activations_fp8(scales, act_NF):
             bn = _block(max(bn, 16), D, 1)
     grid = (T, triton.cdiv(D, bn))
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
-    ws, se, sn, ws_args = _scale_args(scales, "w2", act_NF, bk)
+    ws, se, sn, ws_args = scale_args(scales, "w2", act_NF, bk)
     form = _gemv_form("second", form, scales, act_NF, bn, bk, ws_args["SCALE_VEC"])
     if form == "a8":
         _launch(_gemv_down_a8_kernel, grid,
@@ -693,9 +591,9 @@ def gemm_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, act_MF: torch.Tensor
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, F, 16), _block(config.BLOCK_K, D, 16)
     if scales is not None:
-        bk = fp8_block_k(bk, _scale_k(scales, "w13"))
+        bk = fp8_block_k(bk, scale_k_of(scales, "w13"))
     grid = (num_blocks * triton.cdiv(F, bn),)
-    ws, se, sn, ws_args = _scale_args(scales, "w13", act_MF, bk, a8=activations_fp8(scales, x_TD))
+    ws, se, sn, ws_args = scale_args(scales, "w13", act_MF, bk, a8=activations_fp8(scales, x_TD))
     _launch(_gemm_gate_up_kernel, grid,
             (x_TD, w13_EFD, act_MF, sorted_ids_M, block_expert_B, num_padded, ws, num_copies, F, D, E, num_blocks,
              x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_MF.stride(0), se, sn),
@@ -715,9 +613,9 @@ def gemm_down(act_MF: torch.Tensor, w2_EDF: torch.Tensor, y_ND: torch.Tensor, so
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, D, 16), _block(config.BLOCK_K, F, 16)
     if scales is not None:
-        bk = fp8_block_k(bk, _scale_k(scales, "w2"))
+        bk = fp8_block_k(bk, scale_k_of(scales, "w2"))
     grid = (num_blocks * triton.cdiv(D, bn),)
-    ws, se, sn, ws_args = _scale_args(scales, "w2", act_MF, bk, a8=activations_fp8(scales, act_MF))
+    ws, se, sn, ws_args = scale_args(scales, "w2", act_MF, bk, a8=activations_fp8(scales, act_MF))
     _launch(_gemm_down_kernel, grid,
             (act_MF, w2_EDF, y_ND, weights_N if weights_N is not None else act_MF, sorted_ids_M, block_expert_B,
              num_padded, ws, num_copies, D, F, E, num_blocks,

@@ -225,7 +225,7 @@ def quantize_channels(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_activation_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 values, float32 scales [T, ceil(K/group)]) of activations `x` [T, K], one scale per
     token and group of `group` features (amax/448, amax clamped at 1e-10): what the W8A8 kernels
-    (experts/triton_moe.py, A8) do to each K tile of activations before the FP8 tensor cores."""
+    (experts/triton_fp8.py's quantize_rows) do to each K tile of activations before the FP8 tensor cores."""
     T, K = x.shape
     groups = -(-K // group)
     padded = torch.zeros(T, groups * group, dtype=torch.float32, device=x.device)

@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from expertmesh.experts.triton_moe import _quantize_rows
+from expertmesh.experts.triton_fp8 import A8_MIN_BLOCK_K, ExpertScales, fp8_block_k, quantize_rows
+from expertmesh.experts.triton_moe import gemm_down
 
 MAX_T = 16
 """Most rows the kernel takes (the dot form pads x to 16 rows)."""
@@ -107,7 +108,7 @@ def _linear_small_kernel(
             x = tl.load(x_ptrs + k0, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
         if A8:  # FP8 weights, x's rows quantized per K tile: e4m3 x e4m3 on the tensor cores
-            q, a_s = _quantize_rows(x, EXACT_CVT)
+            q, a_s = quantize_rows(x, EXACT_CVT)
             s = tl.load(ws_ptr + (offs_n // SBN) * stride_sn + k0 // SBK, mask=n_ok, other=0.0)
             acc += tl.dot(q, tl.trans(w)) * (a_s[:, None] * s[None, :])
         elif HAS_WS:  # FP8 weights: each element times its (SBN x SBK) block's float32 scale
@@ -239,12 +240,8 @@ def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor
     if fp8 and weight_scale.shape != (-(-N // scale_block[0]), -(-K // scale_block[1])):
         raise ValueError(f"weight_scale {tuple(weight_scale.shape)} is not the {scale_block} block grid of [{N}, {K}]")
     if fp8 and scale_block[1] % config.block_k:  # K tiles inside one scale column: one scale per row
-        from expertmesh.experts.triton_moe import fp8_block_k
-
         config = replace(config, block_k=fp8_block_k(config.block_k, scale_block[1]))
     if a8:  # W8A8 in the dot form, where the tiles take it
-        from expertmesh.experts.triton_moe import A8_MIN_BLOCK_K
-
         a8 = (config.dot and scale_block[1] % config.block_k == 0 and config.block_k >= A8_MIN_BLOCK_K
               and config.block_n >= 16)
     _linear_small_kernel[(triton.cdiv(N, config.block_n),)](
@@ -332,8 +329,6 @@ def linear_fp8(x_TD: torch.Tensor, weight_ND: torch.Tensor, weight_scale: torch.
     (W8A8); float32 x (the CPU runs) meets each weight tile scaled into its dtype (W8A16). Where
     `linear_small` takes over at few rows, this is the FP8 path of prefill and large decode
     batches. No host sync: the row map is made on the device."""
-    from expertmesh.experts.triton_moe import ExpertScales, gemm_down
-
     T, K = x_TD.shape
     N = weight_ND.shape[0]
     if weight_ND.dtype != torch.float8_e4m3fn or weight_scale.shape != (-(-N // scale_block[0]),

@@ -27,10 +27,9 @@ import functools
 import torch
 
 from expertmesh.experts.moe_config import ConfigTable, MoeConfig, load_table, select_config
+from expertmesh.experts.triton_fp8 import ExpertScales, check_scales
 from expertmesh.experts.triton_moe import (
-    ExpertScales,
     check_operands,
-    check_scales,
     gemm_down,
     gemm_gate_up,
     gemv_down,

@@ -433,7 +433,7 @@ def test_gpu_cuda_graph_replay_of_topk_and_fused_moe_equals_eager(T):
 def fp8_experts(w13, w2, block):
     """FP8 copies of the experts and their scale grids (quantize_blocks per expert), and the
     dequantized float32 weights the kernels must equal."""
-    from expertmesh.experts.triton_moe import ExpertScales
+    from expertmesh.experts.triton_fp8 import ExpertScales
     from expertmesh.model.quantization import dequantize_blocks, quantize_blocks
 
     def quantize(w_END, blk):
@@ -458,7 +458,8 @@ differs in the last bit may round an element of the intermediate to the neighbou
 def a8_groups(config: MoeConfig, scales, D: int, F: int) -> tuple[int | None, int | None]:
     """The activation groups of the two blocked GEMMs: their K tiles, fitted to the scale blocks;
     None for a GEMM whose tiles are too narrow for the FP8 tensor cores (it stays W8A16)."""
-    from expertmesh.experts.triton_moe import A8_MIN_BLOCK_K, GEMV_FORM, fp8_block_k
+    from expertmesh.experts.triton_fp8 import A8_MIN_BLOCK_K, fp8_block_k
+    from expertmesh.experts.triton_moe import GEMV_FORM
 
     def group(block_k, dim, scale_k, which):
         tile = fp8_block_k(max(16, min(block_k, 1 << max(dim - 1, 0).bit_length())), scale_k)
@@ -644,7 +645,7 @@ def test_fp8_weights_without_their_scales_and_bad_grids_are_refused():
         fused_moe(x, weights, ids, q13, q2)
     with pytest.raises(ValueError, match="need their ExpertScales"):
         grouped_experts(x, torch.zeros(T, dtype=torch.int64), w13, w2, scales=scales)
-    from expertmesh.experts.triton_moe import ExpertScales
+    from expertmesh.experts.triton_fp8 import ExpertScales
 
     with pytest.raises(ValueError, match="w2 scales must be float32"):
         fused_moe(x, weights, ids, q13, q2, scales=ExpertScales(scales.w13, scales.w2[:, :1], (16, 16), (16, 16)))

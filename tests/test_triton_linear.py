@@ -278,7 +278,7 @@ def test_fp8_blocked_gemm_for_many_rows_equals_the_reference(dtype, T, block):
     per-element and per-row scale tiles, a bias: the float64 reference on the dequantized weights;
     16-bit activations whose K tiles (32 or wider) fit the scale blocks go through the FP8 tensor cores (W8A8),
     and the reference quantizes them as the kernel does (per row and K tile)."""
-    from expertmesh.experts.triton_moe import A8_MIN_BLOCK_K, fp8_block_k
+    from expertmesh.experts.triton_fp8 import A8_MIN_BLOCK_K, fp8_block_k
     from expertmesh.model.quantization import dequantize_blocks, fake_quantize_activations, quantize_blocks
     from expertmesh.model.triton_linear import fp8_gemm_config, linear_fp8
 
