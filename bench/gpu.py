@@ -32,6 +32,7 @@ transformers) under --out, and prints the table last.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import statistics
@@ -58,24 +59,47 @@ LONG = 262144
 
 
 class StepRecorder:
-    """Wraps an executor: the wall time and the shape of every step."""
+    """Wraps an executor: the shape of every step and the time spent in the executor's calls for
+    it (`execute`; under async scheduling `submit` plus `collect`, whose wait for the GPU absorbs
+    whatever of the step the host's work did not hide)."""
 
     def __init__(self, executor) -> None:
         self.inner, self.steps = executor, []
-        self.__dict__.update({k: getattr(executor, k) for k in ("model_config", "num_blocks", "num_ranks")})
+        self.done: dict | None = None
+        """The record of the step whose tokens came back last."""
+        self._submitted: collections.deque[dict] = collections.deque()
+        self.__dict__.update({k: getattr(executor, k)
+                              for k in ("model_config", "num_blocks", "num_ranks", "overlaps_steps")})
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def execute(self, plan):
-        chunks = plan.chunks_by_rank[0]
         start = time.perf_counter()
         result = self.inner.execute(plan)
-        self.steps.append({"seconds": time.perf_counter() - start, "seqs": len(chunks),
-                           "tokens": int(chunks.num_tokens.sum()) if len(chunks) else 0,
-                           "decode": bool(len(chunks)) and bool((chunks.num_tokens == 1).all()),
-                           "max_context": int((chunks.starts + chunks.num_tokens).max()) if len(chunks) else 0})
+        self.steps.append(_step_record(plan, time.perf_counter() - start))
+        self.done = self.steps[-1]
         return result
+
+    def submit(self, plan):
+        start = time.perf_counter()
+        self.inner.submit(plan)
+        self.steps.append(_step_record(plan, time.perf_counter() - start))
+        self._submitted.append(self.steps[-1])
+
+    def collect(self):
+        start = time.perf_counter()
+        result = self.inner.collect()
+        self.done = self._submitted.popleft()
+        self.done["seconds"] += time.perf_counter() - start
+        return result
+
+
+def _step_record(plan, seconds: float) -> dict:
+    chunks = plan.chunks_by_rank[0]
+    return {"seconds": seconds, "seqs": len(chunks), "tokens": int(chunks.num_tokens.sum()) if len(chunks) else 0,
+            "decode": bool(len(chunks)) and bool((chunks.num_tokens == 1).all()),
+            "max_context": int((chunks.starts + chunks.num_tokens).max()) if len(chunks) else 0}
 
 
 def build_engine(shape: dict, layers: int, *, max_model_len: int, max_num_seqs: int, kv_bytes: int,
@@ -108,13 +132,15 @@ def run(engine: EngineCore, prompts: list[list[int]], max_tokens: list[int] | in
     first: dict[str, float] = {}
     with GcPauses() as pauses:
         while engine.has_unfinished():
-            before = len(recorder.steps)
+            before = recorder.done
             step_start = time.perf_counter()
             pauses.seconds = 0.0
             outputs = engine.step()
-            if len(recorder.steps) > before:  # the whole engine's step: scheduling, forward, detokenising
-                recorder.steps[-1]["engine_seconds"] = time.perf_counter() - step_start
-                recorder.steps[-1]["gc_seconds"] = pauses.seconds
+            # The whole engine's step (scheduling, forward, detokenising), given to the step whose
+            # tokens it waited for: under async scheduling the one submitted the call before.
+            if recorder.done is not before:
+                recorder.done["engine_seconds"] = time.perf_counter() - step_start
+                recorder.done["gc_seconds"] = pauses.seconds
             for out in outputs:
                 first.setdefault(out.request_id, time.perf_counter() - start)
                 if out.finished and out.outputs[0].finish_reason not in ("length", "stop"):
@@ -374,9 +400,13 @@ def part_profile(engine: EngineCore, batches=(1, 64), steps: int = 6, top: int =
         recorder.steps = []
         while not (recorder.steps and recorder.steps[-1]["decode"] and recorder.steps[-1]["seqs"] == batch):
             engine.step()  # the prefills
+        engine_times = []
         for _ in range(steps):
+            start = time.perf_counter()
             engine.step()
-        executor_ms = statistics.median(s["seconds"] for s in recorder.steps[-steps:]) * 1e3
+            engine_times.append(time.perf_counter() - start)
+        executor_ms = statistics.median(s["seconds"] for s in recorder.steps[-steps - 1:-1]) * 1e3
+        engine_ms = statistics.median(engine_times) * 1e3
         graphs, size = runner.graphs, runner.graphs.size_for(batch)
         times = []
         for _ in range(20):  # the last step's inputs are still in the static buffers
@@ -399,13 +429,15 @@ def part_profile(engine: EngineCore, batches=(1, 64), steps: int = 6, top: int =
         kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
         kernels.sort(key=lambda e: -e.device_time_total)
         total_us = sum(e.device_time_total for e in kernels) / steps
-        row = {"batch": batch, "executor_step_ms": executor_ms, "graph_replay_ms": statistics.median(times),
+        row = {"batch": batch, "engine_step_ms": engine_ms, "executor_step_ms": executor_ms,
+               "async_scheduling": engine.can_overlap(), "graph_replay_ms": statistics.median(times),
                "kernel_us_per_step": total_us,
                "kernels_per_step": sum(e.count for e in kernels) / steps,
                "top": [{"name": e.key[:90], "us_per_step": e.device_time_total / steps,
                         "calls_per_step": e.count / steps} for e in kernels[:top]]}
         rows.append(row)
-        print(f"[profile] batch {batch}: executor step {executor_ms:.3f} ms, graph replay "
+        print(f"[profile] batch {batch}: engine step {engine_ms:.3f} ms (async scheduling "
+              f"{row['async_scheduling']}), executor step {executor_ms:.3f} ms, graph replay "
               f"{row['graph_replay_ms']:.3f} ms; kernels {total_us / 1e3:.3f} ms in {row['kernels_per_step']:.0f} "
               "launches per step", flush=True)
         for k in row["top"]:

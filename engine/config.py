@@ -89,6 +89,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = setting(2048, ge=1)
     """Token budget of one step (decode tokens plus prefill chunks); longer prompts are prefilled in
     chunks of at most this many tokens."""
+    async_scheduling: bool = True
+    """Schedule and stage each step while the GPU computes the one before (vLLM's --async-scheduling):
+    the next step's inputs take the sampled tokens on the device and the host's per-step work hides
+    behind the GPU's. One in-process GPU rank only (expert-parallel groups and the CPU run steps one
+    after another); a step with a grammar, thinking budget or penalty in flight waits for its tokens."""
 
     def __post_init__(self) -> None:
         check_fields(self)

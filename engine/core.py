@@ -39,7 +39,7 @@ from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.request import Request, RequestStatus
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import Scheduler, SchedulerOutput
-from expertmesh.engine.step import Chunk, NewRequest, RankChunks, SampledToken, StepPlan, TokenMasks
+from expertmesh.engine.step import Chunk, NewRequest, RankChunks, SampledToken, StepPlan, StepResult, TokenMasks
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ class EngineCore:
         self._grammar_lock = threading.Lock()
         self._guides: dict[str, SequenceGuide] = {}
         """Sequences with a grammar or thinking to track (unconstrained ones never appear here)."""
+        self._needs_sync: set[str] = set()
+        """Sequences whose sampling reads the values of earlier outputs (penalties): while one
+        runs, every step waits for the one before (no async scheduling)."""
+        self._in_flight: list[SchedulerOutput] | None = None
+        """Async scheduling: the step submitted to the executor whose tokens are not back yet."""
         self.num_steps = 0
         self.num_preemptions = 0
         self.compute_seconds = 0.0
@@ -215,6 +220,8 @@ class EngineCore:
                                  cumulative_logprob=0.0 if params.logprobs is not None else None),
                 frozenset(params.stop_token_ids))
             parent.children.append(child_id)
+            if _reads_outputs(child_params):
+                self._needs_sync.add(child_id)
             self.schedulers[rank].add_request(req)
             self._new.append(NewRequest(child_id, prompt_token_ids, child_params, self.eos_token_ids, rank))
         self._parents[request_id] = parent
@@ -227,7 +234,7 @@ class EngineCore:
             for child_id in parent.children:
                 seq = self._sequences.pop(child_id)
                 self.schedulers[seq.rank].finish(seq.request, RequestStatus.FINISHED_ABORTED)
-                self._drop_guide(child_id)
+                self._forget(child_id)
                 self._dropped.append(child_id)
 
     def has_unfinished(self) -> bool:
@@ -235,6 +242,8 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the grammar compiler processes and release the executor's workers."""
+        if self._in_flight is not None:
+            self._finish_in_flight()
         if self._grammar is not None:
             self._grammar.shutdown()
         self.executor.shutdown()
@@ -242,16 +251,43 @@ class EngineCore:
     # ---- one step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; the outputs of the tokens that came back.
+
+        Async scheduling (`async_scheduling`, where the executor overlaps: one in-process GPU
+        rank): the step is scheduled with the samples of the step still on the device as
+        placeholders, submitted, and only then are that earlier step's tokens collected and
+        applied, so the host's work of a step (scheduling, input staging, detokenizing, stops)
+        runs while the GPU computes. A sequence that stops is found one step late: the step in
+        flight computed one more token for it, which is dropped. Steps whose sampling needs the
+        tokens before them (grammars, thinking, penalties) wait for the step in flight first."""
+        overlap = self.can_overlap()
+        if not overlap and self._in_flight is not None:
+            self._finish_in_flight()
         outs = [scheduler.schedule() for scheduler in self.schedulers]
         for out in outs:
             self.num_preemptions += len(out.preempted)
             for error in out.errors:
                 self._finish(self._sequences[error.request_id], RequestStatus.FINISHED_ERROR, error=error.message)
+        submitted = None
         if any(out.scheduled for out in outs):
-            self._run(outs)
+            if overlap:
+                submitted = self._submit(outs)
+            else:
+                self._run(outs)
+        if self._in_flight is not None:
+            self._finish_in_flight()
+        self._in_flight = submitted
+        if submitted is not None and all(seq.output.finished for seq in self._sequences.values()):
+            self._finish_in_flight()  # every sequence has ended: nothing would come back for it
         return self._collect()
 
-    def _run(self, outs: list[SchedulerOutput]) -> None:
+    def can_overlap(self) -> bool:
+        """Whether the next step is scheduled while the one before is on the device (async
+        scheduling on, an executor that overlaps, no grammar, thinking or penalty running)."""
+        return (self.config.scheduler.async_scheduling and getattr(self.executor, "overlaps_steps", False)
+                and not self._guides and not self._needs_sync)
+
+    def _plan(self, outs: list[SchedulerOutput]) -> StepPlan:
         plan = StepPlan(
             new_requests=tuple(self._new),
             chunks_by_rank=tuple(
@@ -262,6 +298,10 @@ class EngineCore:
             token_masks=self._token_masks(outs) if self._guides else (),
         )
         self._new, self._dropped = [], []
+        return plan
+
+    def _run(self, outs: list[SchedulerOutput]) -> None:
+        plan = self._plan(outs)
         try:
             result = self.executor.execute(plan)
         except ExecutorDiedError as exc:
@@ -269,22 +309,66 @@ class EngineCore:
             self._fail_all(f"the engine's workers failed and were replaced: {exc}")
             return
         except Exception as exc:
-            log.exception("step failed")
-            failed = {s.request.request_id for out in outs for s in out.scheduled}
-            for request_id in failed:
-                self._finish(self._sequences[request_id], RequestStatus.FINISHED_ERROR,
-                             error=f"the engine failed while running this request: {exc}")
-            # Requests that arrived with this plan but did not run it are announced again.
-            self._new = [n for n in plan.new_requests if n.request_id not in failed] + self._new
+            self._step_failed(outs, exc, plan)
             return
+        self._apply(outs, result, advanced=False)
+
+    def _submit(self, outs: list[SchedulerOutput]) -> list[SchedulerOutput] | None:
+        """Async scheduling: advance the schedulers past this step (placeholders for its samples)
+        and hand it to the executor without waiting; the step's outputs, or None if it failed."""
+        plan = self._plan(outs)
+        for scheduler, out in zip(self.schedulers, outs):
+            scheduler.advance(out)
+        try:
+            self.executor.submit(plan)
+        except ExecutorDiedError as exc:
+            log.error("the executor's workers died: %s", exc)
+            self._fail_all(f"the engine's workers failed and were replaced: {exc}")
+            return None
+        except Exception as exc:
+            self._step_failed(outs, exc, plan)
+            return None
+        return outs
+
+    def _finish_in_flight(self) -> None:
+        """Wait for the step in flight and apply its tokens."""
+        outs, self._in_flight = self._in_flight, None
+        try:
+            result = self.executor.collect()
+        except ExecutorDiedError as exc:
+            log.error("the executor's workers died: %s", exc)
+            self._fail_all(f"the engine's workers failed and were replaced: {exc}")
+            return
+        except Exception as exc:
+            self._step_failed(outs, exc)
+            return
+        self._apply(outs, result, advanced=True)
+
+    def _step_failed(self, outs: list[SchedulerOutput], exc: Exception, plan: StepPlan | None = None) -> None:
+        """A step raised: its requests end with an error, the engine goes on."""
+        log.error("step failed", exc_info=exc)
+        failed = {s.request.request_id for out in outs for s in out.scheduled}
+        for request_id in failed:
+            seq = self._sequences.get(request_id)
+            if seq is not None and not seq.output.finished:
+                self._finish(seq, RequestStatus.FINISHED_ERROR,
+                             error=f"the engine failed while running this request: {exc}")
+        if plan is not None:  # requests that arrived with this plan but did not run it are announced again
+            self._new = [n for n in plan.new_requests if n.request_id not in failed] + self._new
+
+    def _apply(self, outs: list[SchedulerOutput], result: StepResult, advanced: bool) -> None:
         self.num_steps += 1
         self.compute_seconds += result.compute_seconds
         sampled = result.sampled
         token_ids = {rid: tok.token_id for rid, tok in sampled.items()}
         for scheduler, out in zip(self.schedulers, outs):
-            scheduler.update(out, token_ids)
+            scheduler.update(out, token_ids, advanced=advanced)
         for rid, token in sampled.items():
-            self._on_token(self._sequences[rid], token)
+            seq = self._sequences.get(rid)
+            # Under async scheduling a sequence may have ended (stopped, aborted) while this step
+            # was on the device: its extra token is dropped.
+            if seq is not None and not seq.output.finished:
+                self._on_token(seq, token)
 
     def _token_masks(self, outs: list[SchedulerOutput]) -> tuple[TokenMasks | None, ...]:
         """Per rank, the packed masks of guided sequences that sample this step: one int32 array
@@ -306,7 +390,9 @@ class EngineCore:
             masks.append(TokenMasks(tuple(rid for rid, _ in rows), array[start:row]) if rows else None)
         return tuple(masks)
 
-    def _drop_guide(self, request_id: str) -> None:
+    def _forget(self, request_id: str) -> None:
+        """Drop what a sequence held beside its scheduler state (its grammar matcher)."""
+        self._needs_sync.discard(request_id)
         guide = self._guides.pop(request_id, None)
         if guide is not None:
             guide.close()
@@ -321,7 +407,9 @@ class EngineCore:
                 seq.output.error = error
                 seq.changed = True
         for request_id in list(self._guides):
-            self._drop_guide(request_id)
+            self._forget(request_id)
+        self._needs_sync.clear()
+        self._in_flight = None
         self._new, self._dropped = [], []
         try:
             self.executor.restart()
@@ -341,7 +429,7 @@ class EngineCore:
             output.cumulative_logprob += token.logprob
         seq.changed = True
 
-        num_out = len(req.output_token_ids)
+        num_out = len(output.token_ids)  # req's own list may hold a placeholder beyond (async scheduling)
         status, stop_reason = None, None
         guide = self._guides.get(req.request_id) if self._guides else None
         if guide is not None:
@@ -364,7 +452,8 @@ class EngineCore:
             if update.stop_str is not None:
                 status, stop_reason = RequestStatus.FINISHED_STOPPED, update.stop_str
         if status is None and (
-            (params.max_tokens is not None and num_out >= params.max_tokens) or req.num_tokens >= self.max_model_len
+            (params.max_tokens is not None and num_out >= params.max_tokens)
+            or req.num_prompt_tokens + num_out >= self.max_model_len
         ):
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
@@ -378,7 +467,7 @@ class EngineCore:
             seq.output.text_delta += update.delta
             seq.output.text += update.delta
         self.schedulers[seq.rank].finish(seq.request, status)
-        self._drop_guide(seq.request.request_id)
+        self._forget(seq.request.request_id)
         seq.output.finish_reason = status.value
         seq.output.stop_reason = seq.request.stop_reason
         seq.output.error = error
@@ -430,6 +519,11 @@ class EngineCore:
 
     def expert_load(self):
         return self.executor.expert_load()
+
+
+def _reads_outputs(params: SamplingParams) -> bool:
+    """Whether sampling reads the values of the sequence's earlier tokens (penalties do)."""
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
 def _delta_only(output: CompletionOutput) -> CompletionOutput:

@@ -32,6 +32,11 @@ class Executor(Protocol):
 
     def execute(self, plan: StepPlan) -> StepResult: ...
 
+    overlaps_steps: bool
+    """Async scheduling: `submit` returns before the step's tokens exist and `collect` waits for
+    them, one step in flight (the next step's inputs take its sampled tokens on the device). An
+    executor without it (False or absent) is only ever called through `execute`."""
+
     def expert_load(self) -> torch.Tensor | None:
         """Tokens routed per (MoE layer, expert) since start, summed over ranks; None for dense models."""
         ...
@@ -53,9 +58,18 @@ class InProcessExecutor:
         self.runner.capture_graphs(progress=progress)
         self.model_config = self.runner.model_config
         self.num_blocks = self.runner.num_blocks
+        # A GPU computes while this thread goes on; a CPU computes inside submit, so overlapping
+        # would only hold each step's tokens back by one step.
+        self.overlaps_steps = self.runner.device.type == "cuda"
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
+
+    def submit(self, plan: StepPlan) -> None:
+        self.runner.submit(plan)
+
+    def collect(self) -> StepResult:
+        return self.runner.collect()
 
     def expert_load(self) -> torch.Tensor | None:
         return self.runner.expert_load()

@@ -20,6 +20,7 @@ directly, and each rank of an EP group runs one.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import gc
 import logging
@@ -32,8 +33,9 @@ import torch
 from expertmesh.engine.config import CacheConfig, ModelLoadConfig, SchedulerConfig
 from expertmesh.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from expertmesh.engine.model_files import model_dir
-from expertmesh.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator, to_device
+from expertmesh.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator, to_device
 from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.scheduler import PLACEHOLDER
 from expertmesh.engine.step import StepPlan, StepResult, TokenMasks
 from expertmesh.engine.step_inputs import HostStep, StepInputs, host_step
 from expertmesh.model.attention import AttentionMetadata, KernelAttentionPlanner
@@ -87,6 +89,9 @@ class _RequestState:
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
+    pending: tuple[_PendingStep, int] | None = None
+    """The step in flight whose sample is this request's last output token (a PLACEHOLDER until
+    that step is collected), and its row there."""
 
     @functools.cached_property
     def masked_params(self) -> SamplingParams:
@@ -132,6 +137,7 @@ class ModelRunner:
         ]
         self.sampler = Sampler()
         self.requests: dict[str, _RequestState] = {}
+        self._pending: collections.deque[_PendingStep] = collections.deque()
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
         if self.model.fast:
@@ -180,13 +186,34 @@ class ModelRunner:
             raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {self.bytes_per_block} bytes")
         return int(blocks)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        start = time.perf_counter()
-        result = self._execute(plan)
-        return replace(result, compute_seconds=time.perf_counter() - start)
+        """Run one step and return its tokens (submit, then collect)."""
+        if self._pending:
+            raise RuntimeError("execute with a step in flight: collect it first")
+        self.submit(plan)
+        return self.collect()
 
-    def _execute(self, plan: StepPlan) -> StepResult:
+    @torch.inference_mode()
+    def submit(self, plan: StepPlan) -> None:
+        """Launch one step: inputs staged, forward and sampling queued on the device, its tokens
+        copied back without waiting. Samples of a step still in flight that this step's inputs
+        need (async scheduling: the engine scheduled them as placeholders) are taken from the
+        device. `collect` returns the results, oldest step first."""
+        start = time.perf_counter()
+        pending = self._launch(plan)
+        pending.seconds += time.perf_counter() - start
+        self._pending.append(pending)
+
+    @torch.inference_mode()
+    def collect(self) -> StepResult:
+        """The oldest submitted step's tokens (waits for the device: the step's one host sync);
+        each fills its placeholder in its request's tokens."""
+        start = time.perf_counter()
+        pending = self._pending.popleft()
+        result = pending.result()
+        return replace(result, compute_seconds=pending.seconds + time.perf_counter() - start)
+
+    def _launch(self, plan: StepPlan) -> _PendingStep:
         arrivals = {  # built first: a request that cannot be set up leaves the runner as it was
             new.request_id: _RequestState(list(new.prompt_token_ids), new.params, new.eos_token_ids,
                                           make_generator(new.params.seed, self.device), list(new.output_token_ids))
@@ -205,14 +232,15 @@ class ModelRunner:
                 self._logits(_EMPTY_STEP, graph_size)
             elif plan.num_chunks and self.ep_size > 1:
                 self.model(torch.empty(0, dtype=torch.int64, device=self.device), None, self.kv_caches)
-            return StepResult()
+            return _PendingStep()
         states = [self.requests[rid] for rid in chunks.request_ids]
         tokens = [s.tokens(int(start), int(n)) for s, start, n in zip(states, chunks.starts, chunks.num_tokens)]
         step = host_step(chunks.starts, chunks.num_tokens, tokens,
                          [chunks.block_table(i) for i in range(len(chunks))], chunks.sample, self.block_size)
-        logits_BV = self._logits(step, graph_size)
+        fills = _placeholder_fills(states, chunks.starts, step.query_start_B1)
+        logits_BV = self._logits(step, graph_size, fills)
         if logits_BV is None:
-            return StepResult()
+            return _PendingStep()
         sampling = np.flatnonzero(chunks.sample).tolist()
         request_ids = tuple(chunks.request_ids[i] for i in sampling)
         masks = plan.token_masks[self.rank] if plan.token_masks else None
@@ -221,21 +249,16 @@ class ModelRunner:
                             s.output_token_ids, s.generator, s.eos_token_ids)
                 for b, s in enumerate(states[i] for i in sampling)]
         batch = SamplingBatch.build(rows, logits_BV.shape[-1], self.device, allowed_token_mask_BV=allowed_BV)
-        out = self._read_back(self.sampler(logits_BV, batch))
-        token_ids = out.token_ids_B.tolist()
-        logprobs = {}
-        for row, (i, token_id) in enumerate(zip(sampling, token_ids)):
-            state = states[i]
-            state.output_token_ids.append(token_id)
-            if state.params.logprobs is not None:
-                logprob, top = out.row_logprobs(row, state.params.logprobs)
-                logprobs[request_ids[row]] = (logprob, tuple(top))
-        return StepResult(request_ids, tuple(token_ids), logprobs or None)
-
-    @staticmethod
-    def _read_back(out):
-        """The step's one host sync: the sampled tokens (and logprobs) to the host."""
-        return out.cpu()
+        if batch.any_penalties and any(PLACEHOLDER in row.output_token_ids for row in rows):
+            raise RuntimeError("penalties read every output token: a step with them cannot run before the "
+                               "step in flight has returned its tokens (the engine schedules it synchronously)")
+        out = self.sampler(logits_BV, batch)
+        pending = _PendingStep(request_ids, [states[i] for i in sampling], out.token_ids_B, out.to_host())
+        for row, state in enumerate(pending.states):  # only now: a step that raised above left no trace
+            pending.indices.append(len(state.output_token_ids))
+            state.output_token_ids.append(PLACEHOLDER)
+            state.pending = (pending, row)
+        return pending
 
     @functools.cached_property
     def _row_bytes(self) -> int:
@@ -251,15 +274,18 @@ class ModelRunner:
                 return None
         return self.graphs.size_for(max(len(rank_chunks) for rank_chunks in plan.chunks_by_rank))
 
-    def _logits(self, step: HostStep, graph_size: int | None) -> torch.Tensor | None:
-        """Forward of the step; logits [rows that sample, V] (None if none samples)."""
+    def _logits(self, step: HostStep, graph_size: int | None, fills: list[_Fill] = ()) -> torch.Tensor | None:
+        """Forward of the step; logits [rows that sample, V] (None if none samples). `fills`: the
+        input rows that take a sample of a step still in flight (placeholders on the host)."""
         if self.inputs is None:  # the plain-torch path
             query_lens = np.diff(step.query_start_B1)
             meta = AttentionMetadata.build(
                 query_lens=query_lens.tolist(), starts=(step.seq_lens_B - query_lens).tolist(),
                 block_tables=step.block_tables, block_size=self.block_size, device=self.device,
                 sliding_window=self.model_config.sliding_window)
-            hidden_TD = self.model(to_device(step.input_ids_T, self.device), meta, self.kv_caches)
+            input_ids_T = to_device(step.input_ids_T, self.device)
+            self._fill_placeholders(input_ids_T, fills)
+            hidden_TD = self.model(input_ids_T, meta, self.kv_caches)
             if not len(step.logits_rows):
                 return None
             if step.decode_only:
@@ -267,9 +293,11 @@ class ModelRunner:
             return self.model.compute_logits(hidden_TD[to_device(step.logits_rows, self.device)])
         if graph_size is not None:
             self.inputs.upload(step, pad_seqs_to=graph_size)
+            self._fill_placeholders(self.inputs.field("input_ids", step.num_tokens), fills)
             self.planner.plan(step.query_start_B1, step.seq_lens_B, pad_to=graph_size)
             return self.graphs.run(graph_size)[: step.num_seqs]
         self.inputs.upload(step)
+        self._fill_placeholders(self.inputs.field("input_ids", step.num_tokens), fills)
         self.planner.plan(step.query_start_B1, step.seq_lens_B)
         hidden_TD = self.model(self.inputs.field("input_ids", step.num_tokens),
                                self._kernel_meta(step.num_tokens, step.num_seqs), self.kv_caches)
@@ -278,6 +306,18 @@ class ModelRunner:
         if step.decode_only:
             return self.model.compute_logits(hidden_TD)
         return self.model.compute_logits(hidden_TD[self.inputs.field("logits_rows", len(step.logits_rows))])
+
+    def _fill_placeholders(self, input_ids_T: torch.Tensor, fills: list[_Fill]) -> None:
+        """Write each fill's sampled tokens (still on the device) into the step's input ids: a
+        copy of a slice in the steady state of async decoding (row i takes sample i), else an
+        indexed copy."""
+        for fill in fills:
+            n = len(fill.rows_T)
+            if fill.contiguous:
+                input_ids_T[:n].copy_(fill.token_ids_B[:n])
+            else:
+                rows_T = to_device(fill.rows_T, self.device)
+                input_ids_T[rows_T] = fill.token_ids_B[to_device(fill.samples_T, self.device)].to(input_ids_T.dtype)
 
     def _kernel_meta(self, num_tokens: int, num_seqs: int) -> AttentionMetadata:
         """Views of the static device inputs for a step of `num_tokens` tokens in `num_seqs` sequences."""
@@ -325,6 +365,73 @@ class ModelRunner:
     def expert_load(self) -> torch.Tensor | None:
         stats = self.model.expert_load
         return None if stats is None else stats.snapshot()
+
+
+@dataclass
+class _PendingStep:
+    """A submitted step whose tokens may still be on the device."""
+
+    request_ids: tuple[str, ...] = ()
+    """The rows that sample, in order."""
+    states: list[_RequestState] = field(default_factory=list)
+    token_ids_B: torch.Tensor | None = None
+    """The sampled tokens on the device (the next step's inputs read them there)."""
+    host: SamplerOutput | None = None
+    """Their copy on the host (`SamplerOutput.to_host`: ready once its event has passed)."""
+    indices: list[int] = field(default_factory=list)
+    """Where each row's placeholder sits in its request's output tokens."""
+    seconds: float = 0.0
+
+    def result(self) -> StepResult:
+        if self.host is None:
+            return StepResult()
+        host = self.host.wait()
+        token_ids = host.token_ids_B.tolist()
+        logprobs = {}
+        for row, (state, index, token_id) in enumerate(zip(self.states, self.indices, token_ids)):
+            state.output_token_ids[index] = token_id
+            if state.pending is not None and state.pending[0] is self:
+                state.pending = None
+            if state.params.logprobs is not None:
+                logprob, top = host.row_logprobs(row, state.params.logprobs)
+                logprobs[self.request_ids[row]] = (logprob, tuple(top))
+        return StepResult(self.request_ids, tuple(token_ids), logprobs or None)
+
+
+@dataclass(frozen=True)
+class _Fill:
+    """Rows of a step's flat input that take tokens sampled by one earlier step still in flight."""
+
+    token_ids_B: torch.Tensor
+    rows_T: np.ndarray
+    """int64: the input rows."""
+    samples_T: np.ndarray
+    """int64: the row of that step's samples each takes."""
+    contiguous: bool
+    """rows_T == samples_T == 0..n-1 (one copy of a slice)."""
+
+
+def _placeholder_fills(states: list[_RequestState], starts: np.ndarray, query_start_B1: np.ndarray) -> list[_Fill]:
+    """Where this step's inputs hold placeholders, and which in-flight sample fills each: one per
+    sequence whose last sample is still on the device, at that sample's position if this step's
+    chunk covers it."""
+    by_step: dict[int, tuple[_PendingStep, list[int], list[int]]] = {}
+    for b, state in enumerate(states):
+        if state.pending is None:
+            continue
+        pending, sample_row = state.pending
+        position = len(state.prompt_token_ids) + len(state.output_token_ids) - 1  # where its placeholder sits
+        offset = position - int(starts[b])
+        if 0 <= offset < int(query_start_B1[b + 1] - query_start_B1[b]):
+            _, rows, samples = by_step.setdefault(id(pending), (pending, [], []))
+            rows.append(int(query_start_B1[b]) + offset)
+            samples.append(sample_row)
+    fills = []
+    for pending, rows, samples in by_step.values():
+        contiguous = rows == samples == list(range(len(rows)))
+        fills.append(_Fill(pending.token_ids_B, np.array(rows, dtype=np.int64), np.array(samples, dtype=np.int64),
+                           contiguous))
+    return fills
 
 
 def keeps_fp8_weights(config: ModelConfig, load: ModelLoadConfig, device: torch.device, checkpoint) -> bool:

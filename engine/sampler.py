@@ -233,12 +233,33 @@ class SamplerOutput:
     top_logprobs_BN: torch.Tensor | None
     """float32, their log-probabilities."""
 
+    ready: torch.cuda.Event | None = None
+    """On a host copy made by `to_host` from a GPU: recorded after the copies; `wait` waits for it."""
+
     def cpu(self) -> SamplerOutput:
         """A copy on the host: call once per step before reading rows (one device sync)."""
+        return self.to_host().wait()
+
+    def to_host(self) -> SamplerOutput:
+        """A copy on the host that is not waited for: non-blocking copies into pinned memory and an
+        event after them. Read it only after `wait()`."""
+        if self.token_ids_B.device.type != "cuda":
+            return self
+
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.cpu()
-        return SamplerOutput(self.token_ids_B.cpu(), move(self.logprobs_B), move(self.top_ids_BN),
-                             move(self.top_logprobs_BN))
+            if t is None:
+                return None
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        host = SamplerOutput(move(self.token_ids_B), move(self.logprobs_B), move(self.top_ids_BN),
+                             move(self.top_logprobs_BN), torch.cuda.Event())
+        host.ready.record()
+        return host
+
+    def wait(self) -> SamplerOutput:
+        """This output once its copies have run (the step's one host sync)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self
 
     def row_logprobs(self, i: int, n: int) -> tuple[float, list[tuple[int, float]]]:
         """Row i's sampled-token logprob and its n most likely (token_id, logprob), n <= N."""

@@ -19,8 +19,10 @@ A request whose tokens need more blocks than the whole cache holds, or more posi
 `SchedulerOutput.errors` instead of preempting everyone for it or waiting forever.
 
 `update()` applies a step's results: computed tokens advance, sampled tokens are appended and
-newly full blocks enter the prefix cache. Stops (EOS, stop strings, max_tokens, max_model_len)
-are the engine's to decide; it calls `finish()`.
+newly full blocks enter the prefix cache. Under async scheduling the engine calls `advance()` right
+after `schedule()` (each sample a PLACEHOLDER, so the next step can be scheduled while the device
+runs this one) and `update(..., advanced=True)` when the tokens arrive. Stops (EOS, stop strings,
+max_tokens, max_model_len) are the engine's to decide; it calls `finish()`.
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ from dataclasses import dataclass
 from expertmesh.engine.block_manager import BlockManager
 from expertmesh.engine.config import SchedulerConfig
 from expertmesh.engine.request import Request, RequestStatus
+
+PLACEHOLDER = -1
+"""An output token sampled by a step still on the device (async scheduling): it counts as a token
+(the next step computes it) but its value arrives with the step's results."""
 
 
 @dataclass(frozen=True)
@@ -148,18 +154,41 @@ class Scheduler:
             errors=tuple(errors),
         )
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
+    def update(self, output: SchedulerOutput, sampled: dict[str, int], advanced: bool = False) -> None:
         """Apply one step: advance computed tokens, append samples (`sampled[request_id]` for every
         ScheduledRequest with samples=True), cache newly full blocks. Requests finished since
-        `schedule()` (aborted) are skipped."""
+        `schedule()` (aborted) are skipped. With `advanced`, the step went through `advance` when it
+        was scheduled: its samples replace their placeholders instead (a request preempted since
+        gets its token too, for its recompute, but caches nothing)."""
         for item in output.scheduled:
             req = item.request
             if req.finished or self._requests.get(req.request_id) is not req:
                 continue
+            computed = item.start + item.num_tokens
+            if not advanced:
+                req.num_computed_tokens = computed
+                if item.samples:
+                    req.output_token_ids.append(sampled[req.request_id])
+            else:
+                if item.samples:
+                    index = computed - req.num_prompt_tokens
+                    if req.output_token_ids[index] != PLACEHOLDER:
+                        raise RuntimeError(f"request {req.request_id!r}: output {index} is not a placeholder")
+                    req.output_token_ids[index] = sampled[req.request_id]
+                if req.status is not RequestStatus.RUNNING:
+                    continue  # preempted after this step was scheduled: its blocks are gone
+            self.block_manager.cache_blocks(req, computed)
+
+    def advance(self, output: SchedulerOutput) -> None:
+        """Take a scheduled step as done before its tokens are known (async scheduling): computed
+        tokens advance and every sample is a PLACEHOLDER in the request's output, so that the next
+        `schedule()` can run while the device computes this step. `update(..., advanced=True)`
+        fills the placeholders in later; until then no block holding one is cached."""
+        for item in output.scheduled:
+            req = item.request
             req.num_computed_tokens = item.start + item.num_tokens
             if item.samples:
-                req.output_token_ids.append(sampled[req.request_id])
-            self.block_manager.cache_blocks(req, req.num_computed_tokens)
+                req.output_token_ids.append(PLACEHOLDER)
 
     def finish(self, req_or_id: Request | str, status: RequestStatus) -> None:
         """End a request: free its blocks, drop it from the queues. Unknown or finished: no-op."""

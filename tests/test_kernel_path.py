@@ -150,22 +150,26 @@ def test_graphs_agree_with_transformers_in_float32(qwen3_moe_path):
 
 
 @pytest.mark.gpu
-def test_a_decode_step_syncs_the_host_only_to_read_back_tokens(qwen3_moe_path, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_a_decode_step_syncs_the_host_only_to_read_back_tokens(qwen3_moe_path, monkeypatch, async_scheduling):
     """torch's sync debug mode raises on any synchronising call (pageable copies, .item(),
-    .tolist() of device tensors); only the read-back of the sampled tokens may sync."""
-    from expertmesh.engine.model_runner import ModelRunner
+    .tolist() of device tensors); only the wait for the sampled tokens' copy may sync. Run with
+    async scheduling (the GPU default) and without."""
+    from expertmesh.engine.sampler import SamplerOutput
 
-    llm = LLM(qwen3_moe_path, device="cuda", dtype="bfloat16", max_num_seqs=8, num_kv_blocks=512, progress=False)
-    inner = ModelRunner._read_back
+    llm = LLM(qwen3_moe_path, device="cuda", dtype="bfloat16", max_num_seqs=8, num_kv_blocks=512, progress=False,
+              async_scheduling=async_scheduling)
+    assert llm.engine.executor.overlaps_steps
+    inner = SamplerOutput.wait
 
-    def read_back(out):
+    def wait(out):
         torch.cuda.set_sync_debug_mode(0)
         try:
             return inner(out)
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
-    monkeypatch.setattr(ModelRunner, "_read_back", staticmethod(read_back))
+    monkeypatch.setattr(SamplerOutput, "wait", wait)
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=12, ignore_eos=True, seed=3)
     llm.generate(PROMPTS[:1], params)  # warm: first calls compile and allocate
     torch.cuda.set_sync_debug_mode("error")
