@@ -54,6 +54,7 @@ from expertmesh.experts.triton_fp8 import (
     scale_args,
     scale_k_of,
 )
+from expertmesh.model.triton_pdl import pdl, pdl_wait
 
 
 @triton.jit
@@ -106,8 +107,9 @@ def _gemv_gate_up_kernel(
     stride_xt, stride_we, stride_wn, stride_ac, stride_se, stride_sn,
     TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     copy = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = _expert_of(ids_ptr, map_ptr, copy, copy >= 0, num_experts, HAS_MAP)
@@ -154,8 +156,9 @@ def _gemv_down_kernel(
     stride_ac, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
+    HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_c = tl.arange(0, K_PAD)
@@ -209,12 +212,13 @@ def _gemv_gate_up_dot_kernel(
     stride_xt, stride_we, stride_wn, stride_ac, stride_se, stride_sn,
     TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    SBN: tl.constexpr, SBK: tl.constexpr, A8: tl.constexpr, EXACT_CVT: tl.constexpr,
+    SBN: tl.constexpr, SBK: tl.constexpr, A8: tl.constexpr, EXACT_CVT: tl.constexpr, PDL: tl.constexpr,
 ):
     """The gate/up GEMV with FP8 weights on the tensor cores: the copy's row, padded to 16 with
     zeros, times the e4m3 tiles, each tile's product times its block scales. A8: the row is
     quantized per K tile (W8A8: no weight converted); else the weights become fp16 exactly, one
     packed conversion per two, and the row is scaled into fp16's range by a power of two (W8A16)."""
+    pdl_wait(PDL)
     copy = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = _expert_of(ids_ptr, map_ptr, copy, copy >= 0, num_experts, HAS_MAP)
@@ -269,10 +273,11 @@ def _gemv_down_a8_kernel(
     stride_ac, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
     TOP_K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    SBN: tl.constexpr, SBK: tl.constexpr, EXACT_CVT: tl.constexpr,
+    SBN: tl.constexpr, SBK: tl.constexpr, EXACT_CVT: tl.constexpr, PDL: tl.constexpr,
 ):
     """The down GEMV and weighted combine with FP8 weights (W8A8): the token's copies one after
     another, each act row quantized per K tile and multiplied on the tensor cores."""
+    pdl_wait(PDL)
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -446,9 +451,13 @@ def _gemm_down_kernel(
 _STAGES_THAT_FIT: dict[tuple, int] = {}
 
 
-def _launch(kernel, grid, args, *, num_warps: int, num_stages: int, **constexprs) -> None:
+def _launch(kernel, grid, args, *, num_warps: int, num_stages: int, pdl_on: int | None = None,
+            **constexprs) -> None:
     """Launch; where a config's pipeline does not fit in shared memory on this device (a data file
-    written for another GPU), retry with fewer stages instead of failing the forward."""
+    written for another GPU), retry with fewer stages instead of failing the forward. `pdl_on`: a
+    kernel with a PDL parameter launched with programmatic dependent launch or not (model/triton_pdl.py)."""
+    if pdl_on is not None:
+        constexprs.update(PDL=pdl_on, launch_pdl=bool(pdl_on))
     key = (id(kernel), num_warps, num_stages, tuple(sorted(constexprs.items())))
     stages = _STAGES_THAT_FIT.get(key, num_stages)
     while True:
@@ -531,7 +540,7 @@ def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor,
         _launch(_gemv_gate_up_dot_kernel, grid,
                 (x_TD, w13_EFD, act_NF, ids_N, mapping, ws, F, D, E,
                  x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0), se, sn),
-                num_warps=config.num_warps, num_stages=config.num_stages,
+                num_warps=config.num_warps, num_stages=config.num_stages, pdl_on=pdl(x_TD.device),
                 TOP_K=top_k, HAS_MAP=expert_to_local_E is not None, BLOCK_N=bn, BLOCK_K=bk,
                 EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, SBN=ws_args["SBN"], SBK=ws_args["SBK"],
                 A8=form == "a8", EXACT_CVT=x_TD.device.type != "cuda")
@@ -539,7 +548,7 @@ def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor,
     _launch(_gemv_gate_up_kernel, grid,
             (x_TD, w13_EFD, act_NF, ids_N, mapping, ws, F, D, E,
              x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0), se, sn),
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, pdl_on=pdl(x_TD.device),
             TOP_K=top_k, HAS_MAP=expert_to_local_E is not None, BLOCK_N=bn, BLOCK_K=bk,
             EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, **ws_args)
 
@@ -567,7 +576,7 @@ def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, o
         _launch(_gemv_down_a8_kernel, grid,
                 (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, ws, D, F,
                  E, act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0), se, sn),
-                num_warps=config.num_warps, num_stages=config.num_stages,
+                num_warps=config.num_warps, num_stages=config.num_stages, pdl_on=pdl(act_NF.device),
                 TOP_K=top_k, HAS_MAP=expert_to_local_E is not None, HAS_WEIGHTS=weights_N is not None,
                 BLOCK_N=bn, BLOCK_K=bk, EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, SBN=ws_args["SBN"],
                 SBK=ws_args["SBK"], EXACT_CVT=act_NF.device.type != "cuda")
@@ -575,7 +584,7 @@ def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, o
     _launch(_gemv_down_kernel, grid,
             (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, ws, D, F, E,
              act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0), se, sn),
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, pdl_on=pdl(act_NF.device),
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), HAS_MAP=expert_to_local_E is not None,
             HAS_WEIGHTS=weights_N is not None, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=F % bk == 0, EVEN_N=D % bn == 0,
             **ws_args)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from expertmesh.model.paged_attention import AttentionConfig, AttentionPlanTensors, attention_config
+from expertmesh.model.triton_pdl import pdl, pdl_wait
 
 LOG2E = 1.4426950408889634
 
@@ -55,8 +56,9 @@ def _paged_attention_kernel(
     stride_bt, stride_kv_c, stride_kv_n, stride_kv_s, stride_kv_g,
     G: tl.constexpr, QPK: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     item = pid // G
     g = pid % G
@@ -164,8 +166,10 @@ def _merge_kernel(
     out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, query_start_ptr, groups_ptr, count_ptr, group_cap,
     stride_ot, stride_oh, stride_lt, stride_lh,
     G: tl.constexpr, QPK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, STORE_LSE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One split tile x one KV head: fold its pieces' outputs by their log-sum-exp."""
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     grp = pid // G
     g = pid % G
@@ -260,7 +264,8 @@ def paged_attention(
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     device_name = _device_name(q_THd.device)
     precision = "ieee" if q_THd.dtype == torch.float32 else "tf32"
-    common = dict(G=G, QPK=qpk, D=d, STORE_LSE=lse is not None)
+    on = pdl(q_THd.device)
+    common = dict(G=G, QPK=qpk, D=d, STORE_LSE=lse is not None, PDL=on, launch_pdl=bool(on))
     for index, kind in enumerate(("decode", "prefill")):
         work = getattr(plan, kind)
         if work.item_cap == 0:

@@ -23,10 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
+from expertmesh.model.triton_pdl import pdl, pdl_wait
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, D, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -49,18 +52,19 @@ def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float,
     T, D = x_TD.shape
     y_TD = torch.empty_like(x_TD)
     if T:
-        block = triton.next_power_of_2(D)
+        block, on = triton.next_power_of_2(D), pdl(x_TD.device)
         _rms_norm_kernel[(T,)](x_TD, x_TD if residual_TD is None else residual_TD, weight_D, y_TD, D, eps,
-                               HAS_RESIDUAL=residual_TD is not None, BLOCK_D=block,
-                               num_warps=min(max(block // 256, 1), 8))
+                               HAS_RESIDUAL=residual_TD is not None, BLOCK_D=block, PDL=on,
+                               num_warps=min(max(block // 256, 1), 8), launch_pdl=bool(on))
     return y_TD
 
 
 @triton.jit
 def _qk_norm_rope_kv_kernel(qkv_ptr, q_out_ptr, kv_ptr, slot_ptr, pos_ptr, inv_freq_ptr, qk_w_ptr,
                             attention_factor, eps, kv_stride_kv, H, G,
-                            HEAD_DIM: tl.constexpr, HAS_QK_NORM: tl.constexpr):
+                            HEAD_DIM: tl.constexpr, HAS_QK_NORM: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, head) of the fused qkv output [T, H + 2G, d]."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -113,12 +117,12 @@ def qk_norm_rope_kv(qkv_T3d: torch.Tensor, num_heads: int, num_kv_heads: int, po
     assert heads == H + 2 * G and kv_2NSGd.is_contiguous() and qkv_T3d.is_contiguous()
     q_THd = qkv_T3d.new_empty(T, H, d)
     if T:
-        has_norm = qk_norm_weight_2d is not None
+        has_norm, on = qk_norm_weight_2d is not None, pdl(qkv_T3d.device)
         _qk_norm_rope_kv_kernel[(T, heads)](
             qkv_T3d, q_THd, kv_2NSGd, slot_mapping_T, positions_T, inv_freq,
             qk_norm_weight_2d if has_norm else inv_freq,
-            float(attention_factor), eps, kv_2NSGd.stride(0), H, G, HEAD_DIM=d, HAS_QK_NORM=has_norm,
-            num_warps=1)
+            float(attention_factor), eps, kv_2NSGd.stride(0), H, G, HEAD_DIM=d, HAS_QK_NORM=has_norm, PDL=on,
+            num_warps=1, launch_pdl=bool(on))
     return q_THd
 
 

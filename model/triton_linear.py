@@ -42,6 +42,7 @@ import triton.language as tl
 
 from expertmesh.experts.triton_fp8 import A8_MIN_BLOCK_K, ExpertScales, fp8_block_k, quantize_rows
 from expertmesh.experts.triton_moe import gemm_down
+from expertmesh.model.triton_pdl import pdl, pdl_wait
 
 MAX_T = 16
 """Most rows the kernel takes (the dot form pads x to 16 rows)."""
@@ -81,7 +82,7 @@ def _linear_small_kernel(
     T_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
     HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
-    A8: tl.constexpr, EXACT_CVT: tl.constexpr,
+    A8: tl.constexpr, EXACT_CVT: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -90,13 +91,23 @@ def _linear_small_kernel(
     t_ok = offs_t < T
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
+    if PREFETCH:  # one row, FMA: the first weight tile is read while the kernel before still runs
+        if EVEN_K and EVEN_N:
+            w_first = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w_first = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0,
+                              eviction_policy="evict_first")
+    pdl_wait(PDL)  # the weights never change: only x (an earlier kernel's output) must wait
     if USE_DOT:
         acc = tl.zeros([T_PAD, BLOCK_N], dtype=tl.float32)
     elif T_PAD == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([T_PAD, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PREFETCH:
+        x_first = tl.load(x_ptrs, mask=t_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        acc += w_first.to(tl.float32) * x_first.to(tl.float32)
+    for k0 in range(BLOCK_K if PREFETCH else 0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs + k0, mask=t_ok[:, None], other=0.0)
             if EVEN_N:
@@ -244,6 +255,7 @@ def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor
     if a8:  # W8A8 in the dot form, where the tiles take it
         a8 = (config.dot and scale_block[1] % config.block_k == 0 and config.block_k >= A8_MIN_BLOCK_K
               and config.block_n >= 16)
+    on = pdl(x_TD.device)
     _linear_small_kernel[(triton.cdiv(N, config.block_n),)](
         x_TD, weight_ND, weight_ND if bias is None else bias, out, weight_scale if fp8 else out, T, N, K,
         x_TD.stride(0), weight_ND.stride(0), out.stride(0), weight_scale.stride(0) if fp8 else 0,
@@ -251,9 +263,17 @@ def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor
         HAS_BIAS=bias is not None, EVEN_K=K % config.block_k == 0, EVEN_N=N % config.block_n == 0,
         PRECISION="ieee" if x_TD.dtype == torch.float32 else "tf32",
         HAS_WS=fp8, SBN=scale_block[0], SBK=scale_block[1], SCALE_VEC=scale_block[1] % config.block_k == 0,
-        A8=a8, EXACT_CVT=x_TD.device.type != "cuda", num_warps=config.num_warps, num_stages=config.num_stages)
+        A8=a8, EXACT_CVT=x_TD.device.type != "cuda", PDL=on,
+        PREFETCH=PREFETCH_WEIGHTS and config.t_pad(T) == 1 and not config.dot and not fp8,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages, launch_pdl=bool(on))
     return out
 
+
+PREFETCH_WEIGHTS = True
+"""The one-row FMA GEMV loads its first weight tile before it waits for the kernel before it
+(under PDL, model/triton_pdl.py; the same sums without): the weights never change, only the
+input row must wait."""
 
 FP8_GEMV_A8 = False
 """Whether FP8 weights with 16-bit rows take the W8A8 dot form by default (`linear_small(a8=...)`

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from expertmesh.model.triton_pdl import pdl, pdl_wait
+
 SCORINGS = ("softmax_topk", "topk_softmax")
 
 
@@ -28,7 +30,8 @@ SCORINGS = ("softmax_topk", "topk_softmax")
 def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, copy_weights_ptr, T, E, stride_lt,
                          TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                          SOFTMAX_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
-                         COUNT: tl.constexpr, COPY_WEIGHTS: tl.constexpr):
+                         COUNT: tl.constexpr, COPY_WEIGHTS: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     cols = tl.arange(0, E_PAD)
@@ -103,11 +106,11 @@ def topk_softmax_triton(logits_TE: torch.Tensor, top_k: int, renormalize: bool, 
         raise ValueError("copy_weights_N weighs the counts of counts_E: give counts_E too")
     E_PAD = triton.next_power_of_2(E)
     block_t = max(1, min(16, 4096 // E_PAD, triton.next_power_of_2(T)))
-    count, weigh = counts_E is not None, copy_weights_N is not None
+    count, weigh, on = counts_E is not None, copy_weights_N is not None, pdl(logits_TE.device)
     _topk_softmax_kernel[(triton.cdiv(T, block_t),)](
         logits_TE, weights, ids, counts_E if count else ids, copy_weights_N.contiguous() if weigh else ids,
         T, E, logits_TE.stride(0),
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=E_PAD, BLOCK_T=block_t,
         SOFTMAX_FIRST=scoring == "softmax_topk", RENORMALIZE=renormalize, COUNT=count, COPY_WEIGHTS=weigh,
-        num_warps=4)
+        PDL=on, num_warps=4, launch_pdl=bool(on))
     return weights, ids
