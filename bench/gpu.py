@@ -188,6 +188,7 @@ def part_engine(engine: EngineCore, rates: DeviceRates, batches=(1, 64, 256), hf
                 new_tokens: int = 128, fp8_weights: bool = False, prompt_len: int = 128) -> list[dict]:
     config = engine.executor.model_config
     dtype = engine.executor.runner.dtype
+    gc.collect()  # the garbage of parts before (the profiler's events) is not this part's to collect
     rows = []
     for batch in batches:
         prompts = _prompts(batch, prompt_len, config.vocab_size, seed=batch)
@@ -360,7 +361,7 @@ def part_longdecode(engine: EngineCore, rates: DeviceRates, new_tokens: int = 48
     context = (LONG + 63 * (128 + new_tokens // 2)) / 64
     ceiling = step_ceiling(c, rates, torch.bfloat16, 64, 64, context)
     row = {"seqs": 64, "long_context": LONG, "ceiling_step_ms": ceiling * 1e3, **_series(steps, lambda s: True)}
-    row["over_ceiling"] = row.get("median_ms", 0) / (ceiling * 1e3)
+    row["over_ceiling"] = row.get("engine_median_ms", 0) / (ceiling * 1e3)
     print(json.dumps(row), flush=True)
     return row
 
@@ -377,7 +378,9 @@ def part_step235b(rates: DeviceRates, layers: int = 24) -> list[dict]:
         decode = [s for s in result["steps"] if s["decode"] and s["seqs"] == batch]
         ceiling = step_ceiling(c, rates, torch.bfloat16, batch, batch, 128 + 20)
         row = {"batch": batch, "layers": layers, "ceiling_step_ms": ceiling * 1e3, **_series(decode, lambda s: True)}
-        row["over_ceiling"] = row["median_ms"] / row["ceiling_step_ms"]
+        # the engine's step (under async scheduling the period at which steps come back; the
+        # executor's calls then cover only part of it), as users see it
+        row["over_ceiling"] = row["engine_median_ms"] / row["ceiling_step_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     _free(engine)
@@ -489,13 +492,15 @@ def markdown(result: dict) -> str:
     if "longdecode" in result:
         row = result["longdecode"]
         lines += ["## Decode: one 262,144-token sequence among 63 short ones (30B shape)", "",
-                  f"step median {row.get('median_ms', 0):.2f} ms, worst {row.get('worst_ms', 0):.2f} ms over "
-                  f"{row['n']} steps; ceiling {row['ceiling_step_ms']:.2f} ms ({row['over_ceiling']:.2f}x)", ""]
+                  f"engine step median {row.get('engine_median_ms', 0):.2f} ms, "
+                  f"worst {row.get('engine_worst_ms', 0):.2f} ms over {row['n']} steps; "
+                  f"ceiling {row['ceiling_step_ms']:.2f} ms ({row['over_ceiling']:.2f}x)", ""]
     if "step235b" in result:
         lines += ["## Qwen3-235B-A22B layer shape, 24 layers: decode step", "",
-                  "| batch | step median ms | worst ms | ceiling ms | over ceiling |", "|---:|---:|---:|---:|---:|"]
+                  "| batch | engine step median ms | worst ms | ceiling ms | over ceiling |",
+                  "|---:|---:|---:|---:|---:|"]
         for row in result["step235b"]:
-            lines.append(f"| {row['batch']} | {row['median_ms']:.2f} | {row['worst_ms']:.2f} | "
+            lines.append(f"| {row['batch']} | {row['engine_median_ms']:.2f} | {row['engine_worst_ms']:.2f} | "
                          f"{row['ceiling_step_ms']:.2f} | {row['over_ceiling']:.2f}x |")
         lines.append("")
     return "\n".join(lines) + "\n"

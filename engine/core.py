@@ -235,7 +235,7 @@ class EngineCore:
                 seq = self._sequences.pop(child_id)
                 self.schedulers[seq.rank].finish(seq.request, RequestStatus.FINISHED_ABORTED)
                 self._forget(child_id)
-                self._dropped.append(child_id)
+                self._release(child_id)
 
     def has_unfinished(self) -> bool:
         return bool(self._parents)
@@ -276,9 +276,10 @@ class EngineCore:
                 self._run(outs)
         if self._in_flight is not None:
             self._finish_in_flight()
+        # A step submitted for sequences that have all ended since stays in flight: the next step
+        # (or shutdown) collects it and drops its tokens; returning now keeps the last outputs
+        # from waiting for a step no one needs.
         self._in_flight = submitted
-        if submitted is not None and all(seq.output.finished for seq in self._sequences.values()):
-            self._finish_in_flight()  # every sequence has ended: nothing would come back for it
         return self._collect()
 
     def can_overlap(self) -> bool:
@@ -363,11 +364,12 @@ class EngineCore:
         token_ids = {rid: tok.token_id for rid, tok in sampled.items()}
         for scheduler, out in zip(self.schedulers, outs):
             scheduler.update(out, token_ids, advanced=advanced)
+        scheduled = {s.request.request_id: s.request for out in outs for s in out.scheduled}
         for rid, token in sampled.items():
             seq = self._sequences.get(rid)
             # Under async scheduling a sequence may have ended (stopped, aborted) while this step
-            # was on the device: its extra token is dropped.
-            if seq is not None and not seq.output.finished:
+            # was on the device, and its id may even be in use again: its extra token is dropped.
+            if seq is not None and seq.request is scheduled.get(rid) and not seq.output.finished:
                 self._on_token(seq, token)
 
     def _token_masks(self, outs: list[SchedulerOutput]) -> tuple[TokenMasks | None, ...]:
@@ -389,6 +391,16 @@ class EngineCore:
                 row += 1
             masks.append(TokenMasks(tuple(rid for rid, _ in rows), array[start:row]) if rows else None)
         return tuple(masks)
+
+    def _release(self, request_id: str) -> None:
+        """Tell the ranks to drop a sequence with the next plan, or, if they have not heard of it
+        yet, not announce it at all: a plan's drops then always concern sequences announced by
+        earlier plans, so the ranks drop before they add and an id may be reused at once."""
+        unsent = [n for n in self._new if n.request_id != request_id]
+        if len(unsent) < len(self._new):
+            self._new = unsent
+        else:
+            self._dropped.append(request_id)
 
     def _forget(self, request_id: str) -> None:
         """Drop what a sequence held beside its scheduler state (its grammar matcher)."""
@@ -472,7 +484,7 @@ class EngineCore:
         seq.output.stop_reason = seq.request.stop_reason
         seq.output.error = error
         seq.changed = True
-        self._dropped.append(seq.request.request_id)
+        self._release(seq.request.request_id)
 
     def _collect(self) -> list[RequestOutput]:
         outputs = []

@@ -218,9 +218,9 @@ class ModelRunner:
             new.request_id: _RequestState(list(new.prompt_token_ids), new.params, new.eos_token_ids,
                                           make_generator(new.params.seed, self.device), list(new.output_token_ids))
             for new in plan.new_requests if new.rank == self.rank}
-        self.requests.update(arrivals)
-        for request_id in plan.finished_request_ids:  # after: a request may arrive and end in one plan
+        for request_id in plan.finished_request_ids:  # earlier plans' sequences: an id may come back below
             self.requests.pop(request_id, None)
+        self.requests.update(arrivals)
         chunks = plan.chunks_by_rank[self.rank]
         graph_size = self._graph_size(plan)
         dispatcher = self.model.dispatcher

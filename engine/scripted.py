@@ -31,6 +31,8 @@ class ScriptedExecutor:
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.plans.append(plan)
+        for request_id in plan.finished_request_ids:  # earlier plans' requests (an id may come back)
+            self._pending.pop(request_id, None)
         for new in plan.new_requests:
             self._pending[new.request_id] = list(self.script(list(new.prompt_token_ids)))
         request_ids, token_ids = [], []
@@ -39,8 +41,6 @@ class ScriptedExecutor:
                 tokens = self._pending.setdefault(chunk.request_id, [])
                 request_ids.append(chunk.request_id)
                 token_ids.append(tokens.pop(0) if tokens else self.fallback_token)
-        for request_id in plan.finished_request_ids:
-            self._pending.pop(request_id, None)
         return StepResult(tuple(request_ids), tuple(token_ids))
 
     num_ranks = 1

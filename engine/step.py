@@ -113,7 +113,9 @@ class StepPlan:
     """Each rank's chunks (attention is data-parallel: a rank computes its own sequences). A rank
     with none still runs the step, to take part in every MoE layer's all-to-all."""
     finished_request_ids: tuple[str, ...]
-    """Requests whose state the ranks can drop (finished or aborted since the last step)."""
+    """Requests whose state the ranks can drop (finished or aborted since the last step), all
+    announced by earlier plans: ranks drop them before they take this plan's new requests, so an
+    id freed here may arrive again in the same plan."""
     token_masks: tuple[TokenMasks | None, ...] = ()
     """Per rank, the masks of its constrained rows (None: none on that rank); () when no row is."""
 

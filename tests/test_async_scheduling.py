@@ -24,6 +24,7 @@ class CallLog:
 
     def __init__(self, executor) -> None:
         self.calls: list[str] = []
+        self.in_flight_at_start = 0
         for name in ("submit", "collect", "execute"):
             inner = getattr(executor, name)
             setattr(executor, name, self._wrap(name, inner))
@@ -34,10 +35,15 @@ class CallLog:
             return inner(*args)
         return call
 
+    def clear(self, engine) -> None:
+        """Forget the calls so far (a step of them may still be in flight)."""
+        self.calls.clear()
+        self.in_flight_at_start = int(engine._in_flight is not None)
+
     @property
     def overlapped_steps(self) -> int:
         """Steps submitted while an earlier one was still to be collected."""
-        in_flight, overlapped = 0, 0
+        in_flight, overlapped = self.in_flight_at_start, 0
         for call in self.calls:
             if call == "submit":
                 overlapped += in_flight > 0
@@ -87,7 +93,7 @@ def test_async_outputs_equal_the_synchronous_engines_and_steps_overlap(sync_llm,
     """Greedy and seeded rows, logprobs, n = 2, one-token and 30-token requests in one batch."""
     (ref, ref_log), (fast, log) = sync_llm, async_llm
     expected = summary(ref.generate(PROMPTS, mixed_params()))
-    log.calls.clear()
+    log.clear(fast.engine)
     assert summary(fast.generate(PROMPTS, mixed_params())) == expected
     assert "execute" not in log.calls and log.overlapped_steps >= 5
     assert ref_log.overlapped_steps == 0 and "submit" not in ref_log.calls  # the CPU default stays synchronous
@@ -107,7 +113,6 @@ def test_stop_strings_and_eos_end_a_sequence_one_step_late_without_its_extra_tok
     expected = summary(ref.generate(PROMPTS, params))
     assert {o[0][2] for o in expected} == {"stop"}
     assert summary(fast.generate(PROMPTS, params)) == expected
-    assert fast.engine._in_flight is None  # the step after the last stop was collected, not left behind
 
 
 def drive(llm, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]], aborts: dict[int, list[str]]):
@@ -135,13 +140,58 @@ def test_requests_arriving_and_aborted_between_steps(sync_llm, async_llm):
                 5: [("d", tok.encode(PROMPTS[3]), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))]}
     aborts = {7: ["b"]}
     expected = drive(ref, arrivals, aborts)
-    log.calls.clear()
+    log.clear(fast.engine)
     got = drive(fast, arrivals, aborts)
     assert set(got) == {"a", "c", "d"}  # b was aborted: no final output, as in the synchronous engine
     assert got == {k: v for k, v in expected.items() if k != "b"}
-    assert log.overlapped_steps >= 5, log.calls
+    assert log.overlapped_steps >= 5
     bm = fast.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not fast.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
+def test_an_id_reused_at_once_gets_none_of_the_old_requests_tokens(sync_llm, async_llm, overlap):
+    """Abort a request and add another under the same id before the next step: the ranks drop the
+    old one before they take the new one (one plan carries both), and under async scheduling the
+    step in flight still carries a token for the old one, which must not land in the new one's
+    output; the same once a finished batch has left its extra step in flight."""
+    ref = sync_llm[0]
+    llm = async_llm[0] if overlap else ref
+    tok = ref.get_tokenizer()
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    new_ids = tok.encode(PROMPTS[4])
+    expected = ref.generate([new_ids], params)[0].outputs[0].token_ids
+    engine = llm.engine
+    engine.add_request("r", tok.encode(PROMPTS[0]), SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert (engine._in_flight is not None) == overlap  # under async scheduling a step of "r" is on its way
+    engine.abort("r")
+    engine.add_request("r", new_ids, params, stream=False)
+    assert drive(llm, {}, {}) == {"r": [(expected, "length")]}
+    assert (engine._in_flight is not None) == overlap  # the extra step of the finished batch stays in flight ...
+    engine.add_request("r", new_ids, params, stream=False)
+    assert drive(llm, {}, {}) == {"r": [(expected, "length")]}  # ... and is collected, dropped, here
+
+
+def test_a_request_aborted_before_any_step_is_never_announced_to_the_ranks(sync_llm):
+    """Added and aborted between two steps: the next plan neither adds nor drops it, so the
+    ranks hold no state for it (they drop a plan's finished ids before adding its arrivals)."""
+    llm = sync_llm[0]
+    plans = []
+    runner = llm.engine.executor.runner
+    inner = runner.submit
+    runner.submit = lambda plan: plans.append(plan) or inner(plan)
+    try:
+        llm.engine.add_request("gone", [1, 2, 3], SamplingParams(max_tokens=2))
+        llm.engine.abort("gone")
+        llm.engine.add_request("kept", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        llm.engine.step()
+    finally:
+        runner.submit = inner
+    assert [n.request_id for n in plans[0].new_requests] == ["kept"] and "gone" not in plans[0].finished_request_ids
+    assert "gone" not in runner.requests
+    drive(llm, {}, {})
 
 
 def test_preemption_and_prefix_cache_hits_under_async_scheduling(qwen3_moe_path):
@@ -171,11 +221,12 @@ def test_penalties_and_grammars_wait_for_the_step_in_flight(sync_llm, async_llm)
                              guided_decoding=GuidedDecodingParams(choice=["red", "green", "blue"])),
               SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)]
     expected = summary(ref.generate(PROMPTS[:3], params))
-    log.calls.clear()
+    log.clear(fast.engine)
     assert summary(fast.generate(PROMPTS[:3], params)) == expected
-    first_submit = log.calls.index("submit")
-    assert first_submit >= 4 and set(log.calls[:first_submit]) == {"execute"}
-    assert "execute" not in log.calls[first_submit:] and log.overlapped_steps >= 5
+    calls = log.calls[log.in_flight_at_start:]  # the step left in flight by the test before, collected first
+    first_submit = calls.index("submit")
+    assert first_submit >= 4 and set(calls[:first_submit]) == {"execute"}
+    assert "execute" not in calls[first_submit:] and log.overlapped_steps >= 5
 
 
 def test_the_runner_fills_placeholders_from_the_step_in_flight(qwen3_moe_path):
