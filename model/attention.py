@@ -307,7 +307,7 @@ class Attention(nn.Module):
 
 FINE_SPLIT_PIECES = 8
 """At most this many pieces per decode tile when a small batch splits finer than the default
-granule: the merge kernel folds a tile's pieces one after another, so each piece costs it a
+granule: the merge folds a tile's pieces one after another, so each piece costs it a
 round trip to L2 (a 200-token context: 4 pieces of 64; 1,000 tokens: 8 of 128; from ~2k the
 default 256-key pieces are as fine)."""
 

@@ -15,8 +15,8 @@ One step, on the GPU:
   2. `AttentionPlanBuffers.upload` copies the plan's int32 arrays to the device in one
      non-blocking copy from pinned memory.
   3. Per layer, `triton_attention.paged_attention` launches the attention kernel once per kind
-     (grid: items x G programs, the plan's items ordered longest first) and a small merge kernel
-     over the split tiles, which combines the pieces by log-sum-exp.
+     (grid: items x G programs, the plan's items ordered longest first); the last piece of a split
+     tile to finish combines the pieces by log-sum-exp.
 
 CUDA graphs: with `capacity=` the decode kind's arrays are padded to sizes that depend only on
 (capacity, heads, SMs, window), the real counts live in a device array, and programs past the
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ITEM_FIELDS = ("seq", "qoff", "nq", "kv0", "kv1", "prow")  # rows of WorkList.items_6I
+ITEM_FIELDS = ("seq", "qoff", "nq", "kv0", "kv1", "prow", "grp")  # rows of WorkList.items_7I
 GROUP_FIELDS = ("seq", "qoff", "nq", "prow0", "nsplit")  # rows of WorkList.groups_5J
 SPLIT_GRANULE = 256  # split boundaries sit on multiples of this (a multiple of every BLOCK_N)
 _ALIGN = 16  # int32 sections of the packed plan start on 64-byte boundaries
@@ -51,16 +51,17 @@ def _align(x: int) -> int:
 class WorkList:
     """The work items of one kind (decode or prefill) and the merge groups of its split tiles.
 
-    items_6I:   int32 [6, item_cap], rows ITEM_FIELDS: sequence b; first query of the tile as an
+    items_7I:   int32 [7, item_cap], rows ITEM_FIELDS: sequence b; first query of the tile as an
                 offset into b's queries; number of queries (<= block_q); key range [kv0, kv1);
-                first partial row in the workspace, or -1 when the item writes the output itself.
+                first partial row in the workspace, or -1 when the item writes the output itself;
+                its tile's merge group (a column of groups_5J), or -1.
                 Columns past num_items are padding (zeros).
     groups_5J:  int32 [5, group_cap], rows GROUP_FIELDS: one per split tile, its pieces at partial
                 rows prow0 + (split * G + kv_head) * block_m + row.
     block_m:    kernel rows of a tile (block_q queries x QPK heads, padded to a power of two).
     """
 
-    items_6I: np.ndarray
+    items_7I: np.ndarray
     groups_5J: np.ndarray
     num_items: int
     num_groups: int
@@ -69,7 +70,7 @@ class WorkList:
 
     @property
     def item_cap(self) -> int:
-        return self.items_6I.shape[1]
+        return self.items_7I.shape[1]
 
     @property
     def group_cap(self) -> int:
@@ -78,8 +79,8 @@ class WorkList:
 
 @functools.lru_cache(maxsize=1024)
 def _layout(dec_items: int, dec_groups: int, pre_items: int, pre_groups: int) -> dict[str, tuple[int, tuple[int, ...]]]:
-    sections = [("counts_4", (4,)), ("decode_items", (6, dec_items)), ("decode_groups", (5, dec_groups)),
-                ("prefill_items", (6, pre_items)), ("prefill_groups", (5, pre_groups))]
+    sections = [("counts_4", (4,)), ("decode_items", (7, dec_items)), ("decode_groups", (5, dec_groups)),
+                ("prefill_items", (7, pre_items)), ("prefill_groups", (5, pre_groups))]
     out, offset = {}, 0
     for name, shape in sections:
         out[name] = (offset, shape)
@@ -118,8 +119,8 @@ class AttentionPlan:
     def packed(self) -> np.ndarray:
         """Every array of the plan in one int32 buffer, laid out as `layout()` says."""
         flat = np.zeros(self.packed_size, dtype=np.int32)
-        arrays = {"counts_4": self.counts_4, "decode_items": self.decode.items_6I,
-                  "decode_groups": self.decode.groups_5J, "prefill_items": self.prefill.items_6I,
+        arrays = {"counts_4": self.counts_4, "decode_items": self.decode.items_7I,
+                  "decode_groups": self.decode.groups_5J, "prefill_items": self.prefill.items_7I,
                   "prefill_groups": self.prefill.groups_5J}
         for name, (offset, shape) in self.layout().items():
             flat[offset: offset + math.prod(shape)] = arrays[name].reshape(-1)
@@ -163,7 +164,7 @@ def plan_attention(
     decode = _work_list(dec_seqs, block_q=dec_bq, block_m=dec_bm, target=num_sms * decode_waves, row_base=0,
                         capacity=capacity, **common)
     dec_rows = _partial_rows_cap(decode, capacity, num_sms * decode_waves, G, sliding_window)
-    assert decode.num_groups == 0 or int(decode.items_6I[5].max()) + G * dec_bm <= dec_rows
+    assert decode.num_groups == 0 or int(decode.items_7I[5].max()) + G * dec_bm <= dec_rows
     prefill = _work_list(pre_seqs, block_q=pre_bq, block_m=pre_bm, target=num_sms, row_base=dec_rows,
                          capacity=None, **common)
     pre_rows = int(prefill.groups_5J[4].sum()) * G * pre_bm
@@ -229,13 +230,15 @@ def _work_list_small(tiles, *, G, window, min_split, granule, block_q, block_m, 
     items, groups, prow0 = [], [], row_base
     for b, qoff, nq, lo, hi in tiles:
         if chunk is None:
-            items.append((b, qoff, nq, lo, hi, -1))
+            items.append((b, qoff, nq, lo, hi, -1, -1))
             continue
         first = lo // chunk
         nsplit = -(-hi // chunk) - first
         for piece in range(nsplit):
             kv0, kv1 = max(lo, (first + piece) * chunk), min(hi, (first + piece + 1) * chunk)
-            items.append((b, qoff, nq, kv0, kv1, prow0 + piece * G * block_m if nsplit > 1 else -1))
+            split = nsplit > 1
+            items.append((b, qoff, nq, kv0, kv1, prow0 + piece * G * block_m if split else -1,
+                          len(groups) if split else -1))
         if nsplit > 1:
             groups.append((b, qoff, nq, prow0, nsplit))
             prow0 += nsplit * G * block_m
@@ -245,13 +248,13 @@ def _work_list_small(tiles, *, G, window, min_split, granule, block_q, block_m, 
     if capacity is not None:
         item_cap, group_cap, _ = _caps(capacity, target, G, window)
         assert num_items <= item_cap and num_groups <= group_cap, (num_items, item_cap, num_groups, group_cap)
-    items_6I = np.zeros((6, item_cap), dtype=np.int32)
+    items_7I = np.zeros((7, item_cap), dtype=np.int32)
     groups_5J = np.zeros((5, group_cap), dtype=np.int32)
     if items:
-        items_6I[:, :num_items] = np.array(items, dtype=np.int32).T
+        items_7I[:, :num_items] = np.array(items, dtype=np.int32).T
     if groups:
         groups_5J[:, :num_groups] = np.array(groups, dtype=np.int32).T
-    return WorkList(items_6I=items_6I, groups_5J=groups_5J, num_items=num_items, num_groups=num_groups,
+    return WorkList(items_7I=items_7I, groups_5J=groups_5J, num_items=num_items, num_groups=num_groups,
                     block_m=block_m, block_q=block_q)
 
 
@@ -287,8 +290,9 @@ def _work_list_numpy(seqs, *, q_len, seq_lens, G, window, min_split, granule, bl
     group_rows = np.where(split, nsplit * G * block_m, 0)
     prow0 = row_base + np.cumsum(group_rows) - group_rows
     prow = np.where(split[item_tile], prow0[item_tile] + piece * G * block_m, -1)
+    grp = np.where(split[item_tile], (np.cumsum(split) - 1)[item_tile], -1)
     order = np.argsort(-(kv1 - kv0), kind="stable")
-    items = np.stack([tile_seq[item_tile], qoff[item_tile], nq[item_tile], kv0, kv1, prow])[:, order]
+    items = np.stack([tile_seq[item_tile], qoff[item_tile], nq[item_tile], kv0, kv1, prow, grp])[:, order]
     groups = np.stack([tile_seq, qoff, nq, prow0, nsplit])[:, split]
     num_items, num_groups = items.shape[1], groups.shape[1]
     if capacity is not None:
@@ -296,7 +300,7 @@ def _work_list_numpy(seqs, *, q_len, seq_lens, G, window, min_split, granule, bl
         assert num_items <= item_cap and num_groups <= group_cap, (num_items, item_cap, num_groups, group_cap)
         items = np.pad(items, ((0, 0), (0, item_cap - num_items)))
         groups = np.pad(groups, ((0, 0), (0, group_cap - num_groups)))
-    return WorkList(items_6I=items.astype(np.int32), groups_5J=groups.astype(np.int32), num_items=num_items,
+    return WorkList(items_7I=items.astype(np.int32), groups_5J=groups.astype(np.int32), num_items=num_items,
                     num_groups=num_groups, block_m=block_m, block_q=block_q)
 
 
@@ -383,7 +387,7 @@ def plan_bounds(*, max_num_seqs: int, max_num_tokens: int, num_q_heads: int, num
     pre_tiles = max_num_tokens // (pre_bm // qpk) + max_num_seqs
     # prefill tiles split only when there are fewer than T of them: pieces <= T + 2 * tiles < 3T
     pre_items, pre_groups = max(pre_tiles, 3 * t_pre), min(pre_tiles, t_pre)
-    packed = sum(_align(n) for n in (4, 6 * dec_items, 5 * dec_groups, 6 * pre_items, 5 * pre_groups))
+    packed = sum(_align(n) for n in (4, 7 * dec_items, 5 * dec_groups, 7 * pre_items, 5 * pre_groups))
     return PlanBounds(packed_ints=packed, partial_rows=dec_pieces * G * dec_bm + 3 * t_pre * G * pre_bm)
 
 

@@ -14,7 +14,8 @@ once for the QPK query heads that share it. Per program:
      context), then one masked loop over the tiles at the edges (the causal diagonal, the window's
      start, a ragged end), online softmax in float32 with exp2, accumulation by tl.dot in float32;
   3. the normalised output and log-sum-exp to `out`/`lse`, or, for a piece of a split tile, to the
-     workspace, which `_merge_kernel` folds by log-sum-exp.
+     workspace; the tile's last piece to finish (a counter per tile and KV head, which it resets)
+     then folds all of them by log-sum-exp (`_merge_tile`) into `out`/`lse`.
 Empty ranges give lse = -inf and output 0 (never NaN), in the kernel and in the merge.
 """
 from __future__ import annotations
@@ -34,24 +35,28 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class AttentionWorkspace:
-    """Partial results of split tiles: normalised outputs [R, d] and their log2-sum-exp [R], float32.
-    Allocate once from the largest plan's `partial_rows` (a capacity plan's is fixed)."""
+    """Partial results of split tiles: normalised outputs [R, d] and their log2-sum-exp [R], float32;
+    and the pieces-done counters of the split tiles (int32 [R], zero between launches: one per
+    tile and KV head, at the row of its first piece). Allocate once from the largest plan's
+    `partial_rows` (a capacity plan's is fixed)."""
 
     part_out_Rd: torch.Tensor
     part_lse_R: torch.Tensor
+    pieces_done_R: torch.Tensor
 
     @classmethod
     def allocate(cls, rows: int, head_dim: int, device: torch.device | str) -> AttentionWorkspace:
         rows = max(int(rows), 1)
         return cls(torch.empty(rows, head_dim, dtype=torch.float32, device=device),
-                   torch.empty(rows, dtype=torch.float32, device=device))
+                   torch.empty(rows, dtype=torch.float32, device=device),
+                   torch.zeros(rows, dtype=torch.int32, device=device))
 
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, kv_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    block_table_ptr, seq_lens_ptr, query_start_ptr, items_ptr, count_ptr,
-    item_cap, qk_scale, window,
+    q_ptr, kv_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, done_ptr,
+    block_table_ptr, seq_lens_ptr, query_start_ptr, items_ptr, count_ptr, groups_ptr,
+    item_cap, group_cap, qk_scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
     stride_bt, stride_kv_c, stride_kv_n, stride_kv_s, stride_kv_g,
     G: tl.constexpr, QPK: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
@@ -159,33 +164,25 @@ def _paged_attention_kernel(
         rows = (prow + g * BLOCK_M + offs_m).to(tl.int64)
         tl.store(part_out_ptr + rows[:, None] * D + offs_d[None, :], o)
         tl.store(part_lse_ptr + rows, lse2)
+        # The tile's last piece to finish merges them all (no merge kernel to launch and wait for).
+        grp = tl.load(items_ptr + 6 * item_cap + item)
+        prow0 = tl.load(groups_ptr + 3 * group_cap + grp)
+        nsplit = tl.load(groups_ptr + 4 * group_cap + grp)
+        counter = done_ptr + prow0 + g * BLOCK_M
+        tl.debug_barrier()  # every thread's partial rows are written before the piece counts itself done
+        if tl.atomic_add(counter, 1, sem="acq_rel") == nsplit - 1:  # acquire: the other pieces' rows
+            _merge_tile(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, t_rows, head, row_ok, prow0, nsplit, g,
+                        stride_ot, stride_oh, stride_lt, stride_lh, G, D, BLOCK_M, STORE_LSE)
+            tl.atomic_xchg(counter, 0, sem="relaxed")  # zero again for the next launch
 
 
 @triton.jit
-def _merge_kernel(
-    out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, query_start_ptr, groups_ptr, count_ptr, group_cap,
-    stride_ot, stride_oh, stride_lt, stride_lh,
-    G: tl.constexpr, QPK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, STORE_LSE: tl.constexpr,
-    PDL: tl.constexpr,
-):
+def _merge_tile(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, t_rows, head, row_ok, prow0, nsplit, g,
+                stride_ot, stride_oh, stride_lt, stride_lh,
+                G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, STORE_LSE: tl.constexpr):
     """One split tile x one KV head: fold its pieces' outputs by their log-sum-exp."""
-    pdl_wait(PDL)
-    pid = tl.program_id(0)
-    grp = pid // G
-    g = pid % G
-    if grp >= tl.load(count_ptr):
-        return
-    seq = tl.load(groups_ptr + grp)
-    qoff = tl.load(groups_ptr + group_cap + grp)
-    nq = tl.load(groups_ptr + 2 * group_cap + grp)
-    prow0 = tl.load(groups_ptr + 3 * group_cap + grp)
-    nsplit = tl.load(groups_ptr + 4 * group_cap + grp)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    qi = offs_m // QPK
-    head = g * QPK + offs_m % QPK
-    row_ok = qi < nq
-    t_rows = (tl.load(query_start_ptr + seq) + qoff + qi).to(tl.int64)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -272,22 +269,14 @@ def paged_attention(
             continue
         cfg = (configs or {}).get(kind) or _config(kind, d, qpk, device_name)
         _paged_attention_kernel[(work.item_cap * G,)](
-            q_THd, kv_2NSGd, out, lse_arg, workspace.part_out_Rd, workspace.part_lse_R,
+            q_THd, kv_2NSGd, out, lse_arg, workspace.part_out_Rd, workspace.part_lse_R, workspace.pieces_done_R,
             block_table_BM, seq_lens_B, query_start_B1, getattr(plan_tensors, f"{kind}_items"),
-            plan_tensors.counts_4[index:], work.item_cap, scale * LOG2E, sliding_window or 0,
+            plan_tensors.counts_4[index:], getattr(plan_tensors, f"{kind}_groups"), work.item_cap,
+            max(work.group_cap, 1), scale * LOG2E, sliding_window or 0,
             q_THd.stride(0), q_THd.stride(1), out.stride(0), out.stride(1), *lse_strides,
             block_table_BM.stride(0), kv_2NSGd.stride(0), kv_2NSGd.stride(1), kv_2NSGd.stride(2),
             kv_2NSGd.stride(3), S=S, BLOCK_M=work.block_m, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
             PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    for index, kind in enumerate(("decode", "prefill")):
-        work = getattr(plan, kind)
-        if work.group_cap == 0:
-            continue
-        _merge_kernel[(work.group_cap * G,)](
-            out, lse_arg, workspace.part_out_Rd, workspace.part_lse_R, query_start_B1,
-            getattr(plan_tensors, f"{kind}_groups"), plan_tensors.counts_4[2 + index:], work.group_cap,
-            out.stride(0), out.stride(1), *lse_strides, BLOCK_M=work.block_m,
-            num_warps=4 if work.block_m * d <= 16 * 128 else 8, **common)
     return out, lse
 
 

@@ -77,6 +77,7 @@ def run_kernel(tensors, qs, seq_lens, *, H, G, window=None, num_sms=4, capacity=
     got, got_lse = paged_attention(**tensors, plan_tensors=plan_to_device(plan, out.device), scale=d ** -0.5,
                                    sliding_window=window, out=out, lse=lse, workspace=ws, configs=configs)
     assert got is out and got_lse is lse
+    assert not ws.pieces_done_R.any()  # each split tile's last piece merged and set its counter back to zero
     return plan, out, lse
 
 
@@ -149,7 +150,7 @@ def test_split_kv_decode_with_many_splits(window):
     plan = check(tensors, qs, sl, H=8, G=2, window=window, atol=1e-4, configs=_configs(16), num_sms=16,
                  plan_kw=dict(min_split_keys=16, split_granule=16))
     assert plan.decode.num_groups >= 1
-    pieces = plan.decode.items_6I[:, plan.decode.items_6I[5] >= 0]
+    pieces = plan.decode.items_7I[:, plan.decode.items_7I[5] >= 0]
     assert pieces.shape[1] >= (3 if window else 8)
 
 
@@ -233,14 +234,16 @@ def test_plan_worked_example():
     assert (dec.block_m, dec.block_q, pre.block_m, pre.block_q) == (16, 2, 128, 16)
     # decode: 2 tiles x 4 heads < 40 programs -> pieces of ceil(6000 / 10 / 256) * 256 = 768 keys, longest first
     assert dec.num_items == 2 + 7 and dec.num_groups == 2
-    seq, _, _, kv0, kv1, prow = dec.items_6I
+    seq, _, _, kv0, kv1, prow, _ = dec.items_7I
     assert list(kv1 - kv0)[:3] == [768, 768, 768] and sorted(kv1 - kv0)[:2] == [232, 392]
     assert sorted(zip(kv0[seq == 0], kv1[seq == 0])) == [(0, 768), (768, 1000)]
     assert list(dec.groups_5J[:, 0]) == [0, 0, 1, 0, 2] and list(dec.groups_5J[:, 1]) == [2, 0, 1, 2 * 4 * 16, 7]
     assert sorted(prow[seq == 2]) == [2 * 64 + 64 * i for i in range(7)]
+    assert set(dec.items_7I[6][seq == 0]) == {0} and set(dec.items_7I[6][seq == 2]) == {1}  # their merge groups
     # prefill: 3 tiles of 16/16/8 queries, 12 programs >= 10 SMs: no split, longest first
     assert pre.num_items == 3 and pre.num_groups == 0
-    assert [list(r) for r in pre.items_6I] == [[1] * 3, [32, 16, 0], [8, 16, 16], [0] * 3, [140, 132, 116], [-1] * 3]
+    assert [list(r) for r in pre.items_7I] == [[1] * 3, [32, 16, 0], [8, 16, 16], [0] * 3, [140, 132, 116], [-1] * 3,
+                                               [-1] * 3]
     assert list(plan.counts_4) == [9, 3, 2, 0]
     assert plan.partial_rows == 9 * 4 * 16
 
@@ -271,8 +274,8 @@ def test_plan_buffers_upload_views_every_array():
     buffers = AttentionPlanBuffers(plan.packed_size + 32, "cpu")
     pt = buffers.upload(plan)
     assert pt.decode_items.data_ptr() == buffers.buffer.data_ptr() + plan.layout()["decode_items"][0] * 4
-    np.testing.assert_array_equal(pt.decode_items.numpy(), plan.decode.items_6I)
-    np.testing.assert_array_equal(pt.prefill_items.numpy(), plan.prefill.items_6I)
+    np.testing.assert_array_equal(pt.decode_items.numpy(), plan.decode.items_7I)
+    np.testing.assert_array_equal(pt.prefill_items.numpy(), plan.prefill.items_7I)
     np.testing.assert_array_equal(pt.counts_4.numpy(), plan.counts_4)
     with pytest.raises(ValueError, match="int32s"):
         AttentionPlanBuffers(plan.packed_size - 1, "cpu").upload(plan)
@@ -344,9 +347,9 @@ def test_small_work_lists_in_python_ints_equal_the_numpy_ones(capacity, window):
             a, b = getattr(fast, kind), getattr(slow, kind)
             assert (a.num_items, a.num_groups, a.block_m, a.block_q) == (
                 b.num_items, b.num_groups, b.block_m, b.block_q)
-            np.testing.assert_array_equal(a.items_6I, b.items_6I)
+            np.testing.assert_array_equal(a.items_7I, b.items_7I)
             np.testing.assert_array_equal(a.groups_5J, b.groups_5J)
-            assert a.items_6I.dtype == b.items_6I.dtype == np.int32
+            assert a.items_7I.dtype == b.items_7I.dtype == np.int32
         np.testing.assert_array_equal(fast.packed(), slow.packed())
         small_plans += fast.decode.num_items > 0
     assert small_plans > 300
@@ -367,7 +370,7 @@ def test_small_decode_batches_split_finer_and_equal_the_reference():
         assert args == dict(min_split_keys=64 if B == 1 else 128, split_granule=64)
         plan = check(tensors, qs, sl, H=H, G=G, atol=1e-4, configs=_configs(64), num_sms=132, capacity=4,
                      plan_kw=args)
-        seq, _, _, kv0, kv1, _ = plan.decode.items_6I[:, : plan.decode.num_items]
+        seq, _, _, kv0, kv1, _, _ = plan.decode.items_7I[:, : plan.decode.num_items]
         assert {b: sorted(kv1[seq == b] - kv0[seq == b], reverse=True) for b in range(B)} == pieces
         assert plan.decode.num_groups == B
     assert decode_split_args(np.arange(67), np.full(66, 200), **kw) == {}  # 66 x 2 heads fill 132 SMs
@@ -390,7 +393,7 @@ def test_engine_planner_splits_a_short_decode_finer(qwen3_moe_path):
     assert planner.decode_block_n == attention_config("decode", config.head_dim, 1, None).block_n == 128
     planner.plan(np.array([0, 1]), np.array([200]), pad_to=1)
     fine = planner.tensors.plan
-    seq, _, _, kv0, kv1, _ = fine.decode.items_6I[:, : fine.decode.num_items]
+    seq, _, _, kv0, kv1, _, _ = fine.decode.items_7I[:, : fine.decode.num_items]
     assert sorted(kv1[seq == 0] - kv0[seq == 0]) == [72, 128] and fine.decode.num_groups == 1
     default = plan_attention(np.array([0, 1]), np.array([200]), num_q_heads=config.num_heads,
                              num_kv_heads=config.num_kv_heads, num_sms=planner.num_sms, capacity=1)
