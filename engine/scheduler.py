@@ -111,7 +111,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             req = self.running[index]
-            if self._reject_if_too_long(req, errors):
+            fits = self._check_length(req, errors)
+            if fits is None:  # rejected: finished and out of the running list
+                continue
+            if not fits:  # only its sample in flight overflows: wait for it (it may be the last)
+                index += 1
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new <= 0:  # nothing to compute until update() appends its sample
@@ -133,8 +137,11 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
-            if self._reject_if_too_long(req, errors):
+            fits = self._check_length(req, errors)
+            if fits is None:
                 continue
+            if not fits:
+                break
             self.block_manager.match_prefix(req)
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.block_manager.allocate(req, num_new):
@@ -220,16 +227,23 @@ class Scheduler:
         req.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _reject_if_too_long(self, req: Request, errors: list[RequestError]) -> bool:
-        """Finish req with FINISHED_ERROR if its tokens can never fit; True if it did."""
+    def _check_length(self, req: Request, errors: list[RequestError]) -> bool | None:
+        """True if req's tokens fit (max_model_len, the whole cache); None if they never can: req is
+        finished with FINISHED_ERROR. False if only a sample still in flight (async scheduling)
+        takes it over: that sample may end the request, so it is judged once the sample is back."""
         bm = self.block_manager
-        if req.num_tokens > self.max_model_len:
-            message = f"{req.num_tokens} tokens exceed max_model_len={self.max_model_len}"
-        elif bm.num_blocks_for(req.num_tokens) > bm.num_blocks:
-            message = (f"{req.num_tokens} tokens need {bm.num_blocks_for(req.num_tokens)} KV blocks of "
-                       f"{bm.block_size}; the cache has {bm.num_blocks}")
-        else:
-            return False
-        self.finish(req, RequestStatus.FINISHED_ERROR)
-        errors.append(RequestError(req.request_id, message))
+        known = req.num_tokens - (req.output_token_ids[-1:] == [PLACEHOLDER])
+        for n in (known, req.num_tokens):
+            if n > self.max_model_len:
+                message = f"{n} tokens exceed max_model_len={self.max_model_len}"
+            elif bm.num_blocks_for(n) > bm.num_blocks:
+                message = (f"{n} tokens need {bm.num_blocks_for(n)} KV blocks of {bm.block_size}; "
+                           f"the cache has {bm.num_blocks}")
+            else:
+                continue
+            if n > known:
+                return False
+            self.finish(req, RequestStatus.FINISHED_ERROR)
+            errors.append(RequestError(req.request_id, message))
+            return None
         return True

@@ -263,3 +263,27 @@ def test_random_run_loop_completes_every_request():
     assert bm.num_free_blocks == num_blocks and bm.usage == 0.0
     assert bm.prefix_cache_hits > 0 and bm.num_evictions > 0
     assert sum(r.num_preemptions for r in all_reqs) > 0
+
+
+def test_a_sample_in_flight_that_would_overflow_the_cache_waits_for_its_value():
+    """Async scheduling: a request whose next token would need more blocks than the cache has is
+    not failed while that token is still a placeholder (it may be the request's last), and not
+    scheduled either; once the token is back, a request that goes on fails as it always did."""
+    from expertmesh.engine.scheduler import PLACEHOLDER
+
+    sched = make_scheduler(num_blocks=3, block_size=4, budget=64)
+    req = make_req("a", prompt_len=11, max_tokens=10)
+    sched.add_request(req)
+    out = sched.schedule()  # the prefill of 11 tokens: 3 blocks
+    sched.advance(out)
+    assert req.output_token_ids == [PLACEHOLDER] and req.num_tokens == 12
+    out2 = sched.schedule()  # position 11 fits the 3 blocks: its decode goes ahead
+    assert chunks(out2) == {"a": (11, 1, True)} and not out2.errors
+    sched.advance(out2)  # 13 tokens with the new placeholder: a 4th block the cache does not have
+    sched.update(out, {"a": 5}, advanced=True)
+    out3 = sched.schedule()
+    assert not out3.scheduled and not out3.errors and req.status is RequestStatus.RUNNING  # waits
+    sched.update(out2, {"a": 6}, advanced=True)
+    out4 = sched.schedule()  # 13 known tokens need 4 blocks of 4: can never run
+    assert [e.request_id for e in out4.errors] == ["a"] and req.status is RequestStatus.FINISHED_ERROR
+    assert sched.block_manager.num_free_blocks == 3
