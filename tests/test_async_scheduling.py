@@ -289,3 +289,29 @@ def test_on_the_gpu_async_scheduling_gives_the_synchronous_tokens(qwen3_moe_path
     assert drive(fast, arrivals, {6: ["b"]}) == drive(ref, arrivals, {6: ["b"]})
     bm = fast.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_step_that_fails_to_launch_ends_its_requests_and_the_engine_goes_on(sync_llm, async_llm):
+    """A submit that raises (the step in flight before it is still collected): that step's requests
+    end with finish_reason "error", no block leaks, and the next requests run as usual."""
+    (ref, _), (fast, _) = sync_llm, async_llm
+    executor = fast.engine.executor
+    submit, calls = executor.submit, {"n": 0}
+
+    def fail_third(plan):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("launch exploded")
+        return submit(plan)
+
+    executor.submit = fail_third
+    try:
+        outs = fast.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    finally:
+        executor.submit = submit
+    assert {o.outputs[0].finish_reason for o in outs} == {"error"}
+    assert all("launch exploded" in o.outputs[0].error for o in outs)
+    bm = fast.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    assert summary(fast.generate(PROMPTS[:2], params)) == summary(ref.generate(PROMPTS[:2], params))
