@@ -1,19 +1,23 @@
 """The model runner: one device's model, KV cache and sampler; turns a `StepPlan` into tokens.
 
-One step:
-  1. register new requests (tokens, sampling params, seeded generator), drop finished ones;
+One step, `submit` then `collect` (`execute` is both):
+  1. drop finished requests, register new ones (tokens, sampling params, seeded generator);
   2. flatten the chunks into one token batch (no padding) and build the attention metadata;
+     inputs that are samples of a step still in flight (async scheduling: PLACEHOLDERs in the
+     request's tokens) are copied from that step's token tensor on the device;
   3. forward, logits only at the last position of each chunk that samples;
   4. sample all of them at once (rows the plan sends a token mask for sample only allowed
-     tokens); append each sampled token to its request's tokens.
+     tokens); the tokens are copied to pinned host memory without waiting, and each request's
+     tokens gain a PLACEHOLDER;
+  5. `collect` waits for that copy and writes the tokens over their placeholders.
 
 Two paths, chosen once from the device (`kernels`):
   - plain torch (the CPU path and the oracle): metadata from `AttentionMetadata.build`;
   - the kernel path (CUDA): the step's inputs go through `StepInputs` (pinned staging, one
     non-blocking copy, buffers that never move), attention reads the cache through the block
     table, and decode-only steps replay a CUDA graph of the whole forward (`DecodeGraphs`),
-    padded to the next captured batch size. The only host sync of a step is reading back the
-    sampled tokens (`_read_back`).
+    padded to the next captured batch size. The only host sync of a step is the wait for the
+    sampled tokens' copy (`SamplerOutput.wait`, in `collect`).
 
 The runner is device-agnostic and knows nothing of Ray: the in-process executor calls it
 directly, and each rank of an EP group runs one.
