@@ -253,7 +253,7 @@ class ModelRunner:
                             s.output_token_ids, s.generator, s.eos_token_ids)
                 for b, s in enumerate(states[i] for i in sampling)]
         batch = SamplingBatch.build(rows, logits_BV.shape[-1], self.device, allowed_token_mask_BV=allowed_BV)
-        if batch.any_penalties and any(PLACEHOLDER in row.output_token_ids for row in rows):
+        if batch.any_penalties and any(states[i].pending is not None for i in sampling):
             raise RuntimeError("penalties read every output token: a step with them cannot run before the "
                                "step in flight has returned its tokens (the engine schedules it synchronously)")
         out = self.sampler(logits_BV, batch)
@@ -320,8 +320,8 @@ class ModelRunner:
             if fill.contiguous:
                 input_ids_T[:n].copy_(fill.token_ids_B[:n])
             else:
-                rows_T = to_device(fill.rows_T, self.device)
-                input_ids_T[rows_T] = fill.token_ids_B[to_device(fill.samples_T, self.device)].to(input_ids_T.dtype)
+                rows_T, samples_T = to_device(np.stack([fill.rows_T, fill.samples_T]), self.device)  # one copy
+                input_ids_T[rows_T] = fill.token_ids_B[samples_T].to(input_ids_T.dtype)
 
     def _kernel_meta(self, num_tokens: int, num_seqs: int) -> AttentionMetadata:
         """Views of the static device inputs for a step of `num_tokens` tokens in `num_seqs` sequences."""

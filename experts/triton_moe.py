@@ -54,7 +54,7 @@ from expertmesh.experts.triton_fp8 import (
     scale_args,
     scale_k_of,
 )
-from expertmesh.model.triton_pdl import pdl, pdl_wait
+from expertmesh.experts.triton_pdl import pdl, pdl_wait
 
 
 @triton.jit
@@ -455,7 +455,7 @@ def _launch(kernel, grid, args, *, num_warps: int, num_stages: int, pdl_on: int 
             **constexprs) -> None:
     """Launch; where a config's pipeline does not fit in shared memory on this device (a data file
     written for another GPU), retry with fewer stages instead of failing the forward. `pdl_on`: a
-    kernel with a PDL parameter launched with programmatic dependent launch or not (model/triton_pdl.py)."""
+    kernel with a PDL parameter launched with programmatic dependent launch or not (experts/triton_pdl.py)."""
     if pdl_on is not None:
         constexprs.update(PDL=pdl_on, launch_pdl=bool(pdl_on))
     key = (id(kernel), num_warps, num_stages, tuple(sorted(constexprs.items())))

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from expertmesh.experts.triton_pdl import pdl, pdl_wait
 from expertmesh.model.paged_attention import AttentionConfig, AttentionPlanTensors, attention_config
-from expertmesh.model.triton_pdl import pdl, pdl_wait
 
 LOG2E = 1.4426950408889634
 

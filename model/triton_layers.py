@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from expertmesh.model.triton_pdl import pdl, pdl_wait
+from expertmesh.experts.triton_pdl import pdl, pdl_wait
 
 
 @triton.jit

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from expertmesh.experts.triton_fp8 import A8_MIN_BLOCK_K, ExpertScales, fp8_block_k, quantize_rows
 from expertmesh.experts.triton_moe import gemm_down
-from expertmesh.model.triton_pdl import pdl, pdl_wait
+from expertmesh.experts.triton_pdl import pdl, pdl_wait
 
 MAX_T = 16
 """Most rows the kernel takes (the dot form pads x to 16 rows)."""
@@ -272,7 +272,7 @@ def linear_small(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias: torch.Tensor
 
 PREFETCH_WEIGHTS = True
 """The one-row FMA GEMV loads its first weight tile before it waits for the kernel before it
-(under PDL, model/triton_pdl.py; the same sums without): the weights never change, only the
+(under PDL, experts/triton_pdl.py; the same sums without): the weights never change, only the
 input row must wait."""
 
 FP8_GEMV_A8 = False

@@ -13,6 +13,9 @@ might still read), unconditionally, so that a kernel's completion still implies 
 predecessor's, and ordering stays transitive down the stream. Kernels that are not ours (cuBLAS,
 torch's) launch as before and wait for everything ahead of them.
 
+It lives in `experts/`, the folder that imports nothing of ours, so that the kernels of
+`experts/`, `router/` and `model/` can all share it.
+
 `PDL` switches it off for the whole process (benchmarks compare both); off the GPU, on devices
 before compute capability 9.0, or where Triton lacks the instructions, kernels launch as before.
 """
