@@ -78,11 +78,14 @@ class Setting:
     public: bool = True
 
     def check(self, value: Any) -> None:
-        """ValueError naming the setting when `value` is outside its choices or bounds."""
+        """ValueError naming the setting when `value` is outside its choices or bounds, or is not a
+        bool where the setting is one."""
         if value is None:
             if not self.optional:
                 raise ValueError(f"{self.name} must be set")
             return
+        if self.type is bool and not isinstance(value, bool):  # "no" would read as true
+            raise ValueError(f"{self.name} must be true or false, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
         for bound, ok, word in ((self.ge, lambda b: value >= b, ">="), (self.gt, lambda b: value > b, ">"),

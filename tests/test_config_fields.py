@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from expertmesh.engine.config import CacheConfig, EngineConfig, ModelLoadConfig, ParallelConfig, engine_settings
+from expertmesh.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelLoadConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    engine_settings,
+)
 from expertmesh.engine.config_fields import settings_of
 from expertmesh.engine.model_runner import gpu_kv_budget
 
@@ -29,6 +36,11 @@ def test_every_check_names_the_setting():
         ParallelConfig(step_channel="grpc")
     with pytest.raises(ValueError, match="load_format must be one of"):
         ModelLoadConfig("m", load_format="gguf")
+    for bad in ("no", 0, None, [False]):  # a switch given a string or number must not read as truthy
+        with pytest.raises(ValueError, match=r"async_scheduling must be (true or false|set)"):
+            SchedulerConfig(async_scheduling=bad)
+    with pytest.raises(ValueError, match="enforce_eager must be true or false, got 'false'"):
+        EngineConfig.from_kwargs(model="m", enforce_eager="false")
 
 
 def test_from_kwargs_fills_each_sub_config():

@@ -41,6 +41,9 @@ def test_unknown_and_bad_args_are_refused_by_name(qwen3_moe_path):
         AppConfig.model_validate({"model": "/no/such/model"})
     with pytest.raises(ValueError, match="ep_size"):
         AppConfig.model_validate({"model": str(qwen3_moe_path), "ep_size": 0})
+    for bad in ("maybe", [True], {"on": 1}, 2):
+        with pytest.raises(ValueError, match="async_scheduling"):
+            AppConfig.model_validate({"model": str(qwen3_moe_path), "async_scheduling": bad})
 
 
 def test_unknown_arg_names_the_closest_field(qwen3_moe_path):
