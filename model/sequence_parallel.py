@@ -1,0 +1,136 @@
+"""Sequence-parallel attention: one long sequence's KV cache spread over the ranks of a group.
+
+Legend: R ranks, T query rows of the sequence this step on one rank (T_all over all ranks),
+L keys in one rank's shard, H query heads, G KV heads, d head dim.
+
+A sequence too long for one rank keeps its KV on every rank of its group, each rank the keys of
+the positions it owns (`zigzag_owner`: the positions go round the ranks in units, there and
+back, so every rank holds about 1/R of the keys and, under the causal mask, about 1/R of the
+work at any length). Its query rows are spread the same way: each rank computes q, k and v of
+the positions it owns (so the MoE layers see an even share of the prompt) and writes k and v into
+its own cache. Attention then moves queries, not keys:
+
+    1. all-gather the step's q rows (and their positions) of every rank          [T_all, H, d]
+    2. every rank attends all of them to its own shard, causally by position:
+       a partial output and its log-sum-exp per (row, head)                      [T_all, H, d+1]
+    3. all-to-all the partials back to the rows' owners; each merges its R
+       partials by log-sum-exp into the exact softmax over the whole sequence    [T, H, d]
+
+Keys stay where they were written, at every length, in prefill chunks and in decode alike (vLLM's
+context-parallel decode does the same): a step moves the step's queries and their outputs, never
+the cache. With 4 KV heads to 64 query heads (Qwen3-235B), moving a chunk's q costs 8x moving its
+k/v, but the earlier chunks' keys would have to move as well, and at 262,144 tokens those are
+~512 MiB a layer against ~100 MiB for a 2,048-token chunk's queries and partial outputs.
+
+`partial_attention` and `merge_partials` are the plain-torch math (the CPU path and the oracle of
+any kernel that replaces step 2); the collective is handed in (`group`, a torch.distributed
+process group: gloo on the CPU, NCCL on GPUs), never looked up.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+QUERY_BLOCK = 1024
+"""Query rows attended at once in `partial_attention` (bounds the [H, rows, L] score matrix)."""
+
+
+def zigzag_owner(positions: torch.Tensor, world: int, unit: int) -> torch.Tensor:
+    """Rank owning each position: units of `unit` positions dealt 0, 1, ..., R-1, R-1, ..., 1, 0,
+    0, 1, ...: every rank's share of any prefix is within two units of 1/R, and so is its share of
+    causal work (a late unit, costly to attend from, pairs with an early one)."""
+    if world < 1 or unit < 1:
+        raise ValueError(f"world ({world}) and unit ({unit}) must be at least 1")
+    turn = torch.div(positions, unit, rounding_mode="floor") % (2 * world)
+    return torch.where(turn < world, turn, 2 * world - 1 - turn)
+
+
+def partial_attention(q_THd: torch.Tensor, q_pos_T: torch.Tensor, k_LGd: torch.Tensor, v_LGd: torch.Tensor,
+                      k_pos_L: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of q rows over one shard of keys, each key visible to queries at or after
+    its position: (output [T, H, d] float32, natural-log LSE [T, H] float32). A row that sees no
+    key of the shard gets output 0 and LSE -inf (it adds nothing to the merge)."""
+    T, H, d = q_THd.shape
+    G = k_LGd.shape[1]
+    if H % G or v_LGd.shape != k_LGd.shape or k_pos_L.shape != (k_LGd.shape[0],) or q_pos_T.shape != (T,):
+        raise ValueError(f"q {tuple(q_THd.shape)}, k {tuple(k_LGd.shape)}, v {tuple(v_LGd.shape)}, "
+                         f"positions {tuple(q_pos_T.shape)} and {tuple(k_pos_L.shape)} do not fit together")
+    out = torch.zeros(T, H, d, dtype=torch.float32, device=q_THd.device)
+    lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q_THd.device)
+    if T == 0 or k_LGd.shape[0] == 0:
+        return out, lse
+    k_GLd = k_LGd.float().transpose(0, 1)
+    v_GLd = v_LGd.float().transpose(0, 1)
+    for lo in range(0, T, QUERY_BLOCK):
+        hi = min(T, lo + QUERY_BLOCK)
+        q_GQtd = q_THd[lo:hi].float().view(hi - lo, G, H // G, d).permute(1, 2, 0, 3)  # [G, H/G, rows, d]
+        scores = torch.einsum("gqtd,gld->gqtl", q_GQtd, k_GLd) * scale
+        visible = k_pos_L[None, :] <= q_pos_T[lo:hi, None]  # [rows, L]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # [G, H/G, rows]
+        seen = torch.isfinite(row_lse)
+        probs = torch.exp(scores - torch.where(seen, row_lse, 0.0)[..., None])
+        o = torch.einsum("gqtl,gld->gqtd", probs, v_GLd)
+        out[lo:hi] = o.permute(2, 0, 1, 3).reshape(hi - lo, H, d)
+        lse[lo:hi] = row_lse.permute(2, 0, 1).reshape(hi - lo, H)
+    return out, lse
+
+
+def merge_partials(out_RTHd: torch.Tensor, lse_RTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R partial attentions of the same rows over disjoint key sets -> the attention over their
+    union and its LSE (float32): each partial weighted by exp(its LSE - the merged LSE)."""
+    merged = torch.logsumexp(lse_RTH, dim=0)  # [T, H]
+    safe = torch.where(torch.isfinite(merged), merged, 0.0)
+    weights = torch.exp(lse_RTH - safe[None])  # exp(-inf) = 0 for partials that saw nothing
+    return (out_RTHd * weights[..., None]).sum(dim=0), merged
+
+
+def sequence_parallel_attention(q_THd: torch.Tensor, q_pos_T: torch.Tensor, k_LGd: torch.Tensor, v_LGd: torch.Tensor,
+                                k_pos_L: torch.Tensor, *, rows_per_rank: Sequence[int], scale: float,
+                                group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """This rank's q rows [T, H, d] attended over the whole sequence, whose keys are spread over
+    the group (this rank's shard: k/v [L, G, d] at positions k_pos_L, this step's own keys already
+    in it). `rows_per_rank`: every rank's T this step, known to all from the step plan (a rank
+    with no rows still joins: the collectives need every rank). Output in q's dtype."""
+    R, me = dist.get_world_size(group), dist.get_rank(group)
+    T, H, d = q_THd.shape
+    if len(rows_per_rank) != R or rows_per_rank[me] != T:
+        raise ValueError(f"rows_per_rank {list(rows_per_rank)} does not say this rank's {T} rows of {R} ranks")
+    width = max(rows_per_rank)
+    if width == 0:  # no rank has rows (every rank sees the same rows_per_rank, so all return here)
+        return q_THd.new_zeros(0, H, d)
+    # 1. every rank's rows and positions (padded to the widest rank: all_gather takes equal sizes)
+    padded = q_THd.new_zeros(width, H, d)
+    padded[:T] = q_THd
+    pos_padded = q_pos_T.new_full((width,), -1)  # positions travel exactly (int64), beside the rows
+    pos_padded[:T] = q_pos_T
+    gathered = [torch.empty_like(padded) for _ in range(R)]
+    positions = [torch.empty_like(pos_padded) for _ in range(R)]
+    dist.all_gather(gathered, padded, group=group)
+    dist.all_gather(positions, pos_padded, group=group)
+    q_all = torch.cat([g[:n] for g, n in zip(gathered, rows_per_rank)])
+    pos_all = torch.cat([p[:n] for p, n in zip(positions, rows_per_rank)])
+    # 2. all rows over this rank's shard
+    out, lse = partial_attention(q_all, pos_all, k_LGd, v_LGd, k_pos_L, scale)
+    # 3. each rank's rows back to it, output and LSE together, then merged
+    send = torch.cat((out, lse[..., None]), dim=-1).contiguous()  # [T_all, H, d + 1], rank by rank
+    recv = send.new_empty(R * T, H, d + 1)
+    dist.all_to_all_single(recv, send, output_split_sizes=[T] * R, input_split_sizes=list(rows_per_rank), group=group)
+    parts = recv.view(R, T, H, d + 1)
+    merged, _ = merge_partials(parts[..., :d], parts[..., d])
+    return merged.to(q_THd.dtype)
+
+
+def causal_attention_reference(q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """Plain causal GQA attention of one whole sequence (float32 out): the one-rank oracle."""
+    positions = torch.arange(q_THd.shape[0], device=q_THd.device)
+    out, _ = partial_attention(q_THd, positions, k_THd, v_THd, positions,
+                               q_THd.shape[-1] ** -0.5 if scale is None else scale)
+    return out
+
+
+__all__ = ["causal_attention_reference", "merge_partials", "partial_attention", "sequence_parallel_attention",
+           "zigzag_owner"]
