@@ -8,7 +8,7 @@ from typing import Any
 
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.parsers import ParsedDelta, ToolCall
-from expertmesh.gateway.protocol import APIError
+from expertmesh.gateway.protocol import _REPR, APIError
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs",
@@ -90,12 +90,28 @@ def _check_tool_messages(messages: list[dict[str, Any]]) -> None:
                     call_ids.add(c["id"])
         elif m.get("role") == "tool":
             call_id = m.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):  # a list or object is not even hashable
+                raise APIError(f"messages[{i}].tool_call_id must be a string, got {_json_type(call_id)}",
+                               param=f"messages[{i}].tool_call_id", code="invalid_type")
             if not any_call:
                 raise APIError(f"messages[{i}] is a tool result, but no earlier assistant message made a tool call",
                                param=f"messages[{i}]")
             if call_id is not None and call_ids and call_id not in call_ids:
-                raise APIError(f"messages[{i}].tool_call_id {call_id!r} matches no earlier tool call "
-                               f"(known ids: {', '.join(sorted(call_ids))})", param=f"messages[{i}].tool_call_id")
+                known = sorted(call_ids)
+                shown = ", ".join(_REPR.repr(k) for k in known[:3]) + (", ..." if len(known) > 3 else "")
+                raise APIError(f"messages[{i}].tool_call_id {_REPR.repr(call_id)} matches no earlier tool call "
+                               f"(known ids: {shown})", param=f"messages[{i}].tool_call_id")
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), type(value).__name__)
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:

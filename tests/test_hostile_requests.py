@@ -63,6 +63,12 @@ def with_call(arguments: str) -> dict:
                           {"role": "tool", "tool_call_id": "call_1", "content": "ok"}])
 
 
+def with_tool_call_id(call_id) -> dict:
+    """A tool result whose tool_call_id is `call_id` (as sent), answering the call `call_1`."""
+    return chat(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [CALL]},
+                          {"role": "tool", "tool_call_id": call_id, "content": "ok"}])
+
+
 # (id, path, body (a dict sent as JSON, or raw bytes), status, param (None: not checked))
 CASES = [
     # ---- the cases of item 8 ----
@@ -158,6 +164,10 @@ CASES = [
     ("tool-arguments-900-deep", "chat", with_call(json.dumps(DEEP)), 400, "messages"),
     ("tool-arguments-past-python-recursion", "chat", with_call("[" * 5000 + "]" * 5000), 400, "messages"),
     ("tool-arguments-not-json", "chat", with_call("{{{"), 400, "messages"),
+    ("tool-call-id-as-list", "chat", with_tool_call_id(["call_1"]), 400, "messages[2].tool_call_id"),
+    ("tool-call-id-as-object", "chat", with_tool_call_id({"id": "call_1"}), 400, "messages[2].tool_call_id"),
+    ("tool-call-id-as-number", "chat", with_tool_call_id(1), 400, "messages[2].tool_call_id"),
+    ("tool-call-id-64k-unknown", "chat", with_tool_call_id("x" * 65536), 400, "messages[2].tool_call_id"),
     ("template-kwargs-too-many-values", "chat", chat(chat_template_kwargs={"x": [0] * 250_001}), 400,
      "chat_template_kwargs"),
     ("guided-json-nan-inside", "chat", raw_chat('"guided_json": {"type": "number", "maximum": NaN}'), 400,
