@@ -47,6 +47,9 @@ class ServingConfig:
     """The name clients pass as `model`; default: the repo id, or the checkpoint directory's name."""
     max_n: int = setting(16, ge=1)
     """Largest `n` (completions per request) a request may ask for."""
+    max_prompts: int = setting(256, ge=1)
+    """Most prompts one completions request may batch: each is its own engine request, `n` sequences
+    each, so without a cap one request of a few megabytes could queue millions of sequences."""
     api_keys: list[str] = setting(default_factory=list, flag="--api-key")
     """Accepted API keys (raw). With none here, in api_keys_env or redis_url, the API is open."""
     redis_url: str | None = None

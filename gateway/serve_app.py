@@ -214,8 +214,8 @@ class Gateway:
         tokenizer = load_tokenizer(cfg.engine_config().load)
         aliases = tuple(a for a in (cfg.model, str(cfg.model_path())) if a)
         self.serving = OpenAIServing(client, tokenizer, ServingSettings(
-            info["model_name"], info["max_model_len"], max_n=cfg.max_n, model_aliases=aliases,
-            vocab_size=info["vocab_size"]))
+            info["model_name"], info["max_model_len"], max_n=cfg.max_n, max_prompts=cfg.max_prompts,
+            model_aliases=aliases, vocab_size=info["vocab_size"]))
         redis_url = cfg.resolved_redis_url()  # the key store, when configured: then a key is always required
         self.auth = Authenticator(cfg.resolved_api_keys(), store=make_state_store(redis_url) if redis_url else None)
         self.serving.limiter = self.auth

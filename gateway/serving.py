@@ -62,6 +62,7 @@ from expertmesh.gateway.serving_util import (
 from expertmesh.model.tokenizer import Tokenizer, check_template_kwargs
 
 MAX_N = 16
+MAX_PROMPTS = 256
 
 
 @dataclass
@@ -69,6 +70,8 @@ class ServingSettings:
     model_name: str
     max_model_len: int
     max_n: int = MAX_N
+    max_prompts: int = MAX_PROMPTS
+    """Most prompts in one completions request (each an engine request of `n` sequences)."""
     model_aliases: tuple[str, ...] = ()
     """Other names accepted in `model` (e.g. the checkpoint's path)."""
     vocab_size: int | None = None
@@ -306,6 +309,10 @@ class OpenAIServing:
             raise APIError("best_of must equal n (or be left out): every sampled completion is returned",
                            param="best_of")
         prompts = _prompt_list(req.prompt)
+        if len(prompts) > self.settings.max_prompts:  # before any of them is tokenized
+            raise APIError(f"prompt holds {len(prompts)} prompts, over the limit of {self.settings.max_prompts} per "
+                           "request (max_prompts); send them in several requests", param="prompt",
+                           code="too_many_prompts")
         encoded = []
         for p in prompts:
             encoded.append((self.tokenizer.encode(p), p) if isinstance(p, str) else (list(p), None))

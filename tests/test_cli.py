@@ -29,7 +29,7 @@ ENGINE_FLAGS = {"--model", "--revision", "--download-dir", "--tokenizer", "--cha
                 "--grammar-compile-workers", "--grammar-max-bytes", "--grammar-max-enum-values",
                 "--grammar-max-regex-chars"}
 SAMPLING_FLAGS = {"--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--seed", "--stop"}
-SERVING_FLAGS = {"--served-model-name", "--max-n", "--api-key", "--redis-url", "--api-keys-env",
+SERVING_FLAGS = {"--served-model-name", "--max-n", "--max-prompts", "--api-key", "--redis-url", "--api-keys-env",
                  "--redis-password-env", "--grpc-port", "--grpc-host", "--engine-replicas", "--gateway-replicas",
                  "--max-ongoing-requests", "--max-request-body-bytes", "--health-stall-timeout-s",
                  "--http-keep-alive-timeout-s", "--http-header-timeout-s", "--http-request-timeout-s",

@@ -434,6 +434,26 @@ def test_grpc_streaming_and_completion_refuse_the_same(rig):
     assert grpc_error(rig, b"\xff\xff\xff\xff", "ListModels").code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_prompts_per_completion_request_are_capped(rig):
+    """One completions request batches at most max_prompts prompts, each its own engine request of
+    n sequences: uncapped, a 5 KB body of 1,000 one-token prompts with n=16 queued 16,000 sequences
+    and held a concurrent request up for seconds (a 1 MiB body, 260,000 prompts). One over the cap
+    is a 400 naming `prompt` before any of them runs, on HTTP and gRPC; the cap itself still runs."""
+    limit = rig.serving.settings.max_prompts
+    for prompt in ([[1]] * (limit + 1), ["a"] * (limit + 1)):
+        error = assert_openai_error(rig.post(PATHS["completions"], {"prompt": prompt, "max_tokens": 1, "n": 16}),
+                                    400, "prompt")
+        assert str(limit) in error["message"] and error["code"] == "too_many_prompts", error
+    for request in (pb.CompletionRequest(prompts=pb.PromptList(texts=["a"] * (limit + 1))),
+                    pb.CompletionRequest(prompt_token_ids=[pb.TokenIds(ids=[1])] * (limit + 1))):
+        err = grpc_error(rig, request, "Completion")
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+        assert dict(err.trailing_metadata() or ())["error-param"] == "prompt"
+    ok = rig.post(PATHS["completions"], {"prompt": [[1]] * limit, "max_tokens": 1, "n": 2})
+    assert ok.status_code == 200, ok.text[:500]
+    assert len(ok.json()["choices"]) == 2 * limit
+
+
 # ---- what still fails inside is a 500 with the error object, naming no type -------------------------
 
 def test_an_unforeseen_failure_is_a_json_500_naming_no_type(rig, monkeypatch):
