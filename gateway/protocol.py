@@ -172,6 +172,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 4, 4
+
+
+def brief(value: Any) -> str:
+    """A client's value quoted in an error message, cut short (a 64 KiB id stays a few words)."""
+    return _REPR.repr(value)
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z]\w*)$")
 """A step of a pydantic error location that names a union member ("str", "list[int]",
 "NamedToolChoice"), not a field."""

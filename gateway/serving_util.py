@@ -8,7 +8,7 @@ from typing import Any
 
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.parsers import ParsedDelta, ToolCall
-from expertmesh.gateway.protocol import _REPR, APIError
+from expertmesh.gateway.protocol import APIError, brief
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs",
@@ -98,8 +98,8 @@ def _check_tool_messages(messages: list[dict[str, Any]]) -> None:
                                param=f"messages[{i}]")
             if call_id is not None and call_ids and call_id not in call_ids:
                 known = sorted(call_ids)
-                shown = ", ".join(_REPR.repr(k) for k in known[:3]) + (", ..." if len(known) > 3 else "")
-                raise APIError(f"messages[{i}].tool_call_id {_REPR.repr(call_id)} matches no earlier tool call "
+                shown = ", ".join(brief(k) for k in known[:3]) + (", ..." if len(known) > 3 else "")
+                raise APIError(f"messages[{i}].tool_call_id {brief(call_id)} matches no earlier tool call "
                                f"(known ids: {shown})", param=f"messages[{i}].tool_call_id")
 
 
