@@ -91,7 +91,7 @@ def _check_tool_messages(messages: list[dict[str, Any]]) -> None:
         elif m.get("role") == "tool":
             call_id = m.get("tool_call_id")
             if call_id is not None and not isinstance(call_id, str):  # a list or object is not even hashable
-                raise APIError(f"messages[{i}].tool_call_id must be a string, got {_json_type(call_id)}",
+                raise APIError(f"messages[{i}].tool_call_id must be a string, got {brief(call_id)}",
                                param=f"messages[{i}].tool_call_id", code="invalid_type")
             if not any_call:
                 raise APIError(f"messages[{i}] is a tool result, but no earlier assistant message made a tool call",
@@ -102,16 +102,6 @@ def _check_tool_messages(messages: list[dict[str, Any]]) -> None:
                 raise APIError(f"messages[{i}].tool_call_id {brief(call_id)} matches no earlier tool call "
                                f"(known ids: {shown})", param=f"messages[{i}].tool_call_id")
 
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a value's type, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), type(value).__name__)
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:

@@ -44,6 +44,9 @@ def test_unknown_and_bad_args_are_refused_by_name(qwen3_moe_path):
     for bad in ("maybe", [True], {"on": 1}, 2):
         with pytest.raises(ValueError, match="async_scheduling"):
             AppConfig.model_validate({"model": str(qwen3_moe_path), "async_scheduling": bad})
+    for bad in (0, -1, "many", [256], 2.5, None):  # a cap that is not a positive whole number
+        with pytest.raises(ValueError, match="max_prompts"):
+            AppConfig.model_validate({"model": str(qwen3_moe_path), "max_prompts": bad})
 
 
 def test_unknown_arg_names_the_closest_field(qwen3_moe_path):
