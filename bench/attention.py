@@ -47,8 +47,8 @@ PREFILL_CASES = (("32k prompt, chunks of 2048", 32768, 2048, False), ("32k promp
 # (block_m, block_n, num_warps, num_stages); the default config comes first, so it is always measured.
 DECODE_SWEEP = ((16, 32, 4, 4), (16, 32, 4, 6), (16, 64, 4, 5), (16, 128, 4, 3), (16, 128, 4, 5), (16, 128, 8, 3),
                 (16, 256, 8, 2))
-PREFILL_SWEEP = ((128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
-                 (64, 128, 4, 3), (128, 32, 8, 4))
+PREFILL_SWEEP = ((128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
+                 (64, 64, 4, 3), (128, 32, 4, 3))
 SPLIT_CASES = ("B=1 ctx 256", "B=1 ctx 1k", "B=1 ctx 4k")  # compared under the three split rules
 SPLIT_RULES = ("default", "engine", "tile")
 SMOKE = dict(decode_cases=(("B=2 ctx 40/70", [40, 70]), ("B=1 ctx 300", [300])), split_cases=("B=1 ctx 300",),

@@ -53,6 +53,33 @@ class AttentionWorkspace:
 
 
 @triton.jit
+def _tile(items_ptr, item_cap, item, query_start_ptr, seq_lens_ptr, window,
+          HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, VOLATILE: tl.constexpr):
+    """A work item's sequence, queries and key ranges: any row sees keys [lo, hi); tiles
+    [t_lo, t_hi) hold them, of which [u0, u1) every row sees whole (tiles aligned to BLOCK_N)."""
+    seq = tl.load(items_ptr + item, volatile=VOLATILE)
+    qoff = tl.load(items_ptr + item_cap + item, volatile=VOLATILE)
+    nq = tl.load(items_ptr + 2 * item_cap + item, volatile=VOLATILE)
+    kv0 = tl.load(items_ptr + 3 * item_cap + item, volatile=VOLATILE)
+    kv1 = tl.load(items_ptr + 4 * item_cap + item, volatile=VOLATILE)
+    q_start = tl.load(query_start_ptr + seq, volatile=VOLATILE)
+    q_len = tl.load(query_start_ptr + seq + 1, volatile=VOLATILE) - q_start
+    pos0 = tl.load(seq_lens_ptr + seq, volatile=VOLATILE) - q_len + qoff  # position of the tile's first query
+    lo = kv0
+    lo_all = kv0
+    if HAS_WINDOW:
+        lo = tl.maximum(kv0, pos0 - window + 1)
+        lo_all = tl.maximum(kv0, pos0 + nq - window)
+    hi = tl.minimum(kv1, pos0 + nq)
+    hi_all = tl.minimum(kv1, pos0 + 1)
+    t_lo = lo // BLOCK_N
+    t_hi = tl.where(hi > lo, tl.cdiv(hi, BLOCK_N), t_lo)
+    u0 = tl.minimum(tl.maximum(tl.cdiv(lo_all, BLOCK_N), t_lo), t_hi)
+    u1 = tl.maximum(tl.minimum(hi_all // BLOCK_N, t_hi), u0)
+    return seq, qoff, nq, q_start, pos0, lo, hi, t_lo, t_hi, u0, u1
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, kv_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, done_ptr,
     block_table_ptr, seq_lens_ptr, query_start_ptr, items_ptr, count_ptr, groups_ptr,
@@ -69,39 +96,18 @@ def _paged_attention_kernel(
     g = pid % G
     if item >= tl.load(count_ptr):
         return
-    seq = tl.load(items_ptr + item)
-    qoff = tl.load(items_ptr + item_cap + item)
-    nq = tl.load(items_ptr + 2 * item_cap + item)
-    kv0 = tl.load(items_ptr + 3 * item_cap + item)
-    kv1 = tl.load(items_ptr + 4 * item_cap + item)
-    prow = tl.load(items_ptr + 5 * item_cap + item)
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    pos0 = tl.load(seq_lens_ptr + seq) - q_len + qoff  # position of the tile's first query
-
-    # 1. key ranges: any row [lo, hi), every row [lo_all, hi_all); tiles are aligned to BLOCK_N.
-    lo = kv0
-    lo_all = kv0
-    if HAS_WINDOW:
-        lo = tl.maximum(kv0, pos0 - window + 1)
-        lo_all = tl.maximum(kv0, pos0 + nq - window)
-    hi = tl.minimum(kv1, pos0 + nq)
-    hi_all = tl.minimum(kv1, pos0 + 1)
-    t_lo = lo // BLOCK_N
-    t_hi = tl.where(hi > lo, tl.cdiv(hi, BLOCK_N), t_lo)
-    u0 = tl.minimum(tl.maximum(tl.cdiv(lo_all, BLOCK_N), t_lo), t_hi)
-    u1 = tl.maximum(tl.minimum(hi_all // BLOCK_N, t_hi), u0)
+    seq, qoff, nq, q_start, pos0, lo, hi, t_lo, t_hi, u0, u1 = _tile(
+        items_ptr, item_cap, item, query_start_ptr, seq_lens_ptr, window, HAS_WINDOW, BLOCK_N, False)
+    prow = tl.load(items_ptr + 5 * item_cap + item)  # >= 0: a piece of a split tile (its partial rows)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     qi = offs_m // QPK
     head = g * QPK + offs_m % QPK
-    row_ok = qi < nq
-    qpos = pos0 + qi
     t_rows = (q_start + qoff + qi).to(tl.int64)
     q = tl.load(q_ptr + t_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=(qi < nq)[:, None], other=0.0)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     k_base = kv_ptr + g.to(tl.int64) * stride_kv_g
     v_base = k_base + stride_kv_c
@@ -113,7 +119,11 @@ def _paged_attention_kernel(
     # 2a. tiles every row sees whole: no mask at all.
     for j in range(u0, u1):
         k_pos = j * BLOCK_N + offs_n
-        blk = tl.load(bt_row + k_pos // S).to(tl.int64)
+        if BLOCK_N >= S and BLOCK_M >= 64:  # prefill: the tile's BLOCK_N // S block numbers, each over S slots
+            tile_blk = tl.load(bt_row + j * (BLOCK_N // S) + tl.arange(0, BLOCK_N // S)).to(tl.int64)
+            blk = tl.reshape(tl.broadcast_to(tile_blk[:, None], (BLOCK_N // S, S)), (BLOCK_N,))
+        else:
+            blk = tl.load(bt_row + k_pos // S).to(tl.int64)
         kv_off = blk[:, None] * stride_kv_n + (k_pos % S)[:, None] * stride_kv_s + offs_d[None, :]
         k = tl.load(k_base + kv_off)
         v = tl.load(v_base + kv_off)
@@ -125,6 +135,17 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
+
+    if BLOCK_M >= 64:
+        # A prefill tile's loop above holds every register it has (at 4 warps: S, P and the
+        # accumulator): the item is read again rather than kept live through it (volatile: not
+        # merged with the first read). A decode tile keeps it (reading it again measured slower).
+        seq, qoff, nq, q_start, pos0, lo, hi, t_lo, t_hi, u0, u1 = _tile(
+            items_ptr, item_cap, item, query_start_ptr, seq_lens_ptr, window, HAS_WINDOW, BLOCK_N, True)
+        offs_m = tl.arange(0, BLOCK_M)
+        qi = offs_m // QPK
+        bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    qpos = pos0 + qi
 
     # 2b. edge tiles [t_lo, u0) and [u1, t_hi): keys outside the range are neither loaded nor seen.
     n_front = u0 - t_lo
@@ -151,6 +172,9 @@ def _paged_attention_kernel(
         m_i = m_new
 
     # 3. normalise; log2-sum-exp, -inf for an empty row.
+    head = g * QPK + offs_m % QPK
+    row_ok = qi < nq
+    t_rows = (q_start + qoff + qi).to(tl.int64)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     o = acc / l_safe[:, None]
