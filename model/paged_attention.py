@@ -131,6 +131,7 @@ def plan_attention(
     query_start_B1: np.ndarray, seq_lens_B: np.ndarray, *, num_q_heads: int, num_kv_heads: int, num_sms: int,
     capacity: int | None = None, sliding_window: int | None = None, prefill_block_m: int = 128,
     decode_waves: int = 4, min_split_keys: int = SPLIT_GRANULE, split_granule: int = SPLIT_GRANULE,
+    key_limit_B: np.ndarray | None = None,
 ) -> AttentionPlan:
     """Work items of one step. query_start_B1: offsets of each sequence's queries in the flat batch
     (B+1); seq_lens_B: context length after this step (query i of b sits at position
@@ -139,7 +140,10 @@ def plan_attention(
     at the window). Split-KV aims at num_sms * decode_waves programs for decode tiles and num_sms
     for prefill tiles, never below min_split_keys keys a piece, the pieces starting on multiples
     of split_granule (keep it a multiple of the kernels' BLOCK_N: a piece then has no ragged tile
-    but its last)."""
+    but its last). key_limit_B: sequence b's keys end at key_limit_B[b] <= seq_lens_B[b], whatever
+    its queries' positions (a query then sees keys [0, min(position + 1, limit))): a shard of a
+    sequence-parallel sequence, whose later keys live on other ranks (model/sequence_parallel.py).
+    A tile that sees no key still has one item (an empty range: output 0, LSE -inf)."""
     qs = np.asarray(query_start_B1, dtype=np.int64)
     sl = np.asarray(seq_lens_B, dtype=np.int64)
     if qs.ndim != 1 or sl.ndim != 1 or len(qs) != len(sl) + 1:
@@ -151,6 +155,13 @@ def plan_attention(
         raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    limit = sl
+    if key_limit_B is not None:
+        limit = np.asarray(key_limit_B, dtype=np.int64)
+        if limit.shape != sl.shape or (limit < 0).any() or (limit > sl).any():
+            raise ValueError(f"key_limit_B needs one limit in [0, seq_len] for each of the {len(sl)} sequences")
+        if sliding_window is not None:
+            raise ValueError("key_limit_B and sliding_window do not combine")
     G, qpk = num_kv_heads, num_q_heads // num_kv_heads
     dec_bm = max(16, _next_pow2(qpk))
     pre_bm = max(_next_pow2(prefill_block_m), _next_pow2(qpk))
@@ -159,7 +170,7 @@ def plan_attention(
     pre_seqs = np.flatnonzero(q_len > dec_bq)
     if capacity is not None and len(dec_seqs) > capacity:
         raise ValueError(f"{len(dec_seqs)} decode sequences exceed the plan's capacity {capacity}")
-    common = dict(q_len=q_len, seq_lens=sl, G=G, window=sliding_window, min_split=min_split_keys,
+    common = dict(q_len=q_len, seq_lens=sl, limits=limit, G=G, window=sliding_window, min_split=min_split_keys,
                   granule=split_granule)
     decode = _work_list(dec_seqs, block_q=dec_bq, block_m=dec_bm, target=num_sms * decode_waves, row_base=0,
                         capacity=capacity, **common)
@@ -196,19 +207,20 @@ numpy arithmetic of `_work_list` is ~60 calls on arrays of one element, a few hu
 of host time in front of every decode graph's launch."""
 
 
-def _work_list(seqs, *, q_len, seq_lens, G, window, min_split, granule, block_q, block_m, target, row_base, capacity):
+def _work_list(seqs, *, q_len, seq_lens, limits, G, window, min_split, granule, block_q, block_m, target, row_base,
+               capacity):
     """Tiles of `seqs`, split along the keys when there are fewer than `target` programs, ordered
     longest first (the GPU starts programs in order, so the long ones do not trail)."""
     args = dict(G=G, window=window, min_split=min_split, granule=granule, block_q=block_q, block_m=block_m,
                 target=target, row_base=row_base, capacity=capacity)
     if len(seqs) <= SMALL_WORK_TILES and int(q_len[seqs].sum(initial=0)) <= SMALL_WORK_TILES * block_q:
-        tiles = _tiles_small(seqs.tolist(), q_len.tolist(), seq_lens.tolist(), block_q, window)
+        tiles = _tiles_small(seqs.tolist(), q_len.tolist(), seq_lens.tolist(), limits.tolist(), block_q, window)
         if len(tiles) <= SMALL_WORK_TILES:
             return _work_list_small(tiles, **args)
-    return _work_list_numpy(seqs, q_len=q_len, seq_lens=seq_lens, **args)
+    return _work_list_numpy(seqs, q_len=q_len, seq_lens=seq_lens, limits=limits, **args)
 
 
-def _tiles_small(seqs: list[int], q_len: list[int], seq_lens: list[int], block_q: int,
+def _tiles_small(seqs: list[int], q_len: list[int], seq_lens: list[int], limits: list[int], block_q: int,
                  window: int | None) -> list[tuple[int, int, int, int, int]]:
     """(sequence, first query, queries, first key, key end) of each tile of `seqs`."""
     tiles = []
@@ -216,7 +228,8 @@ def _tiles_small(seqs: list[int], q_len: list[int], seq_lens: list[int], block_q
         for qoff in range(0, q_len[b], block_q):
             nq = min(block_q, q_len[b] - qoff)
             pos0 = seq_lens[b] - q_len[b] + qoff
-            tiles.append((b, qoff, nq, max(0, pos0 - window + 1) if window is not None else 0, pos0 + nq))
+            tiles.append((b, qoff, nq, max(0, pos0 - window + 1) if window is not None else 0,
+                          min(pos0 + nq, limits[b])))
     return tiles
 
 
@@ -233,7 +246,7 @@ def _work_list_small(tiles, *, G, window, min_split, granule, block_q, block_m, 
             items.append((b, qoff, nq, lo, hi, -1, -1))
             continue
         first = lo // chunk
-        nsplit = -(-hi // chunk) - first
+        nsplit = max(1, -(-hi // chunk) - first)  # an empty range (a key limit) is one empty item
         for piece in range(nsplit):
             kv0, kv1 = max(lo, (first + piece) * chunk), min(hi, (first + piece + 1) * chunk)
             split = nsplit > 1
@@ -258,8 +271,8 @@ def _work_list_small(tiles, *, G, window, min_split, granule, block_q, block_m, 
                     block_m=block_m, block_q=block_q)
 
 
-def _work_list_numpy(seqs, *, q_len, seq_lens, G, window, min_split, granule, block_q, block_m, target, row_base,
-                     capacity):
+def _work_list_numpy(seqs, *, q_len, seq_lens, limits, G, window, min_split, granule, block_q, block_m, target,
+                     row_base, capacity):
     """`_work_list` in numpy (the reference of `_work_list_small`, and the path of large steps)."""
     n_tiles_b = -(-q_len[seqs] // block_q)
     tile_seq = np.repeat(seqs, n_tiles_b)
@@ -268,7 +281,7 @@ def _work_list_numpy(seqs, *, q_len, seq_lens, G, window, min_split, granule, bl
     qoff = (np.arange(n_tiles) - tile_first) * block_q
     nq = np.minimum(block_q, q_len[tile_seq] - qoff)
     pos0 = seq_lens[tile_seq] - q_len[tile_seq] + qoff
-    hi = pos0 + nq
+    hi = np.minimum(pos0 + nq, limits[tile_seq])
     lo = np.maximum(0, pos0 - window + 1) if window is not None else np.zeros_like(hi)
     if n_tiles == 0 or n_tiles * G >= target:
         chunk = None
@@ -277,7 +290,7 @@ def _work_list_numpy(seqs, *, q_len, seq_lens, G, window, min_split, granule, bl
         T = -(-target // G)
         per = -(-int((hi - lo).sum()) // T)
         chunk = max(min_split, -(-per // granule) * granule)
-        nsplit = -(-hi // chunk) - lo // chunk
+        nsplit = np.maximum(1, -(-hi // chunk) - lo // chunk)  # an empty range (a key limit): one empty item
     item_tile = np.repeat(np.arange(n_tiles), nsplit)
     piece = np.arange(len(item_tile)) - np.repeat(np.cumsum(nsplit) - nsplit, nsplit)
     if chunk is None:

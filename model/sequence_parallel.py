@@ -23,13 +23,19 @@ k/v, but the earlier chunks' keys would have to move as well, and at 262,144 tok
 ~512 MiB a layer against ~100 MiB for a 2,048-token chunk's queries and partial outputs.
 
 `partial_attention` and `merge_partials` are the plain-torch math (the CPU path and the oracle of
-any kernel that replaces step 2); the collective is handed in (`group`, a torch.distributed
-process group: gloo on the CPU, NCCL on GPUs), never looked up.
+any kernel that replaces step 2); `paged_partial_attention` is step 2 on the GPU: the paged kernel
+(model/triton_attention.py) reading the shard where it lies in the rank's KV cache, its LSE beside
+the output. The shard's keys sit in its blocks in position order, so the keys a row sees are a
+prefix of them (`shard_runs`): the rows become sequences of the kernel's plan, a run of rows this
+rank owns attending causally, a run it does not own seeing a fixed prefix (a key limit). The
+collective is handed in (`group`, a torch.distributed process group: gloo on the CPU, NCCL on
+GPUs), never looked up.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -87,13 +93,74 @@ def merge_partials(out_RTHd: torch.Tensor, lse_RTH: torch.Tensor) -> tuple[torch
     return (out_RTHd * weights[..., None]).sum(dim=0), merged
 
 
-def sequence_parallel_attention(q_THd: torch.Tensor, q_pos_T: torch.Tensor, k_LGd: torch.Tensor, v_LGd: torch.Tensor,
-                                k_pos_L: torch.Tensor, *, rows_per_rank: Sequence[int], scale: float,
-                                group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def shard_runs(q_pos_T: np.ndarray, shard_pos_L: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows at positions q_pos_T (in order), against a shard whose i-th key sits at shard_pos_L[i]
+    (ascending): the rows as sequences of the paged kernel's plan over the shard's keys,
+    (query_start_B1, seq_lens_B, key_limit_B). A run is a stretch of consecutive positions all in
+    the shard or all outside it: in the shard, its rows attend causally to the keys up to their own
+    (seq_len: the shard's keys up to the run's last row); outside it, every row sees the same
+    prefix of the shard (the keys before the run; seq_len counts the run's rows past it, the limit
+    stops the keys there)."""
+    q_pos = np.asarray(q_pos_T, dtype=np.int64)
+    shard = np.asarray(shard_pos_L, dtype=np.int64)
+    n = len(q_pos)
+    if n == 0:
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    seen = np.searchsorted(shard, q_pos, side="right")  # the shard's keys at or before each row
+    own = seen > np.searchsorted(shard, q_pos, side="left")
+    starts = np.flatnonzero(np.concatenate(([True], (q_pos[1:] != q_pos[:-1] + 1) | (own[1:] != own[:-1]))))
+    query_start = np.append(starts, n)
+    q_len = np.diff(query_start)
+    last = query_start[1:] - 1
+    seq_lens = np.where(own[starts], seen[last], seen[starts] + q_len)
+    return query_start, seq_lens, seen[last]
+
+
+def paged_partial_attention(q_THd: torch.Tensor, q_pos_T: np.ndarray, kv_2NSGd: torch.Tensor,
+                            shard_blocks_M: torch.Tensor, shard_pos_L: np.ndarray, scale: float,
+                            num_sms: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`partial_attention` through the paged kernel: q rows [T, H, d] (the cache's dtype) at host
+    positions q_pos_T over the shard held in kv_2NSGd's blocks shard_blocks_M (int32 [M], the
+    shard's block table: its i-th key, at position shard_pos_L[i], in slot i). Returns (output
+    [T, H, d] float32, natural-log LSE [T, H]); a row that sees none of the shard gets 0 and -inf.
+    The kernel writes the output in q's dtype (as in every other use), LSE in float32.
+    Plans on the host from host positions (the step plan's), so nothing waits on the device."""
+    from expertmesh.model.paged_attention import plan_attention, plan_to_device
+    from expertmesh.model.triton_attention import paged_attention
+
+    T, H, d = q_THd.shape
+    lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q_THd.device)
+    if len(q_pos_T) != T:
+        raise ValueError(f"{len(q_pos_T)} positions for {T} rows")
+    if T == 0 or len(shard_pos_L) == 0:
+        return torch.zeros(T, H, d, dtype=torch.float32, device=q_THd.device), lse
+    query_start, seq_lens, key_limit = shard_runs(q_pos_T, shard_pos_L)
+    if num_sms is None:
+        num_sms = (torch.cuda.get_device_properties(q_THd.device).multi_processor_count
+                   if q_THd.device.type == "cuda" else 4)
+    plan = plan_attention(query_start, seq_lens, num_q_heads=H, num_kv_heads=kv_2NSGd.shape[3], num_sms=num_sms,
+                          key_limit_B=key_limit)
+    device = q_THd.device
+    B = len(seq_lens)
+    table = shard_blocks_M.to(device=device, dtype=torch.int32)[None].expand(B, -1)
+    part, _ = paged_attention(q_THd, kv_2NSGd, table, torch.as_tensor(seq_lens, dtype=torch.int32, device=device),
+                              torch.as_tensor(query_start, dtype=torch.int32, device=device),
+                              plan_to_device(plan, device), scale=scale, lse=lse)
+    return part.float(), lse
+
+
+def sequence_parallel_attention(q_THd: torch.Tensor, q_pos_T: torch.Tensor, k_LGd: torch.Tensor | None,
+                                v_LGd: torch.Tensor | None, k_pos_L: torch.Tensor | None, *,
+                                rows_per_rank: Sequence[int], scale: float, group: dist.ProcessGroup | None = None,
+                                attend: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                                | None = None) -> torch.Tensor:
     """This rank's q rows [T, H, d] attended over the whole sequence, whose keys are spread over
     the group (this rank's shard: k/v [L, G, d] at positions k_pos_L, this step's own keys already
     in it). `rows_per_rank`: every rank's T this step, known to all from the step plan (a rank
-    with no rows still joins: the collectives need every rank). Output in q's dtype."""
+    with no rows still joins: the collectives need every rank). `attend`: step 2 in place of
+    `partial_attention` over k/v (which may then be None), called with every rank's rows and their
+    positions and returning (output float32, LSE): `paged_partial_attention` over the rank's
+    cache, with the host positions the step plan gives. Output in q's dtype."""
     R, me = dist.get_world_size(group), dist.get_rank(group)
     T, H, d = q_THd.shape
     if len(rows_per_rank) != R or rows_per_rank[me] != T:
@@ -113,7 +180,12 @@ def sequence_parallel_attention(q_THd: torch.Tensor, q_pos_T: torch.Tensor, k_LG
     q_all = torch.cat([g[:n] for g, n in zip(gathered, rows_per_rank)])
     pos_all = torch.cat([p[:n] for p, n in zip(positions, rows_per_rank)])
     # 2. all rows over this rank's shard
-    out, lse = partial_attention(q_all, pos_all, k_LGd, v_LGd, k_pos_L, scale)
+    if attend is not None:
+        out, lse = attend(q_all, pos_all)
+    else:
+        if k_LGd is None or v_LGd is None or k_pos_L is None:
+            raise ValueError("without `attend`, the shard's k, v and positions are needed")
+        out, lse = partial_attention(q_all, pos_all, k_LGd, v_LGd, k_pos_L, scale)
     # 3. each rank's rows back to it, output and LSE together, then merged
     send = torch.cat((out, lse[..., None]), dim=-1).contiguous()  # [T_all, H, d + 1], rank by rank
     recv = send.new_empty(R * T, H, d + 1)
@@ -132,5 +204,5 @@ def causal_attention_reference(q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: 
     return out
 
 
-__all__ = ["causal_attention_reference", "merge_partials", "partial_attention", "sequence_parallel_attention",
-           "zigzag_owner"]
+__all__ = ["causal_attention_reference", "merge_partials", "paged_partial_attention", "partial_attention",
+           "sequence_parallel_attention", "shard_runs", "zigzag_owner"]

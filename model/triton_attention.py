@@ -266,6 +266,9 @@ def paged_attention(
                          f"{plan.num_q_heads}/{plan.num_kv_heads} heads")
     if q_THd.dtype != kv_2NSGd.dtype:
         raise ValueError(f"q is {q_THd.dtype} but the cache is {kv_2NSGd.dtype}")
+    if out is not None and (out.dtype != q_THd.dtype or out.shape != q_THd.shape):
+        # a float32 `out` beside bf16 q measured wrong outputs at 64/4 heads on the H200 (LSE right)
+        raise ValueError(f"out must be q's shape and dtype ({tuple(q_THd.shape)}, {q_THd.dtype})")
     if d & (d - 1) or S & (S - 1) or d < 16:
         raise ValueError(f"head dim {d} and block size {S} must be powers of two (head dim >= 16)")
     if q_THd.stride(2) != 1 or not kv_2NSGd.is_contiguous():

@@ -261,7 +261,10 @@ def test_plan_capacity_layout_is_fixed_by_the_capacity_alone():
 @pytest.mark.parametrize("bad", [dict(query_start_B1=[0, 2], seq_lens_B=[1]),  # fewer keys than queries
                                  dict(query_start_B1=[0, 2, 1], seq_lens_B=[5, 5]),  # falling offsets
                                  dict(query_start_B1=[0, 1], seq_lens_B=[4, 4]),  # B+1 offsets for B seqs
-                                 dict(num_q_heads=6, num_kv_heads=4), dict(sliding_window=0)])
+                                 dict(num_q_heads=6, num_kv_heads=4), dict(sliding_window=0),
+                                 dict(key_limit_B=np.array([5])),  # past the sequence's keys
+                                 dict(key_limit_B=np.array([-1])), dict(key_limit_B=np.array([2, 2])),
+                                 dict(key_limit_B=np.array([2]), sliding_window=8)])
 def test_plan_rejects_bad_input(bad):
     args = dict(query_start_B1=[0, 1], seq_lens_B=[4], num_q_heads=4, num_kv_heads=2, num_sms=4) | bad
     with pytest.raises(ValueError):
@@ -323,7 +326,8 @@ def test_plan_bounds_hold_every_random_step(capacity, window, split):
 def test_small_work_lists_in_python_ints_equal_the_numpy_ones(capacity, window):
     """Steps of a few tiles are planned in Python ints (_work_list_small): every array, count and
     order equals the numpy arithmetic's (_work_list_numpy), for decode and prefill kinds, split
-    and not, with and without a graph's capacity and a window."""
+    and not, with and without a graph's capacity and a window, and with key limits (a
+    sequence-parallel shard's: some of them 0, a tile with no key)."""
     from expertmesh.model import paged_attention as pa
 
     rng = np.random.default_rng(7 if window is None else 8)
@@ -336,6 +340,8 @@ def test_small_work_lists_in_python_ints_equal_the_numpy_ones(capacity, window):
         seq_lens = np.maximum(q_lens + rng.integers(0, 1 << int(rng.integers(1, 17)), B), 1)
         qs = np.concatenate([[0], np.cumsum(q_lens)])
         args = _split_args(("default", "engine", "granule16")[i % 3], qs, seq_lens, kw)
+        if window is None and i % 2:
+            args["key_limit_B"] = np.where(rng.random(B) < 0.2, 0, rng.integers(0, seq_lens + 1))
         fast = plan_attention(qs, seq_lens, **kw, **args)
         saved = pa.SMALL_WORK_TILES
         pa.SMALL_WORK_TILES = -1  # every kind through numpy
@@ -484,3 +490,16 @@ def test_gpu_decode_launch_replays_in_a_cuda_graph():
                                            scale=d ** -0.5, workspace=ws)
     assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse)
     assert_matches(out, lse, *paged_attention_reference(**tensors, scale=d ** -0.5), atol=1e-2)
+
+
+def test_kernel_refuses_an_output_of_another_dtype_or_shape():
+    """`out` must be q's shape and dtype: a float32 output beside bf16 q was measured writing wrong
+    values on the H200 (64/4 heads, the LSE right), so the launcher refuses the mix outright."""
+    from expertmesh.model.triton_attention import paged_attention
+
+    tensors, qs, seq_lens = make_case([3], [9], H=4, G=2, d=16, S=4, dtype=torch.float32, seed=3)
+    pt = plan_to_device(plan_attention(qs, seq_lens, num_q_heads=4, num_kv_heads=2, num_sms=4), DEV)
+    q = tensors["q_THd"]
+    for out in (torch.empty_like(q, dtype=torch.float64), torch.empty(q.shape[0] + 1, *q.shape[1:], device=q.device)):
+        with pytest.raises(ValueError, match="q's shape and dtype"):
+            paged_attention(**tensors, plan_tensors=pt, scale=0.25, out=out)

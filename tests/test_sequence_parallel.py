@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -15,7 +16,9 @@ from expertmesh.cluster.collective import free_port
 from expertmesh.model.sequence_parallel import (
     causal_attention_reference,
     merge_partials,
+    paged_partial_attention,
     partial_attention,
+    shard_runs,
     zigzag_owner,
 )
 
@@ -80,7 +83,64 @@ def test_partial_attention_matches_sdpa_with_gqa():
     torch.testing.assert_close(out, sdpa.transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
-def _rank_main(rank, world, port, out_dir, length, chunks, unit):
+S = 4  # KV block size of the paged shards
+
+
+def test_shard_runs_cut_rows_into_runs_in_and_outside_the_shard():
+    """Shard at positions 0-3 and 8-11; rows 2, 3 (in it), 4, 5 (outside), 9, 10 (in) and 12
+    (outside, after it): each run's sequence length and key limit as the kernel plans them."""
+    shard = np.array([0, 1, 2, 3, 8, 9, 10, 11])
+    query_start, seq_lens, limit = shard_runs(np.array([2, 3, 4, 5, 9, 10, 12]), shard)
+    assert query_start.tolist() == [0, 2, 4, 6, 7]
+    assert seq_lens.tolist() == [4, 6, 7, 9]  # in: the keys up to the run's last row; outside: prefix + rows
+    assert limit.tolist() == [4, 4, 7, 8]
+    empty = shard_runs(np.array([], dtype=np.int64), shard)
+    assert empty[0].tolist() == [0] and len(empty[1]) == len(empty[2]) == 0
+
+
+def paged_shard(k_LGd, v_LGd, seed, spare=3):
+    """The shard's keys in slots of shuffled blocks of a cache [2, N, S, G, d], every other slot NaN:
+    (cache, the shard's block table int32 [M])."""
+    L = k_LGd.shape[0]
+    M = -(-L // S)
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randperm(M + spare, generator=gen)[:M].to(torch.int32)
+    cache = torch.full((2, M + spare, S, G, D), float("nan"))
+    slots = torch.arange(L)
+    cache[0, blocks[slots // S].long(), slots % S] = k_LGd
+    cache[1, blocks[slots // S].long(), slots % S] = v_LGd
+    return cache, blocks
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_paged_partial_equals_partial_attention_on_every_shard(world):
+    """The paged kernel over a rank's shard where it lies (blocks shuffled, the rest of the cache
+    NaN) equals `partial_attention` on the same keys, output and LSE: rows of a prefill chunk from
+    every rank (each rank's owned positions in order, as the all-gather lays them), decode rows,
+    and rows before the shard's first key (output 0, LSE -inf)."""
+    unit, length = 16, 301
+    q, k, v = qkv(length, seed=11)
+    owner = zigzag_owner(torch.arange(length), world, unit)
+    chunk = torch.arange(200, 290)
+    rows = torch.cat([chunk[owner[chunk] == r] for r in range(world)] + [torch.tensor([3, 17, 299, 300])])
+    for rank in range(world):
+        shard = torch.nonzero(owner == rank).flatten()
+        cache, blocks = paged_shard(k[shard], v[shard], seed=rank)
+        got, got_lse = paged_partial_attention(q[rows], rows.numpy(), cache, blocks, shard.numpy(), D ** -0.5)
+        want, want_lse = partial_attention(q[rows], rows, k[shard], v[shard], shard, D ** -0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=1e-5)
+        if int(shard[0]) > 3:  # row 3 comes before this shard's first key
+            assert got_lse[int(torch.nonzero(rows == 3)[0, 0])].eq(float("-inf")).all()
+
+
+def _paged_attend(cache, blocks, all_rows, shard):
+    """Step 2 of `sequence_parallel_attention` through the paged kernel: every rank's rows at their
+    host positions (the step plan's) over this rank's shard in its cache."""
+    return lambda q_all, _positions: paged_partial_attention(q_all, all_rows, cache, blocks, shard, D ** -0.5)
+
+
+def _rank_main(rank, world, port, out_dir, length, chunks, unit, paged=False):
     import torch.distributed as dist
 
     from expertmesh.model.sequence_parallel import sequence_parallel_attention
@@ -98,22 +158,29 @@ def _rank_main(rank, world, port, out_dir, length, chunks, unit):
         shard_k, shard_v = torch.cat((shard_k, k[mine])), torch.cat((shard_v, v[mine]))
         shard_pos = torch.cat((shard_pos, mine))
         rows = [int((owner[step] == r).sum()) for r in range(world)]
+        attend = None
+        if paged:  # step 2 through the paged kernel over the shard in a cache (the plan's host positions)
+            attend = _paged_attend(*paged_shard(shard_k, shard_v, seed=rank),
+                                   torch.cat([step[owner[step] == r] for r in range(world)]).numpy(), shard_pos.numpy())
         out = sequence_parallel_attention(q[mine], mine, shard_k, shard_v, shard_pos, rows_per_rank=rows,
-                                          scale=D ** -0.5)
+                                          scale=D ** -0.5, attend=attend)
         results.append((mine, out))
     torch.save({"results": results, "shard": shard_pos}, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["torch", "paged"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_gloo_ranks_equal_one_process_through_prefill_and_decode(tmp_path, world):
+def test_gloo_ranks_equal_one_process_through_prefill_and_decode(tmp_path, world, paged):
     """A 333-token prompt prefilled in two chunks, then four decode steps (each one token, on one
     rank; the others have no rows and still join): every rank's rows equal the one-process causal
-    attention over the whole sequence, and the ranks' shards hold every key exactly once."""
+    attention over the whole sequence, and the ranks' shards hold every key exactly once. `paged`:
+    each rank attends through the paged kernel over its shard in a cache (`attend`)."""
     unit, length = 16, 337
     chunks = [(0, 200), (200, 333), (333, 334), (334, 335), (335, 336), (336, 337)]
-    mp.spawn(_rank_main, args=(world, free_port(), str(tmp_path), length, chunks, unit), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, free_port(), str(tmp_path), length, chunks, unit, paged), nprocs=world,
+             join=True)
     q, k, v = qkv(length, seed=7)
     expected = causal_attention_reference(q, k, v)
     seen, shards = [], []
@@ -146,3 +213,33 @@ def _bad_rows_main(rank, port, out_dir):
     except ValueError as e:
         Path(out_dir, "refused").write_text(str(e))
     dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(32, 4), (64, 4)])
+def test_paged_partial_on_the_gpu_equals_partial_attention(heads):
+    """bf16 at real sizes: a 40,000-token sequence over 2 ranks (zigzag units of 1,024), blocks of
+    16; the rows of a 2,048-token prefill chunk from both ranks and 8 decode rows, over each shard."""
+    Hq, Gk, d, block = heads[0], heads[1], 128, 16
+    length, world, unit = 40_000, 2, 1024
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(length, Hq, d, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(length, Gk, d, device="cuda", generator=gen).bfloat16()
+    v = torch.randn(length, Gk, d, device="cuda", generator=gen).bfloat16()
+    owner = zigzag_owner(torch.arange(length), world, unit)
+    chunk = torch.arange(30_000, 32_048)
+    rows = torch.cat([chunk[owner[chunk] == r] for r in range(world)] + [torch.arange(39_992, 40_000)])
+    for rank in range(world):
+        shard = torch.nonzero(owner == rank).flatten()
+        L = len(shard)
+        M = -(-L // block)
+        blocks = torch.randperm(M + 7, device="cuda")[:M].to(torch.int32)
+        cache = torch.full((2, M + 7, block, Gk, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+        slots = torch.arange(L, device="cuda")
+        cache[0, blocks[slots // block].long(), slots % block] = k[shard.cuda()]
+        cache[1, blocks[slots // block].long(), slots % block] = v[shard.cuda()]
+        got, got_lse = paged_partial_attention(q[rows.cuda()], rows.numpy(), cache, blocks, shard.numpy(), d ** -0.5)
+        want, want_lse = partial_attention(q[rows.cuda()], rows.cuda(), k[shard.cuda()], v[shard.cuda()], shard.cuda(),
+                                           d ** -0.5)
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got_lse, want_lse, atol=1e-2, rtol=1e-3)
