@@ -155,6 +155,8 @@ def plan_attention(
         raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    if min_split_keys < 1 or split_granule < 1:
+        raise ValueError(f"min_split_keys ({min_split_keys}) and split_granule ({split_granule}) must be >= 1")
     limit = sl
     if key_limit_B is not None:
         limit = np.asarray(key_limit_B, dtype=np.int64)

@@ -27,17 +27,21 @@ any kernel that replaces step 2); `paged_partial_attention` is step 2 on the GPU
 (model/triton_attention.py) reading the shard where it lies in the rank's KV cache, its LSE beside
 the output. The shard's keys sit in its blocks in position order, so the keys a row sees are a
 prefix of them (`shard_runs`): the rows become sequences of the kernel's plan, a run of rows this
-rank owns attending causally, a run it does not own seeing a fixed prefix (a key limit). The
+rank owns attending causally, a run it does not own seeing a fixed prefix (a key limit), planned
+once a step on the host (`plan_shard_attention`: one non-blocking copy) for every layer. The
 collective is handed in (`group`, a torch.distributed process group: gloo on the CPU, NCCL on
 GPUs), never looked up.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from expertmesh.model.paged_attention import SPLIT_GRANULE, AttentionPlanTensors, plan_attention
 
 QUERY_BLOCK = 1024
 """Query rows attended at once in `partial_attention` (bounds the [H, rows, L] score matrix)."""
@@ -94,15 +98,21 @@ def merge_partials(out_RTHd: torch.Tensor, lse_RTH: torch.Tensor) -> tuple[torch
 
 
 def shard_runs(q_pos_T: np.ndarray, shard_pos_L: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows at positions q_pos_T (in order), against a shard whose i-th key sits at shard_pos_L[i]
-    (ascending): the rows as sequences of the paged kernel's plan over the shard's keys,
+    """Rows at positions q_pos_T, against a shard whose i-th key sits at shard_pos_L[i] (strictly
+    ascending): the rows as sequences of the paged kernel's plan over the shard's keys,
     (query_start_B1, seq_lens_B, key_limit_B). A run is a stretch of consecutive positions all in
     the shard or all outside it: in the shard, its rows attend causally to the keys up to their own
     (seq_len: the shard's keys up to the run's last row); outside it, every row sees the same
     prefix of the shard (the keys before the run; seq_len counts the run's rows past it, the limit
-    stops the keys there)."""
-    q_pos = np.asarray(q_pos_T, dtype=np.int64)
-    shard = np.asarray(shard_pos_L, dtype=np.int64)
+    stops the keys there). Rows may come in any order (each run is a stretch of them)."""
+    q_pos = np.asarray(q_pos_T)
+    shard = np.asarray(shard_pos_L)
+    if q_pos.ndim != 1 or shard.ndim != 1 or not (np.issubdtype(q_pos.dtype, np.integer) or q_pos.size == 0) \
+            or not (np.issubdtype(shard.dtype, np.integer) or shard.size == 0):
+        raise ValueError("row and shard positions must be 1-D integer arrays")
+    q_pos, shard = q_pos.astype(np.int64), shard.astype(np.int64)
+    if (np.diff(shard) <= 0).any() or (shard.size and shard[0] < 0) or (q_pos < 0).any():
+        raise ValueError("shard positions must rise strictly from 0 or more, and row positions be >= 0")
     n = len(q_pos)
     if n == 0:
         return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
@@ -116,36 +126,66 @@ def shard_runs(q_pos_T: np.ndarray, shard_pos_L: np.ndarray) -> tuple[np.ndarray
     return query_start, seq_lens, seen[last]
 
 
-def paged_partial_attention(q_THd: torch.Tensor, q_pos_T: np.ndarray, kv_2NSGd: torch.Tensor,
-                            shard_blocks_M: torch.Tensor, shard_pos_L: np.ndarray, scale: float,
-                            num_sms: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`partial_attention` through the paged kernel: q rows [T, H, d] (the cache's dtype) at host
-    positions q_pos_T over the shard held in kv_2NSGd's blocks shard_blocks_M (int32 [M], the
-    shard's block table: its i-th key, at position shard_pos_L[i], in slot i). Returns (output
-    [T, H, d] float32, natural-log LSE [T, H]); a row that sees none of the shard gets 0 and -inf.
-    The kernel writes the output in q's dtype (as in every other use), LSE in float32.
-    Plans on the host from host positions (the step plan's), so nothing waits on the device."""
-    from expertmesh.model.paged_attention import plan_attention, plan_to_device
+@dataclass(frozen=True)
+class ShardPlan:
+    """One step's rows over this rank's shard, planned for the paged kernel once a step (every
+    layer reads it): the kernel's plan and its sequences' lengths and query offsets on the device
+    (None when no row or no key: every row then gets output 0 and LSE -inf)."""
+
+    num_rows: int
+    num_keys: int
+    plan: AttentionPlanTensors | None = None
+    seq_lens_B: torch.Tensor | None = None
+    query_start_B1: torch.Tensor | None = None
+
+
+def plan_shard_attention(q_pos_T: np.ndarray, shard_pos_L: np.ndarray, *, num_q_heads: int, num_kv_heads: int,
+                         device: torch.device | str, num_sms: int | None = None, min_split_keys: int = SPLIT_GRANULE,
+                         split_granule: int = SPLIT_GRANULE) -> ShardPlan:
+    """Plan every rank's rows this step (host positions, as the step plan gives them) over this
+    rank's shard (host positions of its keys, ascending): `shard_runs`, the kernel's plan with
+    their key limits, and one copy to the device (from pinned memory, not waited for). Split
+    arguments as `plan_attention`'s (a decode row over a long shard splits across the SMs)."""
+    device = torch.device(device)
+    query_start, seq_lens, key_limit = shard_runs(q_pos_T, shard_pos_L)
+    num_rows, num_keys = int(query_start[-1]), len(np.asarray(shard_pos_L))
+    if num_rows == 0 or num_keys == 0:
+        return ShardPlan(num_rows, num_keys)
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    plan = plan_attention(query_start, seq_lens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, num_sms=num_sms,
+                          key_limit_B=key_limit, min_split_keys=min_split_keys, split_granule=split_granule)
+    flat = np.concatenate((plan.packed(), seq_lens.astype(np.int32), query_start.astype(np.int32)))
+    host = torch.from_numpy(flat)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    buffer = host.to(device, non_blocking=True)
+    n_plan, B = plan.packed_size, len(seq_lens)
+    return ShardPlan(num_rows, num_keys, AttentionPlanTensors.view(plan, buffer[:n_plan]),
+                     buffer[n_plan: n_plan + B], buffer[n_plan + B:])
+
+
+def paged_partial_attention(q_THd: torch.Tensor, kv_2NSGd: torch.Tensor, shard_blocks_M: torch.Tensor,
+                            shard: ShardPlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`partial_attention` through the paged kernel: q rows [T, H, d] (the cache's dtype) over the
+    shard held in kv_2NSGd's blocks shard_blocks_M (int32 [M] on the device, the shard's block
+    table: its i-th key in slot i), planned by `plan_shard_attention` for these rows. Returns
+    (output [T, H, d] float32, natural-log LSE [T, H]); a row that sees none of the shard gets 0
+    and -inf. The kernel writes the output in q's dtype (as everywhere else), the LSE in float32."""
     from expertmesh.model.triton_attention import paged_attention
 
     T, H, d = q_THd.shape
+    if shard.num_rows != T:
+        raise ValueError(f"the shard plan is for {shard.num_rows} rows, q has {T}")
+    if shard_blocks_M.ndim != 1 or shard_blocks_M.numel() * kv_2NSGd.shape[2] < shard.num_keys:
+        raise ValueError(f"the shard's block table ({tuple(shard_blocks_M.shape)}, blocks of {kv_2NSGd.shape[2]}) "
+                         f"does not hold its {shard.num_keys} keys")
     lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q_THd.device)
-    if len(q_pos_T) != T:
-        raise ValueError(f"{len(q_pos_T)} positions for {T} rows")
-    if T == 0 or len(shard_pos_L) == 0:
+    if shard.plan is None or shard.seq_lens_B is None or shard.query_start_B1 is None:
         return torch.zeros(T, H, d, dtype=torch.float32, device=q_THd.device), lse
-    query_start, seq_lens, key_limit = shard_runs(q_pos_T, shard_pos_L)
-    if num_sms is None:
-        num_sms = (torch.cuda.get_device_properties(q_THd.device).multi_processor_count
-                   if q_THd.device.type == "cuda" else 4)
-    plan = plan_attention(query_start, seq_lens, num_q_heads=H, num_kv_heads=kv_2NSGd.shape[3], num_sms=num_sms,
-                          key_limit_B=key_limit)
-    device = q_THd.device
-    B = len(seq_lens)
-    table = shard_blocks_M.to(device=device, dtype=torch.int32)[None].expand(B, -1)
-    part, _ = paged_attention(q_THd, kv_2NSGd, table, torch.as_tensor(seq_lens, dtype=torch.int32, device=device),
-                              torch.as_tensor(query_start, dtype=torch.int32, device=device),
-                              plan_to_device(plan, device), scale=scale, lse=lse)
+    table = shard_blocks_M.to(dtype=torch.int32)[None].expand(len(shard.seq_lens_B), -1)
+    part, _ = paged_attention(q_THd, kv_2NSGd, table, shard.seq_lens_B, shard.query_start_B1, shard.plan,
+                              scale=scale, lse=lse)
     return part.float(), lse
 
 
@@ -159,8 +199,9 @@ def sequence_parallel_attention(q_THd: torch.Tensor, q_pos_T: torch.Tensor, k_LG
     in it). `rows_per_rank`: every rank's T this step, known to all from the step plan (a rank
     with no rows still joins: the collectives need every rank). `attend`: step 2 in place of
     `partial_attention` over k/v (which may then be None), called with every rank's rows and their
-    positions and returning (output float32, LSE): `paged_partial_attention` over the rank's
-    cache, with the host positions the step plan gives. Output in q's dtype."""
+    positions (gathered, on the device) and returning (output float32, LSE):
+    `paged_partial_attention` over the rank's cache, with a `ShardPlan` made once a step from the
+    same positions on the host. Output in q's dtype."""
     R, me = dist.get_world_size(group), dist.get_rank(group)
     T, H, d = q_THd.shape
     if len(rows_per_rank) != R or rows_per_rank[me] != T:
@@ -204,5 +245,5 @@ def causal_attention_reference(q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: 
     return out
 
 
-__all__ = ["causal_attention_reference", "merge_partials", "paged_partial_attention", "partial_attention",
-           "sequence_parallel_attention", "shard_runs", "zigzag_owner"]
+__all__ = ["ShardPlan", "causal_attention_reference", "merge_partials", "paged_partial_attention",
+           "partial_attention", "plan_shard_attention", "sequence_parallel_attention", "shard_runs", "zigzag_owner"]

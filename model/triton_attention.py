@@ -89,6 +89,7 @@ def _paged_attention_kernel(
     G: tl.constexpr, QPK: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    PREFILL: tl.constexpr,
 ):
     pdl_wait(PDL)
     pid = tl.program_id(0)
@@ -119,7 +120,7 @@ def _paged_attention_kernel(
     # 2a. tiles every row sees whole: no mask at all.
     for j in range(u0, u1):
         k_pos = j * BLOCK_N + offs_n
-        if BLOCK_N >= S and BLOCK_M >= 64:  # prefill: the tile's BLOCK_N // S block numbers, each over S slots
+        if BLOCK_N >= S and PREFILL:  # the tile's BLOCK_N // S block numbers, each spread over its S slots
             tile_blk = tl.load(bt_row + j * (BLOCK_N // S) + tl.arange(0, BLOCK_N // S)).to(tl.int64)
             blk = tl.reshape(tl.broadcast_to(tile_blk[:, None], (BLOCK_N // S, S)), (BLOCK_N,))
         else:
@@ -136,10 +137,11 @@ def _paged_attention_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
 
-    if BLOCK_M >= 64:
-        # A prefill tile's loop above holds every register it has (at 4 warps: S, P and the
+    if PREFILL:
+        # A prefill tile's loop above holds nearly every register it has (at 4 warps: S, P and the
         # accumulator): the item is read again rather than kept live through it (volatile: not
-        # merged with the first read). A decode tile keeps it (reading it again measured slower).
+        # merged with the first read; only `prow`, one scalar, stays). A decode tile keeps it all:
+        # reading it again, or the block numbers by tile, measured slower there.
         seq, qoff, nq, q_start, pos0, lo, hi, t_lo, t_hi, u0, u1 = _tile(
             items_ptr, item_cap, item, query_start_ptr, seq_lens_ptr, window, HAS_WINDOW, BLOCK_N, True)
         offs_m = tl.arange(0, BLOCK_M)
@@ -303,7 +305,8 @@ def paged_attention(
             q_THd.stride(0), q_THd.stride(1), out.stride(0), out.stride(1), *lse_strides,
             block_table_BM.stride(0), kv_2NSGd.stride(0), kv_2NSGd.stride(1), kv_2NSGd.stride(2),
             kv_2NSGd.stride(3), S=S, BLOCK_M=work.block_m, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
-            PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+            PRECISION=precision, PREFILL=kind == "prefill", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **common)
     return out, lse
 
 

@@ -264,7 +264,8 @@ def test_plan_capacity_layout_is_fixed_by_the_capacity_alone():
                                  dict(num_q_heads=6, num_kv_heads=4), dict(sliding_window=0),
                                  dict(key_limit_B=np.array([5])),  # past the sequence's keys
                                  dict(key_limit_B=np.array([-1])), dict(key_limit_B=np.array([2, 2])),
-                                 dict(key_limit_B=np.array([2]), sliding_window=8)])
+                                 dict(key_limit_B=np.array([2]), sliding_window=8),
+                                 dict(min_split_keys=0), dict(split_granule=0)])
 def test_plan_rejects_bad_input(bad):
     args = dict(query_start_B1=[0, 1], seq_lens_B=[4], num_q_heads=4, num_kv_heads=2, num_sms=4) | bad
     with pytest.raises(ValueError):

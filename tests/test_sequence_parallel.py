@@ -18,6 +18,7 @@ from expertmesh.model.sequence_parallel import (
     merge_partials,
     paged_partial_attention,
     partial_attention,
+    plan_shard_attention,
     shard_runs,
     zigzag_owner,
 )
@@ -98,6 +99,36 @@ def test_shard_runs_cut_rows_into_runs_in_and_outside_the_shard():
     assert empty[0].tolist() == [0] and len(empty[1]) == len(empty[2]) == 0
 
 
+def test_shard_runs_give_every_row_exactly_the_shard_keys_at_or_before_it():
+    """Random shards (one key, none before a row, gaps) and rows in any order, repeats included:
+    the keys each row sees under its run's plan (the kernel's causal rule within seq_len, stopped
+    at the limit) are exactly the shard's keys at or before the row's position."""
+    rng = np.random.default_rng(4)
+    for _ in range(500):
+        length = int(rng.integers(1, 80))
+        shard = np.flatnonzero(rng.random(length) < rng.random())
+        if rng.random() < 0.1:
+            shard = shard[:1]
+        rows = rng.integers(0, length + 3, int(rng.integers(1, 30)))
+        if rng.random() < 0.5:
+            rows = np.sort(rows)
+        query_start, seq_lens, limit = shard_runs(rows, shard)
+        assert query_start[0] == 0 and query_start[-1] == len(rows) and (np.diff(query_start) > 0).all()
+        assert (limit <= seq_lens).all() and (limit >= 0).all()
+        for b in range(len(seq_lens)):
+            for i in range(query_start[b], query_start[b + 1]):
+                position = seq_lens[b] - (query_start[b + 1] - query_start[b]) + (i - query_start[b])
+                assert min(position + 1, limit[b]) == int((shard <= rows[i]).sum())
+
+
+@pytest.mark.parametrize("rows, shard", [(np.array([1]), np.array([5, 3])), (np.array([1]), np.array([3, 4, 4])),
+                                         (np.array([[1]]), np.array([1])), (np.array([1.0]), np.array([1])),
+                                         (np.array([-1]), np.array([1])), (np.array([1]), np.array([-2, 1]))])
+def test_shard_runs_refuse_positions_they_cannot_plan(rows, shard):
+    with pytest.raises(ValueError, match="positions"):
+        shard_runs(rows, shard)
+
+
 def paged_shard(k_LGd, v_LGd, seed, spare=3):
     """The shard's keys in slots of shuffled blocks of a cache [2, N, S, G, d], every other slot NaN:
     (cache, the shard's block table int32 [M])."""
@@ -112,12 +143,14 @@ def paged_shard(k_LGd, v_LGd, seed, spare=3):
     return cache, blocks
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_paged_partial_equals_partial_attention_on_every_shard(world):
+def test_paged_partial_equals_partial_attention_on_every_shard(world, split):
     """The paged kernel over a rank's shard where it lies (blocks shuffled, the rest of the cache
     NaN) equals `partial_attention` on the same keys, output and LSE: rows of a prefill chunk from
     every rank (each rank's owned positions in order, as the all-gather lays them), decode rows,
-    and rows before the shard's first key (output 0, LSE -inf)."""
+    and rows before the shard's first key (output 0, LSE -inf). `split`: pieces of 16 keys over
+    64 SMs, so decode rows split along the shard and merge in the kernel."""
     unit, length = 16, 301
     q, k, v = qkv(length, seed=11)
     owner = zigzag_owner(torch.arange(length), world, unit)
@@ -126,7 +159,10 @@ def test_paged_partial_equals_partial_attention_on_every_shard(world):
     for rank in range(world):
         shard = torch.nonzero(owner == rank).flatten()
         cache, blocks = paged_shard(k[shard], v[shard], seed=rank)
-        got, got_lse = paged_partial_attention(q[rows], rows.numpy(), cache, blocks, shard.numpy(), D ** -0.5)
+        kw = dict(min_split_keys=16, split_granule=16, num_sms=64) if split else {}
+        plan = plan_shard_attention(rows.numpy(), shard.numpy(), num_q_heads=H, num_kv_heads=G, device="cpu", **kw)
+        assert not split or (plan.plan is not None and plan.plan.plan.decode.num_groups > 0)
+        got, got_lse = paged_partial_attention(q[rows], cache, blocks, plan, D ** -0.5)
         want, want_lse = partial_attention(q[rows], rows, k[shard], v[shard], shard, D ** -0.5)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=1e-5)
@@ -135,9 +171,15 @@ def test_paged_partial_equals_partial_attention_on_every_shard(world):
 
 
 def _paged_attend(cache, blocks, all_rows, shard):
-    """Step 2 of `sequence_parallel_attention` through the paged kernel: every rank's rows at their
-    host positions (the step plan's) over this rank's shard in its cache."""
-    return lambda q_all, _positions: paged_partial_attention(q_all, all_rows, cache, blocks, shard, D ** -0.5)
+    """Step 2 of `sequence_parallel_attention` through the paged kernel: every rank's rows, planned
+    once from their host positions (the step plan's), over this rank's shard in its cache. The
+    gathered positions must be the ones planned."""
+    plan = plan_shard_attention(all_rows, shard, num_q_heads=H, num_kv_heads=G, device="cpu")
+
+    def attend(q_all, positions):
+        assert np.array_equal(positions.numpy(), all_rows)
+        return paged_partial_attention(q_all, cache, blocks, plan, D ** -0.5)
+    return attend
 
 
 def _rank_main(rank, world, port, out_dir, length, chunks, unit, paged=False):
@@ -162,8 +204,8 @@ def _rank_main(rank, world, port, out_dir, length, chunks, unit, paged=False):
         if paged:  # step 2 through the paged kernel over the shard in a cache (the plan's host positions)
             attend = _paged_attend(*paged_shard(shard_k, shard_v, seed=rank),
                                    torch.cat([step[owner[step] == r] for r in range(world)]).numpy(), shard_pos.numpy())
-        out = sequence_parallel_attention(q[mine], mine, shard_k, shard_v, shard_pos, rows_per_rank=rows,
-                                          scale=D ** -0.5, attend=attend)
+        shard = (None, None, None) if paged else (shard_k, shard_v, shard_pos)  # `attend` reads the cache
+        out = sequence_parallel_attention(q[mine], mine, *shard, rows_per_rank=rows, scale=D ** -0.5, attend=attend)
         results.append((mine, out))
     torch.save({"results": results, "shard": shard_pos}, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
@@ -199,6 +241,22 @@ def test_gloo_ranks_equal_one_process_through_prefill_and_decode(tmp_path, world
 def test_rows_per_rank_must_name_this_ranks_rows(tmp_path):
     mp.spawn(_bad_rows_main, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
     assert (tmp_path / "refused").read_text().startswith("rows_per_rank")
+    assert "k, v and positions" in (tmp_path / "no_shard").read_text()
+
+
+def test_paged_partial_refuses_a_plan_or_table_that_does_not_fit():
+    q, k, v = qkv(8, seed=0)
+    shard = np.arange(8)
+    cache, blocks = paged_shard(k, v, seed=0)
+    plan = plan_shard_attention(np.arange(8), shard, num_q_heads=H, num_kv_heads=G, device="cpu")
+    with pytest.raises(ValueError, match="rows"):
+        paged_partial_attention(q[:5], cache, blocks, plan, 1.0)
+    with pytest.raises(ValueError, match="does not hold"):
+        paged_partial_attention(q, cache, blocks[:1], plan, 1.0)
+    nothing = plan_shard_attention(np.arange(8), np.array([], dtype=np.int64), num_q_heads=H, num_kv_heads=G,
+                                   device="cpu")
+    out, lse = paged_partial_attention(q, cache, blocks[:0], nothing, 1.0)
+    assert not out.any() and lse.eq(float("-inf")).all()
 
 
 def _bad_rows_main(rank, port, out_dir):
@@ -212,6 +270,10 @@ def _bad_rows_main(rank, port, out_dir):
         sequence_parallel_attention(q, torch.arange(4), k, v, torch.arange(4), rows_per_rank=[3], scale=1.0)
     except ValueError as e:
         Path(out_dir, "refused").write_text(str(e))
+    try:  # neither `attend` nor the shard's k/v
+        sequence_parallel_attention(q, torch.arange(4), None, None, None, rows_per_rank=[4], scale=1.0)
+    except ValueError as e:
+        Path(out_dir, "no_shard").write_text(str(e))
     dist.destroy_process_group()
 
 
@@ -238,7 +300,8 @@ def test_paged_partial_on_the_gpu_equals_partial_attention(heads):
         slots = torch.arange(L, device="cuda")
         cache[0, blocks[slots // block].long(), slots % block] = k[shard.cuda()]
         cache[1, blocks[slots // block].long(), slots % block] = v[shard.cuda()]
-        got, got_lse = paged_partial_attention(q[rows.cuda()], rows.numpy(), cache, blocks, shard.numpy(), d ** -0.5)
+        plan = plan_shard_attention(rows.numpy(), shard.numpy(), num_q_heads=Hq, num_kv_heads=Gk, device="cuda")
+        got, got_lse = paged_partial_attention(q[rows.cuda()], cache, blocks, plan, d ** -0.5)
         want, want_lse = partial_attention(q[rows.cuda()], rows.cuda(), k[shard.cuda()], v[shard.cuda()], shard.cuda(),
                                            d ** -0.5)
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
