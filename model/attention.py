@@ -349,13 +349,12 @@ class KernelAttentionPlanner:
     keys finer (`decode_split_args`); the layout does not depend on it."""
 
     def __init__(self, config: ModelConfig, device: torch.device, *, max_seqs: int, max_tokens: int) -> None:
-        from expertmesh.model.paged_attention import AttentionPlanBuffers, attention_config, plan_bounds
+        from expertmesh.model.paged_attention import AttentionPlanBuffers, attention_config, attention_sms, plan_bounds
         from expertmesh.model.triton_attention import AttentionWorkspace
 
         self.num_q_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.sliding_window = config.sliding_window
-        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
-                        if device.type == "cuda" else 4)
+        self.num_sms = attention_sms(device)
         # the decode kernel's key tile (what triton_attention launches with on this device)
         self.decode_block_n = attention_config(
             "decode", config.head_dim, self.num_q_heads // self.num_kv_heads,

@@ -127,6 +127,11 @@ class AttentionPlan:
         return flat
 
 
+def attention_sms(device: torch.device) -> int:
+    """The SMs a plan spreads its work over: the device's, or 4 off CUDA (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def plan_attention(
     query_start_B1: np.ndarray, seq_lens_B: np.ndarray, *, num_q_heads: int, num_kv_heads: int, num_sms: int,
     capacity: int | None = None, sliding_window: int | None = None, prefill_block_m: int = 128,
@@ -493,5 +498,5 @@ def paged_attention_reference(
 
 
 __all__ = ["AttentionConfig", "AttentionPlan", "AttentionPlanBuffers", "AttentionPlanTensors", "PlanBounds", "WorkList",
-           "attention_config", "default_config", "paged_attention_reference", "plan_attention", "plan_bounds",
-           "plan_to_device"]
+           "attention_config", "attention_sms", "default_config", "paged_attention_reference", "plan_attention",
+           "plan_bounds", "plan_to_device"]

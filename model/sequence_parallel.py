@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from expertmesh.model.paged_attention import SPLIT_GRANULE, AttentionPlanTensors, plan_attention
+from expertmesh.model.paged_attention import SPLIT_GRANULE, AttentionPlanTensors, attention_sms, plan_attention
 
 QUERY_BLOCK = 1024
 """Query rows attended at once in `partial_attention` (bounds the [H, rows, L] score matrix)."""
@@ -151,9 +151,8 @@ def plan_shard_attention(q_pos_T: np.ndarray, shard_pos_L: np.ndarray, *, num_q_
     num_rows, num_keys = int(query_start[-1]), len(np.asarray(shard_pos_L))
     if num_rows == 0 or num_keys == 0:
         return ShardPlan(num_rows, num_keys)
-    if num_sms is None:
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    plan = plan_attention(query_start, seq_lens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, num_sms=num_sms,
+    plan = plan_attention(query_start, seq_lens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                          num_sms=attention_sms(device) if num_sms is None else num_sms,
                           key_limit_B=key_limit, min_split_keys=min_split_keys, split_granule=split_granule)
     flat = np.concatenate((plan.packed(), seq_lens.astype(np.int32), query_start.astype(np.int32)))
     host = torch.from_numpy(flat)

@@ -129,17 +129,17 @@ def test_shard_runs_refuse_positions_they_cannot_plan(rows, shard):
         shard_runs(rows, shard)
 
 
-def paged_shard(k_LGd, v_LGd, seed, spare=3):
-    """The shard's keys in slots of shuffled blocks of a cache [2, N, S, G, d], every other slot NaN:
-    (cache, the shard's block table int32 [M])."""
-    L = k_LGd.shape[0]
-    M = -(-L // S)
+def paged_shard(k_LGd, v_LGd, seed, spare=3, block=S):
+    """The shard's keys in slots of shuffled blocks of a cache [2, N, block, G, d] (k's device and
+    dtype), every other slot NaN: (cache, the shard's block table int32 [M])."""
+    L, Gk, d = k_LGd.shape
+    M = -(-L // block)
     gen = torch.Generator().manual_seed(seed)
-    blocks = torch.randperm(M + spare, generator=gen)[:M].to(torch.int32)
-    cache = torch.full((2, M + spare, S, G, D), float("nan"))
-    slots = torch.arange(L)
-    cache[0, blocks[slots // S].long(), slots % S] = k_LGd
-    cache[1, blocks[slots // S].long(), slots % S] = v_LGd
+    blocks = torch.randperm(M + spare, generator=gen)[:M].to(device=k_LGd.device, dtype=torch.int32)
+    cache = torch.full((2, M + spare, block, Gk, d), float("nan"), device=k_LGd.device, dtype=k_LGd.dtype)
+    slots = torch.arange(L, device=k_LGd.device)
+    cache[0, blocks[slots // block].long(), slots % block] = k_LGd
+    cache[1, blocks[slots // block].long(), slots % block] = v_LGd
     return cache, blocks
 
 
@@ -293,13 +293,7 @@ def test_paged_partial_on_the_gpu_equals_partial_attention(heads):
     rows = torch.cat([chunk[owner[chunk] == r] for r in range(world)] + [torch.arange(39_992, 40_000)])
     for rank in range(world):
         shard = torch.nonzero(owner == rank).flatten()
-        L = len(shard)
-        M = -(-L // block)
-        blocks = torch.randperm(M + 7, device="cuda")[:M].to(torch.int32)
-        cache = torch.full((2, M + 7, block, Gk, d), float("nan"), device="cuda", dtype=torch.bfloat16)
-        slots = torch.arange(L, device="cuda")
-        cache[0, blocks[slots // block].long(), slots % block] = k[shard.cuda()]
-        cache[1, blocks[slots // block].long(), slots % block] = v[shard.cuda()]
+        cache, blocks = paged_shard(k[shard.cuda()], v[shard.cuda()], seed=rank, spare=7, block=block)
         plan = plan_shard_attention(rows.numpy(), shard.numpy(), num_q_heads=Hq, num_kv_heads=Gk, device="cuda")
         got, got_lse = paged_partial_attention(q[rows.cuda()], cache, blocks, plan, d ** -0.5)
         want, want_lse = partial_attention(q[rows.cuda()], rows.cuda(), k[shard.cuda()], v[shard.cuda()], shard.cuda(),
