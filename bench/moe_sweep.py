@@ -27,8 +27,8 @@ from expertmesh.experts.moe_config import GEMV_MAX_COPIES, ConfigTable, KernelCo
 GEMV_PROBE_MAX_COPIES = 128
 
 
-def _k(n: int, k: int, group_m: int, warps: int, stages: int) -> KernelConfig:
-    return KernelConfig(n, k, group_m, warps, stages)
+def _k(n: int, k: int, group_m: int, warps: int, stages: int, tma: bool = False) -> KernelConfig:
+    return KernelConfig(n, k, group_m, warps, stages, tma)
 
 
 GEMV_FIRST = [_k(16, 256, 1, 4, 2), _k(8, 512, 1, 4, 2), _k(32, 256, 1, 4, 2), _k(16, 512, 1, 8, 2),
@@ -39,18 +39,22 @@ GEMM_FIRST = {
     16: [_k(64, 128, 1, 4, 4), _k(32, 128, 1, 4, 4), _k(128, 64, 1, 4, 4), _k(64, 64, 1, 4, 5),
          _k(32, 256, 1, 4, 3), _k(128, 128, 1, 8, 3)],
     32: [_k(64, 128, 4, 4, 4), _k(128, 64, 4, 4, 4), _k(64, 64, 4, 4, 4), _k(128, 128, 4, 8, 3)],
-    64: [_k(64, 64, 8, 4, 4), _k(128, 64, 8, 4, 3), _k(64, 128, 8, 4, 3), _k(128, 64, 8, 8, 4)],
+    64: [_k(64, 64, 8, 4, 4), _k(128, 64, 8, 4, 3), _k(64, 128, 8, 4, 3), _k(128, 64, 8, 8, 4),
+         _k(128, 64, 8, 4, 4, True), _k(128, 64, 8, 8, 3, True)],
     128: [_k(128, 64, 8, 8, 3), _k(128, 64, 8, 8, 4), _k(64, 64, 8, 4, 4), _k(64, 128, 8, 8, 3),
-          _k(128, 32, 8, 8, 4)],
+          _k(128, 32, 8, 8, 4), _k(128, 64, 8, 8, 3, True), _k(128, 64, 8, 8, 4, True)],
 }
 GEMM_SECOND = {
     16: [_k(64, 128, 1, 4, 4), _k(128, 64, 1, 4, 4), _k(64, 256, 1, 4, 3), _k(128, 128, 1, 4, 3),
          _k(32, 256, 1, 4, 4), _k(256, 64, 1, 8, 3)],
     32: [_k(128, 64, 4, 4, 4), _k(64, 128, 4, 4, 4), _k(128, 128, 4, 4, 3), _k(256, 64, 4, 8, 3)],
-    64: [_k(128, 64, 8, 4, 4), _k(64, 128, 8, 4, 4), _k(256, 64, 8, 8, 3), _k(128, 128, 8, 8, 3)],
+    64: [_k(128, 64, 8, 4, 4), _k(64, 128, 8, 4, 4), _k(256, 64, 8, 8, 3), _k(128, 128, 8, 8, 3),
+         _k(256, 64, 8, 8, 3, True), _k(128, 64, 8, 4, 4, True)],
     128: [_k(256, 64, 8, 8, 3), _k(128, 64, 8, 8, 4), _k(128, 128, 8, 8, 3), _k(256, 32, 8, 8, 4),
-          _k(128, 64, 8, 4, 4)],
+          _k(128, 64, 8, 4, 4), _k(256, 64, 8, 8, 3, True), _k(128, 64, 8, 8, 4, True)],
 }
+"""Candidates with tma=True are the persistent TMA kernels (16-bit weights; the FP8 sweep drops
+the flag: its kernels read through pointers)."""
 
 
 def _candidates(configs: list[KernelConfig], fp8: bool) -> list[KernelConfig]:
@@ -180,7 +184,7 @@ def _sweep_bucket(w13_EFD, w2_EDF, K: int, T: int, log, timer, scales=None, rout
 def _sweep_blocked(x, w13_EFD, w2_EDF, routes, out, K: int, bm: int, log, timer, scales=None):
     """(microseconds, config json) of the blocked path with BLOCK_M = bm and its best GEMM configs;
     `routes`: (ids_N, weights_N) of each routing a timed call cycles through."""
-    from expertmesh.experts.triton_moe import gemm_down, gemm_gate_up
+    from expertmesh.experts.triton_moe import combine_copies, gemm_down, gemm_gate_up
     from expertmesh.router.triton_align import align_blocks
 
     (T, D), E, F, N = x.shape, w13_EFD.shape[0], w2_EDF.shape[2], routes[0][0].numel()
@@ -197,7 +201,7 @@ def _sweep_blocked(x, w13_EFD, w2_EDF, routes, out, K: int, bm: int, log, timer,
         lambda b=b, act=act, w=w: gemm_down(act, w2_EDF, y, b.sorted_ids_M, b.block_bucket_B, b.num_padded,
                                             num_copies=N, block_m=bm, config=c, weights_N=w, scales=scales)
         for b, act, (_, w) in zip(blocks, acts, routes)]), log, timer)
-    sum_s = timer(_cycled([lambda: torch.sum(y.view(T, K, D), dim=1, out=out)] * len(routes)))
+    sum_s = timer(_cycled([lambda: combine_copies(y, out, K)] * len(routes)))
     if not (first and second):
         return None
     total = align_s + first[0] + second[0] + sum_s

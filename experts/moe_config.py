@@ -13,7 +13,8 @@ Keys of "gemv" and "blocked" are token-copy counts N = T*K (the rows of the grou
 expert-parallel path, the rows received). A call with N copies takes the GEMV path when
 N <= gemv_max_copies, and within the path the bucket whose key is nearest to N in log scale.
 "first" is the gate/up GEMM (output 2F, reduction D), "second" the down GEMM (output D, reduction
-F); each holds BLOCK_N, BLOCK_K, GROUP_M, num_warps and num_stages (`KernelConfig`). BLOCK_M is
+F); each holds BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages and, for the blocked GEMMs,
+tma (`KernelConfig`; a file without it means false). BLOCK_M is
 per bucket because both GEMMs read the same alignment of copies to blocks.
 
 The heuristic (no file for this shape and device) follows what the memory and compute bounds ask
@@ -45,6 +46,11 @@ class KernelConfig:
     GROUP_M: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False
+    """Blocked GEMMs only: the persistent kernels that read weight tiles (and the down GEMM's
+    activation tiles) through the tensor memory accelerator, where the launch allows it (16-bit
+    weights without scales, tiles dividing the shape, a device with TMA or the interpreter);
+    elsewhere the same launch takes the pointer kernels."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ def heuristic_config(num_copies: int, E: int, F: int, D: int, *, gemv: bool | No
         return MoeConfig(KernelConfig(64, 128, 1, 4, 4), KernelConfig(64, 128, 1, 4, 4), block_m=16)
     if per_expert <= 128:
         return MoeConfig(KernelConfig(64, 64, 8, 4, 4), KernelConfig(128, 64, 8, 4, 4), block_m=64)
-    return MoeConfig(KernelConfig(128, 64, 8, 8, 3), KernelConfig(256, 64, 8, 8, 3), block_m=128)
+    return MoeConfig(KernelConfig(128, 64, 8, 8, 3, tma=True), KernelConfig(256, 64, 8, 8, 3, tma=True), block_m=128)
 
 
 def select_config(num_copies: int, E: int, F: int, D: int, dtype_name: str, device_name: str,

@@ -365,7 +365,7 @@ def linear_fp8(x_TD: torch.Tensor, weight_ND: torch.Tensor, weight_scale: torch.
     rows = triton.cdiv(T, block_m) * block_m
     sorted_ids = torch.arange(rows, device=x_TD.device, dtype=torch.int32)  # rows >= T are masked (>= num_copies)
     block_expert = torch.zeros(rows // block_m, device=x_TD.device, dtype=torch.int32)
-    num_padded = torch.full((1,), rows, device=x_TD.device, dtype=torch.int32)
+    num_padded = torch.full((2,), rows, device=x_TD.device, dtype=torch.int32)
     grid = weight_scale[None]
     gemm_down(x_TD, weight_ND[None], out, sorted_ids, block_expert, num_padded, num_copies=T, block_m=block_m,
               config=config, scales=ExpertScales(grid, grid, scale_block, scale_block))

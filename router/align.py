@@ -14,13 +14,14 @@ and never read weights for it, so the combine can sum all K copies of a token wi
     sorted_ids_M[m]   = copy at padded row m, or N for a padding row
     block_bucket_B[b] = bucket of rows b*BM .. b*BM+BM-1; E+1 for blocks at or past num_padded/BM
     num_padded[0]     = padded rows in use (a multiple of BM)
+    num_padded[1]     = padded rows of the local experts: the zero bucket's rows start here
 
 The grid of the GEMMs must not depend on the data, so B is a static bound: a bucket with c copies
 needs ceil(c/BM) blocks, which is at most c and at most (c + BM - 1)/BM, so over the E+1 buckets
 B <= min(N, (N + (E+1)(BM-1)) // BM). Blocks past num_padded exit at once.
 
 Worked example: E = 2, BM = 4, buckets of copies 0..4 = [1, 0, 1, 2, 1] (copy 3 not local), N = 5:
-counts [1, 3, 1] -> padded [4, 4, 4], starts [0, 4, 8], num_padded 12;
+counts [1, 3, 1] -> padded [4, 4, 4], starts [0, 4, 8], num_padded [12, 8];
 sorted_ids = [1, 5, 5, 5 | 0, 2, 4, 5 | 3, 5, 5, 5]; block_bucket = [0, 1, 2] (B = min(5, 14 // 4) = 3).
 
 `align_blocks_reference` below is the plain-torch oracle of this arithmetic (it syncs, sorts and
@@ -42,7 +43,8 @@ class AlignedBlocks:
     block_bucket_B: torch.Tensor
     """int32 [B]: local expert of each block; E for the zero bucket; E+1 past the rows in use."""
     num_padded: torch.Tensor
-    """int32 [1]: padded rows in use (on the device: the GEMMs read it, the host never does)."""
+    """int32 [2]: padded rows in use, and of those the local experts' (the zero bucket's rows
+    follow them); on the device: the GEMMs read it, the host never does."""
     block_m: int
     num_copies: int
 
@@ -76,4 +78,5 @@ def align_blocks_reference(ids_N: torch.Tensor, num_experts: int, block_m: int,
     sorted_ids[starts[sorted_bucket_N] + rank_N] = order_N.to(torch.int32)
     block_rows = torch.arange(B, device=ids_N.device) * block_m
     block_bucket = ((starts + padded)[None, :] <= block_rows[:, None]).sum(1).to(torch.int32)
-    return AlignedBlocks(sorted_ids, block_bucket, padded.sum().reshape(1).to(torch.int32), block_m, N)
+    num_padded = torch.stack([padded.sum(), padded[:E].sum()]).to(torch.int32)
+    return AlignedBlocks(sorted_ids, block_bucket, num_padded, block_m, N)

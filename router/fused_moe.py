@@ -9,7 +9,9 @@ is `LocalDispatcher` + `Experts._reference`: tests hold the two equal):
     N <= gemv_max_copies (decode):   gemv_gate_up -> gemv_down (weighted sum over K fused)
                                      2 kernels; no sort, no alignment, no empty programs
     otherwise:                       align_blocks (3 small kernels) -> gemm_gate_up (SiLU-and-mul
-                                     fused) -> gemm_down (routing weights applied) -> sum over K
+                                     fused) -> gemm_down (routing weights applied) -> combine
+                                     (sum over K); at large N the two GEMMs are persistent
+                                     kernels that read tiles through TMA (config `tma`)
 
 `grouped_experts` is the experts alone for the all-to-all dispatcher: rows arrive sorted by local
 expert, padding rows (expert >= E) come out as zeros, and the dispatcher's combine applies the
@@ -30,6 +32,7 @@ from expertmesh.experts.moe_config import ConfigTable, MoeConfig, load_table, se
 from expertmesh.experts.triton_fp8 import ExpertScales, check_scales
 from expertmesh.experts.triton_moe import (
     check_operands,
+    combine_copies,
     gemm_down,
     gemm_gate_up,
     gemv_down,
@@ -100,7 +103,7 @@ def fused_moe(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: to
     y_ND = x_TD.new_empty(N, D)
     gemm_down(act_MF, w2_EDF, y_ND, blocks.sorted_ids_M, blocks.block_bucket_B, blocks.num_padded,
               num_copies=N, block_m=config.block_m, config=config.second, weights_N=weights_N, scales=scales)
-    return torch.sum(y_ND.view(T, K, D), dim=1, out=out)
+    return combine_copies(y_ND, out, K)
 
 
 def grouped_experts(x_ND: torch.Tensor, expert_N: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, *,

@@ -68,6 +68,7 @@ def _align_plan_kernel(hist_ptr, start_ptr, sorted_ids_ptr, block_bucket_ptr, nu
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
     tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    tl.store(num_padded_ptr + 1, tl.sum(tl.where(cols < num_experts, padded, 0), axis=0))
 
     # Where each chunk's copies of each bucket begin: the bucket's start plus earlier chunks' counts.
     carry = starts
@@ -129,7 +130,7 @@ def align_blocks(ids_N: torch.Tensor, num_experts: int, block_m: int,
     starts = torch.empty_like(hist)
     sorted_ids = torch.empty(B * block_m, dtype=torch.int32, device=device)
     block_bucket = torch.empty(B, dtype=torch.int32, device=device)
-    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    num_padded = torch.empty(2, dtype=torch.int32, device=device)
     mapping = expert_to_local_E if expert_to_local_E is not None else ids_N
     has_map = expert_to_local_E is not None
     _align_count_kernel[(P,)](ids_N, mapping, hist, N, E, num_sub, HAS_MAP=has_map, SUB=sub, B_PAD=B_PAD)

@@ -135,7 +135,7 @@ def test_topk_kernel_ids_stay_distinct_under_ties_and_infinities():
 
 
 def assert_aligned_equal(got, want):
-    rows = int(want.num_padded)
+    rows = int(want.num_padded[0])
     assert torch.equal(got.num_padded, want.num_padded)
     assert torch.equal(got.sorted_ids_M[:rows], want.sorted_ids_M[:rows])
     assert torch.equal(got.block_bucket_B, want.block_bucket_B)
@@ -147,7 +147,7 @@ def test_alignment_worked_example_of_the_docstring():
     ids = torch.tensor([1, 0, 1, -1, 1])
     want = align_blocks_reference(ids, 2, 4)
     assert want.sorted_ids_M.tolist() == [1, 5, 5, 5, 0, 2, 4, 5, 3, 5, 5, 5]
-    assert want.block_bucket_B.tolist() == [0, 1, 2] and want.num_padded.tolist() == [12]
+    assert want.block_bucket_B.tolist() == [0, 1, 2] and want.num_padded.tolist() == [12, 8]
     assert_aligned_equal(align_blocks(ids, 2, 4), want)
 
 
@@ -247,6 +247,103 @@ def test_grouped_experts_with_padding_rows(path):
     assert (out[real:] == 0).all()
 
 
+TMA16 = MoeConfig(KernelConfig(32, 32, GROUP_M=2, tma=True), KernelConfig(32, 32, GROUP_M=2, tma=True), block_m=16)
+"""The persistent TMA kernels (16-bit weights; 32-wide tiles divide the shapes below, and the
+interpreter's INTERPRETER_PROGRAMS programs each walk several tiles)."""
+
+
+def assert_tma_runs(config: MoeConfig, x, w13, w2, block_m: int):
+    """The TMA kernels, not the pointer kernels they fall back to, take this launch."""
+    from expertmesh.experts import triton_moe
+
+    act = x.new_empty(block_m, w2.shape[2])
+    assert triton_moe._tma_programs(config.first, x, w13, None, n_ok=True, k_ok=True) is not None
+    assert triton_moe._tma_programs(config.second, act, w2, None, n_ok=True, k_ok=True) is not None
+
+
+@interpreter
+@pytest.mark.parametrize("kind", ["uniform", "uneven", "one_expert", "placement"])
+def test_tma_kernels_equal_the_reference(kind):
+    """Uneven loads leave experts empty; a placement table sends copies to the zero bucket, whose
+    tiles the down kernel's second loop fills with zeros. float16: the interpreter of Triton 3.9
+    multiplies bfloat16 dots wrongly (the pointer kernels too); the GPU tests cover bf16."""
+    dtype = torch.float16
+    G, E, D, F, K, T = 16, 16, 64, 96, 3, 29
+    table = None
+    if kind == "placement":
+        E = 7
+        table = torch.full((G,), -1, dtype=torch.int64)
+        table[torch.tensor([14, 2, 9, 5, 11, 0, 7])] = torch.arange(E)
+    w13, w2 = random_weights(E, D, F, dtype, seed=T)
+    weights, ids = routing("uniform" if kind == "placement" else kind, T, K, G, seed=len(kind))
+    x = torch.randn(T, D).to(dtype)
+    assert_tma_runs(TMA16, x, w13, w2, 16)
+    out = fused_moe(x, weights, ids, w13, w2, expert_to_local_E=table, config=TMA16,
+                    out=poisoned(T, D, dtype=dtype))
+    assert not out.isnan().any()
+    want = reference_moe(x, weights, ids, w13, w2, table)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    pointer = MoeConfig(*(KernelConfig(c.BLOCK_N, c.BLOCK_K, c.GROUP_M) for c in (TMA16.first, TMA16.second)),
+                        block_m=16)
+    torch.testing.assert_close(out, fused_moe(x, weights, ids, w13, w2, expert_to_local_E=table, config=pointer),
+                               rtol=1e-2, atol=1e-2)
+
+
+@interpreter
+def test_tma_grouped_experts_give_padding_rows_zeros():
+    E, D, F = 5, 64, 64
+    counts = torch.tensor([20, 0, 6, 17, 0])
+    padding = 23
+    expert_N = torch.cat([torch.repeat_interleave(torch.arange(E), counts), torch.full((padding,), E)])
+    N = expert_N.numel()
+    w13, w2 = random_weights(E, D, F, torch.float16, seed=2)
+    x = torch.randn(N, D).to(torch.float16)
+    assert_tma_runs(TMA16, x, w13, w2, 16)
+    out = grouped_experts(x, expert_N, w13, w2, out=poisoned(N, D, dtype=x.dtype), config=TMA16)
+    real = int(counts.sum())
+    torch.testing.assert_close(out[:real].float(), reference_experts(w13, w2)(x[:real].float(), counts),
+                               **TOLERANCE[torch.float16])
+    assert (out[real:] == 0).all()
+
+
+@interpreter
+def test_tma_configs_fall_back_where_tma_cannot_take_the_launch():
+    """float32 weights, FP8 scales, tiles that do not divide the shape, rows of a width TMA cannot
+    address: the pointer kernels take the launch, and the result is still right."""
+    from expertmesh.experts import triton_moe
+
+    w13, w2 = random_weights(4, 64, 48, torch.float16)
+    x = torch.randn(5, 64).to(torch.float16)
+    first = TMA16.first
+    assert triton_moe._tma_programs(first, x.float(), w13.float(), None, n_ok=True, k_ok=True) is None
+    assert triton_moe._tma_programs(first, x, w13, None, n_ok=False, k_ok=True) is None
+    assert triton_moe._tma_programs(first, x, w13, None, n_ok=True, k_ok=False) is None
+    assert triton_moe._tma_programs(first, x, w13, object(), n_ok=True, k_ok=True) is None
+    assert triton_moe._tma_programs(first, x.float(), w13, None, n_ok=True, k_ok=True) is None
+    odd = torch.randn(4, 96, 36, dtype=torch.float16)  # 72-byte rows: not 16-byte aligned
+    assert triton_moe._tma_programs(first, x, odd, None, n_ok=True, k_ok=True) is None
+    assert triton_moe._tma_programs(KernelConfig(32, 32), x, w13, None, n_ok=True, k_ok=True) is None
+    weights, ids = routing("uniform", 5, 2, 4)
+    out = fused_moe(x, weights, ids, w13, w2, config=TMA16)  # F = 48: 32-wide tiles do not divide it
+    torch.testing.assert_close(out.float(), reference_moe(x, weights, ids, w13, w2), **TOLERANCE[torch.float16])
+
+
+@interpreter
+@pytest.mark.parametrize(("T", "K", "D"), [(1, 8, 4096), (37, 3, 100), (600, 2, 64)])
+def test_combine_copies_equals_torch_sum(T, K, D):
+    from expertmesh.experts.triton_moe import combine_copies
+
+    y = torch.randn(T * K, D).to(torch.bfloat16)
+    out = combine_copies(y, poisoned(T, D, dtype=torch.bfloat16), K)
+    want = y.float().view(T, K, D).sum(1)  # float32 accumulation, one rounding (the interpreter
+    # rounds float32 -> bfloat16 toward zero, the GPU to nearest: within one bf16 unit either way)
+    torch.testing.assert_close(out.float(), want, rtol=2 ** -7, atol=1e-30)
+    with pytest.raises(ValueError, match="combine_copies takes"):
+        combine_copies(y[:-1], torch.empty(T, D, dtype=torch.bfloat16), K)
+    with pytest.raises(ValueError, match="combine_copies takes"):
+        combine_copies(torch.randn(D, T * K).t(), torch.empty(T, D), K)
+
+
 @interpreter
 def test_strided_activations_and_bad_operands():
     E, D, F, K, T = 4, 32, 16, 2, 3
@@ -298,7 +395,7 @@ def test_heuristic_keeps_one_block_per_expert_while_copies_are_few():
     assert heuristic_config(512, 128, 1536, 4096).block_m == 16  # 64 tokens: 4 copies per expert
     assert heuristic_config(8192, 128, 1536, 4096).block_m == 64  # 1,024 tokens: 64 per expert
     large = heuristic_config(131072, 128, 1536, 4096)
-    assert large.block_m == 128 and large.first.num_warps == 8
+    assert large.block_m == 128 and large.first.num_warps == 8 and large.first.tma and large.second.tma
 
 
 # ---------------------------------------------------------------- GPU (compiled kernels, bf16)
@@ -425,6 +522,64 @@ def test_gpu_cuda_graph_replay_of_topk_and_fused_moe_equals_eager(T):
     torch.cuda.synchronize()
     weights, ids = topk_softmax_triton(new_logits, s["K"], True, "topk_softmax")
     assert torch.equal(out, fused_moe(new_x, weights, ids, w13, w2))
+
+
+TMA_LARGE = {bm: MoeConfig(KernelConfig(128, 64, 8, 8, 3, tma=True), KernelConfig(256, 64, 8, 8, 3, tma=True),
+                           block_m=bm) for bm in (64, 128)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize(("kind", "T"), [("uniform", 4096), ("uneven", 1000), ("placement", 1000),
+                                         ("one_expert", 300)])
+@pytest.mark.parametrize("shape", ["235b", "30b"])
+def test_gpu_tma_kernels_match_the_float32_reference(shape, kind, T, block_m):
+    """The persistent TMA GEMMs (the large-T configs) on uneven loads, empty experts and a
+    placement table whose other experts' copies fill the zero bucket."""
+    w13, w2, experts = gpu_weights(shape)
+    s = SHAPES[shape]
+    E, K = s["E"], s["K"]
+    weights, ids = routing("uniform" if kind == "placement" else kind, T, K, E, seed=T + len(kind), device="cuda")
+    table = None
+    if kind == "placement":
+        E = 48
+        g = torch.Generator().manual_seed(9)
+        table = torch.full((s["E"],), -1, dtype=torch.int64)
+        table[torch.randperm(s["E"], generator=g)[:E]] = torch.arange(E)
+        table = table.cuda()
+        w13, w2, experts = w13[:E], w2[:E], None
+    x = gpu_tokens(T, s["D"], seed=T)
+    assert_tma_runs(TMA_LARGE[block_m], x, w13, w2, block_m)
+    out = fused_moe(x, weights, ids, w13, w2, expert_to_local_E=table, config=TMA_LARGE[block_m],
+                    out=poisoned(T, s["D"], dtype=torch.bfloat16, device="cuda"))
+    assert_bf16_close(out, reference_moe(x, weights, ids, w13, w2, table, experts=experts))
+
+
+@pytest.mark.gpu
+def test_gpu_tma_grouped_experts_with_padding_rows():
+    w13, w2, experts = gpu_weights("30b")
+    s = SHAPES["30b"]
+    real, capacity = 5000, 8192
+    g = torch.Generator().manual_seed(real)
+    expert_real = torch.sort(torch.randint(0, s["E"] // 2, (real,), generator=g) * 2).values  # odd experts empty
+    expert_N = torch.cat([expert_real, torch.full((capacity - real,), s["E"])]).cuda()
+    x = gpu_tokens(capacity, s["D"], seed=real)
+    out = grouped_experts(x, expert_N, w13, w2, config=TMA_LARGE[128],
+                          out=poisoned(capacity, s["D"], dtype=torch.bfloat16, device="cuda"))
+    counts = torch.bincount(expert_real, minlength=s["E"]).cuda()
+    assert_bf16_close(out[:real], experts(x[:real].float(), counts))
+    assert (out[real:] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("T", "K", "D"), [(1, 8, 4096), (16384, 8, 4096), (333, 3, 2048)])
+def test_gpu_combine_copies_equals_torch_sum(T, K, D):
+    from expertmesh.experts.triton_moe import combine_copies
+
+    y = torch.randn(T * K, D, device="cuda").to(torch.bfloat16)
+    out = combine_copies(y, poisoned(T, D, dtype=torch.bfloat16, device="cuda"), K)
+    want = y.float().view(T, K, D).sum(1)
+    torch.testing.assert_close(out.float(), want, rtol=2 ** -8, atol=1e-30)  # one rounding to nearest
 
 
 # ---------------------------------------------------------------- FP8 weights (W8A16 GEMVs, W8A8 blocked GEMMs)
