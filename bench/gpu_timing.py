@@ -38,7 +38,7 @@ def eager_time(fn, repeats: int = 7, warmup: int = 3, target_s: float = 10e-3, m
         fn()
     torch.cuda.synchronize()
     estimate = min(_elapsed(fn) for _ in range(3))
-    reps = max(MIN_EAGER_REPS, min(max_reps, int(target_s / max(estimate, 1e-6))))
+    reps = max(min(MIN_EAGER_REPS, max_reps), min(max_reps, int(target_s / max(estimate, 1e-6))))
 
     def calls():
         for _ in range(reps):

@@ -21,6 +21,11 @@ Blocked path (copies aligned to BM-row blocks of one expert each, router/align.p
        write zeros and read no weights
     Blocks past the real count (num_padded, on the device) exit at once; the grid is the static
     bound on blocks, so a call launches the same grid for every routing of the same T.
+    At large T (config `tma`, 16-bit weights) both are persistent instead: min(SMs, static tiles)
+    programs walk the tiles of the local experts' rows (num_padded[1]) with a stride of the grid,
+    weight tiles (and the down GEMM's act tiles) read through TMA; the down kernel then walks the
+    zero bucket's tiles (rows num_padded[1] .. num_padded[0]) writing zeros. combine_copies sums
+    each token's K rows of y.
 
 FP8 weights (ExpertScales): the K tiles shrink to fit the scale blocks (one scale per row and
 tile). With bf16/fp16 activations the blocked GEMMs quantize each row's K tile on the fly
@@ -686,20 +691,29 @@ walks several tiles."""
 
 @functools.cache
 def _multiprocessors(index: int) -> int | None:
-    """SMs of CUDA device `index`, None where it has no tensor memory accelerator (before sm_90)."""
+    """SMs of CUDA device `index`, None where it has no tensor memory accelerator (NVIDIA before
+    sm_90; ROCm builds take the pointer kernels)."""
     props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count if props.major >= 9 else None
+    return props.multi_processor_count if props.major >= 9 and torch.version.hip is None else None
+
+
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """What a TMA descriptor over t's rows needs: unit stride along the last dim, 16-byte aligned
+    base and row stride."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
 
 
 def _tma_programs(config: KernelConfig, act: torch.Tensor, weight: torch.Tensor, scales: ExpertScales | None, *,
-                  n_ok: bool, k_ok: bool) -> int | None:
+                  n_ok: bool, k_ok: bool, act_tma: bool = False) -> int | None:
     """Programs of the persistent TMA kernel for this launch, or None for the pointer kernel: the
     config asks for TMA, the weights are 16-bit without scales in the activations' dtype, contiguous
-    with 16-byte rows (TMA's alignment), the tiles divide the shape, and the device has TMA (or the
-    interpreter runs the kernels)."""
+    and TMA-addressable (as are the activations where `act_tma`: the down GEMM reads them through
+    TMA too), the tiles divide the shape, and the device has TMA (or the interpreter runs the
+    kernels)."""
     if not (config.tma and scales is None and n_ok and k_ok and weight.dtype in (torch.bfloat16, torch.float16)
             and act.dtype == weight.dtype and weight.is_contiguous() and act.stride(-1) == 1
-            and weight.shape[-1] * weight.element_size() % 16 == 0):
+            and _tma_addressable(weight) and (not act_tma or _tma_addressable(act))):
         return None
     if weight.device.type == "cuda":
         return _multiprocessors(weight.device.index if weight.device.index is not None
@@ -731,7 +745,9 @@ def gemm_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, act_MF: torch.Tensor
     """act_MF[m] = silu(gate) * up of the copy at padded row m (sorted_ids_M[m] < num_copies);
     rows of padding and of the zero bucket are left unwritten."""
     F = act_MF.shape[1]
-    E, _, D = w13_EFD.shape
+    E, F2, D = w13_EFD.shape
+    if F2 != 2 * F:
+        raise ValueError(f"act_MF {tuple(act_MF.shape)} must be [M, F] for w13 {tuple(w13_EFD.shape)} ([E, 2F, D])")
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, F, 16), _block(config.BLOCK_K, D, 16)
     if scales is not None:
@@ -763,11 +779,14 @@ def gemm_down(act_MF: torch.Tensor, w2_EDF: torch.Tensor, y_ND: torch.Tensor, so
     copies of the zero bucket: every row c < num_copies is written."""
     D = y_ND.shape[1]
     E, _, F = w2_EDF.shape
+    if act_MF.shape[1] != F or w2_EDF.shape[1] != D:
+        raise ValueError(f"act_MF {tuple(act_MF.shape)} and y {tuple(y_ND.shape)} must be [M, F] and [N, D] for "
+                         f"w2 {tuple(w2_EDF.shape)} ([E, D, F])")
     num_blocks = block_expert_B.shape[0]
     bn, bk = _block(config.BLOCK_N, D, 16), _block(config.BLOCK_K, F, 16)
     if scales is not None:
         bk = fp8_block_k(bk, scale_k_of(scales, "w2"))
-    programs = _tma_programs(config, act_MF, w2_EDF, scales, n_ok=D % bn == 0, k_ok=F % bk == 0)
+    programs = _tma_programs(config, act_MF, w2_EDF, scales, n_ok=D % bn == 0, k_ok=F % bk == 0, act_tma=True)
     if programs:
         grid_n = min(programs, num_blocks * (D // bn))
         _launch(_gemm_down_tma_kernel, (grid_n,),

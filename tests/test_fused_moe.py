@@ -252,18 +252,28 @@ TMA16 = MoeConfig(KernelConfig(32, 32, GROUP_M=2, tma=True), KernelConfig(32, 32
 interpreter's INTERPRETER_PROGRAMS programs each walk several tiles)."""
 
 
-def assert_tma_runs(config: MoeConfig, x, w13, w2, block_m: int):
-    """The TMA kernels, not the pointer kernels they fall back to, take this launch."""
+@pytest.fixture
+def launched(monkeypatch) -> list[str]:
+    """Names of the expert kernels launched through triton_moe._launch while the test runs."""
     from expertmesh.experts import triton_moe
 
-    act = x.new_empty(block_m, w2.shape[2])
-    assert triton_moe._tma_programs(config.first, x, w13, None, n_ok=True, k_ok=True) is not None
-    assert triton_moe._tma_programs(config.second, act, w2, None, n_ok=True, k_ok=True) is not None
+    names: list[str] = []
+    real = triton_moe._launch
+
+    def spy(kernel, *args, **kwargs):
+        names.append(kernel.fn.__name__)
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(triton_moe, "_launch", spy)
+    return names
+
+
+TMA_KERNELS = ["_gemm_gate_up_tma_kernel", "_gemm_down_tma_kernel"]
 
 
 @interpreter
 @pytest.mark.parametrize("kind", ["uniform", "uneven", "one_expert", "placement"])
-def test_tma_kernels_equal_the_reference(kind):
+def test_tma_kernels_equal_the_reference(kind, launched):
     """Uneven loads leave experts empty; a placement table sends copies to the zero bucket, whose
     tiles the down kernel's second loop fills with zeros. float16: the interpreter of Triton 3.9
     multiplies bfloat16 dots wrongly (the pointer kernels too); the GPU tests cover bf16."""
@@ -277,10 +287,9 @@ def test_tma_kernels_equal_the_reference(kind):
     w13, w2 = random_weights(E, D, F, dtype, seed=T)
     weights, ids = routing("uniform" if kind == "placement" else kind, T, K, G, seed=len(kind))
     x = torch.randn(T, D).to(dtype)
-    assert_tma_runs(TMA16, x, w13, w2, 16)
     out = fused_moe(x, weights, ids, w13, w2, expert_to_local_E=table, config=TMA16,
                     out=poisoned(T, D, dtype=dtype))
-    assert not out.isnan().any()
+    assert launched == TMA_KERNELS and not out.isnan().any()
     want = reference_moe(x, weights, ids, w13, w2, table)
     torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     pointer = MoeConfig(*(KernelConfig(c.BLOCK_N, c.BLOCK_K, c.GROUP_M) for c in (TMA16.first, TMA16.second)),
@@ -290,7 +299,32 @@ def test_tma_kernels_equal_the_reference(kind):
 
 
 @interpreter
-def test_tma_grouped_experts_give_padding_rows_zeros():
+def test_tma_down_writes_every_copy_and_zeros_for_the_zero_bucket(launched):
+    from expertmesh.experts.triton_moe import gemm_down, gemm_gate_up
+
+    G, E, D, F, K, T = 16, 5, 64, 64, 2, 21
+    table = torch.full((G,), -1, dtype=torch.int64)
+    table[torch.tensor([3, 8, 1, 12, 6])] = torch.arange(E)
+    w13, w2 = random_weights(E, D, F, torch.float16, seed=4)
+    weights, ids = routing("uniform", T, K, G, seed=4)
+    x = torch.randn(T, D).to(torch.float16)
+    blocks = align_blocks(ids.reshape(-1), E, 16, table)
+    act = poisoned(blocks.sorted_ids_M.shape[0], F, dtype=torch.float16)
+    y = poisoned(T * K, D, dtype=torch.float16)
+    gemm_gate_up(x, w13, act, blocks.sorted_ids_M, blocks.block_bucket_B, blocks.num_padded, num_copies=T * K,
+                 top_k=K, block_m=16, config=TMA16.first)
+    gemm_down(act, w2, y, blocks.sorted_ids_M, blocks.block_bucket_B, blocks.num_padded, num_copies=T * K,
+              block_m=16, config=TMA16.second, weights_N=weights.reshape(-1).float())
+    assert launched == TMA_KERNELS
+    local_N = table[ids.reshape(-1)] >= 0
+    assert (~local_N).any() and local_N.any()
+    assert not y.isnan().any() and (y[~local_N] == 0).all()
+    want = reference_moe(x, weights, ids, w13, w2, table)
+    torch.testing.assert_close(y.float().view(T, K, D).sum(1), want, **TOLERANCE[torch.float16])
+
+
+@interpreter
+def test_tma_grouped_experts_give_padding_rows_zeros(launched):
     E, D, F = 5, 64, 64
     counts = torch.tensor([20, 0, 6, 17, 0])
     padding = 23
@@ -298,8 +332,8 @@ def test_tma_grouped_experts_give_padding_rows_zeros():
     N = expert_N.numel()
     w13, w2 = random_weights(E, D, F, torch.float16, seed=2)
     x = torch.randn(N, D).to(torch.float16)
-    assert_tma_runs(TMA16, x, w13, w2, 16)
     out = grouped_experts(x, expert_N, w13, w2, out=poisoned(N, D, dtype=x.dtype), config=TMA16)
+    assert launched == TMA_KERNELS
     real = int(counts.sum())
     torch.testing.assert_close(out[:real].float(), reference_experts(w13, w2)(x[:real].float(), counts),
                                **TOLERANCE[torch.float16])
@@ -322,10 +356,27 @@ def test_tma_configs_fall_back_where_tma_cannot_take_the_launch():
     assert triton_moe._tma_programs(first, x.float(), w13, None, n_ok=True, k_ok=True) is None
     odd = torch.randn(4, 96, 36, dtype=torch.float16)  # 72-byte rows: not 16-byte aligned
     assert triton_moe._tma_programs(first, x, odd, None, n_ok=True, k_ok=True) is None
+    shifted = torch.empty(w13.numel() + 1, dtype=torch.float16)[1:].view(w13.shape)  # contiguous, base off by 2 bytes
+    assert shifted.is_contiguous() and triton_moe._tma_programs(first, x, shifted, None, n_ok=True, k_ok=True) is None
     assert triton_moe._tma_programs(KernelConfig(32, 32), x, w13, None, n_ok=True, k_ok=True) is None
+    act = torch.randn(16, 48 + 4, dtype=torch.float16)  # the down GEMM reads act through TMA too
+    assert triton_moe._tma_programs(first, act[:, :48], w2, None, n_ok=True, k_ok=True, act_tma=True) is None
+    assert triton_moe._tma_programs(first, torch.empty(16 * 48 + 1, dtype=torch.float16)[1:].view(16, 48), w2,
+                                    None, n_ok=True, k_ok=True, act_tma=True) is None
+    assert triton_moe._tma_programs(first, act[:, :48].contiguous(), w2, None, n_ok=True, k_ok=True,
+                                    act_tma=True) is not None
     weights, ids = routing("uniform", 5, 2, 4)
     out = fused_moe(x, weights, ids, w13, w2, config=TMA16)  # F = 48: 32-wide tiles do not divide it
     torch.testing.assert_close(out.float(), reference_moe(x, weights, ids, w13, w2), **TOLERANCE[torch.float16])
+
+
+def sequential_sum(y_ND: torch.Tensor, K: int) -> torch.Tensor:
+    """sum over k of y[t*K + k] in float32, k in order, rounded once to y's dtype."""
+    y = y_ND.view(-1, K, y_ND.shape[1]).float()
+    acc = y[:, 0].clone()
+    for k in range(1, K):
+        acc += y[:, k]
+    return acc.to(y_ND.dtype)
 
 
 @interpreter
@@ -335,9 +386,9 @@ def test_combine_copies_equals_torch_sum(T, K, D):
 
     y = torch.randn(T * K, D).to(torch.bfloat16)
     out = combine_copies(y, poisoned(T, D, dtype=torch.bfloat16), K)
-    want = y.float().view(T, K, D).sum(1)  # float32 accumulation, one rounding (the interpreter
-    # rounds float32 -> bfloat16 toward zero, the GPU to nearest: within one bf16 unit either way)
-    torch.testing.assert_close(out.float(), want, rtol=2 ** -7, atol=1e-30)
+    # float32 accumulation in the kernel's order, one rounding; the interpreter rounds float32 ->
+    # bfloat16 toward zero where the GPU rounds to nearest (test_gpu_...: equal): one bf16 unit here
+    torch.testing.assert_close(out.float(), sequential_sum(y, K).float(), rtol=2 ** -7, atol=1e-30)
     with pytest.raises(ValueError, match="combine_copies takes"):
         combine_copies(y[:-1], torch.empty(T, D, dtype=torch.bfloat16), K)
     with pytest.raises(ValueError, match="combine_copies takes"):
@@ -421,6 +472,16 @@ def assert_bf16_close(out, ref):
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
+def placed_experts(shape: str, seed: int, local: int = 48):
+    """`local` of the shape's experts on this rank, in a scattered order: (local, the placement
+    table on the GPU, their weights w13 and w2, None: the reference takes the table instead)."""
+    w13, w2, _ = gpu_weights(shape)
+    E = SHAPES[shape]["E"]
+    table = torch.full((E,), -1, dtype=torch.int64)
+    table[torch.randperm(E, generator=torch.Generator().manual_seed(seed))[:local]] = torch.arange(local)
+    return local, table.cuda(), w13[:local], w2[:local], None
+
+
 def gpu_tokens(T: int, D: int, seed: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     return torch.randn(T, D, generator=g, device="cuda").to(torch.bfloat16)
@@ -447,13 +508,8 @@ def test_gpu_uneven_loads_empty_experts_and_placement_tables(kind, path, T):
     E, K = s["E"], s["K"]
     weights, ids = routing("uniform" if kind == "placement" else kind, T, K, E, seed=T + len(kind), device="cuda")
     table = None
-    if kind == "placement":  # 48 of the 128 experts on this rank, in a scattered order
-        E = 48
-        g = torch.Generator().manual_seed(7)
-        table = torch.full((s["E"],), -1, dtype=torch.int64)
-        table[torch.randperm(s["E"], generator=g)[:E]] = torch.arange(E)
-        table = table.cuda()
-        w13, w2, experts = w13[:E], w2[:E], None
+    if kind == "placement":
+        E, table, w13, w2, experts = placed_experts("30b", seed=7)
     elif kind == "uneven" and T > 1:
         assert (torch.bincount(ids.reshape(-1), minlength=E) == 0).any()
     config = heuristic_config(T * K, E, s["F"], s["D"], gemv=path == "gemv")
@@ -493,7 +549,7 @@ def test_gpu_topk_kernel_equals_gate(scoring, renormalize):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 64])
+@pytest.mark.parametrize("T", [1, 64, 4096])  # 4,096: the data file's persistent TMA down GEMM
 def test_gpu_cuda_graph_replay_of_topk_and_fused_moe_equals_eager(T):
     """Capture top-k + fused_moe once on static buffers, copy new logits and tokens in place,
     replay: the output equals an eager call on the new inputs, bit for bit (no atomics)."""
@@ -533,7 +589,7 @@ TMA_LARGE = {bm: MoeConfig(KernelConfig(128, 64, 8, 8, 3, tma=True), KernelConfi
 @pytest.mark.parametrize(("kind", "T"), [("uniform", 4096), ("uneven", 1000), ("placement", 1000),
                                          ("one_expert", 300)])
 @pytest.mark.parametrize("shape", ["235b", "30b"])
-def test_gpu_tma_kernels_match_the_float32_reference(shape, kind, T, block_m):
+def test_gpu_tma_kernels_match_the_float32_reference(shape, kind, T, block_m, launched):
     """The persistent TMA GEMMs (the large-T configs) on uneven loads, empty experts and a
     placement table whose other experts' copies fill the zero bucket."""
     w13, w2, experts = gpu_weights(shape)
@@ -542,21 +598,16 @@ def test_gpu_tma_kernels_match_the_float32_reference(shape, kind, T, block_m):
     weights, ids = routing("uniform" if kind == "placement" else kind, T, K, E, seed=T + len(kind), device="cuda")
     table = None
     if kind == "placement":
-        E = 48
-        g = torch.Generator().manual_seed(9)
-        table = torch.full((s["E"],), -1, dtype=torch.int64)
-        table[torch.randperm(s["E"], generator=g)[:E]] = torch.arange(E)
-        table = table.cuda()
-        w13, w2, experts = w13[:E], w2[:E], None
+        E, table, w13, w2, experts = placed_experts(shape, seed=9)
     x = gpu_tokens(T, s["D"], seed=T)
-    assert_tma_runs(TMA_LARGE[block_m], x, w13, w2, block_m)
     out = fused_moe(x, weights, ids, w13, w2, expert_to_local_E=table, config=TMA_LARGE[block_m],
                     out=poisoned(T, s["D"], dtype=torch.bfloat16, device="cuda"))
+    assert launched == TMA_KERNELS
     assert_bf16_close(out, reference_moe(x, weights, ids, w13, w2, table, experts=experts))
 
 
 @pytest.mark.gpu
-def test_gpu_tma_grouped_experts_with_padding_rows():
+def test_gpu_tma_grouped_experts_with_padding_rows(launched):
     w13, w2, experts = gpu_weights("30b")
     s = SHAPES["30b"]
     real, capacity = 5000, 8192
@@ -566,6 +617,7 @@ def test_gpu_tma_grouped_experts_with_padding_rows():
     x = gpu_tokens(capacity, s["D"], seed=real)
     out = grouped_experts(x, expert_N, w13, w2, config=TMA_LARGE[128],
                           out=poisoned(capacity, s["D"], dtype=torch.bfloat16, device="cuda"))
+    assert launched == TMA_KERNELS
     counts = torch.bincount(expert_real, minlength=s["E"]).cuda()
     assert_bf16_close(out[:real], experts(x[:real].float(), counts))
     assert (out[real:] == 0).all()
@@ -578,8 +630,7 @@ def test_gpu_combine_copies_equals_torch_sum(T, K, D):
 
     y = torch.randn(T * K, D, device="cuda").to(torch.bfloat16)
     out = combine_copies(y, poisoned(T, D, dtype=torch.bfloat16, device="cuda"), K)
-    want = y.float().view(T, K, D).sum(1)
-    torch.testing.assert_close(out.float(), want, rtol=2 ** -8, atol=1e-30)  # one rounding to nearest
+    assert torch.equal(out, sequential_sum(y, K))  # same float32 additions, one rounding to nearest
 
 
 # ---------------------------------------------------------------- FP8 weights (W8A16 GEMVs, W8A8 blocked GEMMs)
