@@ -184,7 +184,8 @@ def _sweep_bucket(w13_EFD, w2_EDF, K: int, T: int, log, timer, scales=None, rout
 def _sweep_blocked(x, w13_EFD, w2_EDF, routes, out, K: int, bm: int, log, timer, scales=None):
     """(microseconds, config json) of the blocked path with BLOCK_M = bm and its best GEMM configs;
     `routes`: (ids_N, weights_N) of each routing a timed call cycles through."""
-    from expertmesh.experts.triton_moe import combine_copies, gemm_down, gemm_gate_up
+    from expertmesh.experts.triton_moe import gemm_down, gemm_gate_up
+    from expertmesh.experts.triton_persistent import combine_copies
     from expertmesh.router.triton_align import align_blocks
 
     (T, D), E, F, N = x.shape, w13_EFD.shape[0], w2_EDF.shape[2], routes[0][0].numel()

@@ -21,11 +21,8 @@ Blocked path (copies aligned to BM-row blocks of one expert each, router/align.p
        write zeros and read no weights
     Blocks past the real count (num_padded, on the device) exit at once; the grid is the static
     bound on blocks, so a call launches the same grid for every routing of the same T.
-    At large T (config `tma`, 16-bit weights) both are persistent instead: min(SMs, static tiles)
-    programs walk the tiles of the local experts' rows (num_padded[1]) with a stride of the grid,
-    weight tiles (and the down GEMM's act tiles) read through TMA; the down kernel then walks the
-    zero bucket's tiles (rows num_padded[1] .. num_padded[0]) writing zeros. combine_copies sums
-    each token's K rows of y.
+    At large T (config `tma`, 16-bit weights) both run as persistent kernels fed through TMA
+    instead (experts/triton_persistent.py, which also holds combine_copies, the sum over K).
 
 FP8 weights (ExpertScales): the K tiles shrink to fit the scale blocks (one scale per row and
 tile). With bf16/fp16 activations the blocked GEMMs quantize each row's K tile on the fly
@@ -43,14 +40,9 @@ none synchronises with the host.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from expertmesh.experts.moe_config import KernelConfig
 from expertmesh.experts.triton_fp8 import (
@@ -64,6 +56,8 @@ from expertmesh.experts.triton_fp8 import (
     scale_k_of,
 )
 from expertmesh.experts.triton_pdl import pdl, pdl_wait
+from expertmesh.experts.triton_persistent import gemm_down_tma, gemm_gate_up_tma, tma_programs
+from expertmesh.experts.triton_tiles import launch, silu_mul, swizzle
 
 
 @triton.jit
@@ -73,23 +67,6 @@ def _expert_of(ids_ptr, map_ptr, index, mask, num_experts, HAS_MAP: tl.constexpr
     if HAS_MAP:
         expert = tl.load(map_ptr + expert, mask=mask & (expert >= 0), other=-1).to(tl.int32)
     return tl.where(mask & (expert >= 0) & (expert < num_experts), expert, -1)
-
-
-@triton.jit
-def _silu_mul(gate, up):
-    return gate / (1.0 + tl.exp(-gate)) * up
-
-
-@triton.jit
-def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Program id -> (m-block, n-block), GROUP_M m-blocks side by side so their weight tiles
-    (often the same expert's) are still in L2 when the neighbours ask for them."""
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -154,7 +131,7 @@ def _gemv_gate_up_kernel(
                 u = u * tl.load(s_ptrs + (F // SBN) * stride_sn, mask=s_ok, other=0.0)
         acc_gate += g * xv[None, :]
         acc_up += u * xv[None, :]
-    h = _silu_mul(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1))
+    h = silu_mul(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1))
     tl.store(act_ptr + copy.to(tl.int64) * stride_ac + offs_n, h.to(act_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -271,7 +248,7 @@ def _gemv_gate_up_dot_kernel(
         back = tl.exp2(x_shift)[:, None]
         acc_gate = acc_gate * back
         acc_up = acc_up * back
-    h = _silu_mul(tl.sum(acc_gate, axis=0), tl.sum(acc_up, axis=0))  # rows past the first are zeros
+    h = silu_mul(tl.sum(acc_gate, axis=0), tl.sum(acc_up, axis=0))  # rows past the first are zeros
     tl.store(act_ptr + copy.to(tl.int64) * stride_ac + offs_n, h.to(act_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -334,7 +311,7 @@ def _gemm_gate_up_kernel(
     HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
     A8: tl.constexpr, EXACT_CVT: tl.constexpr,
 ):
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(F, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), num_blocks, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m)
@@ -391,7 +368,7 @@ def _gemm_gate_up_kernel(
         a_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
-    h = _silu_mul(acc_gate, acc_up).to(act_ptr.dtype.element_ty)
+    h = silu_mul(acc_gate, acc_up).to(act_ptr.dtype.element_ty)
     act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :]
     tl.store(act_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
 
@@ -406,7 +383,7 @@ def _gemm_down_kernel(
     HAS_WS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_VEC: tl.constexpr,
     A8: tl.constexpr, EXACT_CVT: tl.constexpr,
 ):
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m)
@@ -455,115 +432,6 @@ def _gemm_down_kernel(
     if HAS_WEIGHTS:
         acc = acc * tl.load(weights_ptr + copies, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-
-
-@triton.jit
-def _gemm_gate_up_tma_kernel(
-    x_ptr, w_desc, act_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    num_copies, F, D, stride_xt, stride_am, num_programs,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """_gemm_gate_up_kernel for 16-bit weights, persistent: num_programs programs walk the tiles of
-    the local experts' rows (num_padded[1]; the zero bucket has nothing to compute here), weight
-    tiles through TMA (w_desc: w13 as [E*2F, D]), activation rows gathered by pointer. Padding rows
-    load copy 0's row, unmasked, and are not stored."""
-    num_pid_n = F // BLOCK_N
-    num_pid_m = tl.load(num_padded_ptr + 1) // BLOCK_M
-    offs_k = tl.arange(0, BLOCK_K)
-    for tile in range(tl.program_id(0), num_pid_m * num_pid_n, num_programs):
-        pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
-        expert = tl.load(block_expert_ptr + pid_m)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        copies = tl.load(sorted_ids_ptr + rows)
-        row_ok = copies < num_copies
-        a_ptrs = x_ptr + (tl.where(row_ok, copies, 0) // TOP_K).to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
-        gate_row = expert * 2 * F + pid_n * BLOCK_N
-        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            a = tl.load(a_ptrs)
-            acc_gate = tl.dot(a, w_desc.load([gate_row, k0]).T, acc_gate)
-            acc_up = tl.dot(a, w_desc.load([gate_row + F, k0]).T, acc_up)
-            a_ptrs += BLOCK_K
-        h = _silu_mul(acc_gate, acc_up).to(act_ptr.dtype.element_ty)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], h, mask=row_ok[:, None])
-
-
-@triton.jit
-def _gemm_down_tma_kernel(
-    a_desc, w_desc, y_ptr, weights_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    num_copies, D, F, stride_yc, num_programs,
-    HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """_gemm_down_kernel for 16-bit weights, persistent: one flattened loop over the local experts'
-    tiles and their K steps (act tiles through a_desc [M, F], weight tiles through w_desc: w2 as
-    [E*D, F]), then the zero bucket's tiles, which store zeros and read nothing."""
-    num_pid_n = D // BLOCK_N
-    expert_m = tl.load(num_padded_ptr + 1) // BLOCK_M
-    for tile in tl.range(tl.program_id(0), expert_m * num_pid_n, num_programs, flatten=True):
-        pid_m, pid_n = _swizzle(tile, expert_m, num_pid_n, GROUP_M)
-        expert = tl.load(block_expert_ptr + pid_m)
-        w_row = expert * D + pid_n * BLOCK_N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, F, BLOCK_K):
-            acc = tl.dot(a_desc.load([pid_m * BLOCK_M, k0]), w_desc.load([w_row, k0]).T, acc)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        copies = tl.load(sorted_ids_ptr + rows)
-        row_ok = copies < num_copies
-        if HAS_WEIGHTS:
-            acc = acc * tl.load(weights_ptr + copies, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.store(y_ptr + copies.to(tl.int64)[:, None] * stride_yc + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
-    num_m = tl.load(num_padded_ptr) // BLOCK_M
-    for tile in range(tl.program_id(0) + expert_m * num_pid_n, num_m * num_pid_n, num_programs):
-        rows = (tile // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        copies = tl.load(sorted_ids_ptr + rows)
-        offs_n = (tile % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.store(y_ptr + copies.to(tl.int64)[:, None] * stride_yc + offs_n[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_N], dtype=y_ptr.dtype.element_ty), mask=(copies < num_copies)[:, None])
-
-
-@triton.jit
-def _combine_kernel(y_ptr, out_ptr, T, D, stride_yc, stride_ot,
-                    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t] = sum_k y[t*K + k], added in float32 in k order and rounded once."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
-    y_ptrs = y_ptr + (offs_t * TOP_K).to(tl.int64)[:, None] * stride_yc + offs_d[None, :]
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        acc += tl.load(y_ptrs + k * stride_yc, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-_STAGES_THAT_FIT: dict[tuple, int] = {}
-
-
-def _launch(kernel, grid, args, *, num_warps: int, num_stages: int, pdl_on: int | None = None,
-            **constexprs) -> None:
-    """Launch; where a config's pipeline does not fit in shared memory on this device (a data file
-    written for another GPU), retry with fewer stages instead of failing the forward. `pdl_on`: a
-    kernel with a PDL parameter launched with programmatic dependent launch or not (experts/triton_pdl.py)."""
-    if pdl_on is not None:
-        constexprs.update(PDL=pdl_on, launch_pdl=bool(pdl_on))
-    key = (id(kernel), num_warps, num_stages, tuple(sorted(constexprs.items())))
-    stages = _STAGES_THAT_FIT.get(key, num_stages)
-    while True:
-        try:
-            kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
-        except OutOfResources:
-            if stages <= 1:
-                raise
-            stages -= 1
-            continue
-        _STAGES_THAT_FIT[key] = stages
-        return
 
 
 def _block(size: int, dim: int, low: int) -> int:
@@ -631,7 +499,7 @@ def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor,
     ws, se, sn, ws_args = scale_args(scales, "w13", act_NF, bk)
     form = _gemv_form("first", form, scales, x_TD, bn, bk, ws_args["SCALE_VEC"])
     if form != "fma":
-        _launch(_gemv_gate_up_dot_kernel, grid,
+        launch(_gemv_gate_up_dot_kernel, grid,
                 (x_TD, w13_EFD, act_NF, ids_N, mapping, ws, F, D, E,
                  x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0), se, sn),
                 num_warps=config.num_warps, num_stages=config.num_stages, pdl_on=pdl(x_TD.device),
@@ -639,7 +507,7 @@ def gemv_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, ids_N: torch.Tensor,
                 EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, SBN=ws_args["SBN"], SBK=ws_args["SBK"],
                 A8=form == "a8", EXACT_CVT=x_TD.device.type != "cuda")
         return
-    _launch(_gemv_gate_up_kernel, grid,
+    launch(_gemv_gate_up_kernel, grid,
             (x_TD, w13_EFD, act_NF, ids_N, mapping, ws, F, D, E,
              x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_NF.stride(0), se, sn),
             num_warps=config.num_warps, num_stages=config.num_stages, pdl_on=pdl(x_TD.device),
@@ -667,7 +535,7 @@ def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, o
     ws, se, sn, ws_args = scale_args(scales, "w2", act_NF, bk)
     form = _gemv_form("second", form, scales, act_NF, bn, bk, ws_args["SCALE_VEC"])
     if form == "a8":
-        _launch(_gemv_down_a8_kernel, grid,
+        launch(_gemv_down_a8_kernel, grid,
                 (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, ws, D, F,
                  E, act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0), se, sn),
                 num_warps=config.num_warps, num_stages=config.num_stages, pdl_on=pdl(act_NF.device),
@@ -675,68 +543,13 @@ def gemv_down(act_NF: torch.Tensor, w2_EDF: torch.Tensor, ids_N: torch.Tensor, o
                 BLOCK_N=bn, BLOCK_K=bk, EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, SBN=ws_args["SBN"],
                 SBK=ws_args["SBK"], EXACT_CVT=act_NF.device.type != "cuda")
         return
-    _launch(_gemv_down_kernel, grid,
+    launch(_gemv_down_kernel, grid,
             (act_NF, w2_EDF, out_TD, ids_N, mapping, weights_N if weights_N is not None else act_NF, ws, D, F, E,
              act_NF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), out_TD.stride(0), se, sn),
             num_warps=config.num_warps, num_stages=config.num_stages, pdl_on=pdl(act_NF.device),
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), HAS_MAP=expert_to_local_E is not None,
             HAS_WEIGHTS=weights_N is not None, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=F % bk == 0, EVEN_N=D % bn == 0,
             **ws_args)
-
-
-INTERPRETER_PROGRAMS = 3
-"""Programs of a persistent kernel in Triton's interpreter (the CPU tests): a few, so that each
-walks several tiles."""
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int | None:
-    """SMs of CUDA device `index`, None where it has no tensor memory accelerator (NVIDIA before
-    sm_90; ROCm builds take the pointer kernels)."""
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count if props.major >= 9 and torch.version.hip is None else None
-
-
-def _tma_addressable(t: torch.Tensor) -> bool:
-    """What a TMA descriptor over t's rows needs: unit stride along the last dim, 16-byte aligned
-    base and row stride."""
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
-
-
-def _tma_programs(config: KernelConfig, act: torch.Tensor, weight: torch.Tensor, scales: ExpertScales | None, *,
-                  n_ok: bool, k_ok: bool, act_tma: bool = False) -> int | None:
-    """Programs of the persistent TMA kernel for this launch, or None for the pointer kernel: the
-    config asks for TMA, the weights are 16-bit without scales in the activations' dtype, contiguous
-    and TMA-addressable (as are the activations where `act_tma`: the down GEMM reads them through
-    TMA too), the tiles divide the shape, and the device has TMA (or the interpreter runs the
-    kernels)."""
-    if not (config.tma and scales is None and n_ok and k_ok and weight.dtype in (torch.bfloat16, torch.float16)
-            and act.dtype == weight.dtype and weight.is_contiguous() and act.stride(-1) == 1
-            and _tma_addressable(weight) and (not act_tma or _tma_addressable(act))):
-        return None
-    if weight.device.type == "cuda":
-        return _multiprocessors(weight.device.index if weight.device.index is not None
-                                else torch.cuda.current_device())
-    return INTERPRETER_PROGRAMS if os.environ.get("TRITON_INTERPRET") == "1" else None
-
-
-def combine_copies(y_ND: torch.Tensor, out_TD: torch.Tensor, top_k: int) -> torch.Tensor:
-    """out_TD[t] = sum over k of y_ND[t*K + k]: float32 additions in k order, one rounding (torch.sum
-    up to the order of its float32 additions), in one pass over y; torch's reduction over the middle
-    dim of [T, K, D] took 436 us for 16,384 tokens of the 235B shape on the H200, this 277."""
-    T, D = out_TD.shape
-    if T == 0:
-        return out_TD
-    if y_ND.stride(-1) != 1 or out_TD.stride(-1) != 1 or y_ND.shape != (T * top_k, D):
-        raise ValueError(f"combine_copies takes row-major y [{T * top_k}, {D}] and out [{T}, {D}], got "
-                         f"{tuple(y_ND.shape)} and {tuple(out_TD.shape)}")
-    block_d = min(triton.next_power_of_2(D), 512)
-    block_t = max(1, 2048 // block_d)
-    _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, block_d))](
-        y_ND, out_TD, T, D, y_ND.stride(0), out_TD.stride(0), TOP_K=top_k, BLOCK_T=block_t, BLOCK_D=block_d,
-        num_warps=4)
-    return out_TD
 
 
 def gemm_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, act_MF: torch.Tensor, sorted_ids_M: torch.Tensor,
@@ -752,18 +565,14 @@ def gemm_gate_up(x_TD: torch.Tensor, w13_EFD: torch.Tensor, act_MF: torch.Tensor
     bn, bk = _block(config.BLOCK_N, F, 16), _block(config.BLOCK_K, D, 16)
     if scales is not None:
         bk = fp8_block_k(bk, scale_k_of(scales, "w13"))
-    programs = _tma_programs(config, x_TD, w13_EFD, scales, n_ok=F % bn == 0, k_ok=D % bk == 0)
+    programs = tma_programs(config, x_TD, w13_EFD, scales, n_ok=F % bn == 0, k_ok=D % bk == 0)
     if programs:
-        grid_n = min(programs, num_blocks * (F // bn))
-        _launch(_gemm_gate_up_tma_kernel, (grid_n,),
-                (x_TD, TensorDescriptor.from_tensor(w13_EFD.view(E * 2 * F, D), [bn, bk]), act_MF, sorted_ids_M,
-                 block_expert_B, num_padded, num_copies, F, D, x_TD.stride(0), act_MF.stride(0), grid_n),
-                num_warps=config.num_warps, num_stages=config.num_stages,
-                TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.GROUP_M)
+        gemm_gate_up_tma(x_TD, w13_EFD, act_MF, sorted_ids_M, block_expert_B, num_padded, num_copies=num_copies,
+                         top_k=top_k, block_m=block_m, block_n=bn, block_k=bk, config=config, programs=programs)
         return
     grid = (num_blocks * triton.cdiv(F, bn),)
     ws, se, sn, ws_args = scale_args(scales, "w13", act_MF, bk, a8=activations_fp8(scales, x_TD))
-    _launch(_gemm_gate_up_kernel, grid,
+    launch(_gemm_gate_up_kernel, grid,
             (x_TD, w13_EFD, act_MF, sorted_ids_M, block_expert_B, num_padded, ws, num_copies, F, D, E, num_blocks,
              x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), act_MF.stride(0), se, sn),
             num_warps=config.num_warps, num_stages=config.num_stages,
@@ -786,21 +595,14 @@ def gemm_down(act_MF: torch.Tensor, w2_EDF: torch.Tensor, y_ND: torch.Tensor, so
     bn, bk = _block(config.BLOCK_N, D, 16), _block(config.BLOCK_K, F, 16)
     if scales is not None:
         bk = fp8_block_k(bk, scale_k_of(scales, "w2"))
-    programs = _tma_programs(config, act_MF, w2_EDF, scales, n_ok=D % bn == 0, k_ok=F % bk == 0, act_tma=True)
+    programs = tma_programs(config, act_MF, w2_EDF, scales, n_ok=D % bn == 0, k_ok=F % bk == 0, act_tma=True)
     if programs:
-        grid_n = min(programs, num_blocks * (D // bn))
-        _launch(_gemm_down_tma_kernel, (grid_n,),
-                (TensorDescriptor.from_tensor(act_MF, [block_m, bk]),
-                 TensorDescriptor.from_tensor(w2_EDF.view(E * D, F), [bn, bk]), y_ND,
-                 weights_N if weights_N is not None else act_MF, sorted_ids_M, block_expert_B, num_padded,
-                 num_copies, D, F, y_ND.stride(0), grid_n),
-                num_warps=config.num_warps, num_stages=config.num_stages,
-                HAS_WEIGHTS=weights_N is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
-                GROUP_M=config.GROUP_M)
+        gemm_down_tma(act_MF, w2_EDF, y_ND, sorted_ids_M, block_expert_B, num_padded, num_copies=num_copies,
+                      block_m=block_m, block_n=bn, block_k=bk, config=config, weights_N=weights_N, programs=programs)
         return
     grid = (num_blocks * triton.cdiv(D, bn),)
     ws, se, sn, ws_args = scale_args(scales, "w2", act_MF, bk, a8=activations_fp8(scales, act_MF))
-    _launch(_gemm_down_kernel, grid,
+    launch(_gemm_down_kernel, grid,
             (act_MF, w2_EDF, y_ND, weights_N if weights_N is not None else act_MF, sorted_ids_M, block_expert_B,
              num_padded, ws, num_copies, D, F, E, num_blocks,
              act_MF.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), y_ND.stride(0), se, sn),

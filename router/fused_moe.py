@@ -32,12 +32,12 @@ from expertmesh.experts.moe_config import ConfigTable, MoeConfig, load_table, se
 from expertmesh.experts.triton_fp8 import ExpertScales, check_scales
 from expertmesh.experts.triton_moe import (
     check_operands,
-    combine_copies,
     gemm_down,
     gemm_gate_up,
     gemv_down,
     gemv_gate_up,
 )
+from expertmesh.experts.triton_persistent import combine_copies
 from expertmesh.router.triton_align import align_blocks
 
 
