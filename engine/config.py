@@ -104,6 +104,11 @@ class ParallelConfig:
     ep_size: int = setting(1, ge=1)
     """Expert-parallel ranks of one EP group: 1 runs in-process; more run as Ray actors, one per GPU
     on CUDA (CPU ranks otherwise), with attention data-parallel over the same ranks."""
+    sequence_parallel_min_tokens: int | None = setting(None, ge=0)
+    """Prompts of at least this many tokens are sharded over every rank of the EP group (sequence-parallel
+    attention): each rank holds about 1/ep_size of the sequence's KV cache and computes about 1/ep_size
+    of each prefill chunk. 0 turns it off. Default: 32768 when ep_size > 1, off on one rank (a value given
+    also shards on one rank, where it runs the same code with no collective and gains nothing)."""
     ray_address: str | None = None
     """Ray cluster to join (auto, host:port or ray://host:port); default: start a local Ray instance.
     `serve` always runs on Ray, generate and chat only with ep_size > 1."""
@@ -126,6 +131,12 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+
+SEQUENCE_PARALLEL_MIN_TOKENS = 32768
+"""The default threshold of sequence parallelism on EP groups of more than one rank: Qwen3's native
+context (past it YaRN stretches the positions), where one rank's KV cache and attention begin to
+dominate a step."""
 
 
 @dataclass

@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass, field, replace
 
 from expertmesh.engine.block_manager import BlockManager
-from expertmesh.engine.config import EngineConfig
+from expertmesh.engine.config import SEQUENCE_PARALLEL_MIN_TOKENS, EngineConfig
 from expertmesh.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from expertmesh.engine.executor import Executor, ExecutorDiedError
 from expertmesh.engine.grammar import CompiledGuide, GrammarBackend, SequenceGuide, done_future
@@ -39,6 +39,7 @@ from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.request import Request, RequestStatus
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import Scheduler, SchedulerOutput
+from expertmesh.engine.sharded import ShardedOutput, ShardedScheduler
 from expertmesh.engine.step import Chunk, NewRequest, RankChunks, SampledToken, StepPlan, StepResult, TokenMasks
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class _Sequence:
     output: CompletionOutput
     stop_token_ids: frozenset[int] = frozenset()
     changed: bool = False
+    sharded: bool = False
+    """Its KV is spread over every rank (engine/sharded.py); `rank` is its home."""
 
 
 @dataclass
@@ -96,11 +99,19 @@ class EngineCore:
         self.compute_seconds = 0.0
 
     def _reset_schedulers(self) -> None:
-        """One scheduler and block manager per data-parallel rank (each rank's KV is its own)."""
+        """One scheduler and block manager per data-parallel rank (each rank's KV is its own), and
+        the scheduler of sharded sequences over all of them."""
         cache = self.config.cache
         self.block_managers = [BlockManager(self.executor.num_blocks, cache.block_size, cache.enable_prefix_caching)
                                for _ in range(self.num_ranks)]
         self.schedulers = [Scheduler(self.config.scheduler, bm, self.max_model_len) for bm in self.block_managers]
+        threshold = self.config.parallel.sequence_parallel_min_tokens
+        if threshold is None:
+            threshold = SEQUENCE_PARALLEL_MIN_TOKENS if self.num_ranks > 1 else 0
+        self.sharded = ShardedScheduler(self.config.scheduler, self.block_managers, self.max_model_len, threshold)
+
+    def _scheduler_of(self, seq: _Sequence) -> Scheduler | ShardedScheduler:
+        return self.sharded if seq.sharded else self.schedulers[seq.rank]
 
     @property
     def scheduler(self) -> Scheduler:
@@ -114,7 +125,7 @@ class EngineCore:
 
     def _pick_rank(self) -> int:
         """The data-parallel rank with the fewest requests (lowest index on a tie)."""
-        load = [s.num_running + s.num_waiting for s in self.schedulers]
+        load = [s.num_running + s.num_waiting + self.sharded.load(r) for r, s in enumerate(self.schedulers)]
         return load.index(min(load))
 
     # ---- requests -------------------------------------------------------------------------
@@ -204,6 +215,7 @@ class EngineCore:
             raise ValueError(f"request id {taken[0]!r} is already in use")
         parent = _Parent(request_id, prompt, prompt_token_ids, stream)
         rank = self._pick_rank()  # all n sequences on one rank: they share the prompt's blocks
+        sharded = self.sharded.wants(len(prompt_token_ids))  # or over all ranks, `rank` their home
         for index, child_id in enumerate(child_ids):
             child_params = params
             if params.n > 1:
@@ -218,11 +230,14 @@ class EngineCore:
                 StopChecker(params.stop, params.include_stop_str_in_output),
                 CompletionOutput(index, logprobs=[] if params.logprobs is not None else None,
                                  cumulative_logprob=0.0 if params.logprobs is not None else None),
-                frozenset(params.stop_token_ids))
+                frozenset(params.stop_token_ids), sharded=sharded)
             parent.children.append(child_id)
             if _reads_outputs(child_params):
                 self._needs_sync.add(child_id)
-            self.schedulers[rank].add_request(req)
+            if sharded:
+                self.sharded.add_request(req, rank)
+            else:
+                self.schedulers[rank].add_request(req)
             self._new.append(NewRequest(child_id, prompt_token_ids, child_params, self.eos_token_ids, rank))
         self._parents[request_id] = parent
 
@@ -233,7 +248,7 @@ class EngineCore:
                 continue
             for child_id in parent.children:
                 seq = self._sequences.pop(child_id)
-                self.schedulers[seq.rank].finish(seq.request, RequestStatus.FINISHED_ABORTED)
+                self._scheduler_of(seq).finish(seq.request, RequestStatus.FINISHED_ABORTED)
                 self._forget(child_id)
                 self._release(child_id)
 
@@ -263,17 +278,13 @@ class EngineCore:
         overlap = self.can_overlap()
         if not overlap and self._in_flight is not None:
             self._finish_in_flight()
-        outs = [scheduler.schedule() for scheduler in self.schedulers]
-        for out in outs:
-            self.num_preemptions += len(out.preempted)
-            for error in out.errors:
-                self._finish(self._sequences[error.request_id], RequestStatus.FINISHED_ERROR, error=error.message)
+        sharded, outs = self._schedule()
         submitted = None
-        if any(out.scheduled for out in outs):
+        if any(out.scheduled for out in outs) or (sharded is not None and sharded.scheduled):
             if overlap:
                 submitted = self._submit(outs)
             else:
-                self._run(outs)
+                self._run(outs, sharded)
         if self._in_flight is not None:
             self._finish_in_flight()
         # A step submitted for sequences that have all ended since stays in flight: the next step
@@ -284,11 +295,31 @@ class EngineCore:
 
     def can_overlap(self) -> bool:
         """Whether the next step is scheduled while the one before is on the device (async
-        scheduling on, an executor that overlaps, no grammar, thinking or penalty running)."""
+        scheduling on, an executor that overlaps, no grammar, thinking, penalty or sharded
+        sequence running: the plan carries a sharded sequence's tokens, so it needs them known)."""
         return (self.config.scheduler.async_scheduling and getattr(self.executor, "overlaps_steps", False)
-                and not self._guides and not self._needs_sync)
+                and not self._guides and not self._needs_sync and not self.sharded.has_unfinished())
 
-    def _plan(self, outs: list[SchedulerOutput]) -> StepPlan:
+    def _schedule(self) -> tuple[ShardedOutput | None, list[SchedulerOutput]]:
+        """Sharded sequences first, within every rank's budget less a token for each of its running
+        requests (engine/sharded.py); then each rank's scheduler with what its budget has left."""
+        budget = self.config.scheduler.max_num_batched_tokens
+        sharded = None
+        if self.sharded.has_unfinished():
+            sharded = self.sharded.schedule([budget - s.num_running for s in self.schedulers],
+                                            lambda rank: self.schedulers[rank].preempt_last())
+            self.num_preemptions += len(sharded.preempted) + len(sharded.preempted_ranks)
+            for error in sharded.errors:
+                self._finish(self._sequences[error.request_id], RequestStatus.FINISHED_ERROR, error=error.message)
+        outs = [scheduler.schedule(budget - (0 if sharded is None else int(sharded.rows[r])))
+                for r, scheduler in enumerate(self.schedulers)]
+        for out in outs:
+            self.num_preemptions += len(out.preempted)
+            for error in out.errors:
+                self._finish(self._sequences[error.request_id], RequestStatus.FINISHED_ERROR, error=error.message)
+        return sharded, outs
+
+    def _plan(self, outs: list[SchedulerOutput], sharded: ShardedOutput | None = None) -> StepPlan:
         plan = StepPlan(
             new_requests=tuple(self._new),
             chunks_by_rank=tuple(
@@ -296,13 +327,14 @@ class EngineCore:
                                              s.samples) for s in out.scheduled)
                 for out in outs),
             finished_request_ids=tuple(self._dropped),
-            token_masks=self._token_masks(outs) if self._guides else (),
+            token_masks=self._token_masks(outs, sharded) if self._guides else (),
+            sharded=() if sharded is None else self.sharded.chunks(sharded),
         )
         self._new, self._dropped = [], []
         return plan
 
-    def _run(self, outs: list[SchedulerOutput]) -> None:
-        plan = self._plan(outs)
+    def _run(self, outs: list[SchedulerOutput], sharded: ShardedOutput | None = None) -> None:
+        plan = self._plan(outs, sharded)
         try:
             result = self.executor.execute(plan)
         except ExecutorDiedError as exc:
@@ -310,9 +342,11 @@ class EngineCore:
             self._fail_all(f"the engine's workers failed and were replaced: {exc}")
             return
         except Exception as exc:
-            self._step_failed(outs, exc, plan)
+            self._step_failed(outs, exc, plan, sharded)
             return
-        self._apply(outs, result, advanced=False)
+        if sharded is not None:
+            self.sharded.update(sharded, {rid: tok.token_id for rid, tok in result.sampled.items()})
+        self._apply(outs, result, advanced=False, sharded=sharded)
 
     def _submit(self, outs: list[SchedulerOutput]) -> list[SchedulerOutput] | None:
         """Async scheduling: advance the schedulers past this step (placeholders for its samples)
@@ -345,10 +379,11 @@ class EngineCore:
             return
         self._apply(outs, result, advanced=True)
 
-    def _step_failed(self, outs: list[SchedulerOutput], exc: Exception, plan: StepPlan | None = None) -> None:
+    def _step_failed(self, outs: list[SchedulerOutput], exc: Exception, plan: StepPlan | None = None,
+                     sharded: ShardedOutput | None = None) -> None:
         """A step raised: its requests end with an error, the engine goes on."""
         log.error("step failed", exc_info=exc)
-        failed = {s.request.request_id for out in outs for s in out.scheduled}
+        failed = {s.request.request_id for out in [*outs, *([sharded] if sharded else [])] for s in out.scheduled}
         for request_id in failed:
             seq = self._sequences.get(request_id)
             if seq is not None and not seq.output.finished:
@@ -357,14 +392,16 @@ class EngineCore:
         if plan is not None:  # requests that arrived with this plan but did not run it are announced again
             self._new = [n for n in plan.new_requests if n.request_id not in failed] + self._new
 
-    def _apply(self, outs: list[SchedulerOutput], result: StepResult, advanced: bool) -> None:
+    def _apply(self, outs: list[SchedulerOutput], result: StepResult, advanced: bool,
+               sharded: ShardedOutput | None = None) -> None:
         self.num_steps += 1
         self.compute_seconds += result.compute_seconds
         sampled = result.sampled
         token_ids = {rid: tok.token_id for rid, tok in sampled.items()}
         for scheduler, out in zip(self.schedulers, outs):
             scheduler.update(out, token_ids, advanced=advanced)
-        scheduled = {s.request.request_id: s.request for out in outs for s in out.scheduled}
+        scheduled = {s.request.request_id: s.request for out in [*outs, *([sharded] if sharded else [])]
+                     for s in out.scheduled}
         for rid, token in sampled.items():
             seq = self._sequences.get(rid)
             # Under async scheduling a sequence may have ended (stopped, aborted) while this step
@@ -372,12 +409,17 @@ class EngineCore:
             if seq is not None and seq.request is scheduled.get(rid) and not seq.output.finished:
                 self._on_token(seq, token)
 
-    def _token_masks(self, outs: list[SchedulerOutput]) -> tuple[TokenMasks | None, ...]:
+    def _token_masks(self, outs: list[SchedulerOutput],
+                     sharded: ShardedOutput | None = None) -> tuple[TokenMasks | None, ...]:
         """Per rank, the packed masks of guided sequences that sample this step: one int32 array
-        for the step, a row per such sequence, filled by its guide (grammar and thinking phase)."""
-        per_rank = [[(s.request.request_id, guide) for s in out.scheduled if s.samples
+        for the step, a row per such sequence, filled by its guide (grammar and thinking phase).
+        A sharded sequence's row is its home rank's."""
+        scheduled = [list(out.scheduled) for out in outs]
+        for s in sharded.scheduled if sharded is not None else ():
+            scheduled[self.sharded.homes[s.request.request_id]].append(s)
+        per_rank = [[(s.request.request_id, guide) for s in items if s.samples
                      and (guide := self._guides.get(s.request.request_id)) is not None and guide.needs_mask]
-                    for out in outs]
+                    for items in scheduled]
         total = sum(len(rows) for rows in per_rank)
         if not total:
             return ()
@@ -478,7 +520,7 @@ class EngineCore:
             update = seq.stop_checker.update(seq.detokenizer.text, finished=True)
             seq.output.text_delta += update.delta
             seq.output.text += update.delta
-        self.schedulers[seq.rank].finish(seq.request, status)
+        self._scheduler_of(seq).finish(seq.request, status)
         self._forget(seq.request.request_id)
         seq.output.finish_reason = status.value
         seq.output.stop_reason = seq.request.stop_reason
@@ -518,8 +560,8 @@ class EngineCore:
         bms = self.block_managers
         num_blocks = sum(bm.num_blocks for bm in bms)
         return {
-            "num_running": sum(s.num_running for s in self.schedulers),
-            "num_waiting": sum(s.num_waiting for s in self.schedulers),
+            "num_running": sum(s.num_running for s in self.schedulers) + self.sharded.num_running,
+            "num_waiting": sum(s.num_waiting for s in self.schedulers) + self.sharded.num_waiting,
             "kv_usage": sum(bm.usage * bm.num_blocks for bm in bms) / num_blocks,
             "num_free_blocks": sum(bm.num_free_blocks for bm in bms),
             "num_blocks": num_blocks,

@@ -48,6 +48,7 @@ from expertmesh.model.decoder import CausalLM, use_fast_kernels
 from expertmesh.model.loader import fp8_covers, init_dummy_weights, load_weights
 from expertmesh.model.moe import SparseMoeBlock
 from expertmesh.model.quantization import fp8_layout_problem
+from expertmesh.model.sharded_attention import ShardedAttention, row_counts
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +228,17 @@ class ModelRunner:
         self.requests.update(arrivals)
         chunks = plan.chunks_by_rank[self.rank]
         graph_size = self._graph_size(plan)
+        sharded = self._sharded_rows(plan)
         dispatcher = self.model.dispatcher
         if hasattr(dispatcher, "begin_step"):  # an all-to-all dispatcher: every rank picks the same mode
-            max_tokens = graph_size or max(rank_chunks.total_tokens for rank_chunks in plan.chunks_by_rank)
+            max_tokens = graph_size or max(rank_chunks.total_tokens + (sharded.counts[r] if sharded else 0)
+                                           for r, rank_chunks in enumerate(plan.chunks_by_rank))
             dispatcher.begin_step(max_tokens, self.model_config.top_k, row_bytes=self._row_bytes)
-        if not len(chunks):  # other ranks compute: join their all-to-alls
+        if not len(chunks) and (sharded is None or not sharded.num_rows):  # others compute: join their exchanges
             if graph_size is not None:
                 self._logits(_EMPTY_STEP, graph_size)
+            elif sharded is not None:  # and their sharded attention's collectives
+                self._logits(_EMPTY_STEP, None, sharded=sharded)
             elif plan.num_chunks and self.ep_size > 1:
                 self.model(torch.empty(0, dtype=torch.int64, device=self.device), None, self.kv_caches)
             return _PendingStep()
@@ -242,27 +247,49 @@ class ModelRunner:
         step = host_step(chunks.starts, chunks.num_tokens, tokens,
                          [chunks.block_table(i) for i in range(len(chunks))], chunks.sample, self.block_size)
         fills = _placeholder_fills(states, chunks.starts, step.query_start_B1)
-        logits_BV = self._logits(step, graph_size, fills)
+        logits_BV = self._logits(step, graph_size, fills, sharded)
         if logits_BV is None:
             return _PendingStep()
-        sampling = np.flatnonzero(chunks.sample).tolist()
-        request_ids = tuple(chunks.request_ids[i] for i in sampling)
+        request_ids = tuple(chunks.request_ids[i] for i in np.flatnonzero(chunks.sample))
+        sampling = [states[i] for i in np.flatnonzero(chunks.sample)]
+        if sharded is not None:
+            request_ids += sharded.sampling_ids
+            sampling += [self.requests[rid] for rid in sharded.sampling_ids]
         masks = plan.token_masks[self.rank] if plan.token_masks else None
         masked_rows, allowed_BV = self._allowed_tokens(masks, request_ids, logits_BV.shape[-1])
         rows = [SamplingRow(s.masked_params if b in masked_rows else s.params, s.prompt_token_ids,
                             s.output_token_ids, s.generator, s.eos_token_ids)
-                for b, s in enumerate(states[i] for i in sampling)]
+                for b, s in enumerate(sampling)]
         batch = SamplingBatch.build(rows, logits_BV.shape[-1], self.device, allowed_token_mask_BV=allowed_BV)
-        if batch.any_penalties and any(states[i].pending is not None for i in sampling):
+        if batch.any_penalties and any(s.pending is not None for s in sampling):
             raise RuntimeError("penalties read every output token: a step with them cannot run before the "
                                "step in flight has returned its tokens (the engine schedules it synchronously)")
         out = self.sampler(logits_BV, batch)
-        pending = _PendingStep(request_ids, [states[i] for i in sampling], out.token_ids_B, out.to_host())
+        pending = _PendingStep(request_ids, sampling, out.token_ids_B, out.to_host())
         for row, state in enumerate(pending.states):  # only now: a step that raised above left no trace
             pending.indices.append(len(state.output_token_ids))
             state.output_token_ids.append(PLACEHOLDER)
             state.pending = (pending, row)
         return pending
+
+    def _sharded_rows(self, plan: StepPlan) -> _ShardedRows | None:
+        """This rank's rows of the plan's sharded sequences (None when it has none anywhere)."""
+        if not plan.sharded:
+            return None
+        world, unit = self.ep_size, self.block_size
+        counts = np.zeros(world, dtype=np.int64)
+        ids, rows, sampling_ids, sampling_rows = [], [], [], []
+        for c in plan.sharded:
+            counts += row_counts(c.start, c.num_tokens, c.sample, c.home, world, unit)
+            positions = c.positions(self.rank, world, unit)
+            if c.sample and c.home == self.rank:
+                sampling_ids.append(c.request_id)
+                sampling_rows.append(sum(map(len, rows)) + len(positions) - 1)
+            ids.append(c.token_ids[positions - c.start])
+            rows.append(positions)
+        input_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        return _ShardedRows(plan.sharded, counts.tolist(), input_ids, tuple(sampling_ids),
+                            np.array(sampling_rows, dtype=np.int64))
 
     @functools.cached_property
     def _row_bytes(self) -> int:
@@ -271,45 +298,59 @@ class ModelRunner:
     def _graph_size(self, plan: StepPlan) -> int | None:
         """The captured batch size to replay: only when every rank's step is decode-only (all ranks
         replay the same size together, so their all-to-alls match) and fits a graph."""
-        if self.graphs is None or not plan.num_chunks:
+        if self.graphs is None or not plan.num_chunks or plan.sharded:
             return None
         for rank_chunks in plan.chunks_by_rank:
             if len(rank_chunks) and not (rank_chunks.sample.all() and (rank_chunks.num_tokens == 1).all()):
                 return None
         return self.graphs.size_for(max(len(rank_chunks) for rank_chunks in plan.chunks_by_rank))
 
-    def _logits(self, step: HostStep, graph_size: int | None, fills: list[_Fill] = ()) -> torch.Tensor | None:
+    def _logits(self, step: HostStep, graph_size: int | None, fills: list[_Fill] = (),
+                sharded: _ShardedRows | None = None) -> torch.Tensor | None:
         """Forward of the step; logits [rows that sample, V] (None if none samples). `fills`: the
-        input rows that take a sample of a step still in flight (placeholders on the host)."""
-        if self.inputs is None:  # the plain-torch path
-            query_lens = np.diff(step.query_start_B1)
-            meta = AttentionMetadata.build(
-                query_lens=query_lens.tolist(), starts=(step.seq_lens_B - query_lens).tolist(),
-                block_tables=step.block_tables, block_size=self.block_size, device=self.device,
-                sliding_window=self.model_config.sliding_window)
-            input_ids_T = to_device(step.input_ids_T, self.device)
-            self._fill_placeholders(input_ids_T, fills)
-            hidden_TD = self.model(input_ids_T, meta, self.kv_caches)
-            if not len(step.logits_rows):
-                return None
-            if step.decode_only:
-                return self.model.compute_logits(hidden_TD)
-            return self.model.compute_logits(hidden_TD[to_device(step.logits_rows, self.device)])
+        input rows that take a sample of a step still in flight (placeholders on the host).
+        `sharded`: this rank's rows of sharded sequences, after the step's own."""
         if graph_size is not None:
             self.inputs.upload(step, pad_seqs_to=graph_size)
             self._fill_placeholders(self.inputs.field("input_ids", step.num_tokens), fills)
             self.planner.plan(step.query_start_B1, step.seq_lens_B, pad_to=graph_size)
             return self.graphs.run(graph_size)[: step.num_seqs]
-        self.inputs.upload(step)
-        self._fill_placeholders(self.inputs.field("input_ids", step.num_tokens), fills)
-        self.planner.plan(step.query_start_B1, step.seq_lens_B)
-        hidden_TD = self.model(self.inputs.field("input_ids", step.num_tokens),
-                               self._kernel_meta(step.num_tokens, step.num_seqs), self.kv_caches)
-        if not len(step.logits_rows):
+        if self.inputs is None:  # the plain-torch path
+            query_lens = np.diff(step.query_start_B1)
+            meta = AttentionMetadata.empty(self.device)
+            if step.num_seqs:
+                meta = AttentionMetadata.build(
+                    query_lens=query_lens.tolist(), starts=(step.seq_lens_B - query_lens).tolist(),
+                    block_tables=step.block_tables, block_size=self.block_size, device=self.device,
+                    sliding_window=self.model_config.sliding_window)
+            input_ids_T = to_device(step.input_ids_T, self.device)
+            self._fill_placeholders(input_ids_T, fills)
+            logits_rows = None if step.decode_only else to_device(step.logits_rows, self.device)
+        else:
+            self.inputs.upload(step)
+            input_ids_T = self.inputs.field("input_ids", step.num_tokens)
+            self._fill_placeholders(input_ids_T, fills)
+            if step.num_seqs:
+                self.planner.plan(step.query_start_B1, step.seq_lens_B)
+                meta = self._kernel_meta(step.num_tokens, step.num_seqs)
+            else:
+                meta = AttentionMetadata.empty(self.device)
+            logits_rows = None if step.decode_only else self.inputs.field("logits_rows", len(step.logits_rows))
+        num_logits = len(step.logits_rows)
+        if sharded is not None:
+            c = self.model_config
+            meta = replace(meta, sp=ShardedAttention.build(
+                sharded.chunks, rank=self.rank, world=self.ep_size, block_size=self.block_size,
+                num_regular=step.num_tokens, device=self.device,
+                kernel_heads=(c.num_heads, c.num_kv_heads) if self.model.fast else None))
+            input_ids_T = torch.cat((input_ids_T, to_device(sharded.input_ids, self.device).to(input_ids_T.dtype)))
+            num_logits += len(sharded.sampling_rows)
+            rows = np.concatenate((step.logits_rows, step.num_tokens + sharded.sampling_rows))
+            logits_rows = to_device(rows, self.device)
+        hidden_TD = self.model(input_ids_T, meta, self.kv_caches)
+        if not num_logits:
             return None
-        if step.decode_only:
-            return self.model.compute_logits(hidden_TD)
-        return self.model.compute_logits(hidden_TD[self.inputs.field("logits_rows", len(step.logits_rows))])
+        return self.model.compute_logits(hidden_TD if logits_rows is None else hidden_TD[logits_rows])
 
     def _fill_placeholders(self, input_ids_T: torch.Tensor, fills: list[_Fill]) -> None:
         """Write each fill's sampled tokens (still on the device) into the step's input ids: a
@@ -400,6 +441,26 @@ class _PendingStep:
                 logprob, top = host.row_logprobs(row, state.params.logprobs)
                 logprobs[self.request_ids[row]] = (logprob, tuple(top))
         return StepResult(self.request_ids, tuple(token_ids), logprobs or None)
+
+
+@dataclass(frozen=True)
+class _ShardedRows:
+    """This rank's part of a step's sharded sequences (model/sharded_attention.py)."""
+
+    chunks: tuple
+    """The plan's `ShardedChunk`s (every rank's)."""
+    counts: list[int]
+    """Sharded rows of every rank this step."""
+    input_ids: np.ndarray
+    """int64: this rank's rows' tokens, chunk after chunk, ascending positions within each."""
+    sampling_ids: tuple[str, ...]
+    """The sequences this rank samples (it is their home, and the step reaches their end)."""
+    sampling_rows: np.ndarray
+    """int64: their rows among this rank's sharded rows."""
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.input_ids)
 
 
 @dataclass(frozen=True)

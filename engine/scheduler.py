@@ -102,8 +102,10 @@ class Scheduler:
         self._requests[req.request_id] = req
         self.waiting.append(req)
 
-    def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+    def schedule(self, budget: int | None = None) -> SchedulerOutput:
+        """One step's chunks within `budget` tokens (default: max_num_batched_tokens; the engine
+        passes less when sharded sequences took part of this rank's)."""
+        budget = total = self.config.max_num_batched_tokens if budget is None else budget
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
         errors: list[RequestError] = []
@@ -157,7 +159,7 @@ class Scheduler:
         return SchedulerOutput(
             scheduled=tuple(scheduled),
             preempted=tuple(preempted),
-            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            num_batched_tokens=total - budget,
             errors=tuple(errors),
         )
 
@@ -215,6 +217,15 @@ class Scheduler:
     def abort(self, request_ids: str | list[str] | tuple[str, ...]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             self.finish(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def preempt_last(self) -> str | None:
+        """Preempt the most recently admitted running request (its id; None if none runs): how a
+        sharded sequence gets this rank's blocks (engine/sharded.py)."""
+        if not self.running:
+            return None
+        victim = self.running.pop()
+        self._preempt(victim)
+        return victim.request_id
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
         start = req.num_computed_tokens

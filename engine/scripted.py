@@ -21,9 +21,11 @@ from expertmesh.model.config import ModelConfig
 
 class ScriptedExecutor:
     def __init__(self, model_config: ModelConfig, num_blocks: int,
-                 script: Callable[[list[int]], list[int]], fallback_token: int = 0) -> None:
+                 script: Callable[[list[int]], list[int]], fallback_token: int = 0, num_ranks: int = 1) -> None:
+        """`num_ranks`: the data-parallel ranks the core schedules for (each with num_blocks)."""
         self.model_config = model_config
         self.num_blocks = num_blocks
+        self.num_ranks = num_ranks
         self.script = script
         self.fallback_token = fallback_token
         self._pending: dict[str, list[int]] = {}
@@ -36,14 +38,12 @@ class ScriptedExecutor:
         for new in plan.new_requests:
             self._pending[new.request_id] = list(self.script(list(new.prompt_token_ids)))
         request_ids, token_ids = [], []
-        for chunk in (c for chunks in plan.chunks_by_rank for c in chunks):
+        for chunk in [*(c for chunks in plan.chunks_by_rank for c in chunks), *plan.sharded]:
             if chunk.sample:
                 tokens = self._pending.setdefault(chunk.request_id, [])
                 request_ids.append(chunk.request_id)
                 token_ids.append(tokens.pop(0) if tokens else self.fallback_token)
         return StepResult(tuple(request_ids), tuple(token_ids))
-
-    num_ranks = 1
 
     def expert_load(self):
         return None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.model.sharded_attention import ShardedChunk
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,13 @@ class StepPlan:
     id freed here may arrive again in the same plan."""
     token_masks: tuple[TokenMasks | None, ...] = ()
     """Per rank, the masks of its constrained rows (None: none on that rank); () when no row is."""
+    sharded: tuple[ShardedChunk, ...] = ()
+    """Sharded (sequence-parallel) sequences' steps, the same for every rank: each rank computes
+    its rows of them after its own chunks (model/sharded_attention.py)."""
 
     @property
     def num_chunks(self) -> int:
-        return sum(len(chunks) for chunks in self.chunks_by_rank)
+        return sum(len(chunks) for chunks in self.chunks_by_rank) + len(self.sharded)
 
 
 @dataclass(frozen=True)

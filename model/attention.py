@@ -25,6 +25,7 @@ from torch import nn
 
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope, fast_linear, fast_ops, rms_normalize
+from expertmesh.model.sharded_attention import ShardedAttention, sharded_attention
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class AttentionMetadata:
     groups:          the plain-torch path: one AttentionGroup, or two (decodes, prefills).
     kernel:          the CUDA kernel path instead (`PagedKernelInputs`): the cache is read where
                      it lies through the block table; built by the model runner's step inputs.
+    sp:              sharded (sequence-parallel) sequences' rows, after the ordinary ones
+                     (`ShardedAttention`); the fields above then cover the ordinary rows only.
     """
 
     positions_T: torch.Tensor
@@ -72,6 +75,7 @@ class AttentionMetadata:
     query_start_B1: torch.Tensor
     groups: tuple[AttentionGroup, ...] = ()
     kernel: PagedKernelInputs | None = None
+    sp: ShardedAttention | None = None
 
     @classmethod
     def build(
@@ -114,6 +118,14 @@ class AttentionMetadata:
             query_start_B1=_to(query_start_B1, device),
             groups=groups,
         )
+
+
+    @classmethod
+    def empty(cls, device: torch.device) -> AttentionMetadata:
+        """No ordinary sequence this step (a rank that has only sharded rows, or none)."""
+        none = torch.zeros(0, dtype=torch.int64, device=device)
+        return cls(positions_T=none, slot_mapping_T=none, query_start_B1=torch.zeros(1, dtype=torch.int64,
+                                                                                     device=device))
 
 
 @dataclass(frozen=True)
@@ -282,27 +294,46 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         T = x_TD.shape[0]
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv_T3d = (fast_linear(self.qkv_proj, x_TD) if self.fast else self.qkv_proj(x_TD)).view(T, H + 2 * G, d)
+        sp = meta.sp
+        if sp is None:
+            return self.o_proj_out(self._attend(qkv_T3d, rope_cos_sin, kv_2NSGd, meta))
+        # sharded sequences' rows come after the ordinary ones (model/sharded_attention.py)
+        n = sp.num_regular
+        parts = [self._attend(qkv_T3d[:n], rope_cos_sin, kv_2NSGd, meta)] if n else []
+        q_THd, k_TGd, v_TGd = self._qk_norm_rope(qkv_T3d[n:], self._rotary[0](sp.positions_T, qkv_T3d.dtype))
+        parts.append(sharded_attention(q_THd, k_TGd, v_TGd, kv_2NSGd, sp, self.scale, kernel=self.fast))
+        return self.o_proj_out(torch.cat(parts) if len(parts) > 1 else parts[0])
+
+    def o_proj_out(self, attn_TE: torch.Tensor) -> torch.Tensor:
+        return fast_linear(self.o_proj, attn_TE) if self.fast else self.o_proj(attn_TE)
+
+    def _qk_norm_rope(self, qkv_T3d: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor]):
+        """q [T, H, d], k and v [T, G, d] of the plain-torch path: QK-norm and rope on q and k."""
+        H, G = self.num_heads, self.num_kv_heads
+        qk_THd, v_TGd = qkv_T3d[:, : H + G], qkv_T3d[:, H + G:]
+        if self.q_norm is not None:
+            qk_THd = self._qk_norm_weight() * rms_normalize(qk_THd, self.eps)
+        qk_THd = apply_rope(qk_THd, *rope_cos_sin)
+        return qk_THd[:, :H], qk_THd[:, H:], v_TGd
+
+    def _attend(self, qkv_T3d: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_2NSGd: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Ordinary rows: k and v into their slots, each sequence's queries over its blocks, [T, H*d]."""
+        H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
         # q and k heads sit side by side in the qkv output: normalise and rotate them together.
         if self.fast:
-            qkv_T3d = fast_linear(self.qkv_proj, x_TD).view(T, H + 2 * G, d)
             rotary = self._rotary[0]
             q_THd = fast_ops().qk_norm_rope_kv(
                 qkv_T3d, H, G, meta.positions_T, rotary.inv_freq, rotary.attention_factor, kv_2NSGd,
                 meta.slot_mapping_T, self._qk_norm_weight_2d(), self.eps)
-            return fast_linear(self.o_proj,
-                               paged_attention_kernel(q_THd, kv_2NSGd, meta, self.scale, self.sliding_window))
-        qkv_T3d = self.qkv_proj(x_TD).view(T, H + 2 * G, d)
-        qk_THd, v_TGd = qkv_T3d[:, : H + G], qkv_T3d[:, H + G:]
-        if self.q_norm is not None:
-            qk_THd = self._qk_norm_weight() * rms_normalize(qk_THd, self.eps)
-        cos, sin = rope_cos_sin
-        qk_THd = apply_rope(qk_THd, cos, sin)
-        q_THd, k_TGd = qk_THd[:, :H], qk_THd[:, H:]
+            return paged_attention_kernel(q_THd, kv_2NSGd, meta, self.scale, self.sliding_window)
+        q_THd, k_TGd, v_TGd = self._qk_norm_rope(qkv_T3d, rope_cos_sin)
         k_TGd, v_TGd = k_TGd.to(kv_2NSGd.dtype), v_TGd.to(kv_2NSGd.dtype)
         slots = kv_2NSGd.view(2, -1, G, d)
         slots[0].index_copy_(0, meta.slot_mapping_T, k_TGd)
         slots[1].index_copy_(0, meta.slot_mapping_T, v_TGd)
-        return self.o_proj(paged_attention(q_THd, k_TGd, v_TGd, kv_2NSGd, meta, self.scale))
+        return paged_attention(q_THd, k_TGd, v_TGd, kv_2NSGd, meta, self.scale)
 
 
 FINE_SPLIT_PIECES = 8

@@ -57,6 +57,36 @@ def zigzag_owner(positions: torch.Tensor, world: int, unit: int) -> torch.Tensor
     return torch.where(turn < world, turn, 2 * world - 1 - turn)
 
 
+def shard_sizes(num_tokens: int, world: int, unit: int) -> np.ndarray:
+    """int64 [R]: how many of positions 0 .. num_tokens - 1 each rank holds under `zigzag_owner`
+    (closed form: every period of 2R units gives each rank two; each within one unit of 1/R)."""
+    if world < 1 or unit < 1 or num_tokens < 0:
+        raise ValueError(f"world ({world}) and unit ({unit}) must be at least 1, num_tokens ({num_tokens}) >= 0")
+    full, rem = divmod(num_tokens, 2 * world * unit)
+    r = np.arange(world, dtype=np.int64)
+    return (full * 2 * unit + np.clip(rem - r * unit, 0, unit)
+            + np.clip(rem - (2 * world - 1 - r) * unit, 0, unit))
+
+
+def shard_index(positions: np.ndarray, world: int, unit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(owner rank, index in the owner's shard) of each position: a shard holds its positions in
+    ascending order, key i in slot i of its blocks."""
+    period, turn = np.divmod(np.asarray(positions, dtype=np.int64) // unit, 2 * world)
+    second = turn >= world  # the owner's second unit of the period
+    owner = np.where(second, 2 * world - 1 - turn, turn)
+    index = period * 2 * unit + second * unit + np.asarray(positions, dtype=np.int64) % unit
+    return owner, index
+
+
+def shard_positions(num_tokens: int, world: int, unit: int, rank: int) -> np.ndarray:
+    """int64, ascending: the positions below num_tokens that `rank` holds (key i of its shard is
+    at position shard_positions(...)[i]); the inverse of `shard_index`."""
+    i = np.arange(shard_sizes(num_tokens, world, unit)[rank], dtype=np.int64)
+    period, within = np.divmod(i, 2 * unit)
+    second = within >= unit
+    return period * 2 * world * unit + np.where(second, 2 * world - 1 - rank, rank) * unit + within % unit
+
+
 def partial_attention(q_THd: torch.Tensor, q_pos_T: torch.Tensor, k_LGd: torch.Tensor, v_LGd: torch.Tensor,
                       k_pos_L: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q rows over one shard of keys, each key visible to queries at or after
@@ -188,6 +218,40 @@ def paged_partial_attention(q_THd: torch.Tensor, kv_2NSGd: torch.Tensor, shard_b
     return part.float(), lse
 
 
+def gather_rows(x_TXd: torch.Tensor, rows_per_rank: Sequence[int], group: dist.ProcessGroup | None = None,
+                world: int | None = None) -> torch.Tensor:
+    """Step 1: every rank's rows [T_r, X, d], rank after rank [T_all, X, d] (padded to the widest
+    rank on the wire: all_gather takes equal sizes). A one-rank group returns x itself, with no
+    collective (`world` 1; None reads the group's size)."""
+    R = dist.get_world_size(group) if world is None else world
+    if R == 1:
+        return x_TXd
+    width = max(rows_per_rank)
+    padded = x_TXd.new_zeros(width, *x_TXd.shape[1:])
+    padded[: x_TXd.shape[0]] = x_TXd
+    gathered = [torch.empty_like(padded) for _ in range(R)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([g[:n] for g, n in zip(gathered, rows_per_rank)])
+
+
+def return_partials(out_all: torch.Tensor, lse_all: torch.Tensor, rows_per_rank: Sequence[int], me: int,
+                    group: dist.ProcessGroup | None = None, world: int | None = None) -> torch.Tensor:
+    """Step 3: this rank's partials of every rank's rows (out [T_all, H, d] float32, LSE [T_all, H],
+    rank after rank) go back to the rows' owners, output and LSE in one all-to-all; each rank
+    merges the R partials of its own rows by log-sum-exp: [T_me, H, d] float32."""
+    R = dist.get_world_size(group) if world is None else world
+    T, (_, H, d) = rows_per_rank[me], out_all.shape
+    send = torch.cat((out_all, lse_all[..., None]), dim=-1).contiguous()  # [T_all, H, d + 1], rank by rank
+    if R == 1:
+        recv = send
+    else:
+        recv = send.new_empty(R * T, H, d + 1)
+        dist.all_to_all_single(recv, send, output_split_sizes=[T] * R, input_split_sizes=list(rows_per_rank),
+                               group=group)
+    parts = recv.view(R, T, H, d + 1)
+    return merge_partials(parts[..., :d], parts[..., d])[0]
+
+
 def sequence_parallel_attention(q_THd: torch.Tensor, q_pos_T: torch.Tensor, k_LGd: torch.Tensor | None,
                                 v_LGd: torch.Tensor | None, k_pos_L: torch.Tensor | None, *,
                                 rows_per_rank: Sequence[int], scale: float, group: dist.ProcessGroup | None = None,
@@ -200,25 +264,17 @@ def sequence_parallel_attention(q_THd: torch.Tensor, q_pos_T: torch.Tensor, k_LG
     `partial_attention` over k/v (which may then be None), called with every rank's rows and their
     positions (gathered, on the device) and returning (output float32, LSE):
     `paged_partial_attention` over the rank's cache, with a `ShardPlan` made once a step from the
-    same positions on the host. Output in q's dtype."""
+    same positions on the host. Output in q's dtype. (The engine's layers use `gather_rows` and
+    `return_partials` directly: model/sharded_attention.py.)"""
     R, me = dist.get_world_size(group), dist.get_rank(group)
     T, H, d = q_THd.shape
     if len(rows_per_rank) != R or rows_per_rank[me] != T:
         raise ValueError(f"rows_per_rank {list(rows_per_rank)} does not say this rank's {T} rows of {R} ranks")
-    width = max(rows_per_rank)
-    if width == 0:  # no rank has rows (every rank sees the same rows_per_rank, so all return here)
+    if max(rows_per_rank) == 0:  # no rank has rows (every rank sees the same rows_per_rank, so all return here)
         return q_THd.new_zeros(0, H, d)
-    # 1. every rank's rows and positions (padded to the widest rank: all_gather takes equal sizes)
-    padded = q_THd.new_zeros(width, H, d)
-    padded[:T] = q_THd
-    pos_padded = q_pos_T.new_full((width,), -1)  # positions travel exactly (int64), beside the rows
-    pos_padded[:T] = q_pos_T
-    gathered = [torch.empty_like(padded) for _ in range(R)]
-    positions = [torch.empty_like(pos_padded) for _ in range(R)]
-    dist.all_gather(gathered, padded, group=group)
-    dist.all_gather(positions, pos_padded, group=group)
-    q_all = torch.cat([g[:n] for g, n in zip(gathered, rows_per_rank)])
-    pos_all = torch.cat([p[:n] for p, n in zip(positions, rows_per_rank)])
+    # 1. every rank's rows and positions (positions travel exactly, int64, beside the rows)
+    q_all = gather_rows(q_THd, rows_per_rank, group)
+    pos_all = gather_rows(q_pos_T[:, None, None], rows_per_rank, group).view(-1)
     # 2. all rows over this rank's shard
     if attend is not None:
         out, lse = attend(q_all, pos_all)
@@ -227,12 +283,7 @@ def sequence_parallel_attention(q_THd: torch.Tensor, q_pos_T: torch.Tensor, k_LG
             raise ValueError("without `attend`, the shard's k, v and positions are needed")
         out, lse = partial_attention(q_all, pos_all, k_LGd, v_LGd, k_pos_L, scale)
     # 3. each rank's rows back to it, output and LSE together, then merged
-    send = torch.cat((out, lse[..., None]), dim=-1).contiguous()  # [T_all, H, d + 1], rank by rank
-    recv = send.new_empty(R * T, H, d + 1)
-    dist.all_to_all_single(recv, send, output_split_sizes=[T] * R, input_split_sizes=list(rows_per_rank), group=group)
-    parts = recv.view(R, T, H, d + 1)
-    merged, _ = merge_partials(parts[..., :d], parts[..., d])
-    return merged.to(q_THd.dtype)
+    return return_partials(out, lse, rows_per_rank, me, group).to(q_THd.dtype)
 
 
 def causal_attention_reference(q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor,
@@ -244,5 +295,6 @@ def causal_attention_reference(q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: 
     return out
 
 
-__all__ = ["ShardPlan", "causal_attention_reference", "merge_partials", "paged_partial_attention",
-           "partial_attention", "plan_shard_attention", "sequence_parallel_attention", "shard_runs", "zigzag_owner"]
+__all__ = ["ShardPlan", "causal_attention_reference", "gather_rows", "merge_partials", "paged_partial_attention",
+           "partial_attention", "plan_shard_attention", "return_partials", "sequence_parallel_attention",
+           "shard_index", "shard_positions", "shard_runs", "shard_sizes", "zigzag_owner"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_ep_gloo import leave_group
 
 from expertmesh.cluster.collective import free_port
 from expertmesh.model.sequence_parallel import (
@@ -208,8 +209,7 @@ def _rank_main(rank, world, port, out_dir, length, chunks, unit, paged=False):
         out = sequence_parallel_attention(q[mine], mine, *shard, rows_per_rank=rows, scale=D ** -0.5, attend=attend)
         results.append((mine, out))
     torch.save({"results": results, "shard": shard_pos}, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["torch", "paged"])
@@ -274,7 +274,7 @@ def _bad_rows_main(rank, port, out_dir):
         sequence_parallel_attention(q, torch.arange(4), None, None, None, rows_per_rank=[4], scale=1.0)
     except ValueError as e:
         Path(out_dir, "no_shard").write_text(str(e))
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.gpu
