@@ -293,3 +293,29 @@ def test_ep_group_sharded_sequences_equal_one_rank(ray_session, qwen3_moe_path, 
         assert _all_free(engine)
     finally:
         llm.shutdown()
+
+
+@pytest.mark.gpu
+def test_one_rank_sharded_path_equals_the_plain_path_on_the_30b_shape_at_32k():
+    """nvidia-h200: Qwen3-30B-A3B's shape (48 layers, dummy bf16 weights), a 32,768-token prompt
+    on the kernel path: sharded on one rank (its KV in the shard's blocks, attention through
+    `paged_partial_attention`) and plain, in the same engine (the threshold switched between the
+    runs, so both read the same weights): the same greedy tokens, logprobs within bf16 rounding."""
+    from expertmesh.bench.gpu import QWEN3_30B, build_engine
+
+    engine = build_engine(QWEN3_30B, 48, max_model_len=40_000, max_num_seqs=8, kv_bytes=8 << 30)
+    prompt = torch.randint(0, 150_000, (32_768,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    results = {}
+    for threshold in (16_384, 0):
+        engine.sharded.min_tokens = threshold
+        engine.add_request(str(threshold), prompt, params, stream=False)
+        assert engine._sequences[str(threshold)].sharded == bool(threshold)
+        while engine.has_unfinished():
+            for out in engine.step():
+                results[threshold] = out.outputs[0]
+    sharded, plain = results[16_384], results[0]
+    assert sharded.token_ids == plain.token_ids
+    for got, want in zip(sharded.logprobs, plain.logprobs):
+        token = next(iter(want))
+        assert got[token] == pytest.approx(want[token], abs=0.05)
