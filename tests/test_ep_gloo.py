@@ -52,25 +52,31 @@ def leave_group() -> None:
     os._exit(0)
 
 
-def _rank_main(rank, world, port, path, assignment, out_dir, padded):
-    import torch.distributed as dist
-
+def ep_runner(rank: int, world: int, path, num_blocks: int = 64):
+    """Rank `rank`'s float32 CPU runner over its experts in the (already initialised) gloo group,
+    and its all-to-all dispatcher."""
     from expertmesh.cluster.collective import ProcessGroupAllToAll
     from expertmesh.cluster.placement import ExpertPlacement
+    from expertmesh.model.config import ModelConfig
     from expertmesh.router.all_to_all import AllToAllDispatcher
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    runner = ModelRunner(ModelLoadConfig(str(path), dtype="float32", device="cpu"),
-                         CacheConfig(block_size=BLOCK, num_blocks=64), progress=False)
-    placement = ExpertPlacement.contiguous(runner.model_config.num_experts, world)
+    placement = ExpertPlacement.contiguous(ModelConfig.from_pretrained(path).num_experts, world)
     experts = list(placement.rank_experts[rank])
     dispatcher = AllToAllDispatcher(torch.tensor(placement.owner_E), torch.tensor(placement.slot_E),
                                     len(experts), ProcessGroupAllToAll())
     runner = ModelRunner(ModelLoadConfig(str(path), dtype="float32", device="cpu"),
-                         CacheConfig(block_size=BLOCK, num_blocks=64), rank=rank, ep_size=world,
+                         CacheConfig(block_size=BLOCK, num_blocks=num_blocks), rank=rank, ep_size=world,
                          expert_ids=experts, dispatcher=dispatcher, progress=False)
     assert runner.model.layers[0].mlp.experts.impl == "grouped"
+    return runner, dispatcher
+
+
+def _rank_main(rank, world, port, path, assignment, out_dir, padded):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    runner, dispatcher = ep_runner(rank, world, path)
     dispatcher.supports_fixed_capacity = padded
 
     def begin_step(prompt_lists):  # what the runner does from the plan every rank sees
