@@ -30,6 +30,8 @@ import logging
 import threading
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from expertmesh.engine.block_manager import BlockManager
 from expertmesh.engine.config import SEQUENCE_PARALLEL_MIN_TOKENS, EngineConfig
 from expertmesh.engine.detokenizer import IncrementalDetokenizer, StopChecker
@@ -106,9 +108,13 @@ class EngineCore:
                                for _ in range(self.num_ranks)]
         self.schedulers = [Scheduler(self.config.scheduler, bm, self.max_model_len) for bm in self.block_managers]
         threshold = self.config.parallel.sequence_parallel_min_tokens
+        window = self.executor.model_config.sliding_window
+        if threshold and window is not None:
+            raise ValueError(f"sequence_parallel_min_tokens: this model attends within a sliding window of {window} "
+                             "tokens, which sharded attention does not apply; leave it unset or 0")
         if threshold is None:
-            threshold = SEQUENCE_PARALLEL_MIN_TOKENS if self.num_ranks > 1 else 0
-        self.sharded = ShardedScheduler(self.config.scheduler, self.block_managers, self.max_model_len, threshold)
+            threshold = SEQUENCE_PARALLEL_MIN_TOKENS if self.num_ranks > 1 and window is None else 0
+        self.sharded = ShardedScheduler(self.config.scheduler, self.schedulers, self.max_model_len, threshold)
 
     def _scheduler_of(self, seq: _Sequence) -> Scheduler | ShardedScheduler:
         return self.sharded if seq.sharded else self.schedulers[seq.rank]
@@ -301,23 +307,44 @@ class EngineCore:
                 and not self._guides and not self._needs_sync and not self.sharded.has_unfinished())
 
     def _schedule(self) -> tuple[ShardedOutput | None, list[SchedulerOutput]]:
-        """Sharded sequences first, within every rank's budget less a token for each of its running
-        requests (engine/sharded.py); then each rank's scheduler with what its budget has left."""
+        """The step's chunks in arrival order across ordinary and sharded sequences (the steps of
+        engine/sharded.py's docstring): running sharded sequences, each rank's running requests
+        and the admissions that came before the oldest waiting sharded sequence, then that
+        sharded sequence's admission, then the admissions held back for it."""
         budget = self.config.scheduler.max_num_batched_tokens
-        sharded = None
-        if self.sharded.has_unfinished():
-            sharded = self.sharded.schedule([budget - s.num_running for s in self.schedulers],
-                                            lambda rank: self.schedulers[rank].preempt_last())
-            self.num_preemptions += len(sharded.preempted) + len(sharded.preempted_ranks)
-            for error in sharded.errors:
-                self._finish(self._sequences[error.request_id], RequestStatus.FINISHED_ERROR, error=error.message)
-        outs = [scheduler.schedule(budget - (0 if sharded is None else int(sharded.rows[r])))
+        sp = self.sharded
+        if not sp.has_unfinished():
+            outs = [scheduler.schedule(budget) for scheduler in self.schedulers]
+            self._note(outs)
+            return None, outs
+        world = self.num_ranks
+        sharded = ShardedOutput((), np.zeros(world, dtype=np.int64))
+        if sp.running:
+            oldest = sp.oldest_running
+            reserve = [min(budget, sum(req.num_tokens - req.num_computed_tokens if req.arrival_time < oldest else 1
+                                       for req in scheduler.running)) for scheduler in self.schedulers]
+            sharded = sp.schedule_running([budget - r for r in reserve])
+        outs = [scheduler.schedule(budget - int(sharded.rows[r]), admit_before=sp.head_arrival)
                 for r, scheduler in enumerate(self.schedulers)]
+        if sp.waiting and not (sharded.preempted or sharded.preempted_ranks or any(o.preempted for o in outs)):
+            used = sharded.rows + np.array([o.num_batched_tokens for o in outs])
+            sharded = sharded + sp.admit([budget - int(u) for u in used])
+            if not sp.waiting:
+                used = sharded.rows + np.array([o.num_batched_tokens for o in outs])
+                outs = [out if out.preempted else out + scheduler.admit(budget - int(u))
+                        for out, scheduler, u in zip(outs, self.schedulers, used)]
+        self.num_preemptions += len(sharded.preempted) + len(sharded.preempted_ranks)
+        for error in sharded.errors:
+            self._finish(self._sequences[error.request_id], RequestStatus.FINISHED_ERROR, error=error.message)
+        self._note(outs)
+        return sharded, outs
+
+    def _note(self, outs: list[SchedulerOutput]) -> None:
+        """Count the rank schedulers' preemptions, end the requests they refused."""
         for out in outs:
             self.num_preemptions += len(out.preempted)
             for error in out.errors:
                 self._finish(self._sequences[error.request_id], RequestStatus.FINISHED_ERROR, error=error.message)
-        return sharded, outs
 
     def _plan(self, outs: list[SchedulerOutput], sharded: ShardedOutput | None = None) -> StepPlan:
         plan = StepPlan(

@@ -68,6 +68,11 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    def __add__(self, other: SchedulerOutput) -> SchedulerOutput:
+        """Two passes of one step as one output."""
+        return SchedulerOutput(self.scheduled + other.scheduled, self.preempted + other.preempted,
+                               self.num_batched_tokens + other.num_batched_tokens, self.errors + other.errors)
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> None:
@@ -102,9 +107,11 @@ class Scheduler:
         self._requests[req.request_id] = req
         self.waiting.append(req)
 
-    def schedule(self, budget: int | None = None) -> SchedulerOutput:
+    def schedule(self, budget: int | None = None, admit_before: float | None = None) -> SchedulerOutput:
         """One step's chunks within `budget` tokens (default: max_num_batched_tokens; the engine
-        passes less when sharded sequences took part of this rank's)."""
+        passes less when sharded sequences took part of this rank's): the running requests, then,
+        if none was preempted, admissions (only of requests that arrived before `admit_before`,
+        when given: the engine holds the rest back for an older sharded sequence)."""
         budget = total = self.config.max_num_batched_tokens if budget is None else budget
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
@@ -136,9 +143,29 @@ class Scheduler:
                 continue
             break  # req preempted itself; it was the last running request
 
-        while (not preempted and self.waiting and budget > 0
-               and len(self.running) < self.config.max_num_seqs):
+        if not preempted:
+            budget = self._admit(budget, scheduled, errors, admit_before)
+        return SchedulerOutput(
+            scheduled=tuple(scheduled),
+            preempted=tuple(preempted),
+            num_batched_tokens=total - budget,
+            errors=tuple(errors),
+        )
+
+    def admit(self, budget: int, admit_before: float | None = None) -> SchedulerOutput:
+        """Admissions alone (a second pass of a step, after a sharded sequence took its share)."""
+        scheduled: list[ScheduledRequest] = []
+        errors: list[RequestError] = []
+        left = self._admit(budget, scheduled, errors, admit_before)
+        return SchedulerOutput(tuple(scheduled), (), budget - left, tuple(errors))
+
+    def _admit(self, budget: int, scheduled: list[ScheduledRequest], errors: list[RequestError],
+               admit_before: float | None) -> int:
+        """Waiting requests in FIFO order while budget, max_num_seqs and blocks allow; the budget left."""
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if admit_before is not None and req.arrival_time >= admit_before:
+                break
             fits = self._check_length(req, errors)
             if fits is None:
                 continue
@@ -155,13 +182,7 @@ class Scheduler:
             self.running.append(req)
             scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
-
-        return SchedulerOutput(
-            scheduled=tuple(scheduled),
-            preempted=tuple(preempted),
-            num_batched_tokens=total - budget,
-            errors=tuple(errors),
-        )
+        return budget
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int], advanced: bool = False) -> None:
         """Apply one step: advance computed tokens, append samples (`sampled[request_id]` for every
@@ -218,11 +239,9 @@ class Scheduler:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             self.finish(request_id, RequestStatus.FINISHED_ABORTED)
 
-    def preempt_last(self) -> str | None:
-        """Preempt the most recently admitted running request (its id; None if none runs): how a
-        sharded sequence gets this rank's blocks (engine/sharded.py)."""
-        if not self.running:
-            return None
+    def preempt_last(self) -> str:
+        """Preempt the most recently admitted running request, returning its id: how a sharded
+        sequence gets this rank's blocks (engine/sharded.py)."""
         victim = self.running.pop()
         self._preempt(victim)
         return victim.request_id

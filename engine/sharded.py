@@ -6,20 +6,25 @@ cache is spread over all ranks of the EP group in zigzag units of one block
 each step's rows are spread the same way. It has a *home* rank (the least loaded when it arrives)
 that samples its tokens; the other ranks keep nothing of it but its blocks.
 
-Each step the engine core asks this scheduler first, with every rank's token budget less one
-token for each of that rank's running requests (their decodes never wait for a long prefill):
+One step, in arrival order across both kinds of sequence (EngineCore._schedule):
 
-1. Running sharded sequences, in admission order: the longest chunk whose rows fit every rank's
-   budget (`row_counts`: ~1/R of the chunk per rank), its blocks allocated on every rank, all
-   or nothing. A rank without the blocks preempts its own most recently admitted request
-   (`preempt_rank`, the same LIFO recompute policy as the rank schedulers); a rank with none
-   left preempts the most recently admitted sharded sequence, possibly this one.
-2. If nothing was preempted, waiting sharded sequences in FIFO order, while budgets and blocks
-   allow (no preemption to admit).
+1. Running sharded sequences (`schedule_running`), within each rank's budget less what that
+   rank's running requests need: all of it for those that arrived before the oldest running
+   sharded sequence, one token (a decode, a prefill's progress) for later ones, so no running
+   decode ever waits for a long prefill. Each takes the longest chunk whose rows fit every
+   rank's budget (`row_counts`: ~1/R of the chunk per rank) and whose blocks fit every rank's
+   free ones. With no block for even one more token, LIFO by arrival: the short rank's newest
+   request is preempted if it arrived after the newest sharded sequence (and the rank's
+   requests hold enough blocks), else that sharded sequence is, possibly this one.
+2. The rank schedulers: their running requests, then admissions of requests that arrived before
+   the oldest waiting sharded sequence (later ones are held back, and with them the blocks the
+   sharded sequence waits for).
+3. Waiting sharded sequences (`admit`), FIFO, each once the first chunk the budgets left allow
+   has its blocks free on every rank (admission never preempts).
+4. The rank schedulers admit the requests held back, if no sharded sequence still waits.
 
-The rank schedulers then fill what each rank's budget has left. A long prefill thus runs in
-chunks across steps beside everyone's decodes, and ahead of requests that arrive after it (the
-FIFO order of vLLM's chunked prefill). Finishing, aborting or preempting a sharded sequence frees
+A long prefill thus runs in chunks across steps beside everyone's decodes, admitted in its turn
+(the FIFO of vLLM's chunked prefill). Finishing, aborting or preempting a sharded sequence frees
 its blocks on every rank.
 
 Prefix caching is skipped for sharded sequences: their blocks are never hashed nor matched (a
@@ -29,15 +34,14 @@ in different blocks on different ranks).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from expertmesh.engine.block_manager import BlockManager
 from expertmesh.engine.config import SchedulerConfig
 from expertmesh.engine.request import Request, RequestStatus
-from expertmesh.engine.scheduler import RequestError, ScheduledRequest
+from expertmesh.engine.scheduler import RequestError, ScheduledRequest, Scheduler
 from expertmesh.model.sequence_parallel import shard_sizes
 from expertmesh.model.sharded_attention import ShardedChunk, row_counts
 
@@ -53,12 +57,20 @@ class ShardedOutput:
     """Ordinary requests that ranks preempted to give blocks to sharded sequences."""
     errors: tuple[RequestError, ...] = ()
 
+    def __add__(self, other: ShardedOutput) -> ShardedOutput:
+        """Two passes of one step (running, then admissions) as one output."""
+        return ShardedOutput(self.scheduled + other.scheduled, self.rows + other.rows,
+                             self.preempted + other.preempted, self.preempted_ranks + other.preempted_ranks,
+                             self.errors + other.errors)
+
 
 class ShardedScheduler:
-    def __init__(self, config: SchedulerConfig, block_managers: Sequence[BlockManager], max_model_len: int,
+    def __init__(self, config: SchedulerConfig, schedulers: Sequence[Scheduler], max_model_len: int,
                  min_tokens: int) -> None:
+        """`schedulers`: the ranks' own schedulers, whose block managers hold the shards too."""
         self.config = config
-        self.block_managers = list(block_managers)
+        self.schedulers = list(schedulers)
+        self.block_managers = [s.block_manager for s in self.schedulers]
         self.world = len(self.block_managers)
         self.block_size = self.block_managers[0].block_size
         self.max_model_len = max_model_len
@@ -104,13 +116,27 @@ class ShardedScheduler:
             raise ValueError(f"request id {req.request_id!r} is already scheduled")
         self._requests[req.request_id] = req
         self.homes[req.request_id] = home
-        self._shards[req.request_id] = [Request(f"{req.request_id}@rank{r}", [], req.params)
+        # stand-ins' ids hold a NUL, which no client's id does: they never meet a request's hash state
+        self._shards[req.request_id] = [Request(f"\x00shard{r}\x00{req.request_id}", [], req.params)
                                         for r in range(self.world)]
         self.waiting.append(req)
 
-    def schedule(self, budgets: Sequence[int], preempt_rank: Callable[[int], str | None]) -> ShardedOutput:
-        """One step's chunks of sharded sequences within `budgets` (rows per rank);
-        `preempt_rank(r)` preempts rank r's most recent ordinary request (its id, or None)."""
+    @property
+    def oldest_running(self) -> float | None:
+        """Arrival time of the earliest running sharded sequence (None: none runs)."""
+        return min((r.arrival_time for r in self.running), default=None)
+
+    @property
+    def head_arrival(self) -> float | None:
+        """Arrival time of the next sharded sequence to admit (None: none waits)."""
+        return self.waiting[0].arrival_time if self.waiting else None
+
+    def schedule_running(self, budgets: Sequence[int]) -> ShardedOutput:
+        """The running sharded sequences' chunks within `budgets` (rows per rank), in admission
+        order: each the longest chunk whose rows fit the budgets and whose blocks fit every rank's
+        free ones. With no block for even one token, the most recently arrived of the short
+        rank's newest running request and the newest running sharded sequence is preempted
+        (the rank's only if freeing its requests' blocks can cover the need)."""
         left = np.array(budgets, dtype=np.int64)
         scheduled, preempted, preempted_ranks, errors = [], [], [], []
         index = 0
@@ -118,40 +144,59 @@ class ShardedScheduler:
             req = self.running[index]
             if not self._fits(req, errors):
                 continue
+            if self._chunk(req, left, blocks=False) == 0:  # no budget for it this step
+                index += 1
+                continue
             n = self._chunk(req, left)
-            if n == 0:
-                index += 1
-                continue
-            while not self._allocate(req, n):
-                short = next(r for r in range(self.world) if self._needed(req, n, r) > 0)
-                victim = preempt_rank(short)
-                if victim is not None:
-                    preempted_ranks.append(victim)
-                    continue
-                last = self.running.pop()
-                self._preempt(last)
-                preempted.append(last.request_id)
-                if last is req:
+            while n == 0:  # budget, but not one token's blocks: make room
+                rank = next(r for r in range(self.world) if self._needed(req, 1, r) > 0)
+                victim, of_rank = self._victim(rank, req)
+                (preempted_ranks if of_rank else preempted).append(victim)
+                if req.status is not RequestStatus.RUNNING:
                     break
-            else:
-                scheduled.append(self._scheduled(req, n, left))
-                index += 1
-                continue
-            break  # req preempted itself: it was the last running sharded sequence
+                n = self._chunk(req, left)
+            if n == 0:
+                break  # req preempted itself (it was the last running sharded sequence)
+            self._allocate(req, n)
+            scheduled.append(self._scheduled(req, n, left))
+            index += 1
+        return ShardedOutput(tuple(scheduled), np.array(budgets, dtype=np.int64) - left, tuple(preempted),
+                             tuple(preempted_ranks), tuple(errors))
 
-        while not preempted and self.waiting and len(self.running) < self.config.max_num_seqs:
+    def admit(self, budgets: Sequence[int]) -> ShardedOutput:
+        """Waiting sharded sequences in FIFO order, each once the longest first chunk the budgets
+        allow has its blocks free on every rank (never preempting to admit, nor admitting on a
+        smaller chunk that the next step's growth would have to preempt again)."""
+        left = np.array(budgets, dtype=np.int64)
+        scheduled, errors = [], []
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if not self._fits(req, errors):
                 continue
-            n = self._chunk(req, left)
-            if n == 0 or not self._allocate(req, n):
+            n = self._chunk(req, left, blocks=False)
+            if n == 0 or any(self._needed(req, n, r) > 0 for r in range(self.world)):
                 break
+            self._allocate(req, n)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             scheduled.append(self._scheduled(req, n, left))
-        return ShardedOutput(tuple(scheduled), np.array(budgets, dtype=np.int64) - left, tuple(preempted),
-                             tuple(preempted_ranks), tuple(errors))
+        return ShardedOutput(tuple(scheduled), np.array(budgets, dtype=np.int64) - left, errors=tuple(errors))
+
+    def _victim(self, rank: int, req: Request) -> tuple[str, bool]:
+        """Preempt for req on `rank`, LIFO by arrival: the rank's newest running request if it
+        arrived after the newest running sharded sequence and the rank's running requests hold
+        blocks enough to cover the need; else that sharded sequence (possibly req). Returns
+        (its id, whether it was the rank's)."""
+        scheduler, bm = self.schedulers[rank], self.block_managers[rank]
+        ordinary = scheduler.running[-1] if scheduler.running else None
+        last = self.running[-1]
+        held = sum(1 for r in scheduler.running for b in r.block_ids if bm.ref_counts[b] == 1)
+        if ordinary is not None and ordinary.arrival_time > last.arrival_time and held >= self._needed(req, 1, rank):
+            return scheduler.preempt_last(), True
+        self.running.pop()
+        self._preempt(last)
+        return last.request_id, False
 
     def chunks(self, out: ShardedOutput) -> tuple[ShardedChunk, ...]:
         """The plan's form of the scheduled chunks (tokens and every rank's block table)."""
@@ -194,16 +239,18 @@ class ShardedScheduler:
         left -= row_counts(start, n, sample, self.homes[req.request_id], self.world, self.block_size)
         return ScheduledRequest(req, start, n, sample)
 
-    def _chunk(self, req: Request, left: np.ndarray) -> int:
-        """The most tokens of req whose rows fit every rank's budget left (0: none)."""
+    def _chunk(self, req: Request, left: np.ndarray, blocks: bool = True) -> int:
+        """The most tokens of req whose rows fit every rank's budget left and, with `blocks`, whose
+        shard blocks fit every rank's free ones (0: none)."""
         start, remaining, home = req.num_computed_tokens, req.num_tokens - req.num_computed_tokens, \
             self.homes[req.request_id]
 
         def fits(n: int) -> bool:
             counts = row_counts(start, n, start + n == req.num_tokens, home, self.world, self.block_size)
-            return bool((counts <= left).all())
+            return bool((counts <= left).all()) and not (blocks and any(
+                self._needed(req, n, r) > 0 for r in range(self.world)))
 
-        lo, hi = 0, remaining  # rows grow with n: the largest n that fits, by bisection
+        lo, hi = 0, remaining  # rows and blocks grow with n: the largest n that fits, by bisection
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if fits(mid):
@@ -219,16 +266,13 @@ class ShardedScheduler:
         keys = int(shard_sizes(req.num_computed_tokens + n, self.world, self.block_size)[rank])
         return bm.num_blocks_for(keys) - len(shard.block_ids) - bm.num_free_blocks
 
-    def _allocate(self, req: Request, n: int) -> bool:
-        """Grow req's shard on every rank to cover its tokens up to num_computed_tokens + n; False
-        (taking nothing) if a rank lacks the blocks."""
-        if any(self._needed(req, n, r) > 0 for r in range(self.world)):
-            return False
+    def _allocate(self, req: Request, n: int) -> None:
+        """Grow req's shard on every rank to cover its tokens up to num_computed_tokens + n (which
+        `_chunk` has checked the free blocks for)."""
         keys = shard_sizes(req.num_computed_tokens + n, self.world, self.block_size)
         for bm, shard, k in zip(self.block_managers, self._shards[req.request_id], keys.tolist()):
             if not bm.allocate(shard, k):  # stand-ins keep num_computed_tokens 0: k slots in all
                 raise RuntimeError(f"rank block allocation for {req.request_id!r} failed after its check")
-        return True
 
     def _free(self, req: Request) -> None:
         for bm, shard in zip(self.block_managers, self._shards[req.request_id]):

@@ -106,9 +106,9 @@ class ShardedSeq:
     """int64: its rows among the gathered rows (rank after rank)."""
     q_pos_R: torch.Tensor
     """int64: their positions."""
-    k_pos_L: torch.Tensor
-    """int64: the positions of the keys this rank holds (this step's included)."""
-    slots_L: torch.Tensor
+    k_pos_L: torch.Tensor | None = None
+    """int64: the positions of the keys this rank holds, this step's included (the plain-torch path)."""
+    slots_L: torch.Tensor | None = None
     """int64: the cache slots of those keys (the plain-torch path reads them there)."""
     blocks_M: torch.Tensor | None = None
     """int32: the shard's block table (the kernel path)."""
@@ -166,15 +166,16 @@ class ShardedAttention:
             write_rows.append(gathered_R[mine])
             write_slots.append(table[index[mine] // block_size] * block_size + index[mine] % block_size)
             k_pos = shard_positions(chunk.end, world, unit, rank)
-            key_index = np.arange(len(k_pos))
-            slots = table[key_index // block_size] * block_size + key_index % block_size
-            blocks, plan = None, None
-            if kernel_heads is not None:
-                blocks = torch.from_numpy(table.astype(np.int32)).to(device)
+            rows_R, q_pos_dev = _dev(gathered_R, device), _dev(q_pos_R, device)
+            if kernel_heads is not None:  # the kernel reads the shard through its table: no per-key copy
                 plan = plan_shard_attention(q_pos_R, k_pos, num_q_heads=kernel_heads[0],
                                             num_kv_heads=kernel_heads[1], device=device)
-            seqs.append(ShardedSeq(_dev(gathered_R, device), _dev(q_pos_R, device), _dev(k_pos, device),
-                                   _dev(slots, device), blocks, plan))
+                seqs.append(ShardedSeq(rows_R, q_pos_dev, blocks_M=torch.from_numpy(table.astype(np.int32)).to(device),
+                                       plan=plan))
+            else:
+                key_index = np.arange(len(k_pos))
+                slots = table[key_index // block_size] * block_size + key_index % block_size
+                seqs.append(ShardedSeq(rows_R, q_pos_dev, _dev(k_pos, device), _dev(slots, device)))
         mine = np.concatenate([p for p in rows[rank]]) if chunks else np.zeros(0, dtype=np.int64)
         return cls(num_regular, rows_per_rank, rank, _dev(mine, device), _dev(_cat(write_rows), device),
                    _dev(_cat(write_slots), device), tuple(seqs), group)
@@ -211,9 +212,13 @@ def sharded_attention(q_THd: torch.Tensor, k_TGd: torch.Tensor, v_TGd: torch.Ten
     for seq in sp.seqs:
         q_sHd = qkv_all.index_select(0, seq.rows_R)[:, :H]
         if kernel:
+            if seq.blocks_M is None or seq.plan is None:
+                raise ValueError("the kernel path needs the shard's block table and plan (build with kernel_heads)")
             o, s = paged_partial_attention(q_sHd.to(kv_2NSGd.dtype).contiguous(), kv_2NSGd, seq.blocks_M, seq.plan,
                                            scale)
         else:
+            if seq.slots_L is None or seq.k_pos_L is None:
+                raise ValueError("the plain-torch path needs the shard's key slots (build without kernel_heads)")
             o, s = partial_attention(q_sHd, seq.q_pos_R, slots[0].index_select(0, seq.slots_L),
                                      slots[1].index_select(0, seq.slots_L), seq.k_pos_L, scale)
         out.index_copy_(0, seq.rows_R, o)

@@ -184,6 +184,69 @@ def test_a_shard_larger_than_a_ranks_cache_fails_the_request_not_the_engine(make
     assert _all_free(core)
 
 
+def _first_steps(core, executor_log):
+    """request id -> the step of the first plan that scheduled it."""
+    first = {}
+    for step, plan in enumerate(executor_log):
+        for chunks in plan.chunks_by_rank:
+            for rid in chunks.request_ids:
+                first.setdefault(rid, step)
+        for c in plan.sharded:
+            first.setdefault(c.request_id, step)
+    return first
+
+
+def test_admission_follows_arrival_across_ordinary_and_sharded_sequences(make_core):
+    """An ordinary request that arrived before a long prompt starts at once (the long prompt does
+    not take its turn), and a steady stream of short requests that arrive after a waiting long
+    prompt never starts before it (their admissions, and the blocks they would take, are held)."""
+    core = make_core(num_blocks=40)
+    log = []
+    execute = core.executor.execute
+    core.executor.execute = lambda plan: log.append(plan) or execute(plan)
+    core.add_request("early", list(range(1, 50)), _params(4))
+    core.add_request("long", [i % 1000 for i in range(300)], _params(2))
+    core.step()
+    assert {"early", "long"} <= set(_first_steps(core, log))  # both in the first step, budget shared
+    added, i = {}, 0
+    for step in range(200):
+        while sum(s.num_running + s.num_waiting for s in core.schedulers) < 12:
+            core.add_request(f"o{i}", [1 + (i + j) % 900 for j in range(48)], _params(4 + i % 3))
+            added[f"o{i}"] = step
+            i += 1
+        core.step()
+        if step == 20:
+            core.add_request("late", list(range(300)), _params(2))
+            added["late"] = step
+        if "late" in core._sequences and core.sharded.num_computed_tokens("late"):
+            break
+    first = _first_steps(core, log)
+    assert "late" in first, "the waiting sharded sequence never started"
+    overtook = [rid for rid, at in added.items() if rid != "late" and at > added["late"] and rid in first
+                and first[rid] < first["late"]]
+    assert not overtook, f"{overtook} arrived after the long prompt and started before it"
+    core.abort(list(core._parents))
+    assert _all_free(core)
+
+
+def test_a_sliding_window_model_refuses_sharding(qwen3_moe_path):
+    from dataclasses import replace
+
+    tokenizer = Tokenizer.from_pretrained(qwen3_moe_path)
+    model_config = replace(ModelConfig.from_pretrained(qwen3_moe_path), sliding_window=32)
+    executor = ScriptedExecutor(model_config, 64, lambda p: [7], num_ranks=2)
+
+    def config(threshold):
+        return EngineConfig(load=ModelLoadConfig(str(qwen3_moe_path), device="cpu"),
+                            cache=CacheConfig(block_size=BLOCK, num_blocks=64),
+                            parallel=ParallelConfig(sequence_parallel_min_tokens=threshold))
+
+    with pytest.raises(ValueError, match="sliding window of 32 tokens"):
+        EngineCore(config(100), executor, tokenizer)
+    core = EngineCore(config(None), executor, tokenizer)  # the default: off for such a model
+    assert not core.sharded.wants(10**6)
+
+
 def test_sequence_parallel_min_tokens_is_checked():
     with pytest.raises(ValueError, match="sequence_parallel_min_tokens must be >= 0"):
         ParallelConfig(sequence_parallel_min_tokens=-1)
