@@ -68,6 +68,24 @@ class ServingConfig:
     address unless this is given."""
     engine_replicas: int = setting(1, ge=1)
     """EP groups (model deployment replicas) to run; each holds ep_size ranks."""
+    min_replicas: int | None = setting(None, ge=1)
+    """Autoscaling: the fewest engine replicas (needs max_replicas; default 1)."""
+    max_replicas: int | None = setting(None, ge=1)
+    """Autoscaling: the most engine replicas. Setting it turns autoscaling on: Ray Serve scales the engine
+    deployment between min_replicas and max_replicas from the engines' own load (waiting requests, running
+    sequences, KV-cache use), starting from engine_replicas; unset, engine_replicas is fixed."""
+    autoscale_target_seqs: int | None = setting(None, ge=1)
+    """Autoscaling: sequences (running plus waiting) per engine replica the policy aims at; more, or any
+    request waiting for room, adds a replica. Default: half of max_num_seqs."""
+    upscale_delay_s: float = setting(30.0, ge=0)
+    """Autoscaling: how long the load must call for one more engine replica before it is started."""
+    downscale_delay_s: float = setting(300.0, ge=0)
+    """Autoscaling: how long the load must allow one engine replica fewer before one is drained and released."""
+    autoscale_look_back_s: float = setting(30.0, gt=10)
+    """Autoscaling: the window each replica's load is averaged over (replicas report every 10 s)."""
+    drain_timeout_s: float = setting(60.0, gt=0)
+    """How long an engine replica being removed (scaled down, redeployed) keeps serving the requests it
+    holds after it stops taking new ones; those still running then end with an error."""
     gateway_replicas: int = setting(1, ge=1)
     """Gateway replicas (HTTP app and gRPC server)."""
     max_ongoing_requests: int = setting(1024, ge=1)
@@ -131,6 +149,28 @@ class _AppConfigBase(BaseModel):
             raise ValueError(f"model directory {value!r} does not exist (and it is not a Hugging Face repo id, "
                              "org/name)")
         return value
+
+    @model_validator(mode="after")
+    def _replica_bounds(self):
+        if self.min_replicas is not None and self.max_replicas is None:
+            raise ValueError("min_replicas needs max_replicas (autoscaling between the two)")
+        if self.max_replicas is not None and (self.min_replicas or 1) > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be at most max_replicas ({self.max_replicas})")
+        return self
+
+    def autoscaling(self) -> dict[str, Any] | None:
+        """The engine deployment's Ray Serve `autoscaling_config`, or None for a fixed engine_replicas."""
+        if self.max_replicas is None:
+            return None
+        from expertmesh.gateway.autoscaling import autoscaling_config, default_target_seqs
+
+        low = self.min_replicas or 1
+        return autoscaling_config(
+            min_replicas=low, max_replicas=self.max_replicas,
+            initial_replicas=min(max(self.engine_replicas, low), self.max_replicas),
+            target_seqs=self.autoscale_target_seqs or default_target_seqs(self.max_num_seqs),
+            upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s,
+            look_back_period_s=self.autoscale_look_back_s)
 
     @field_validator("grpc_port", check_fields=False)
     @classmethod

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint directory or Hugging Face repo id; same as --model")
     srv.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (0.0.0.0 for every interface)")
     srv.add_argument("--port", type=int, default=8000, help="HTTP port (Ray Serve's proxy)")
+    srv.add_argument("--dashboard-port", type=int, default=8265,
+                     help="port of the Ray dashboard of the Ray instance serve starts (replicas, autoscaling, "
+                          "logs); ignored when joining a cluster with --ray-address")
     srv.add_argument("--print-config", action="store_true",
                      help="print the Ray Serve config file (YAML) for these flags and exit; run it on a cluster "
                           "with `serve deploy FILE` or `serve run FILE`")
@@ -267,14 +270,17 @@ def _serve(args) -> int:
     model_dir(cfg.engine_config().load)  # a repo id is fetched here, once, before the replicas start
     load_tokenizer(cfg.engine_config().load)
     _proxy_environment(cfg.http_header_timeout_s)
-    ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    context = ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False,
+                       **({} if args.ray_address else {"dashboard_port": args.dashboard_port,
+                                                      "include_dashboard": True}))
     check_placeable(f"the expertmesh app ({cfg.engine_replicas} engine replica(s) of ep_size {cfg.ep_size}, "
                     f"{cfg.gateway_replicas} gateway replica(s))", app_bundles(cfg))
     logging_config = {"log_level": cfg.log_level}
     serve.start(http_options=http_options(app_args, args.host, args.port), logging_config=logging_config)
     serve.run(build_app(app_args), name="expertmesh", route_prefix="/", logging_config=logging_config)
     grpc_bound = serve.get_app_handle("expertmesh").grpc_address.remote().result(timeout_s=120)
-    print(banner(cfg.model_name(), f"{args.host}:{args.port}", grpc_bound), flush=True)
+    print(banner(cfg.model_name(), f"{args.host}:{args.port}", grpc_bound, context.dashboard_url, ray_token_path()),
+          flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -284,14 +290,16 @@ def _serve(args) -> int:
     return 0
 
 
-def banner(model_name: str, http_bound: str, grpc_bound: str | None) -> str:
+def banner(model_name: str, http_bound: str, grpc_bound: str | None, dashboard: str | None = None,
+           token_path: Path | None = None) -> str:
     """What `serve` prints once the app runs: the addresses the HTTP proxy and the gRPC server are bound
-    to, and the URL to reach each from this machine.
+    to, the URL to reach each from this machine, and the Ray dashboard's (with where its API token is).
 
-        >>> print(banner("tiny", "0.0.0.0:8000", "127.0.0.1:50051"))
+        >>> print(banner("tiny", "0.0.0.0:8000", "127.0.0.1:50051", "127.0.0.1:8265", Path("/home/u/.ray/auth_token")))
         expertmesh: serving tiny
         HTTP  http://127.0.0.1:8000/v1  (bound to 0.0.0.0:8000, every interface; health: /health, metrics: /metrics)
         gRPC  127.0.0.1:50051  (bound to 127.0.0.1:50051, this machine only; service expertmesh.v1.ExpertMesh)
+        Ray   http://127.0.0.1:8265  (dashboard; API token in /home/u/.ray/auth_token: RAY_AUTH_MODE=token serve status)
     """
     def reach(bound: str) -> tuple[str, str]:
         host, _, port = bound.rpartition(":")
@@ -309,7 +317,16 @@ def banner(model_name: str, http_bound: str, grpc_bound: str | None) -> str:
         lines.append(f"gRPC  {address}  ({note}; service expertmesh.v1.ExpertMesh)")
     else:
         lines.append("gRPC  off (--grpc-port 0)")
+    if dashboard:
+        auth = f"API token in {token_path}: RAY_AUTH_MODE=token serve status" if token_path else "serve status"
+        lines.append(f"Ray   http://{dashboard.removeprefix('http://')}  (dashboard; {auth})")
     return "\n".join(lines)
+
+
+def ray_token_path() -> Path | None:
+    """Where the Ray this process started keeps its auth token (None: token auth is off)."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path if path.is_file() else None
 
 
 def _proxy_environment(header_timeout_s: float) -> None:

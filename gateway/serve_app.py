@@ -99,8 +99,7 @@ class CallerWatch:
                 continue
 
 
-@serve.deployment(name=ENGINE_DEPLOYMENT, health_check_period_s=10, health_check_timeout_s=60,
-                  graceful_shutdown_timeout_s=10)
+@serve.deployment(name=ENGINE_DEPLOYMENT, health_check_period_s=10, health_check_timeout_s=60)
 class EngineServer:
     """One replica = one EP group and its engine loop."""
 
@@ -148,6 +147,13 @@ class EngineServer:
         from expertmesh.gateway.engine_client import expert_load_lists
 
         return await self.engine.call(expert_load_lists)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom autoscaling metrics of this replica (gateway/autoscaling.py)."""
+        from expertmesh.gateway.autoscaling import METRICS
+
+        stats = self.engine.stats()
+        return {name: float(stats[name]) for name in METRICS}
 
     def check_health(self) -> None:
         if not self.engine.alive:
@@ -256,8 +262,11 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     expertmesh.gateway.serve_app:build_app model=/path ep_size=2`, or `import_path` in a config file."""
     cfg = AppConfig.model_validate(dict(args or {}))
     config = cfg.model_dump()
-    engine_options: dict[str, Any] = {"num_replicas": cfg.engine_replicas,
-                                      "max_ongoing_requests": cfg.max_ongoing_requests,
+    autoscaling = cfg.autoscaling()
+    engine_options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
+                                      "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
+                                      **({"num_replicas": cfg.engine_replicas} if autoscaling is None
+                                         else {"autoscaling_config": autoscaling}),
                                       **_engine_replica_resources(cfg, _uses_gpus(cfg.device))}
     engine = EngineServer.options(**engine_options).bind(config)
     gateway = Gateway.options(num_replicas=cfg.gateway_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
@@ -288,7 +297,9 @@ def app_bundles(cfg: AppConfig) -> list[dict[str, float]]:
     else:
         actor = options["ray_actor_options"]
         engine = [{"CPU": actor["num_cpus"], **({"GPU": actor["num_gpus"]} if actor["num_gpus"] else {})}]
-    return engine * cfg.engine_replicas + [{"CPU": GATEWAY_CPUS}] * cfg.gateway_replicas
+    autoscaling = cfg.autoscaling()
+    replicas = cfg.engine_replicas if autoscaling is None else autoscaling["initial_replicas"]
+    return engine * replicas + [{"CPU": GATEWAY_CPUS}] * cfg.gateway_replicas
 
 
 def _uses_gpus(device: str) -> bool:

@@ -5,6 +5,7 @@ import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,9 @@ ENGINE_FLAGS = {"--model", "--revision", "--download-dir", "--tokenizer", "--cha
                 "--grammar-max-enum-values", "--grammar-max-regex-chars"}
 SAMPLING_FLAGS = {"--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--seed", "--stop"}
 SERVING_FLAGS = {"--served-model-name", "--max-n", "--max-prompts", "--api-key", "--redis-url", "--api-keys-env",
-                 "--redis-password-env", "--grpc-port", "--grpc-host", "--engine-replicas", "--gateway-replicas",
+                 "--redis-password-env", "--grpc-port", "--grpc-host", "--engine-replicas", "--min-replicas",
+                 "--max-replicas", "--autoscale-target-seqs", "--upscale-delay-s", "--downscale-delay-s",
+                 "--autoscale-look-back-s", "--drain-timeout-s", "--gateway-replicas",
                  "--max-ongoing-requests", "--max-request-body-bytes", "--health-stall-timeout-s",
                  "--http-keep-alive-timeout-s", "--http-header-timeout-s", "--http-request-timeout-s",
                  "--grpc-max-connection-idle-s", "--grpc-keepalive-time-s", "--grpc-max-concurrent-streams"}
@@ -46,7 +49,8 @@ LLM_KWARGS = ["model", "progress", "revision", "download_dir", "tokenizer", "cha
 def test_the_public_flags_are_exactly_these():
     """Adding or removing a flag is a deliberate change to this list."""
     common = {"-h", "--help", "--log-level"} | ENGINE_FLAGS
-    assert _flags("serve") == common | SERVING_FLAGS | {"--host", "--port", "--print-config", "--seed"}
+    assert _flags("serve") == common | SERVING_FLAGS | {"--host", "--port", "--dashboard-port", "--print-config",
+                                                          "--seed"}
     assert _flags("generate") == common | {"--json"} | SAMPLING_FLAGS
     assert _flags("chat") == common | {"--message", "--system", "--no-thinking"} | SAMPLING_FLAGS
     assert _flags("make-tiny") == {"-h", "--help", "--model-type", "--num-layers", "--num-experts", "--top-k",
@@ -180,3 +184,7 @@ def test_banner_names_the_bound_addresses():
     assert "HTTP  http://127.0.0.1:8000/v1  (bound to 0.0.0.0:8000, every interface;" in text
     assert "gRPC  10.1.2.3:50051  (bound to 10.1.2.3:50051;" in text
     assert banner("m", "127.0.0.1:8000", None).endswith("gRPC  off (--grpc-port 0)")
+    ray_line = banner("m", "127.0.0.1:8000", None, "http://127.0.0.1:8266", Path("/h/.ray/auth_token")).splitlines()[-1]
+    assert ray_line == ("Ray   http://127.0.0.1:8266  (dashboard; API token in /h/.ray/auth_token: "
+                        "RAY_AUTH_MODE=token serve status)")
+    assert banner("m", "127.0.0.1:8000", None, "127.0.0.1:8265").endswith("(dashboard; serve status)")

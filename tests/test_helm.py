@@ -235,6 +235,8 @@ def test_secret_env_fields_resolve(monkeypatch):
 # ---- what the manifests say ---------------------------------------------------------------------
 
 def test_multi_node_layout(helm):
+    from expertmesh.gateway.app_config import AppConfig
+
     docs = render(helm, "multi-node")
     (rs,) = by_kind(docs, "RayService")
     cluster = rs["spec"]["rayClusterConfig"]
@@ -260,6 +262,11 @@ def test_multi_node_layout(helm):
     args = serve_config(docs)["applications"][0]["args"]
     assert args["redis_url"] == f"redis://{redis_host}:6379/1"
     assert (args["ep_size"], args["engine_replicas"], args["device"]) == (8, 2, "cuda")
+    # elastic: Serve scales the EP groups between 2 and 4, the Ray autoscaler adds a node per group
+    assert (args["min_replicas"], args["max_replicas"]) == (2, 4) and group["maxReplicas"] >= args["max_replicas"]
+    auto = AppConfig.model_validate({**args, "model": None, "device": "cpu"}).autoscaling()
+    assert (auto["min_replicas"], auto["initial_replicas"], auto["max_replicas"]) == (2, 2, 4)
+    assert (auto["upscale_delay_s"], auto["downscale_delay_s"]) == (60, 900)
 
     services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
     http, grpc = services[f"{FULLNAME}-http"], services[f"{FULLNAME}-grpc"]
