@@ -261,7 +261,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The Serve application for `args` (an AppConfig's fields): `serve run
     expertmesh.gateway.serve_app:build_app model=/path ep_size=2`, or `import_path` in a config file."""
     cfg = AppConfig.model_validate(dict(args or {}))
-    config = cfg.model_dump()
+    # The replicas' own settings, without the deployments' (replica counts, autoscaling, drain): a
+    # change of those alone then reaches Serve as a lightweight update that keeps the replicas running.
+    config = cfg.model_dump(exclude=DEPLOYMENT_SETTINGS)
     autoscaling = cfg.autoscaling()
     engine_options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
                                       "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
@@ -270,9 +272,15 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                                       **_engine_replica_resources(cfg, _uses_gpus(cfg.device))}
     engine = EngineServer.options(**engine_options).bind(config)
     gateway = Gateway.options(num_replicas=cfg.gateway_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
-                              ray_actor_options={"num_cpus": GATEWAY_CPUS})
+                              ray_actor_options={"num_cpus": GATEWAY_CPUS},
+                              graceful_shutdown_timeout_s=cfg.drain_timeout_s)
     return gateway.bind(engine, config)
 
+
+DEPLOYMENT_SETTINGS = frozenset({"engine_replicas", "gateway_replicas", "min_replicas", "max_replicas",
+                                 "autoscale_target_seqs", "upscale_delay_s", "downscale_delay_s",
+                                 "autoscale_look_back_s", "drain_timeout_s"})
+"""AppConfig fields that shape the deployments, not what a replica does."""
 
 GATEWAY_CPUS = 0.5
 """CPUs of a gateway replica, and of an EP group's engine replica (which only drives its ranks)."""

@@ -162,3 +162,74 @@ def test_engine_replicas_follow_the_load_up_and_back_down_without_a_failed_reque
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.mark.slow
+def test_a_replica_scaled_down_under_streams_drains_them_all(qwen3_moe_path):
+    """Two engine replicas, 10 long greedy streams spread over them, then the deployment is scaled
+    to one (a lightweight update: the kept replica is not restarted). The removed replica stops
+    taking requests and finishes its streams: all 10 complete, every token there."""
+    import openai
+    import ray
+    from ray import serve
+    from ray.serve._private.common import ReplicaState
+
+    from expertmesh.cluster.collective import free_port
+    from expertmesh.gateway.cli import http_options
+    from expertmesh.gateway.serve_app import build_app
+
+    port = free_port()
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    args = {"model": str(qwen3_moe_path), "device": "cpu", "grpc_port": 0, "engine_replicas": 2, "drain_timeout_s": 300,
+            "num_kv_blocks": 4096}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    results, failures = [], []
+    try:
+        serve.start(http_options=http_options(args, "127.0.0.1", port))
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        _wait(lambda: _engine_replicas() == 2, 120, "two engine replicas run")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        model = client.models.list().data[0].id
+        started = threading.Barrier(11)
+
+        def stream(i):
+            try:
+                chunks = client.completions.create(model=model, prompt=f"stream {i}:", max_tokens=1500, temperature=0,
+                                                   stream=True, extra_body={"ignore_eos": True})
+                count, finish = 0, None
+                for chunk in chunks:
+                    if count == 0:
+                        started.wait(timeout=120)
+                    count += 1
+                    finish = chunk.choices[0].finish_reason or finish
+                results.append((count, finish))
+            except Exception as exc:  # every failure is counted and reported
+                failures.append(repr(exc))
+
+        threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(10)]
+        for t in threads:
+            t.start()
+        started.wait(timeout=120)  # every stream has its first token
+        scale_down = threading.Thread(target=serve.run, args=(build_app({**args, "engine_replicas": 1}),),
+                                      kwargs={"name": APP, "route_prefix": "/"}, daemon=True)
+        scale_down.start()
+        _wait(lambda: serve.status().applications[APP].deployments[ENGINE].replica_states.get(ReplicaState.STOPPING),
+              60, "a replica drains")
+        assert sum(t.is_alive() for t in threads) >= 5  # it drains while the streams run
+        scale_down.join(timeout=600)
+        for t in threads:
+            t.join(timeout=600)
+        assert not failures, (len(failures), failures[:3])
+        assert len(results) == 10 and all(finish == "length" for _, finish in results), results
+        _wait(lambda: _engine_replicas() == 1 and not serve.status().applications[APP].deployments[ENGINE]
+              .replica_states.get(ReplicaState.STOPPING), 120, "one replica is left")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
