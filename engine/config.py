@@ -116,6 +116,10 @@ class ParallelConfig:
     """CPUs each rank reserves in its placement-group bundle, a fraction allowed; default: 1 for a GPU rank,
     0.5 for a CPU rank (an EP group of 4 CPU ranks fits on 2 cores). A CPU rank runs as many torch
     threads, at least one."""
+    max_resumptions: int = setting(3, ge=0)
+    """Times a request may resume on a fresh EP group after a rank of its group dies (from its prompt and the
+    tokens it has produced, so its stream goes on; greedy decoding gives the same tokens); then it ends with
+    an error. 0: a rank's death ends the requests in flight."""
     step_timeout_s: float = setting(600.0, gt=0, public=False)
     """A step that takes longer is taken for a hung group: the group is replaced."""
     startup_timeout_s: float = setting(600.0, gt=0, public=False)

@@ -98,6 +98,8 @@ class EngineCore:
         """Async scheduling: the step submitted to the executor whose tokens are not back yet."""
         self.num_steps = 0
         self.num_preemptions = 0
+        self.num_resumptions = 0
+        """Sequences resumed on a fresh group after their group's workers died."""
         self.compute_seconds = 0.0
 
     def _reset_schedulers(self) -> None:
@@ -479,17 +481,25 @@ class EngineCore:
             guide.close()
 
     def _fail_all(self, error: str) -> None:
-        """Every request in flight ends with an error (its KV lived on the workers that died), then
-        a fresh group is started; the block managers are rebuilt for the new group's cache. If the
-        restart fails too, the next step tries again."""
+        """The executor's workers died (a rank of the group, or the group's step timed out): a fresh
+        group is started, the block managers are rebuilt for its cache, and every sequence in
+        flight resumes on it from its prompt and the tokens it has produced (recomputed, as after a
+        preemption: the stream goes on, and greedy decoding gives the tokens it would have given).
+        Its detokenizer, stop strings and grammar live here and go on as they were. A sequence
+        that has resumed `max_resumptions` times already ends with the error instead. If the
+        restart fails, the next step's execute fails again and the count goes up."""
+        resumable = []
         for seq in list(self._sequences.values()):
-            if not seq.output.finished:
-                seq.output.finish_reason = RequestStatus.FINISHED_ERROR.value
-                seq.output.error = error
-                seq.changed = True
-        for request_id in list(self._guides):
-            self._forget(request_id)
-        self._needs_sync.clear()
+            if seq.output.finished:
+                continue
+            if seq.request.num_resumptions < self.config.parallel.max_resumptions:
+                resumable.append(seq)
+                continue
+            seq.output.finish_reason = RequestStatus.FINISHED_ERROR.value
+            seq.output.error = (f"{error} (the request was resumed {seq.request.num_resumptions} times, "
+                                f"max_resumptions)")
+            seq.changed = True
+            self._forget(seq.request.request_id)
         self._in_flight = None
         self._new, self._dropped = [], []
         try:
@@ -497,6 +507,28 @@ class EngineCore:
         except Exception:
             log.exception("restarting the executor failed")
         self._reset_schedulers()
+        for seq in resumable:
+            self._resume(seq)
+        if resumable:
+            log.warning("%s: %d sequences resume on the fresh group", error, len(resumable))
+
+    def _resume(self, seq: _Sequence) -> None:
+        """Queue `seq` again on the fresh schedulers: its prompt and the tokens it has produced (what
+        the client has seen: `seq.output.token_ids`) to recompute, then on from there."""
+        old = seq.request
+        req = Request(old.request_id, old.prompt_token_ids, old.params, old.eos_token_ids,
+                      arrival_time=old.arrival_time)
+        req.output_token_ids = list(seq.output.token_ids)
+        req.num_resumptions = old.num_resumptions + 1
+        req.num_preemptions = old.num_preemptions
+        seq.request = req
+        self.num_resumptions += 1
+        if seq.sharded:
+            self.sharded.add_request(req, seq.rank)
+        else:
+            self.schedulers[seq.rank].add_request(req)
+        self._new.append(NewRequest(req.request_id, req.prompt_token_ids, req.params, req.eos_token_ids, seq.rank,
+                                    output_token_ids=list(req.output_token_ids)))
 
     def _on_token(self, seq: _Sequence, token: SampledToken) -> None:
         req, params, output = seq.request, seq.request.params, seq.output
@@ -596,6 +628,7 @@ class EngineCore:
             "prefix_cache_hits": sum(bm.prefix_cache_hits for bm in bms),
             "num_steps": self.num_steps,
             "num_preemptions": self.num_preemptions,
+            "num_resumptions": self.num_resumptions,
         }
 
     def expert_load(self):

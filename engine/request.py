@@ -45,6 +45,8 @@ class Request:
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache at first schedule (for usage and metrics)."""
     num_preemptions: int = 0
+    num_resumptions: int = 0
+    """Times it resumed on a fresh EP group after its group's workers died."""
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the request, if one did."""
 

@@ -69,6 +69,8 @@ class _EngineCollector(Collector):
             ("expertmesh_prefix_cache_queries", "prefix_cache_queries", "Prompt blocks looked up in the prefix cache."),
             ("expertmesh_prefix_cache_hits", "prefix_cache_hits", "Prompt blocks found in the prefix cache."),
             ("expertmesh_num_preemptions", "num_preemptions", "Requests preempted (recomputed) so far."),
+            ("expertmesh_num_resumptions", "num_resumptions",
+             "Requests resumed on a fresh EP group (or another replica) after theirs failed."),
         ):
             if key in s:
                 yield GaugeMetricFamily(name, doc, value=float(s[key]))

@@ -80,27 +80,45 @@ def test_ep_greedy_tokens_and_logprobs_equal_ep1_and_transformers(ray_session, q
         llm.shutdown()
 
 
-def test_a_killed_rank_fails_its_requests_fast_and_a_new_group_serves(ray_session, qwen3_moe_path, expected):
+def _kill_a_rank_mid_request(ray_session, llm, prompt_ids, max_tokens):
+    """Start a greedy request, kill rank 1 of the group after 3 steps; the request's last output."""
+    engine = llm.engine
+    engine.add_request("doomed", prompt_ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    old_workers = list(engine.executor.workers)
+    ray_session.kill(old_workers[1], no_restart=True)
+    killed_at = time.monotonic()
+    final = None
+    while final is None and time.monotonic() - killed_at < 60:
+        final = next((o for o in engine.step() if o.finished), None)
+    elapsed = time.monotonic() - killed_at
+    assert final is not None and elapsed < 30, f"the request did not end within 30 s ({elapsed:.1f} s)"
+    assert engine.executor.workers and engine.executor.workers[0] is not old_workers[0]  # a fresh group
+    return final
+
+
+def test_a_killed_ranks_requests_resume_on_a_new_group_with_the_same_tokens(ray_session, qwen3_moe_path, expected):
     refs, _ = expected
     llm = LLM(qwen3_moe_path, device="cpu", ep_size=2, progress=False)
-    engine = llm.engine
     try:
-        engine.add_request("doomed", llm.get_tokenizer().encode(PROMPTS[0]),
-                           SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
-        for _ in range(3):
-            engine.step()
-        old_workers = list(engine.executor.workers)
-        ray_session.kill(old_workers[1], no_restart=True)
-        killed_at = time.monotonic()
-        final = None
-        while final is None and time.monotonic() - killed_at < 60:
-            final = next((o for o in engine.step() if o.finished), None)
-        elapsed = time.monotonic() - killed_at
-        assert final is not None and elapsed < 30, f"no error within 30 s ({elapsed:.1f} s)"
+        final = _kill_a_rank_mid_request(ray_session, llm, llm.get_tokenizer().encode(PROMPTS[0]), MAX_TOKENS[0])
+        assert final.outputs[0].finish_reason == "length", final.outputs[0].error
+        assert final.outputs[0].token_ids == refs[0]  # greedy: exactly the undisturbed tokens
+        assert llm.engine.stats()["num_resumptions"] == 1
+        again = llm.generate(PROMPTS, _params())  # and the fresh group serves the next requests
+        assert [o.outputs[0].token_ids for o in again] == refs
+    finally:
+        llm.shutdown()
+
+
+def test_with_no_resumptions_a_killed_ranks_requests_fail_fast(ray_session, qwen3_moe_path, expected):
+    refs, _ = expected
+    llm = LLM(qwen3_moe_path, device="cpu", ep_size=2, progress=False, max_resumptions=0)
+    try:
+        final = _kill_a_rank_mid_request(ray_session, llm, llm.get_tokenizer().encode(PROMPTS[0]), 200)
         assert final.outputs[0].finish_reason == "error"
-        assert "rank failed" in final.outputs[0].error
-        assert engine.executor.workers and engine.executor.workers[0] is not old_workers[0]
-        # The replacement group serves the next requests, with the same tokens as before.
+        assert "rank failed" in final.outputs[0].error and "max_resumptions" in final.outputs[0].error
         again = llm.generate(PROMPTS, _params())
         assert [o.outputs[0].token_ids for o in again] == refs
     finally:
