@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from expertmesh.engine.core import EngineCore
+from expertmesh.engine.core import EngineCore, Resume
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.sampling_params import SamplingParams
 
@@ -79,7 +79,7 @@ class AsyncEngine:
     # ---- caller side (any event loop) ----------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None) -> AsyncIterator[list[RequestOutput]]:
+                       prompt: str | None = None, resume: Resume | None = None) -> AsyncIterator[list[RequestOutput]]:
         """Stream a request's outputs (each a list of one or more step outputs, deltas in order).
         Bad input raises ValueError before anything is queued; that includes a grammar that is
         invalid, over a cap or too slow to compile, which this awaits (compiled in the grammar
@@ -100,7 +100,7 @@ class AsyncEngine:
             # on (or is killed at its time budget) and nothing of the request was queued.
             compiled = await asyncio.wrap_future(prepared)
             added = stream.loop.create_future()
-            self._submit(("add", request_id, list(prompt_token_ids), params, prompt, added, compiled))
+            self._submit(("add", request_id, list(prompt_token_ids), params, prompt, added, compiled, resume))
             await added  # add_request's own ValueError (e.g. a request id in use) lands here
             while not finished:
                 batch = [await stream.queue.get()]
@@ -199,13 +199,14 @@ class AsyncEngine:
                     result, error = None, exc
                 _settle(future.get_loop(), future, error, result)
                 continue
-            _, request_id, ids, params, prompt, added, compiled = command
+            _, request_id, ids, params, prompt, added, compiled, resume = command
             with self._lock:
                 stream = self._streams.get(request_id)
             if stream is None:  # the caller left before its request was added
                 continue
             try:
-                self.core.add_request(request_id, ids, params, prompt=prompt, stream=True, compiled=compiled)
+                self.core.add_request(request_id, ids, params, prompt=prompt, stream=True, compiled=compiled,
+                                      resume=resume)
             except ValueError as exc:
                 _settle(stream.loop, added, exc)
             else:

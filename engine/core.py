@@ -61,6 +61,15 @@ class _Sequence:
     """Its KV is spread over every rank (engine/sharded.py); `rank` is its home."""
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a request stood on the replica it ran on before: the tokens it produced and the text the
+    client received (which may stop short of those tokens' text: stop-string look-ahead)."""
+
+    token_ids: tuple[int, ...]
+    text: str = ""
+
+
 @dataclass
 class _Parent:
     request_id: str
@@ -208,13 +217,18 @@ class EngineCore:
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}); got {bad[:5]}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, stream: bool = True, compiled: CompiledGuide | None = None) -> None:
+                    prompt: str | None = None, stream: bool = True, compiled: CompiledGuide | None = None,
+                    resume: Resume | None = None) -> None:
         """Queue a request. With stream=True, every step that changes it yields a RequestOutput
         (deltas and totals so far); with stream=False, only the final one (vLLM's FINAL_ONLY).
         `compiled` is what `prepare` gave; without it a constrained request is compiled here,
-        waiting (the offline `LLM` does that; the async engine never does, so its loop never waits)."""
+        waiting (the offline `LLM` does that; the async engine never does, so its loop never waits).
+        `resume`: the request ran elsewhere (an engine replica that died) and streamed these tokens
+        and this text: it goes on from there (n = 1 only)."""
         prompt_token_ids = list(prompt_token_ids)
         self._check(prompt_token_ids, params)
+        if resume is not None:
+            self._check_resume(resume, params)
         if compiled is None and (params.guided_decoding is not None or params.thinking_budget is not None):
             compiled = self.grammar_backend.compile_for(params, prompt_token_ids)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
@@ -242,12 +256,51 @@ class EngineCore:
             parent.children.append(child_id)
             if _reads_outputs(child_params):
                 self._needs_sync.add(child_id)
+            if resume is not None:
+                try:
+                    self._prime(self._sequences[child_id], resume)
+                except ValueError:  # nothing of the request stays behind
+                    del self._sequences[child_id]
+                    self._forget(child_id)
+                    raise
             if sharded:
                 self.sharded.add_request(req, rank)
             else:
                 self.schedulers[rank].add_request(req)
-            self._new.append(NewRequest(child_id, prompt_token_ids, child_params, self.eos_token_ids, rank))
+            self._new.append(NewRequest(child_id, prompt_token_ids, child_params, self.eos_token_ids, rank,
+                                        output_token_ids=list(req.output_token_ids)))
         self._parents[request_id] = parent
+
+    def _check_resume(self, resume: Resume, params: SamplingParams) -> None:
+        if params.n != 1:
+            raise ValueError("resume: only a request with n = 1 resumes")
+        bad = [t for t in resume.token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"resume: token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
+        if params.max_tokens is not None and len(resume.token_ids) >= params.max_tokens:
+            raise ValueError(f"resume: {len(resume.token_ids)} tokens already, max_tokens is {params.max_tokens}")
+
+    def _prime(self, seq: _Sequence, resume: Resume) -> None:
+        """Set a new sequence where a resumed one stood: its tokens computed again as its prompt's
+        continuation, its detokenizer, stop strings and grammar advanced over them, and the text the
+        client already has counted as streamed (what the old replica held back comes next)."""
+        tokens = list(resume.token_ids)
+        seq.request.output_token_ids = list(tokens)
+        seq.request.num_resumptions = 1
+        guide = self._guides.get(seq.request.request_id)
+        if guide is not None and not all(guide.accept(t) for t in tokens):
+            raise ValueError("resume: the tokens do not match the request's grammar")
+        if guide is not None and guide.terminated:
+            raise ValueError("resume: the tokens already complete the request's grammar")
+        seq.detokenizer.add(tokens)
+        text = seq.detokenizer.text
+        if not text.startswith(resume.text):
+            raise ValueError("resume: the text streamed is not the text of the tokens")
+        if seq.stop_checker.resume(text, len(resume.text)) is not None:
+            raise ValueError("resume: the text already holds one of the request's stop strings")
+        seq.output.token_ids = list(tokens)
+        seq.output.text = resume.text
+        self.num_resumptions += 1
 
     def abort(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:

@@ -216,6 +216,18 @@ class StopChecker:
             return StopUpdate(self._advance(text, len(text)), None, None)
         return StopUpdate(self._advance(text, len(text) - automaton.partial), None, None)
 
+    def resume(self, text: str, streamed: int) -> str | None:
+        """Continue a request that ran elsewhere: `text` (its text so far) scanned, its first
+        `streamed` characters already with the client. Returns a stop string it already holds
+        (then the request had ended there), else None."""
+        found = None
+        if self._automaton is not None:
+            for ch in text[self._scanned:]:
+                found = self._automaton.feed(ch) or found
+        self._scanned = len(text)
+        self._streamed = streamed
+        return found
+
     def _advance(self, text: str, end: int) -> str:
         delta = text[self._streamed:end]
         self._streamed = max(self._streamed, end)

@@ -70,7 +70,9 @@ class _EngineCollector(Collector):
             ("expertmesh_prefix_cache_hits", "prefix_cache_hits", "Prompt blocks found in the prefix cache."),
             ("expertmesh_num_preemptions", "num_preemptions", "Requests preempted (recomputed) so far."),
             ("expertmesh_num_resumptions", "num_resumptions",
-             "Requests resumed on a fresh EP group (or another replica) after theirs failed."),
+             "Requests this engine replica resumed (on a fresh EP group, or from another replica)."),
+            ("expertmesh_num_replica_resumptions", "num_replica_resumptions",
+             "Requests this gateway moved to another engine replica after theirs died."),
         ):
             if key in s:
                 yield GaugeMetricFamily(name, doc, value=float(s[key]))

@@ -34,7 +34,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 
 from expertmesh.cluster.placement import rank_bundles
 from expertmesh.engine.async_engine import AsyncEngine, EngineDeadError, EngineHeartbeat
-from expertmesh.engine.core import EngineCore
+from expertmesh.engine.core import EngineCore, Resume
 from expertmesh.engine.model_files import load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.gateway.app_config import AppConfig
@@ -124,12 +124,13 @@ class EngineServer:
                           "vocab_size": self.engine.core.vocab_size}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None, caller: GatewayRef | None = None):
+                       prompt: str | None = None, caller: GatewayRef | None = None, resume: Resume | None = None):
         """Streams lists of RequestOutput; a refused request yields {"error": message} once. The
-        request is aborted when `caller` (the gateway replica) dies."""
+        request is aborted when `caller` (the gateway replica) dies. `resume`: it ran on a replica
+        that died and goes on from there (ServeEngineClient)."""
         with self.callers.watching(caller):
             try:
-                async for batch in self.engine.generate(request_id, prompt_token_ids, params, prompt):
+                async for batch in self.engine.generate(request_id, prompt_token_ids, params, prompt, resume):
                     yield batch
             except ValueError as exc:
                 yield {"error": str(exc)}
@@ -166,34 +167,60 @@ class EngineServer:
 
 
 class ServeEngineClient:
-    """The serving layer's engine client over the model deployment's handle. A replica that dies
-    under a call surfaces as `EngineDeadError` (Ray's actor errors name no request)."""
+    """The serving layer's engine client over the model deployment's handle.
 
-    def __init__(self, handle, caller: GatewayRef | None = None) -> None:
+    A replica that dies under a call (Ray's actor errors, Serve's unavailable replica) does not end
+    the request: it resumes on a healthy replica from its prompt and what it has streamed so far
+    (`Resume`: the tokens and the text), up to `max_resumptions` times, each after a short pause
+    while Serve replaces the replica; greedy decoding gives the tokens it would have given. Past
+    that, or for n > 1 (whose completions stream together), the failure surfaces as
+    `EngineDeadError`."""
+
+    def __init__(self, handle, caller: GatewayRef | None = None, max_resumptions: int = 3,
+                 retry_pause_s: float = 0.5) -> None:
         self.handle, self.caller = handle, caller
+        self.max_resumptions, self.retry_pause_s = max_resumptions, retry_pause_s
+        self.resumptions = 0
+        """Requests this gateway resumed on another replica (expertmesh_num_resumptions adds them)."""
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        prompt: str | None = None):
-        gen = self.handle.options(stream=True).generate.remote(request_id, prompt_token_ids, params, prompt,
-                                                               self.caller)
-        finished = False
-        try:
-            async for item in gen:
-                if isinstance(item, dict):
-                    raise ValueError(item["error"])
-                finished = item[-1].finished
-                yield item
-        except (ray.exceptions.RayActorError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
-            raise EngineDeadError(f"the engine replica failed: {type(exc).__name__}") from exc
-        finally:
-            if not finished:
-                gen.cancel()  # the replica's generator is cancelled, which aborts the request
+        tokens: list[int] = []
+        text, failures = "", 0
+        while True:
+            resume = Resume(tuple(tokens), text) if tokens or text else None
+            gen = self.handle.options(stream=True).generate.remote(request_id, prompt_token_ids, params, prompt,
+                                                                   self.caller, resume)
+            finished = False
+            try:
+                async for item in gen:
+                    if isinstance(item, dict):
+                        raise ValueError(item["error"])
+                    if params.n == 1:
+                        for out in item:
+                            tokens += out.outputs[0].token_ids_delta
+                            text += out.outputs[0].text_delta
+                    finished = item[-1].finished
+                    yield item
+                return
+            except (ray.exceptions.RayActorError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+                failures += 1
+                if params.n != 1 or failures > self.max_resumptions:
+                    raise EngineDeadError(f"the engine replica failed: {type(exc).__name__}") from exc
+                log.warning("request %s: its engine replica failed (%s); resuming after %d tokens", request_id,
+                            type(exc).__name__, len(tokens))
+                self.resumptions += 1
+                await asyncio.sleep(self.retry_pause_s * failures)
+            finally:
+                if not finished:
+                    gen.cancel()  # the replica's generator is cancelled, which aborts the request
 
     async def heartbeat(self) -> EngineHeartbeat:
         return await self.handle.heartbeat.remote()
 
     async def stats(self) -> dict[str, float]:
-        return await self.handle.stats.remote()
+        """An engine replica's counters, and this gateway's resumptions on another replica."""
+        return {**await self.handle.stats.remote(), "num_replica_resumptions": self.resumptions}
 
     async def expert_load(self) -> list[list[float]] | None:
         return await self.handle.expert_load.remote()
@@ -215,7 +242,8 @@ class Gateway:
         cfg = AppConfig.model_validate(config)
         _set_log_level(cfg.log_level)
         context = ray.get_runtime_context()
-        client = ServeEngineClient(engine_handle, GatewayRef(context.get_actor_id(), context.current_actor))
+        client = ServeEngineClient(engine_handle, GatewayRef(context.get_actor_id(), context.current_actor),
+                                   max_resumptions=cfg.max_resumptions)
         info = await client.info()  # waits for the model: the gateway is ready once it is loaded
         tokenizer = load_tokenizer(cfg.engine_config().load)
         aliases = tuple(a for a in (cfg.model, str(cfg.model_path())) if a)

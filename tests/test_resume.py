@@ -127,3 +127,69 @@ def test_past_max_resumptions_the_request_ends_with_a_clear_error(qwen3_moe_path
     assert reason == "error" and "rank 1 of the EP group died" in error and "max_resumptions" in error
     later, _ = run(core, REQUESTS[:1])  # the engine goes on
     assert later["a"][2] == "length"
+
+
+def _stream_for(core, rid, prompt, params, steps):
+    """Run a request for `steps` steps (or to its end): its streamed tokens and text so far."""
+    core.add_request(rid, prompt, params)
+    tokens, text = [], ""
+    for _ in range(steps):
+        for out in core.step():
+            tokens += out.outputs[0].token_ids_delta
+            text += out.outputs[0].text_delta
+    return tokens, text
+
+
+@pytest.mark.parametrize("steps", [2, 5, 9])
+@pytest.mark.parametrize("kind", ["plain", "stop", "choice"])
+def test_a_request_resumed_on_another_engine_goes_on_as_if_nothing_happened(qwen3_moe_path, steps, kind):
+    """What the gateway does when an engine replica dies: the request starts again on another
+    engine with `Resume(tokens, text it streamed)`; the client's stream (text and tokens joined
+    across both engines) and the final totals equal an undisturbed run's."""
+    from expertmesh.engine.core import Resume
+    from expertmesh.engine.sampling_params import GuidedDecodingParams
+
+    prompt = list(range(1, 30))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    if kind != "plain":
+        want, _ = run(make(qwen3_moe_path), [("r", prompt, params)])
+        text = want["r"][1]
+        params = (SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[text[20:23]]) if kind == "stop"
+                  else SamplingParams(temperature=0, max_tokens=40,
+                                      guided_decoding=GuidedDecodingParams(regex=r"[a-z ]{10,30}\.")))
+    (want,), _ = run(make(qwen3_moe_path), [("r", prompt, params)])[0].values(), None
+    tokens, text = _stream_for(make(qwen3_moe_path), "r", prompt, params, steps)
+    other = make(qwen3_moe_path)
+    other.add_request("r", prompt, params, resume=Resume(tuple(tokens), text))
+    final = None
+    while other.has_unfinished():
+        for out in other.step():
+            tokens += out.outputs[0].token_ids_delta
+            text += out.outputs[0].text_delta
+            final = out.outputs[0]
+    assert (tokens, text) == (want[0], want[1])
+    assert (final.token_ids, final.text, final.finish_reason) == want[:3]
+
+
+def test_a_resume_that_does_not_fit_the_request_is_refused_and_leaves_nothing(qwen3_moe_path):
+    from expertmesh.engine.core import Resume
+    from expertmesh.engine.sampling_params import GuidedDecodingParams
+
+    core = make(qwen3_moe_path)
+    greedy = SamplingParams(temperature=0, max_tokens=5)
+    cases = [(Resume((1, 2, 3, 4, 5)), greedy, "max_tokens"), (Resume((10**7,)), greedy, "token ids"),
+             (Resume((5,), "not the text of the tokens"), greedy, "text"),
+             (Resume((5,)), SamplingParams(temperature=0, n=2), "n = 1"),
+             (Resume((5, 5, 5)), SamplingParams(temperature=0, max_tokens=9, guided_decoding=GuidedDecodingParams(
+                 choice=["yes", "no"])), "grammar")]
+    yes = core.tokenizer.encode("yes")  # a resume that already ends the request
+    cases += [(Resume(tuple(yes), "yes"), SamplingParams(temperature=0, max_tokens=9, stop=["es"]), "stop string"),
+              (Resume((*yes, core.tokenizer.eos_token_ids[0]), "yes"), SamplingParams(
+                  temperature=0, max_tokens=9, guided_decoding=GuidedDecodingParams(choice=["yes", "no"])),
+               "complete")]
+    for resume, params, message in cases:
+        with pytest.raises(ValueError, match=message):
+            core.add_request("r", [1, 2, 3], params, resume=resume)
+        assert not core.has_unfinished() and not core._sequences and not core._guides
+    got, _ = run(core, REQUESTS[:1])  # the id is free again, and the engine serves
+    assert got["a"][2] == "length"
