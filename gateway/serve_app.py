@@ -12,9 +12,10 @@ Helm chart's `serveConfigV2`); `args` is an `AppConfig`. `expertmesh serve` buil
 from its flags. Both deployments allow many ongoing requests: the engine batches them itself.
 
 Lost ends, both ways:
-- the engine replica dies: its handle calls fail with Ray's actor errors, which the gateway's
-  client turns into `EngineDeadError`, so a stream ends with an error event (gRPC: UNAVAILABLE)
-  and a unary call with a 503;
+- the engine replica dies: its handle calls fail with Ray's actor errors; the gateway's client
+  resumes each request on a healthy replica from what it had streamed (`ServeEngineClient`), up to
+  `max_resumptions` times, then turns the failure into `EngineDeadError`: a stream ends with an
+  error event (gRPC: UNAVAILABLE) and a unary call with a 503;
 - the gateway replica dies: Ray does not cancel the calls it made, so each request carries its
   gateway's actor handle (`GatewayRef`) and the engine replica pings the gateways it serves
   (`CallerWatch`) every `CALLER_CHECK_PERIOD_S`; a gateway Ray reports dead has its requests

@@ -49,7 +49,8 @@ def served(qwen3_moe_path):
     os.environ.update(env)  # the proxy, started by the Ray this process starts, inherits them
     args = {"model": str(qwen3_moe_path), "api_keys": [KEY], "max_model_len": MAX_MODEL_LEN, "num_kv_blocks": 2048,
             "grpc_port": grpc_port, "health_stall_timeout_s": 10, "http_keep_alive_timeout_s": KEEP_ALIVE_S,
-            "http_header_timeout_s": HEADER_TIMEOUT_S, "grpc_max_connection_idle_s": GRPC_IDLE_S}
+            "http_header_timeout_s": HEADER_TIMEOUT_S, "grpc_max_connection_idle_s": GRPC_IDLE_S,
+            "max_resumptions": 0}  # a stream whose replica dies ends (tests/test_serve_failover.py: resumed)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options=http_options(args, "127.0.0.1", port))
