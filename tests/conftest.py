@@ -172,3 +172,17 @@ def start_redis_server(directory: Path) -> RedisServer:
     server = RedisServer(directory)
     server.start()
     return server
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for a module's EP groups; eight logical CPUs, so that four half-CPU ranks and
+    their engine fit on a two-core CI machine."""
+    import ray
+
+    from expertmesh.cluster.bootstrap import NCCL_ENV
+
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": dict(NCCL_ENV)},
+             configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

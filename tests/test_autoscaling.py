@@ -5,12 +5,11 @@ engine deployment to 2 replicas and, once idle, back to 1, with no request faili
 transition."""
 from __future__ import annotations
 
-import os
 import threading
-import time
 
 import pytest
 from pydantic import ValidationError
+from serve_app_helper import APP, running_app, wait_for
 
 from expertmesh.gateway.app_config import AppConfig
 from expertmesh.gateway.autoscaling import EnginePolicy, decide
@@ -83,7 +82,7 @@ def test_build_app_gives_serve_the_autoscaling_config(qwen3_moe_path):
 
 # ---- real Ray Serve -------------------------------------------------------------------------
 
-APP, ENGINE = "expertmesh", "ExpertMeshEngine"
+ENGINE = "ExpertMeshEngine"
 
 
 def _engine_replicas() -> int:
@@ -94,38 +93,16 @@ def _engine_replicas() -> int:
     return status.replica_states.get(ReplicaState.RUNNING, 0)
 
 
-def _wait(check, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting until {what}")
-
-
 @pytest.mark.slow
 def test_engine_replicas_follow_the_load_up_and_back_down_without_a_failed_request(qwen3_moe_path):
     import openai
-    import ray
-    from ray import serve
 
-    from expertmesh.cluster.collective import free_port
-    from expertmesh.gateway.cli import http_options
-    from expertmesh.gateway.serve_app import build_app
-
-    port = free_port()
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     args = {"model": str(qwen3_moe_path), "device": "cpu", "grpc_port": 0, "min_replicas": 1, "max_replicas": 2,
             "autoscale_target_seqs": 2, "upscale_delay_s": 1, "downscale_delay_s": 2, "autoscale_look_back_s": 11,
             "max_num_seqs": 16, "num_kv_blocks": 1024}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a 2-core laptop's worth
     stop, done, failures = threading.Event(), [0], []
-    try:
-        serve.start(http_options=http_options(args, "127.0.0.1", port))
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    with running_app(args, num_cpus=2) as base:  # a 2-core laptop's worth of logical CPUs
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
         model = client.models.list().data[0].id
         assert _engine_replicas() == 1
 
@@ -140,28 +117,21 @@ def test_engine_replicas_follow_the_load_up_and_back_down_without_a_failed_reque
                     failures.append(repr(exc))
 
         threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
-        for t in threads:
-            t.start()
-        _wait(lambda: _engine_replicas() == 2, 120, "a second engine replica runs under load")
-        served_before = done[0]
-        _wait(lambda: done[0] > served_before + 16, 60, "requests complete with two replicas")
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
-        _wait(lambda: _engine_replicas() == 1, 120, "the idle deployment is back to one replica")
+        try:
+            for t in threads:
+                t.start()
+            wait_for(lambda: _engine_replicas() == 2, 120, "a second engine replica runs under load")
+            served_before = done[0]
+            wait_for(lambda: done[0] > served_before + 16, 60, "requests complete with two replicas")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=120)
+        wait_for(lambda: _engine_replicas() == 1, 120, "the idle deployment is back to one replica")
         assert not failures, failures[:3]
         assert done[0] > 16
         reply = client.completions.create(model=model, prompt="after", max_tokens=4)  # still serving
         assert reply.choices[0].text
-    finally:
-        stop.set()
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.mark.slow
@@ -170,27 +140,17 @@ def test_a_replica_scaled_down_under_streams_drains_them_all(qwen3_moe_path):
     to one (a lightweight update: the kept replica is not restarted). The removed replica stops
     taking requests and finishes its streams: all 10 complete, every token there."""
     import openai
-    import ray
     from ray import serve
     from ray.serve._private.common import ReplicaState
 
-    from expertmesh.cluster.collective import free_port
-    from expertmesh.gateway.cli import http_options
     from expertmesh.gateway.serve_app import build_app
 
-    port = free_port()
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     args = {"model": str(qwen3_moe_path), "device": "cpu", "grpc_port": 0, "engine_replicas": 2, "drain_timeout_s": 300,
             "num_kv_blocks": 4096}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results, failures = [], []
-    try:
-        serve.start(http_options=http_options(args, "127.0.0.1", port))
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        _wait(lambda: _engine_replicas() == 2, 120, "two engine replicas run")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    with running_app(args, num_cpus=2) as base:
+        wait_for(lambda: _engine_replicas() == 2, 120, "two engine replicas run")
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
         started = threading.Barrier(11)
 
@@ -215,21 +175,13 @@ def test_a_replica_scaled_down_under_streams_drains_them_all(qwen3_moe_path):
         scale_down = threading.Thread(target=serve.run, args=(build_app({**args, "engine_replicas": 1}),),
                                       kwargs={"name": APP, "route_prefix": "/"}, daemon=True)
         scale_down.start()
-        _wait(lambda: serve.status().applications[APP].deployments[ENGINE].replica_states.get(ReplicaState.STOPPING),
-              60, "a replica drains")
+        wait_for(lambda: serve.status().applications[APP].deployments[ENGINE].replica_states.get(ReplicaState.STOPPING),
+                 60, "a replica drains")
         assert sum(t.is_alive() for t in threads) >= 5  # it drains while the streams run
         scale_down.join(timeout=600)
         for t in threads:
             t.join(timeout=600)
         assert not failures, (len(failures), failures[:3])
         assert len(results) == 10 and all(finish == "length" for _, finish in results), results
-        _wait(lambda: _engine_replicas() == 1 and not serve.status().applications[APP].deployments[ENGINE]
-              .replica_states.get(ReplicaState.STOPPING), 120, "one replica is left")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        wait_for(lambda: _engine_replicas() == 1 and not serve.status().applications[APP].deployments[ENGINE]
+                 .replica_states.get(ReplicaState.STOPPING), 120, "one replica is left")

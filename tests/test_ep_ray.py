@@ -18,19 +18,6 @@ MAX_TOKENS = [24, 9, 17, 3]  # requests end at different steps, so ranks go idle
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from expertmesh.cluster.bootstrap import NCCL_ENV
-
-    # Logical CPUs: four single-CPU ranks must fit on a two-core CI machine.
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": dict(NCCL_ENV)},
-             configure_logging=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def expected(qwen3_moe_path):
     llm = LLM(qwen3_moe_path, device="cpu", progress=False)
     tok = llm.get_tokenizer()

@@ -13,10 +13,10 @@ import time
 
 import httpx
 import pytest
+from serve_app_helper import running_app
 
 pytestmark = pytest.mark.slow
 
-APP = "expertmesh"
 PROMPTS = [f"Stream number {i} says:" for i in range(20)]
 MAX_TOKENS = 160
 
@@ -24,38 +24,13 @@ MAX_TOKENS = 160
 @pytest.fixture(scope="module", params=[1, 2], ids=["ep1", "ep2"])
 def served(request, qwen3_moe_path):
     import openai
-    import ray
-    from ray import serve
 
-    from expertmesh.cluster.collective import free_port
-    from expertmesh.gateway.cli import http_options
-    from expertmesh.gateway.serve_app import build_app
-
-    port = free_port()
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     args = {"model": str(qwen3_moe_path), "device": "cpu", "grpc_port": 0, "engine_replicas": 2,
             "ep_size": request.param, "num_kv_blocks": 2048}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options=http_options(args, "127.0.0.1", port))
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while httpx.get(f"{base}/health", timeout=5).status_code != 200 and time.time() < deadline:
-            time.sleep(0.5)
+    with running_app(args, num_cpus=4) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
         model = client.models.list().data[0].id
         yield {"client": client, "model": model, "ep_size": request.param, "base": base}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _streams(served, on_started=None):

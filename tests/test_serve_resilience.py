@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
 import select
 import socket
@@ -20,6 +19,7 @@ import time
 import grpc
 import httpx
 import pytest
+from serve_app_helper import running_app, wait_for
 
 from expertmesh.cluster.collective import free_port
 from expertmesh.gateway.app_config import default_max_request_body_bytes
@@ -37,47 +37,13 @@ APP = "expertmesh"
 
 @pytest.fixture(scope="module")
 def served(qwen3_moe_path):
-    import ray
-    from ray import serve
-
-    from expertmesh.gateway.cli import http_options
-    from expertmesh.gateway.serve_app import build_app
-
     port, grpc_port = free_port(), free_port()
-    env = {**proxy_env(HEADER_TIMEOUT_S), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the proxy, started by the Ray this process starts, inherits them
     args = {"model": str(qwen3_moe_path), "api_keys": [KEY], "max_model_len": MAX_MODEL_LEN, "num_kv_blocks": 2048,
             "grpc_port": grpc_port, "health_stall_timeout_s": 10, "http_keep_alive_timeout_s": KEEP_ALIVE_S,
             "http_header_timeout_s": HEADER_TIMEOUT_S, "grpc_max_connection_idle_s": GRPC_IDLE_S,
             "max_resumptions": 0}  # a stream whose replica dies ends (tests/test_serve_failover.py: resumed)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options=http_options(args, "127.0.0.1", port))
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, 120, "the app is healthy")
+    with running_app(args, env=proxy_env(HEADER_TIMEOUT_S), port=port) as base:
         yield {"base": base, "port": port, "grpc_port": grpc_port}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def wait_for(check, timeout: float, what: str, period: float = 0.25):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if result := check():
-                return result
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(period)
-    raise AssertionError(f"timed out after {timeout} s waiting until {what}")
 
 
 def closed_within(sock: socket.socket, limit: float) -> float:

@@ -320,18 +320,6 @@ def test_kernel_path_sharded_rows_give_the_torch_paths_tokens_on_the_cpu(qwen3_m
                 assert gl[token] == pytest.approx(wl[token], abs=1e-4)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from expertmesh.cluster.bootstrap import NCCL_ENV
-
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": dict(NCCL_ENV)},
-             configure_logging=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("ep_size", [2, 3])
 def test_ep_group_sharded_sequences_equal_one_rank(ray_session, qwen3_moe_path, plain_outputs, ep_size):
