@@ -18,6 +18,11 @@ if not torch.cuda.is_available():
     # Production code on the CPU never imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every Ray this test process starts runs without token auth (as the subprocesses the tests start
+# do): Ray reads RAY_AUTH_MODE once per process, so a module that turned it off for its own Ray
+# would leave a later module's Ray (started with a token) unreachable from this process.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 from expertmesh.cluster.collective import free_port
 from expertmesh.model.tiny import make_tiny
 
