@@ -6,6 +6,7 @@ sequences). Every stream completes without an error, with exactly the tokens the
 gives on the undisturbed server."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -66,14 +67,12 @@ def _streams(served, on_started=None):
 
 
 def _resumptions(served) -> float:
-    """Resumptions /metrics counts: the gateway's moves to another replica, and the resumptions of
-    the engine replica it reads (either of the two: the most of 8 scrapes)."""
-    counts = []
-    for _ in range(8):
-        text = httpx.get(served["base"] + "/metrics", timeout=30).text
-        counts.append(sum(float(line.split()[-1]) for line in text.splitlines()
-                          if line.startswith(("expertmesh_num_resumptions ", "expertmesh_num_replica_resumptions "))))
-    return max(counts)
+    """The gateway's moves of streams to another engine replica, as /metrics counts them (a rank's
+    death is resumed inside its replica, whose count /metrics shows only when it reads that one:
+    that case shows by the fresh group below instead)."""
+    text = httpx.get(served["base"] + "/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("expertmesh_num_replica_resumptions "))
 
 
 def _pid_of(class_name: str) -> int:
@@ -105,14 +104,13 @@ def test_every_stream_completes_with_the_undisturbed_tokens_through_a_sigkill(se
     results, failures = _streams(served, on_started=lambda: os.kill(pid, signal.SIGKILL))
     assert not failures, failures[:3]
     assert results == undisturbed
-    assert _resumptions(served) > before  # streams did move (or resume on a fresh group)
-    deadline = time.time() + 120  # and the app is whole again
-    while time.time() < deadline:
-        try:
-            if _pid_of(class_name) != pid:
-                break
-        except AssertionError:
-            pass
-        time.sleep(1)
+    if victim == "engine replica":  # the gateway's own count: streams moved to the other replica
+        assert _resumptions(served) > before
+    deadline, replaced = time.time() + 120, False  # and the app is whole again: a fresh process
+    while not replaced and time.time() < deadline:
+        with contextlib.suppress(AssertionError):  # none alive just now
+            replaced = _pid_of(class_name) != pid
+        time.sleep(0 if replaced else 1)
+    assert replaced, f"no new {class_name} process replaced {pid}"
     again, failures = _streams(served)
     assert not failures and again == undisturbed
