@@ -654,7 +654,7 @@ class EngineCore:
             # step would cost O(length) per request per step.
             outputs.append(RequestOutput(
                 parent_id, parent.prompt if finished else None, parent.prompt_token_ids if finished else [],
-                [_snapshot(s.output) if s.output.finished else _delta_only(s.output) for s in changed], finished,
+                [s.output.snapshot() if s.output.finished else s.output.delta_only() for s in changed], finished,
                 num_cached_tokens=max(s.request.num_cached_tokens for s in seqs)))
             for s in changed:
                 s.changed = False
@@ -692,13 +692,3 @@ def _reads_outputs(params: SamplingParams) -> bool:
     """Whether sampling reads the values of the sequence's earlier tokens (penalties do)."""
     return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
-
-def _delta_only(output: CompletionOutput) -> CompletionOutput:
-    return CompletionOutput(output.index, cumulative_logprob=output.cumulative_logprob, error=output.error,
-                            text_delta=output.text_delta, token_ids_delta=list(output.token_ids_delta),
-                            logprobs_delta=output.logprobs_delta)
-
-
-def _snapshot(output: CompletionOutput) -> CompletionOutput:
-    return replace(output, token_ids=list(output.token_ids), token_ids_delta=list(output.token_ids_delta),
-                   logprobs=None if output.logprobs is None else list(output.logprobs))

@@ -6,7 +6,7 @@ A streamed request's outputs carry the delta since the last output (`text_delta`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -29,6 +29,17 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def delta_only(self) -> CompletionOutput:
+        """A copy carrying only this step's deltas (what a streamed, unfinished output sends)."""
+        return CompletionOutput(self.index, cumulative_logprob=self.cumulative_logprob, error=self.error,
+                                text_delta=self.text_delta, token_ids_delta=list(self.token_ids_delta),
+                                logprobs_delta=self.logprobs_delta)
+
+    def snapshot(self) -> CompletionOutput:
+        """A copy of the totals and deltas as they stand (the lists copied: the engine goes on with its own)."""
+        return replace(self, token_ids=list(self.token_ids), token_ids_delta=list(self.token_ids_delta),
+                       logprobs=None if self.logprobs is None else list(self.logprobs))
 
 
 @dataclass

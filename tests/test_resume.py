@@ -120,6 +120,19 @@ def test_stop_strings_and_grammars_go_on_across_a_resumption(qwen3_moe_path):
     assert got == want and got["s"][2] == "stop" and got["g"][1] in ("yes", "no")
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, "three", None, 10**30 * -1])
+def test_max_resumptions_refuses_what_is_not_a_count(qwen3_moe_path, bad):
+    from pydantic import ValidationError
+
+    from expertmesh.gateway.app_config import AppConfig
+
+    with pytest.raises(ValidationError, match="max_resumptions"):  # a served app's setting
+        AppConfig.model_validate({"model": str(qwen3_moe_path), "max_resumptions": bad})
+    if isinstance(bad, int):
+        with pytest.raises(ValueError, match="max_resumptions must be >= 0"):
+            ParallelConfig(max_resumptions=bad)
+
+
 def test_past_max_resumptions_the_request_ends_with_a_clear_error(qwen3_moe_path):
     core = make(qwen3_moe_path, deaths=(2, 3, 4), max_resumptions=2)
     got, _ = run(core, REQUESTS[:1])
