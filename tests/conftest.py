@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import subprocess
@@ -34,6 +35,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_engines(request):
+    """A GPU engine freezes its start-up heap (`freeze_startup_heap`), so the cycles of an engine
+    a test built outlive the test: put them back in the collector's reach and free their memory,
+    or the next GPU test in the process runs out of it (a 30B-shape engine holds ~124 GiB)."""
+    yield
+    if "gpu" in request.keywords and torch.cuda.is_available():
+        gc.unfreeze()
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 MODEL_KWARGS = {
