@@ -279,8 +279,8 @@ def _serve(args) -> int:
     serve.start(http_options=http_options(app_args, args.host, args.port), logging_config=logging_config)
     serve.run(build_app(app_args), name="expertmesh", route_prefix="/", logging_config=logging_config)
     grpc_bound = serve.get_app_handle("expertmesh").grpc_address.remote().result(timeout_s=120)
-    print(banner(cfg.model_name(), f"{args.host}:{args.port}", grpc_bound, context.dashboard_url, ray_token_path()),
-          flush=True)
+    print(banner(cfg.model_name(), f"{args.host}:{args.port}", grpc_bound, context.dashboard_url, ray_token_path(),
+                 gateway_replicas=cfg.gateway_replicas), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -291,9 +291,11 @@ def _serve(args) -> int:
 
 
 def banner(model_name: str, http_bound: str, grpc_bound: str | None, dashboard: str | None = None,
-           token_path: Path | None = None) -> str:
+           token_path: Path | None = None, gateway_replicas: int = 1) -> str:
     """What `serve` prints once the app runs: the addresses the HTTP proxy and the gRPC server are bound
     to, the URL to reach each from this machine, and the Ray dashboard's (with where its API token is).
+    With several gateway replicas, the gRPC line says that each serves the port and where a call
+    finds which one answered it.
 
         >>> print(banner("tiny", "0.0.0.0:8000", "127.0.0.1:50051", "127.0.0.1:8265", Path("/home/u/.ray/auth_token")))
         expertmesh: serving tiny
@@ -315,6 +317,9 @@ def banner(model_name: str, http_bound: str, grpc_bound: str | None, dashboard: 
     if grpc_bound:
         address, note = reach(grpc_bound)
         lines.append(f"gRPC  {address}  ({note}; service expertmesh.v1.ExpertMesh)")
+        if gateway_replicas > 1:
+            lines.append(f"      served by each of the {gateway_replicas} gateway replicas; a call's "
+                         "'expertmesh-replica' metadata (and /health's \"replica\") names the one that answered")
     else:
         lines.append("gRPC  off (--grpc-port 0)")
     if dashboard:

@@ -28,6 +28,11 @@ every `keepalive_time_s` and dropped when the ping goes unanswered; one connecti
 `max_concurrent_streams` calls. Templates and tokenization run off the server's event loop (the
 serving layer's thread pool), as for HTTP.
 
+Every gateway replica of the Serve app runs one of these servers (`serve_app.Gateway`); replicas on
+one node share the port through SO_REUSEPORT (`GrpcOptions.reuse_port`), so the kernel deals each
+new connection to one of them, as Serve's HTTP proxy runs on every node. Each ExpertMesh call's
+initial metadata names the replica that answers it (`expertmesh-replica`, `REPLICA_METADATA`).
+
     health = GrpcHealth(serving=False)          # NOT_SERVING until the model is loaded
     server = build_grpc_server(serving, auth, 50051, health=health)
     await server.start()
@@ -69,6 +74,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertMesh"].full_name  # "expertmesh.v1.ExpertMesh"
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name  # "grpc.health.v1.Health"
+REPLICA_METADATA = "expertmesh-replica"
+"""Initial-metadata key naming the gateway replica that answers a call (Ray Serve's replica id)."""
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest response message (gRPC's default is 4 MiB; a 262k-token echo with logprobs is more)."""
 
@@ -83,13 +90,16 @@ class GrpcOptions:
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
     max_concurrent_streams: int = 1024
+    reuse_port: bool = False
+    """SO_REUSEPORT: servers of one user on one node share the port (the gateway replicas); off, a
+    port in use is an error."""
 
     def server_options(self, max_model_len: int) -> list[tuple[str, int]]:
         receive = self.max_message_bytes or default_max_request_body_bytes(max_model_len)
         return [
             ("grpc.max_receive_message_length", receive),
             ("grpc.max_send_message_length", max(MAX_MESSAGE_BYTES, receive)),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(self.reuse_port)),
             ("grpc.server_handshake_timeout_ms", _ms(self.handshake_timeout_s)),
             ("grpc.max_connection_idle_ms", _ms(self.max_connection_idle_s)),
             ("grpc.keepalive_time_ms", _ms(self.keepalive_time_s)),
@@ -148,18 +158,20 @@ def _health_status(serving: bool) -> int:
 
 
 def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: int, host: str = "127.0.0.1", *,
-                      health: GrpcHealth | None = None, options: GrpcOptions | None = None) -> grpc.aio.Server:
+                      health: GrpcHealth | None = None, options: GrpcOptions | None = None,
+                      replica: str | None = None) -> grpc.aio.Server:
     """An asyncio gRPC server (not started) on host:port serving `expertmesh.v1.ExpertMesh`,
     `grpc.health.v1.Health` and server reflection. Call it inside the event loop that runs it.
 
     `health`: pass your own `GrpcHealth` to change the status later (e.g. NOT_SERVING while
     loading, or on shutdown); without it the server reports SERVING. Raises RuntimeError when
-    the port cannot be bound (in use: SO_REUSEPORT is off, so two servers never share one).
+    the port cannot be bound (in use, unless `options.reuse_port` and the holder reuses it too).
+    `replica`: sent as `expertmesh-replica` initial metadata on every ExpertMesh call.
     """
     health_servicer = health if health is not None else GrpcHealth()
     options = options or GrpcOptions()
     server = grpc.aio.server(options=options.server_options(serving.settings.max_model_len))
-    add_servicer(ExpertMeshServicer(serving, auth), server)
+    add_servicer(ExpertMeshServicer(serving, auth, replica), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -171,8 +183,9 @@ def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: 
 
 
 class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
-    def __init__(self, serving: OpenAIServing, auth: Authenticator | None = None) -> None:
+    def __init__(self, serving: OpenAIServing, auth: Authenticator | None = None, replica: str | None = None) -> None:
         self.serving, self.auth = serving, auth
+        self.replica_metadata = ((REPLICA_METADATA, ascii_metadata(replica)),) if replica else None
 
     async def ChatCompletion(self, request: pb.ChatCompletionRequest, context) -> pb.ChatCompletionResponse:
         return await self._unary(context, "chat", lambda: self.serving.chat(chat_request(request)), chat_response)
@@ -209,6 +222,7 @@ class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
         outcome = _open_outcome(endpoint)
         status = 200
         try:
+            await self._announce(context)
             await self._authorize(context)
             return convert(await call())
         except grpc.aio.AbortError:
@@ -227,6 +241,7 @@ class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
         outcome = _open_outcome(endpoint)
         status, stream = 200, None
         try:
+            await self._announce(context)
             await self._authorize(context)
             stream = await call()
             async for chunk in stream:
@@ -243,6 +258,11 @@ class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
             if stream is not None:  # a cancelled call lands here too: the engine aborts the request
                 await stream.aclose()
             self.serving.metrics.count_request(endpoint, outcome.status or status)
+
+    async def _announce(self, context) -> None:
+        """Send the initial metadata now, naming this replica (also on calls refused after it)."""
+        if self.replica_metadata is not None:
+            await context.send_initial_metadata(self.replica_metadata)
 
     async def _authorize(self, context) -> None:
         if self.auth is None or not self.auth.enabled:

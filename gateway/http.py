@@ -3,7 +3,8 @@
     /v1/chat/completions, /v1/completions   OpenAI shapes; `stream: true` → server-sent events
     /v1/models, /v1/models/{id}
     /health                                 200 while the engine makes progress, else 503 with the
-                                            reason (open; see `health.py`)
+                                            reason (open; see `health.py`); names the gateway
+                                            replica that answered (`replica`, under Ray Serve)
     /livez                                  200 while this gateway answers at all (open; no engine call)
     /metrics                                Prometheus text format (open)
 
@@ -57,8 +58,10 @@ INTERNAL_ERROR_MESSAGE = ("The server had an error while processing your request
 def build_http_app(serving: OpenAIServing, auth: Authenticator | None = None,
                    ready: Callable[[], bool] = lambda: True, *, max_body_bytes: int | None = None,
                    health_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
-                   health_call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S, body_timeout_s: float = 30.0) -> FastAPI:
-    """The FastAPI app. `max_body_bytes` None: sized from the model's max_model_len."""
+                   health_call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S, body_timeout_s: float = 30.0,
+                   replica: str | None = None) -> FastAPI:
+    """The FastAPI app. `max_body_bytes` None: sized from the model's max_model_len. `replica`: the
+    gateway replica's id, which `/health` reports (which replica answered)."""
     app = FastAPI(title="expertmesh", version="0.1.0",
                   description="OpenAI-compatible API of expertmesh, a server for Qwen3-MoE models.")
     if max_body_bytes is None:
@@ -89,6 +92,8 @@ def build_http_app(serving: OpenAIServing, auth: Authenticator | None = None,
             return JSONResponse({"status": "unhealthy", "reason": "the model is still loading"}, status_code=503)
         report = await engine_health(serving.client, health_stall_timeout_s, health_call_timeout_s)
         body = dict(report.body)
+        if replica is not None:
+            body["replica"] = replica
         if auth is not None:
             body["auth"] = await auth.status()  # e.g. a key store that holds no key refuses everyone
         return JSONResponse(body, status_code=200 if report.healthy else 503)

@@ -1,6 +1,7 @@
 """The Ray Serve application: an ingress deployment and a model deployment.
 
     HTTP (Serve proxy) ──▶ Gateway replica: FastAPI app + gRPC server (auth, template, parsers)
+    gRPC (every gateway replica's own server; one port per node, SO_REUSEPORT) ──▶ the same replica
                               │  handle.generate (a stream of step outputs per request)
                               ▼
                            EngineServer replica = one EP group: AsyncEngine(EngineCore) with an
@@ -233,7 +234,13 @@ class ServeEngineClient:
 @serve.deployment(name=GATEWAY_DEPLOYMENT, graceful_shutdown_timeout_s=10)
 @serve.ingress()
 class Gateway:
-    """FastAPI over HTTP (through Serve's proxy) and a gRPC server on `grpc_port`."""
+    """FastAPI over HTTP (through Serve's proxy) and a gRPC server on `grpc_port`.
+
+    Every replica serves gRPC: replicas on one node bind `grpc_host:grpc_port` together
+    (SO_REUSEPORT), and the kernel deals each new connection to one of them; the node's port is
+    open while one of them runs. Why not Serve's own gRPC proxy: DESIGN.md, "gRPC on every gateway
+    replica". `/health` and the `expertmesh-replica` metadata of every gRPC call name the replica.
+    """
 
     async def __init__(self, engine_handle, config: dict[str, Any]) -> None:
         from expertmesh.cluster.state import make_state_store
@@ -256,17 +263,19 @@ class Gateway:
         self.serving.limiter = self.auth
         log.info("API keys: %s", await self.auth.status(wait_s=5.0))
         self.cfg, self.max_body_bytes = cfg, cfg.request_body_limit(info["max_model_len"])
-        self.grpc, self.grpc_bound = None, None
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.grpc, self.grpc_health, self.grpc_bound = None, None, None
         if cfg.grpc_port:
-            from expertmesh.gateway.grpc_server import GrpcOptions, build_grpc_server
+            from expertmesh.gateway.grpc_server import GrpcHealth, GrpcOptions, build_grpc_server
 
             options = GrpcOptions(max_message_bytes=self.max_body_bytes,
                                   handshake_timeout_s=cfg.http_header_timeout_s,
                                   max_connection_idle_s=cfg.grpc_max_connection_idle_s,
                                   keepalive_time_s=cfg.grpc_keepalive_time_s,
-                                  max_concurrent_streams=cfg.grpc_max_concurrent_streams)
+                                  max_concurrent_streams=cfg.grpc_max_concurrent_streams, reuse_port=True)
+            self.grpc_health = GrpcHealth()
             self.grpc = build_grpc_server(self.serving, self.auth, cfg.grpc_port, host=cfg.grpc_host,
-                                          options=options)
+                                          options=options, health=self.grpc_health, replica=self.replica)
             await self.grpc.start()
             self.grpc_bound = f"{cfg.grpc_host}:{cfg.grpc_port}"
 
@@ -274,15 +283,22 @@ class Gateway:
         """host:port the gRPC server is bound to (None: gRPC is off), for the banner of `expertmesh serve`."""
         return self.grpc_bound
 
+    async def replica_id(self) -> str:
+        """This replica's Serve id: what `/health` and the gRPC `expertmesh-replica` metadata say."""
+        return self.replica
+
     def __serve_build_asgi_app__(self):
         from expertmesh.gateway.http import build_http_app
 
         return build_http_app(self.serving, self.auth, max_body_bytes=self.max_body_bytes,
                               health_stall_timeout_s=self.cfg.health_stall_timeout_s,
-                              body_timeout_s=self.cfg.http_header_timeout_s)
+                              body_timeout_s=self.cfg.http_header_timeout_s, replica=self.replica)
 
     async def __del__(self) -> None:
         if getattr(self, "grpc", None) is not None:
+            # NOT_SERVING first: a client watching health moves on while the calls in flight finish;
+            # the closed socket leaves the node's port to the other replicas there.
+            await self.grpc_health.enter_graceful_shutdown()
             await self.grpc.stop(grace=2)
 
 

@@ -19,8 +19,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from expertmesh.cluster.collective import free_port
 from expertmesh.gateway.grpc_server import (
     HEALTH_SERVICE_NAME,
+    REPLICA_METADATA,
     SERVICE_NAME,
     GrpcHealth,
+    GrpcOptions,
     build_grpc_server,
     chat_chunk,
     chat_request,
@@ -444,3 +446,48 @@ def test_refused_calls_are_counted(live):
     while (count("401"), count("400")) != (before[0] + 1, before[1] + 1) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert (count("401"), count("400")) == (before[0] + 1, before[1] + 1)
+
+
+def fresh_channel(address: str) -> grpc.Channel:
+    """A channel with a connection of its own (grpcio shares one between channels to one address)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def test_servers_that_reuse_the_port_share_it_and_name_themselves(live):
+    """Two servers with `reuse_port` (two gateway replicas on one node) bind one port; the kernel
+    deals new connections to both, and each call's initial metadata names the server that answered,
+    refused calls too. Without `reuse_port` a port in use stays an error."""
+    async def start(replica: str, reuse: bool):
+        server = build_grpc_server(live.serving, None, port, host="127.0.0.1", replica=replica,
+                                   options=GrpcOptions(reuse_port=reuse))
+        await server.start()
+        return server
+
+    port = free_port()
+    servers = [live.run(start("replica-a", True)), live.run(start("replica-b", True))]
+    try:
+        with pytest.raises(RuntimeError, match=f"cannot serve gRPC on 127.0.0.1:{port}"):
+            live.run(start("replica-c", False))
+        seen: dict[str, int] = {}
+        for _ in range(64):
+            with fresh_channel(f"127.0.0.1:{port}") as channel:
+                reply, call = pb_grpc.ExpertMeshStub(channel).ListModels.with_call(pb.ListModelsRequest(), timeout=30)
+                assert reply.models[0].id == "tiny"
+                replica = dict(call.initial_metadata())[REPLICA_METADATA]
+                seen[replica] = seen.get(replica, 0) + 1
+            if len(seen) == 2:
+                break
+        assert set(seen) == {"replica-a", "replica-b"}, seen
+        with fresh_channel(f"127.0.0.1:{port}") as channel:
+            stream = pb_grpc.ExpertMeshStub(channel).ChatCompletionStream(_chat(temperature=-1))
+            assert dict(stream.initial_metadata())[REPLICA_METADATA] in seen
+            assert _error(lambda: stream).code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        for server in servers:
+            live.run(server.stop(None))
+
+
+def test_no_replica_metadata_outside_serve(live):
+    """A server built without `replica` (the fixture's) sends no `expertmesh-replica` metadata."""
+    _, call = live.stub.ListModels.with_call(pb.ListModelsRequest(), metadata=AUTH)
+    assert REPLICA_METADATA not in dict(call.initial_metadata())
