@@ -114,7 +114,8 @@ def rayservice_validator():
 
 VARIANTS = {  # the value sets, and a few switches flipped
     **{name: (name, []) for name in VALUE_SETS},
-    "no-grpc-no-policy": ("cpu-demo", ["grpc.enabled=false", "gateway.onHead=false", "networkPolicy.enabled=false"]),
+    "no-grpc-no-policy": ("cpu-demo", ["grpc.enabled=false", "networkPolicy.enabled=false"]),
+    "gateways-on-head": ("multi-node", ["gateway.onHead=true", "app.gateway_replicas=8"]),
     "redis-without-auth": ("multi-node", ["redis.auth.enabled=false", "rayService.upgradeStrategy=None"]),
     "keys-in-values": (None, ["apiKeys.keys={key-aaaaaaaa,key-bbbbbbbb}", "service.type=LoadBalancer",
                               "autoscaler.enabled=false", "worker.gpus=0", "model.storage.type=pvc",
@@ -165,6 +166,16 @@ def test_bad_values_files_fail_with_the_schema_message(helm, values, patterns):
     (None, ["worker.replicas=3"], "worker.replicas (3) must lie between worker.minReplicas (1) and "
                                   "worker.maxReplicas (1)"),
     ("one-node-8gpu", ["app.ep_size=16"], "needs 16 GPUs, but the worker group has at most 8"),
+    ("one-node-8gpu", ["app.gateway_replicas=3"], "app.gateway_replicas (3) needs as many Ray pods (one gateway "
+                                                  "replica a pod), but the head and worker.maxReplicas (1) make 2"),
+    (None, ["app.gateway_replicas=0"], "gateway_replicas"),
+    (None, ["app.gateway_replicas=-2"], "gateway_replicas"),
+    (None, ["app.gateway_replicas=1.5"], "gateway_replicas"),
+    (None, ["app.gateway_replicas=two"], "gateway_replicas"),
+    (None, ["app.gateway_replicas=null"], "gateway_replicas"),
+    (None, ["app.gateway_replicas=100000000000"], "gateway_replicas"),
+    (None, ["gateway.onHead=yes"], "onHead"),
+    (None, ["gateway.onHead=1"], "onHead"),
     ("one-node-8gpu", ["model.path=/data/Qwen3"], "model.path (/data/Qwen3) must lie under "
                                                   "model.storage.mountPath (/models)"),
     ("one-node-8gpu", ["model.storage.pvc.claimName="], "claimName"),
@@ -271,8 +282,50 @@ def test_multi_node_layout(helm):
     services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
     http, grpc = services[f"{FULLNAME}-http"], services[f"{FULLNAME}-grpc"]
     assert http["spec"]["ports"][0]["port"] == 8000 and http["spec"]["selector"]["ray.io/serve"] == "true"
-    assert grpc["spec"]["ports"][0]["port"] == 50051 and grpc["spec"]["selector"]["ray.io/node-type"] == "head"
+    assert grpc["spec"]["ports"][0]["port"] == 50051 and grpc["spec"]["selector"]["ray.io/serve"] == "true"
     assert {p["metadata"]["name"] for p in by_kind(docs, "NetworkPolicy")} == {f"{FULLNAME}-ray", f"{FULLNAME}-redis"}
+
+
+@pytest.mark.parametrize("on_head", [False, True], ids=["spread", "on-head"])
+def test_grpc_is_served_where_the_gateway_replicas_run(helm, rayservice_validator, on_head):
+    """Every gateway replica serves gRPC on its pod (gateway/serve_app.py Gateway). Spread (the
+    default): one replica a Ray pod at most, every Ray container exposes the grpc port, and the gRPC
+    Service selects the pods whose Serve proxy is up, as the HTTP Service does. gateway.onHead: all
+    replicas on the head, sharing its port, and the Service selects the head."""
+    from expertmesh.gateway.serve_app import GATEWAY_DEPLOYMENT
+
+    docs = render(helm, "multi-node", "--set", f"gateway.onHead={str(on_head).lower()}")
+    (rs,) = by_kind(docs, "RayService")
+    assert not list(rayservice_validator.iter_errors(rs))
+    cluster = rs["spec"]["rayClusterConfig"]
+    head, (group,) = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
+
+    def grpc_ports(pod):
+        return [p["containerPort"] for p in pod["template"]["spec"]["containers"][0]["ports"] if p["name"] == "grpc"]
+
+    assert grpc_ports(head) == [50051]
+    assert grpc_ports(group) == ([] if on_head else [50051])
+    (app,) = serve_config(docs)["applications"]
+    (gateway,) = app["deployments"]
+    assert gateway["name"] == GATEWAY_DEPLOYMENT and app["args"]["gateway_replicas"] == 2
+    assert (app["args"]["grpc_port"], app["args"]["grpc_host"]) == (50051, "0.0.0.0")
+    if on_head:
+        assert gateway["ray_actor_options"]["resources"] == {"expertmesh_gateway": 0.01}
+        assert "max_replicas_per_node" not in gateway and head["rayStartParams"]["resources"]
+    else:
+        assert gateway == {"name": GATEWAY_DEPLOYMENT, "max_replicas_per_node": 1}
+        assert "resources" not in head["rayStartParams"]
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    selector = services[f"{FULLNAME}-grpc"]["spec"]["selector"]
+    if on_head:
+        assert selector["ray.io/node-type"] == "head" and "ray.io/serve" not in selector
+    else:
+        assert selector == services[f"{FULLNAME}-http"]["spec"]["selector"]
+
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate({**serve_config(docs), "applications": [
+        {**app, "args": {**app["args"], "model": None}}]})
 
 
 def test_secrets_reach_the_pods_as_references_only(helm):
@@ -387,7 +440,7 @@ def test_serve_config_is_the_cli_config(helm, tmp_path):
     assert rendered.keys() == printed.keys()
     assert {k: v for k, v in rendered.items() if k != "applications"} == \
            {k: v for k, v in printed.items() if k != "applications"}
-    # the chart adds one deployment override: the gateway replicas on the head pod (gateway.onHead)
+    # the chart adds one deployment override: the gateway replicas one a pod (or all on the head: gateway.onHead)
     assert {k: v for k, v in app.items() if k not in ("args", "deployments")} == \
            {k: v for k, v in cli_app.items() if k != "args"}
     assert [d["name"] for d in app["deployments"]] == [GATEWAY_DEPLOYMENT]

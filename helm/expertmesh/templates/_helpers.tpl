@@ -164,10 +164,15 @@ the Secrets as environment variables, then extraEnv. */}}
 {{/* The Ray Serve config file (the structure of serve_config_file() in gateway/cli.py). */}}
 {{- define "expertmesh.serveConfig" -}}
 {{- $app := dict "name" "expertmesh" "route_prefix" "/" "import_path" "expertmesh.gateway.serve_app:build_app" "args" (include "expertmesh.appArgs" . | fromJson) }}
+{{- /* Deployment options of a config file replace the code's, field by field. */}}
 {{- if .Values.gateway.onHead }}
-{{- /* Deployment options of a config file replace the code's: the gateway keeps its 0.5 CPU and
-also needs the head's expertmesh_gateway resource. */}}
+{{- /* the gateway keeps its 0.5 CPU and also needs the head's expertmesh_gateway resource */}}
 {{- $gw := dict "name" "ExpertMeshGateway" "ray_actor_options" (dict "num_cpus" 0.5 "resources" (dict "expertmesh_gateway" 0.01)) }}
+{{- $_ := set $app "deployments" (list $gw) }}
+{{- else }}
+{{- /* one gateway replica a pod at most: the replicas spread over the pods, and each pod holding
+one serves gRPC on its port (gateway/serve_app.py Gateway) */}}
+{{- $gw := dict "name" "ExpertMeshGateway" "max_replicas_per_node" 1 }}
 {{- $_ := set $app "deployments" (list $gw) }}
 {{- end }}
 {{- $http := dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" (.Values.app.http_keep_alive_timeout_s | default 90 | int) }}
@@ -193,8 +198,9 @@ also needs the head's expertmesh_gateway resource. */}}
 {{- if and (ne $s.type "none") (not (hasPrefix (printf "%s/" (trimSuffix "/" $s.mountPath)) .Values.model.path)) }}
 {{- fail (printf "model.path (%s) must lie under model.storage.mountPath (%s), where the %s is mounted" .Values.model.path $s.mountPath $s.type) }}
 {{- end }}
-{{- if and .Values.grpc.enabled (not .Values.gateway.onHead) }}
-{{- fail "grpc.enabled needs gateway.onHead: the gRPC Service reaches the gateway replicas on the head pod only" }}
+{{- $gateways := int (default 1 .Values.app.gateway_replicas) }}
+{{- if and (not .Values.gateway.onHead) (gt $gateways (add1 (int $w.maxReplicas))) }}
+{{- fail (printf "app.gateway_replicas (%d) needs as many Ray pods (one gateway replica a pod), but the head and worker.maxReplicas (%d) make %d; set gateway.onHead to run them all on the head pod" $gateways (int $w.maxReplicas) (add1 (int $w.maxReplicas))) }}
 {{- end }}
 {{- if and (eq .Values.redis.mode "external") .Values.redis.auth.enabled (not .Values.redis.auth.existingSecret) }}
 {{- fail "redis.mode external with redis.auth.enabled needs redis.auth.existingSecret (a Secret holding the password under redis.auth.secretKey)" }}
