@@ -86,8 +86,8 @@ class ServingConfig:
     drain_timeout_s: float = setting(60.0, gt=0)
     """How long an engine replica being removed (scaled down, redeployed) keeps serving the requests it
     holds after it stops taking new ones; those still running then end with an error."""
-    gateway_replicas: int = setting(1, ge=1)
-    """Gateway replicas (HTTP app and gRPC server)."""
+    gateway_replicas: int = setting(1, ge=1, le=1024)
+    """Gateway replicas (HTTP app and gRPC server; each serves gRPC, sharing the port on its node)."""
     max_ongoing_requests: int = setting(1024, ge=1)
     """Requests one replica holds at once (the engine batches them; Serve's default of 5 would starve it)."""
     log_level: str = setting("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))

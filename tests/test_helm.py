@@ -116,6 +116,7 @@ VARIANTS = {  # the value sets, and a few switches flipped
     **{name: (name, []) for name in VALUE_SETS},
     "no-grpc-no-policy": ("cpu-demo", ["grpc.enabled=false", "networkPolicy.enabled=false"]),
     "gateways-on-head": ("multi-node", ["gateway.onHead=true", "app.gateway_replicas=8"]),
+    "gateways-spread": ("multi-node", ["gateway.onHead=false", "app.gateway_replicas=2"]),
     "redis-without-auth": ("multi-node", ["redis.auth.enabled=false", "rayService.upgradeStrategy=None"]),
     "keys-in-values": (None, ["apiKeys.keys={key-aaaaaaaa,key-bbbbbbbb}", "service.type=LoadBalancer",
                               "autoscaler.enabled=false", "worker.gpus=0", "model.storage.type=pvc",
@@ -166,7 +167,7 @@ def test_bad_values_files_fail_with_the_schema_message(helm, values, patterns):
     (None, ["worker.replicas=3"], "worker.replicas (3) must lie between worker.minReplicas (1) and "
                                   "worker.maxReplicas (1)"),
     ("one-node-8gpu", ["app.ep_size=16"], "needs 16 GPUs, but the worker group has at most 8"),
-    ("one-node-8gpu", ["app.gateway_replicas=3"], "app.gateway_replicas (3) needs as many Ray pods (one gateway "
+    ("one-node-8gpu", ["gateway.onHead=false", "app.gateway_replicas=3"], "app.gateway_replicas (3) needs as many Ray pods (one gateway "
                                                   "replica a pod), but the head and worker.maxReplicas (1) make 2"),
     (None, ["app.gateway_replicas=0"], "gateway_replicas"),
     (None, ["app.gateway_replicas=-2"], "gateway_replicas"),
@@ -282,16 +283,17 @@ def test_multi_node_layout(helm):
     services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
     http, grpc = services[f"{FULLNAME}-http"], services[f"{FULLNAME}-grpc"]
     assert http["spec"]["ports"][0]["port"] == 8000 and http["spec"]["selector"]["ray.io/serve"] == "true"
-    assert grpc["spec"]["ports"][0]["port"] == 50051 and grpc["spec"]["selector"]["ray.io/serve"] == "true"
+    # gRPC: the gateway replicas run on the head by default (gateway.onHead), so its Service selects the head
+    assert grpc["spec"]["ports"][0]["port"] == 50051 and grpc["spec"]["selector"]["ray.io/node-type"] == "head"
     assert {p["metadata"]["name"] for p in by_kind(docs, "NetworkPolicy")} == {f"{FULLNAME}-ray", f"{FULLNAME}-redis"}
 
 
 @pytest.mark.parametrize("on_head", [False, True], ids=["spread", "on-head"])
 def test_grpc_is_served_where_the_gateway_replicas_run(helm, rayservice_validator, on_head):
-    """Every gateway replica serves gRPC on its pod (gateway/serve_app.py Gateway). Spread (the
-    default): one replica a Ray pod at most, every Ray container exposes the grpc port, and the gRPC
+    """Every gateway replica serves gRPC on its pod (gateway/serve_app.py Gateway). Spread
+    (gateway.onHead false): one replica a Ray pod at most, every Ray container exposes the grpc port, and the gRPC
     Service selects the pods whose Serve proxy is up, as the HTTP Service does. gateway.onHead: all
-    replicas on the head, sharing its port, and the Service selects the head."""
+    replicas on the head (the default), sharing its port, and the Service selects the head."""
     from expertmesh.gateway.serve_app import GATEWAY_DEPLOYMENT
 
     docs = render(helm, "multi-node", "--set", f"gateway.onHead={str(on_head).lower()}")
