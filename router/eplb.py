@@ -71,12 +71,14 @@ def initial_layout(num_experts: int, ep_size: int, num_redundant: int) -> tuple[
     return tuple(p % num_experts for p in range(slots))
 
 
-def copies_of(load_E: Sequence[float], num_slots: int) -> list[int]:
+def copies_of(load_E: Sequence[float], num_slots: int, max_copies: int | None = None) -> list[int]:
     """Copies of each expert over `num_slots` slots: one each, then each extra to the expert with
-    the largest load per copy."""
+    the largest load per copy that has fewer than `max_copies` (the ranks: a second copy on one rank
+    would share nothing out)."""
     copies = [1] * len(load_E)
+    limit = max_copies or num_slots
     for _ in range(num_slots - len(load_E)):
-        best = max(range(len(load_E)), key=lambda e: (load_E[e] / copies[e], -e))
+        best = max((e for e in range(len(load_E)) if copies[e] < limit), key=lambda e: (load_E[e] / copies[e], -e))
         copies[best] += 1
     return copies
 
@@ -183,7 +185,8 @@ def check_load(load_LE: Sequence[Sequence[float]], num_experts: int | None = Non
 def rebalance(load_LE: Sequence[Sequence[float]], ep_size: int, num_redundant: int,
               current_LP: Sequence[Sequence[int]] | None = None) -> Rebalance:
     """The layout of every layer for its load [L, E] (token counts), and the max/mean rank load
-    before and after. `current_LP`: the layout in force (default: `initial_layout`)."""
+    before and after. `current_LP`: the layout in force (default: `initial_layout`); a layer keeps
+    it where the greedy layout would not lower that ratio."""
     rows = check_load(load_LE)
     E = len(rows[0])
     initial = initial_layout(E, ep_size, num_redundant)
@@ -194,10 +197,13 @@ def rebalance(load_LE: Sequence[Sequence[float]], ep_size: int, num_redundant: i
                          f"every one of the {E} experts")
     layouts, before, after = [], [], []
     for load_E, cur in zip(rows, current):
-        layout = pack(load_E, copies_of(load_E, len(initial)), ep_size, cur)
+        layout = pack(load_E, copies_of(load_E, len(initial), ep_size), ep_size, cur)
+        was, will = imbalance(rank_loads(load_E, cur, ep_size)), imbalance(rank_loads(load_E, layout, ep_size))
+        if will >= was:
+            layout, will = cur, was
         layouts.append(layout)
-        before.append(imbalance(rank_loads(load_E, cur, ep_size)))
-        after.append(imbalance(rank_loads(load_E, layout, ep_size)))
+        before.append(was)
+        after.append(will)
     return Rebalance(tuple(layouts), tuple(before), tuple(after))
 
 
