@@ -220,3 +220,20 @@ def test_the_served_app_refuses_hostile_eplb_values(qwen3_moe_path):
 
 def test_initial_layout_spreads_copies():
     assert initial_layout(12, 3, 3) == (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, 2)
+
+
+def test_metrics_show_per_layer_load_rank_imbalance_and_rebalances():
+    from expertmesh.gateway.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_engine({}, {"expert_load": [[3, 1], [0, 0]], "rank_imbalance": [1.5, 1.0], "rebalances": 2})
+    text = metrics.render().decode()
+    assert 'expertmesh_expert_load_imbalance{layer="0"} 1.5' in text
+    assert 'expertmesh_expert_routed_tokens_total{expert="0",layer="0"} 3.0' in text
+    assert 'expertmesh_expert_rank_load_imbalance{layer="0"} 1.5' in text
+    assert "expertmesh_eplb_rebalances_total 2.0" in text
+    metrics.observe_engine({}, [[3, 1], [0, 0]])  # the bare table of an older engine still reads
+    text = metrics.render().decode()
+    assert 'expertmesh_expert_load_imbalance{layer="0"} 1.5' in text and "eplb_rebalances" not in text
+    metrics.observe_engine({}, None)
+    assert "expert_load" not in metrics.render().decode()

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from expertmesh import LLM, SamplingParams
+from expertmesh.gateway.engine_client import expert_load_lists
+from expertmesh.gateway.metrics import Metrics
 from expertmesh.model.tiny import make_tiny
 from expertmesh.router.eplb import imbalance, initial_layout, rank_loads
 
@@ -123,8 +125,15 @@ def test_rebalance_mid_decode_keeps_greedy_tokens_and_evens_the_ranks(ray_sessio
         stats = engine.stats()
         assert stats["kv_usage"] == 0.0 and stats["num_free_blocks"] == stats["num_blocks"]
 
-        report = executor.load_report(engine.expert_load())
+        # /metrics reads the same report through the engine client's helper.
+        report = expert_load_lists(engine)
         assert report["rebalances"] == executor.balancer.rebalances and len(report["rank_imbalance"]) == 2
+        metrics = Metrics()
+        metrics.observe_engine(engine.stats(), report)
+        text = metrics.render().decode()
+        assert f"expertmesh_eplb_rebalances_total {float(executor.balancer.rebalances)}" in text
+        assert 'expertmesh_expert_rank_load_imbalance{layer="1"}' in text
+        assert 'expertmesh_expert_routed_tokens_total{expert="3",layer="0"}' in text
     finally:
         llm.shutdown()
 
