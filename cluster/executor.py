@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from expertmesh.cluster.bootstrap import NCCL_ENV, check_placeable, ensure_ray, wait_for_placement
 from expertmesh.cluster.balancer import LoadBalancer
+from expertmesh.cluster.bootstrap import NCCL_ENV, check_placeable, ensure_ray, wait_for_placement
 from expertmesh.cluster.placement import ExpertPlacement, rank_bundles
 from expertmesh.cluster.worker import RankWorker
 from expertmesh.engine.config import EngineConfig

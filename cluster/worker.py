@@ -10,11 +10,11 @@ import torch
 
 from expertmesh.cluster.collective import ProcessGroupAllToAll, free_port, host_address, init_process_group
 from expertmesh.cluster.placement import ExpertPlacement, rank_cpus
+from expertmesh.cluster.rebalance import move_experts
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.step import StepPlan, StepResult
 from expertmesh.model.moe import SparseMoeBlock
-from expertmesh.cluster.rebalance import move_experts
 from expertmesh.router.all_to_all import AllToAllDispatcher, ReplicaTables
 from expertmesh.router.eplb import transfers
 from expertmesh.router.timing import StageTimer

@@ -120,7 +120,7 @@ def pack(load_E: Sequence[float], copies_E: Sequence[int], ep_size: int,
         return tuple(e for b in bins for e in b)
     current = [list(current_P[r * per_rank:(r + 1) * per_rank]) for r in range(ep_size)]
     # Relabel: each packed bin to the free current rank holding most of its experts (largest overlaps first).
-    pairs = sorted(((-_overlap(bins[b], current[r]), b, r) for b in range(ep_size) for r in range(ep_size)))
+    pairs = sorted((-_overlap(bins[b], current[r]), b, r) for b in range(ep_size) for r in range(ep_size))
     rank_of_bin: dict[int, int] = {}
     for _, b, r in pairs:
         if b not in rank_of_bin and r not in rank_of_bin.values():
@@ -238,7 +238,8 @@ def transfers(old_LP: Sequence[Sequence[int]], new_LP: Sequence[Sequence[int]], 
     return out
 
 
-def replica_tables(slot_expert_P: Sequence[int], num_experts: int, max_copies: int) -> tuple[list[list[int]], list[int]]:
+def replica_tables(slot_expert_P: Sequence[int], num_experts: int,
+                   max_copies: int) -> tuple[list[list[int]], list[int]]:
     """The dispatcher's tables of one layer: per expert, the physical slots of its copies (padded to
     `max_copies` by repeating the first) and how many there are."""
     slots_E: list[list[int]] = [[] for _ in range(num_experts)]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_ep_gloo import BLOCK, PROMPTS, _logits, leave_group
 
 from expertmesh.cluster.collective import free_port
 from expertmesh.engine.config import CacheConfig, ModelLoadConfig
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.model.tiny import make_tiny
 from expertmesh.router.eplb import initial_layout, rebalance
-from test_ep_gloo import BLOCK, PROMPTS, _logits, leave_group
 
 WORLD, EXPERTS, REDUNDANT, SLOTS = 3, 12, 3, 5
 ASSIGNMENT = [[0, 1], [2, 3], [4]]
@@ -97,9 +97,10 @@ def _rank_main(rank, port, path, out_dir):
     tables = ReplicaTables(old, EXPERTS, 1 + REDUNDANT, "cpu")
     dispatcher = AllToAllDispatcher(torch.full((EXPERTS,), -1), torch.zeros(EXPERTS, dtype=torch.int64), SLOTS,
                                     ProcessGroupAllToAll(), replicas=tables)
-    runner = ModelRunner(ModelLoadConfig(path, dtype="float32", device="cpu"), CacheConfig(block_size=BLOCK,
-                         num_blocks=64), rank=rank, ep_size=WORLD, expert_ids=list(old[0][rank * SLOTS:(rank + 1) * SLOTS]),
-                         dispatcher=dispatcher, progress=False)
+    runner = ModelRunner(ModelLoadConfig(path, dtype="float32", device="cpu"),
+                         CacheConfig(block_size=BLOCK, num_blocks=64), rank=rank, ep_size=WORLD,
+                         expert_ids=list(old[0][rank * SLOTS:(rank + 1) * SLOTS]), dispatcher=dispatcher,
+                         progress=False)
     mine = [PROMPTS[i] for i in ASSIGNMENT[rank]]
     with torch.inference_mode():
         before = _logits(runner, mine, torch.device("cpu"))

@@ -18,8 +18,8 @@ from expertmesh.router.eplb import imbalance, initial_layout, rank_loads
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return", "混合专家模型把每个词元送到少数几个专家那里。", "a",
-           "Once upon a time"]
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return", "混合专家模型把每个词元送到少数几个专家那里。",
+           "a", "Once upon a time"]
 MAX_TOKENS = [30, 22, 26, 18, 28]
 LATER = ["Experts are", "1, 2, 3,", "tokens go"]
 HOT = {0: (3, 4, 5), 1: (10, 9, 7)}
