@@ -189,9 +189,8 @@ def test_the_balancer_refuses_shapes_at_start_up():
 @pytest.mark.parametrize("bad, message", [(-1, ">= 0"), (1.5, "whole number"), ("3", "whole number"),
                                           (None, "whole number"), (True, "whole number")])
 def test_eplb_counts_refuse_hostile_values(field, bad, message):
-    with pytest.raises(ValueError, match=f"{field} must be"):
+    with pytest.raises(ValueError, match=f"{field} must be (a )?{message}"):
         ParallelConfig(ep_size=2, **{field: bad})
-    assert message
 
 
 @pytest.mark.parametrize("bad", [0.5, -1, float("nan"), "high", None, True])
