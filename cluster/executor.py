@@ -8,6 +8,10 @@
       step. The plain channel ("ray_call") puts the plan in the object store once and calls each
       rank with a reference to it.
 
+With the load balancer (`num_redundant_experts`, `eplb_interval`), every `eplb_interval` steps
+`execute` first checks the expert load (cluster/balancer.py) and, where it pays, switches every
+rank to new per-layer layouts in one call (`RankWorker.rebalance`) before sending the step.
+
 A rank that dies or a step that outlives `step_timeout_s` takes the whole group down (the
 others would wait in their collectives forever): the group is killed at once and
 `ExecutorDiedError` tells the core, which fails the requests in flight and calls `restart()`.
@@ -19,6 +23,7 @@ import time
 
 import torch
 
+from expertmesh.cluster.balancer import LoadBalancer
 from expertmesh.cluster.bootstrap import NCCL_ENV, check_placeable, ensure_ray, wait_for_placement
 from expertmesh.cluster.placement import ExpertPlacement, rank_bundles
 from expertmesh.cluster.worker import RankWorker
@@ -27,6 +32,7 @@ from expertmesh.engine.executor import ExecutorDiedError
 from expertmesh.engine.model_files import model_dir
 from expertmesh.engine.step import StepPlan, StepResult
 from expertmesh.model.config import ModelConfig
+from expertmesh.router.eplb import imbalance
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,8 @@ class RayExecutor:
         if not self.model_config.is_moe:
             raise ValueError(f"ep_size > 1 needs a Mixture-of-Experts model; {self.model_config.model_type} is dense")
         self.placement = ExpertPlacement.contiguous(self.model_config.num_experts, self.num_ranks)
+        self.balancer = (LoadBalancer(config.parallel, self.model_config.num_experts, len(self.model_config.moe_layers))
+                         if config.parallel.eplb else None)  # shapes that do not divide fail here, before any actor
         self.workers: list = []
         self.placement_group = placement_group
         self._graph = None
@@ -86,6 +94,10 @@ class RayExecutor:
         except ValueError:
             self._kill()
             raise
+        layouts = None
+        if self.balancer is not None:  # a fresh group loads the initial layout from the checkpoint again
+            self.balancer.reset()
+            layouts = self.balancer.layouts_LP
         actor = ray.remote(RankWorker)
         self.workers = [
             actor.options(
@@ -93,7 +105,7 @@ class RayExecutor:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.placement_group, placement_group_bundle_index=self._bundle_offset + r),
                 runtime_env={"env_vars": dict(NCCL_ENV)},
-            ).remote(r, self.config, self.placement, device_type)
+            ).remote(r, self.config, self.placement, device_type, layouts)
             for r in range(self.num_ranks)
         ]
         try:
@@ -158,6 +170,8 @@ class RayExecutor:
         start = time.perf_counter()
         if not self.workers:
             raise ExecutorDiedError("no EP group is running (its restart failed)")
+        if self.balancer is not None and self.balancer.due():
+            self.check_balance()
         if self._graph is not None:
             try:
                 refs = self._graph.execute(plan)
@@ -171,7 +185,33 @@ class RayExecutor:
         result = StepResult.merge(results)
         self.control_seconds += time.perf_counter() - start - result.compute_seconds
         self.num_steps += 1
+        if self.balancer is not None:
+            self.balancer.steps += 1
         return result
+
+    def check_balance(self) -> bool:
+        """Between two steps: read the expert load (one gather), and where the ranks' load is uneven
+        move experts to the new layouts (one call to every rank at once). Whether it moved any."""
+        layouts = self.balancer.plan(self.expert_load())
+        if layouts is None:
+            return False
+        try:
+            self._call_all("rebalance", layouts)
+        except Exception as exc:  # the ranks may hold half-moved weights: the group is replaced
+            self._kill()
+            raise ExecutorDiedError(f"rebalancing the experts failed: {type(exc).__name__}: {exc}") from exc
+        self.balancer.switched(layouts)
+        return True
+
+    def load_report(self, load: torch.Tensor) -> dict:
+        """For /metrics: per MoE layer the busiest rank's load over the mean (the load since the
+        last balancer check under the layout in force), and the rebalances so far."""
+        if self.balancer is not None:
+            return self.balancer.report(load)
+        owner = torch.tensor(self.placement.owner_E)
+        per_rank = torch.zeros(load.shape[0], self.num_ranks, dtype=torch.float64)
+        per_rank.index_add_(1, owner, load.double())
+        return {"rank_imbalance": [imbalance(row) for row in per_rank.tolist()], "rebalances": 0}
 
     def _gather(self, futures: list) -> list:
         """Every rank's reply, or ExecutorDiedError as soon as one rank fails or the step hangs."""
@@ -205,10 +245,10 @@ class RayExecutor:
             raise ExecutorDiedError(f"rank failed: {type(exc).__name__}: {exc}") from exc
         return results
 
-    def _call_all(self, method: str) -> list:
+    def _call_all(self, method: str, *args) -> list:
         import ray
 
-        return ray.get([getattr(w, method).remote() for w in self.workers],
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers],
                        timeout=self.config.parallel.step_timeout_s)
 
     def expert_load(self) -> torch.Tensor | None:

@@ -1,7 +1,8 @@
 """`RankWorker`: one rank of an EP group, a Ray actor holding a model runner over its experts.
 
 Lifecycle, driven by the Ray executor: `rendezvous_address()` (rank 0 only) -> `init_group()`
-on every rank at once -> `load()` -> `execute(plan)` once per step -> `shutdown()`.
+on every rank at once -> `load()` -> `execute(plan)` once per step -> `shutdown()`; with the load
+balancer, `rebalance(layouts)` on every rank at once between two steps.
 """
 from __future__ import annotations
 
@@ -9,19 +10,25 @@ import torch
 
 from expertmesh.cluster.collective import ProcessGroupAllToAll, free_port, host_address, init_process_group
 from expertmesh.cluster.placement import ExpertPlacement, rank_cpus
+from expertmesh.cluster.rebalance import move_experts
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.step import StepPlan, StepResult
 from expertmesh.model.moe import SparseMoeBlock
-from expertmesh.router.all_to_all import AllToAllDispatcher
+from expertmesh.router.all_to_all import AllToAllDispatcher, ReplicaTables
+from expertmesh.router.eplb import transfers
 from expertmesh.router.timing import StageTimer
 
 
 class RankWorker:
-    def __init__(self, rank: int, config: EngineConfig, placement: ExpertPlacement, device_type: str) -> None:
+    def __init__(self, rank: int, config: EngineConfig, placement: ExpertPlacement, device_type: str,
+                 layouts_LP: tuple[tuple[int, ...], ...] | None = None) -> None:
+        """`layouts_LP`: with the load balancer (router/eplb.py), the expert of every physical slot of
+        every MoE layer (the same for every layer at start); `placement` is then unused."""
         self.rank = rank
         self.config = config
         self.placement = placement
+        self.layouts_LP = layouts_LP
         if device_type == "cuda":
             # Ray gives each rank one GPU through CUDA_VISIBLE_DEVICES: it is device 0 here.
             self.device = torch.device("cuda", 0)
@@ -43,7 +50,15 @@ class RankWorker:
         owner_E = torch.tensor(self.placement.owner_E, device=self.device)
         slot_E = torch.tensor(self.placement.slot_E, device=self.device)
         experts = list(self.placement.rank_experts[self.rank])
-        dispatcher = AllToAllDispatcher(owner_E, slot_E, len(experts), ProcessGroupAllToAll(), self.timer)
+        replicas = None
+        if self.layouts_LP is not None:
+            experts = list(self._rank_slots(self.layouts_LP[0]))
+            if any(self._rank_slots(layout) != tuple(experts) for layout in self.layouts_LP):
+                raise ValueError("a rank loads one set of experts for every layer: start from one layout")
+            replicas = ReplicaTables(self.layouts_LP, self.placement.num_experts,
+                                     1 + self.config.parallel.num_redundant_experts, self.device)
+            owner_E = torch.full_like(owner_E, -1)  # the replica tables route instead
+        dispatcher = AllToAllDispatcher(owner_E, slot_E, len(experts), ProcessGroupAllToAll(), self.timer, replicas)
         self.runner = ModelRunner(self.config.load, self.config.cache, scheduler=self.config.scheduler, rank=self.rank,
                                   ep_size=self.placement.ep_size, expert_ids=experts, dispatcher=dispatcher,
                                   device=self.device, progress=progress)
@@ -65,6 +80,33 @@ class RankWorker:
 
     def expert_load(self) -> torch.Tensor | None:
         return self.runner.expert_load()
+
+    @property
+    def slots_per_rank(self) -> int:
+        return len(self.layouts_LP[0]) // self.placement.ep_size
+
+    def _rank_slots(self, layout: tuple[int, ...]) -> tuple[int, ...]:
+        S = len(layout) // self.placement.ep_size
+        return tuple(layout[self.rank * S:(self.rank + 1) * S])
+
+    def rebalance(self, layouts_LP: tuple[tuple[int, ...], ...]) -> int:
+        """Switch to new layouts between two steps, every rank at once: move the experts whose slots
+        change (cluster/rebalance.py), then overwrite the dispatcher's tables in place. Returns the
+        slots of this rank that were written."""
+        if self.layouts_LP is None:
+            raise RuntimeError("this EP group was started without the load balancer (num_redundant_experts, "
+                               "eplb_interval)")
+        plan = transfers(self.layouts_LP, layouts_LP, self.slots_per_rank)
+        blocks = sorted((m for m in self.runner.model.modules() if isinstance(m, SparseMoeBlock)),
+                        key=lambda m: m.moe_index)
+        written = move_experts([b.experts for b in blocks], plan, self.rank, self.slots_per_rank)
+        self.runner.model.dispatcher.replicas.update(layouts_LP)
+        self.layouts_LP = layouts_LP
+        return written
+
+    def slot_experts(self) -> list[tuple[int, ...]]:
+        """Per MoE layer, the logical expert in each of this rank's slots (tests, introspection)."""
+        return [self._rank_slots(layout) for layout in self.layouts_LP or ()]
 
     def stage_seconds(self) -> dict[str, float]:
         """Seconds in all-to-alls and in whole MoE layers since the last call (with time_collectives)."""

@@ -132,9 +132,35 @@ class ParallelConfig:
     step_channel: str = setting("compiled", choices=("compiled", "ray_call"))
     """How the step plan reaches the ranks: compiled (a Ray Compiled Graph: shared-memory channels set
     up once, about 0.1-0.6 ms a round trip) or ray_call (one actor call per rank per step, about 1-2 ms)."""
+    num_redundant_experts: int = setting(0, ge=0)
+    """Extra expert slots of an EP group for copies of hot experts, placed by the load balancer (EPLB); each
+    rank holds (experts + this) / ep_size slots, so the sum must divide by ep_size. 0: no copies. Needs
+    ep_size > 1."""
+    eplb_interval: int = setting(0, ge=0)
+    """Engine steps between expert load-balancer checks: the expert load counted since the last check is read
+    and, in the MoE layers whose ranks are loaded unevenly (eplb_min_imbalance), experts and their copies
+    move between ranks before the next step. 0: never (the layout of the start stays). Needs ep_size > 1."""
+    eplb_min_imbalance: float = setting(1.1, ge=1.0)
+    """A load-balancer check moves a MoE layer's experts only when its busiest rank's load over the mean
+    rank load is at least this (1.0 is even) and the new layout lowers it."""
 
     def __post_init__(self) -> None:
+        for name in ("num_redundant_experts", "eplb_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if not isinstance(self.eplb_min_imbalance, (int, float)) or isinstance(self.eplb_min_imbalance, bool) \
+                or self.eplb_min_imbalance != self.eplb_min_imbalance:
+            raise ValueError(f"eplb_min_imbalance must be a number >= 1.0, got {self.eplb_min_imbalance!r}")
         check_fields(self)
+        if (self.num_redundant_experts or self.eplb_interval) and self.ep_size < 2:
+            raise ValueError("num_redundant_experts and eplb_interval balance experts over the ranks of an EP "
+                             f"group: they need ep_size > 1 (got ep_size {self.ep_size})")
+
+    @property
+    def eplb(self) -> bool:
+        """Whether the group keeps per-layer layouts the load balancer may change (redundant copies or checks)."""
+        return bool(self.num_redundant_experts or self.eplb_interval)
 
 
 SEQUENCE_PARALLEL_MIN_TOKENS = 32768

@@ -17,7 +17,7 @@ class EngineClient(Protocol):
 
     async def stats(self) -> dict[str, float]: ...
 
-    async def expert_load(self) -> list[list[float]] | None: ...
+    async def expert_load(self) -> dict | list[list[float]] | None: ...
 
     async def heartbeat(self) -> EngineHeartbeat: ...
 
@@ -43,13 +43,19 @@ class LocalEngineClient:
     async def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
-    async def expert_load(self) -> list[list[float]] | None:
+    async def expert_load(self) -> dict | None:
         return await self.engine.call(expert_load_lists)
 
     async def heartbeat(self) -> EngineHeartbeat:
         return self.engine.heartbeat()
 
 
-def expert_load_lists(core) -> list[list[float]] | None:
+def expert_load_lists(core) -> dict | None:
+    """The expert-load report of an engine for /metrics: `expert_load` (tokens per MoE layer and
+    expert since start) and, from an EP group, `rank_imbalance` (per layer, the busiest rank's load
+    over the mean since the last load-balancer check) and `rebalances`; None for dense models."""
     load = core.expert_load()
-    return None if load is None else load.tolist()
+    if load is None:
+        return None
+    report = getattr(core.executor, "load_report", None)
+    return {"expert_load": load.tolist(), **(report(load) if report is not None else {})}

@@ -2,7 +2,8 @@
 
 Request-side series (counters and latency histograms) are recorded by the serving layer as
 requests run; engine-side gauges (running and waiting requests, KV block usage, expert-load
-imbalance per layer) are read from the engine at scrape time, so `/metrics` is always current.
+imbalance per layer, per expert and across an EP group's ranks, load-balancer rebalances) are read
+from the engine at scrape time, so `/metrics` is always current.
 Each gateway has its own registry: several apps in one process never collide.
 
 `expertmesh_requests_total{endpoint, status}` counts every API request once, refusals included
@@ -19,7 +20,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -56,7 +57,7 @@ class _EngineCollector(Collector):
 
     def __init__(self) -> None:
         self.stats: dict[str, float] = {}
-        self.expert_load: list[list[float]] | None = None
+        self.expert_load: dict | None = None
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         s = self.stats
@@ -76,15 +77,35 @@ class _EngineCollector(Collector):
         ):
             if key in s:
                 yield GaugeMetricFamily(name, doc, value=float(s[key]))
-        if self.expert_load:
+        report = self.expert_load or {}
+        load = report.get("expert_load")
+        if load:
             imbalance = GaugeMetricFamily(
                 "expertmesh_expert_load_imbalance",
                 "Per MoE layer: tokens routed to the busiest expert over the mean per expert (1 is even).",
                 labels=["layer"])
-            for layer, counts in enumerate(self.expert_load):
+            tokens = CounterMetricFamily("expertmesh_expert_routed_tokens",
+                                         "Token copies routed to each expert of each MoE layer.",
+                                         labels=["layer", "expert"])
+            for layer, counts in enumerate(load):
                 mean = sum(counts) / max(len(counts), 1)
                 imbalance.add_metric([str(layer)], max(counts) / mean if mean > 0 else 1.0)
+                for expert, count in enumerate(counts):
+                    tokens.add_metric([str(layer), str(expert)], float(count))
             yield imbalance
+            yield tokens
+        if report.get("rank_imbalance"):
+            ranks = GaugeMetricFamily(
+                "expertmesh_expert_rank_load_imbalance",
+                "Per MoE layer: the busiest rank's routed tokens over the mean per rank of the EP group, "
+                "under the expert placement in force, since the last load-balancer check (1 is even).",
+                labels=["layer"])
+            for layer, value in enumerate(report["rank_imbalance"]):
+                ranks.add_metric([str(layer)], float(value))
+            yield ranks
+        if "rebalances" in report:
+            yield CounterMetricFamily("expertmesh_eplb_rebalances", "Expert placements switched by the load balancer.",
+                                      value=float(report["rebalances"]))
 
 
 class Metrics:
@@ -107,7 +128,11 @@ class Metrics:
     def count_request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint, str(status)).inc()
 
-    def observe_engine(self, stats: dict[str, float], expert_load: list[list[float]] | None) -> None:
+    def observe_engine(self, stats: dict[str, float], expert_load: dict | list[list[float]] | None) -> None:
+        """`expert_load`: the engine's report (`engine_client.expert_load_lists`), or the bare
+        [layer][expert] token counts of an older engine."""
+        if isinstance(expert_load, list):
+            expert_load = {"expert_load": expert_load}
         self._engine.stats, self._engine.expert_load = dict(stats), expert_load
 
     def render(self) -> bytes:

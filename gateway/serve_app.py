@@ -146,7 +146,7 @@ class EngineServer:
     async def heartbeat(self) -> EngineHeartbeat:
         return self.engine.heartbeat()
 
-    async def expert_load(self) -> list[list[float]] | None:
+    async def expert_load(self) -> dict | list[list[float]] | None:
         from expertmesh.gateway.engine_client import expert_load_lists
 
         return await self.engine.call(expert_load_lists)
@@ -224,7 +224,7 @@ class ServeEngineClient:
         """An engine replica's counters, and this gateway's resumptions on another replica."""
         return {**await self.handle.stats.remote(), "num_replica_resumptions": self.resumptions}
 
-    async def expert_load(self) -> list[list[float]] | None:
+    async def expert_load(self) -> dict | list[list[float]] | None:
         return await self.handle.expert_load.remote()
 
     async def info(self) -> dict[str, Any]:

@@ -139,7 +139,7 @@ class OpenAIServing:
         raise APIError(f"The model `{shown}` does not exist; this server serves `{self.settings.model_name}`.",
                        status=404, type="not_found_error", param=param, code="model_not_found")
 
-    async def engine_stats(self) -> tuple[dict[str, float], list[list[float]] | None]:
+    async def engine_stats(self) -> tuple[dict[str, float], dict | list[list[float]] | None]:
         return await self.client.stats(), await self.client.expert_load()
 
     # ---- chat ------------------------------------------------------------------------------

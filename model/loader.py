@@ -130,7 +130,9 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig,
     """Fill every parameter of `model` from the checkpoint at `path` (see the module docstring)."""
     path = Path(path)
     expert_ids = list(range(config.num_experts)) if expert_ids is None else list(expert_ids)
-    local_slot = {e: i for i, e in enumerate(expert_ids)}
+    local_slot: dict[int, list[int]] = defaultdict(list)  # an expert may fill several slots (redundant copies)
+    for i, e in enumerate(expert_ids):
+        local_slot[e].append(i)
     params = dict(model.named_parameters(remove_duplicate=False))
     matchers = [(_compile(rule.hf), rule) for rule in weight_rules(config)]
     filled: dict[str, set] = defaultdict(set)
@@ -188,9 +190,9 @@ def _load_files(by_file, fp8, matchers, params, expert_ids, local_slot, config, 
                     if expert >= config.num_experts:
                         unexpected.append(name)
                     continue  # another rank's expert: never read
-                slot = local_slot[expert]
-                fp8.fill(param[slot], None if scale is None else scale[slot], f, name, rule)
-                filled[target].add((slot, rule.part))
+                for slot in local_slot[expert]:
+                    fp8.fill(param[slot], None if scale is None else scale[slot], f, name, rule)
+                    filled[target].add((slot, rule.part))
             else:
                 fp8.fill(param, scale, f, name, rule)
                 filled[target].add((None, rule.part))

@@ -59,10 +59,12 @@ class SparseMoeBlock(nn.Module):
         # when all experts are local and the dense work stays below DENSE_MAX_MACS (toy and test
         # models; never a real checkpoint, whose experts are far too large).
         macs_per_token = num_local_experts * 3 * config.hidden_size * config.moe_intermediate_size
-        local = isinstance(dispatcher, LocalDispatcher) and dispatcher.num_local_experts == config.num_experts
+        self.all_to_all = hasattr(dispatcher, "begin_step")
+        # (an all-to-all dispatcher may hold as many slots as there are experts: redundant copies)
+        local = (isinstance(dispatcher, LocalDispatcher) and not self.all_to_all
+                 and dispatcher.num_local_experts == config.num_experts)
         self.dense_max_tokens = (DENSE_MAX_MACS // macs_per_token
                                  if local and expert_impl == "auto" and not self.fused else 0)
-        self.all_to_all = hasattr(dispatcher, "begin_step")
         # The fused local path reads the placement table only when some expert is elsewhere.
         self._expert_map = None
         if self.fused and isinstance(dispatcher, LocalDispatcher) and not self.all_to_all:
@@ -103,7 +105,7 @@ class SparseMoeBlock(nn.Module):
         if not self.all_to_all:
             return fused_moe.fused_moe(x_TD, topk_weights_TK, topk_ids_TK, w13, w2, expert_to_local_E=self._expert_map,
                                        scales=scales)
-        routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
+        routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK, self.moe_index)
         y_ND = fused_moe.grouped_experts(routed.x_ND, routed.expert_N, w13, w2, scales=scales)
         return self.dispatcher.combine(y_ND, routed.handle)
 
@@ -116,7 +118,7 @@ class SparseMoeBlock(nn.Module):
             weights_TE = topk_weights_TK.new_zeros(x_TD.shape[0], self.experts.num_local_experts)
             out_TD = self.experts.dense(x_TD, weights_TE.scatter_(1, local_TK, topk_weights_TK))
         else:
-            routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
+            routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK, self.moe_index)
             y_ND = self.experts(routed.x_ND, routed.counts_E, routed.expert_N)
             out_TD = self.dispatcher.combine(y_ND, routed.handle)
         return out_TD

@@ -30,6 +30,11 @@ work ahead of the GPU, and the valid rows are told apart on the device:
       6'. each copy's result is read back from its (destination, position) in the padded block
 
 All ranks see the same step plan, so they pick the same mode.
+
+Redundant copies (EPLB, router/eplb.py): with `ReplicaTables` the key of step 1 is the physical
+slot (rank * X + local slot) of one copy of the copy's expert in this MoE layer: copy
+(token index + rank) mod copies, chosen on the device from tables that a rebalance overwrites in
+place (a captured CUDA graph reads the new tables on its next replay).
 """
 from __future__ import annotations
 
@@ -62,10 +67,45 @@ class SendPlan:
     """Copies for each (destination rank, local slot)."""
 
 
+class ReplicaTables:
+    """Per MoE layer, where each logical expert's copies are: device tensors that stay put (a
+    rebalance `update`s them in place). Physical slot p = rank * S + local slot.
+
+    copies_LEC: int64 [L, E, C], the physical slots of each expert's copies (past its count, the
+    first again); num_copies_LE: int64 [L, E], its copies (>= 1)."""
+
+    def __init__(self, layouts_LP, num_experts: int, max_copies: int, device) -> None:
+        self.num_experts, self.max_copies = num_experts, max_copies
+        copies, counts = self._tables(layouts_LP)
+        self.copies_LEC = torch.tensor(copies, dtype=torch.int64, device=device)
+        self.num_copies_LE = torch.tensor(counts, dtype=torch.int64, device=device)
+
+    def _tables(self, layouts_LP):
+        from expertmesh.router.eplb import replica_tables
+
+        tables = [replica_tables(layout, self.num_experts, self.max_copies) for layout in layouts_LP]
+        return [t[0] for t in tables], [t[1] for t in tables]
+
+    def update(self, layouts_LP) -> None:
+        copies, counts = self._tables(layouts_LP)
+        self.copies_LEC.copy_(torch.tensor(copies, dtype=torch.int64))
+        self.num_copies_LE.copy_(torch.tensor(counts, dtype=torch.int64))
+
+    def physical_slots(self, layer: int, topk_ids_TK: torch.Tensor, rank: int) -> torch.Tensor:
+        """[T*K] int64: the physical slot each routed copy goes to; no host sync."""
+        T, K = topk_ids_TK.shape
+        ids_N = topk_ids_TK.reshape(-1).long()
+        token_N = torch.arange(T * K, device=ids_N.device) // K
+        choice_N = (token_N + rank) % self.num_copies_LE[layer][ids_N]
+        return self.copies_LEC[layer][ids_N, choice_N]
+
+
 def plan_send(topk_ids_TK: torch.Tensor, owner_E: torch.Tensor, slot_E: torch.Tensor,
-              num_ranks: int, max_slots: int) -> SendPlan:
+              num_ranks: int, max_slots: int, key_N: torch.Tensor | None = None) -> SendPlan:
+    """`key_N`: the copies' physical slots when they are chosen already (`ReplicaTables`)."""
     ids_N = topk_ids_TK.reshape(-1)
-    key_N = owner_E[ids_N] * max_slots + slot_E[ids_N]
+    if key_N is None:
+        key_N = owner_E[ids_N] * max_slots + slot_E[ids_N]
     _, order_N = torch.sort(key_N, stable=True)
     counts = torch.zeros(num_ranks * max_slots, dtype=torch.int64, device=ids_N.device)
     counts.index_add_(0, key_N, torch.ones_like(key_N))
@@ -122,13 +162,17 @@ def plan_receive_padded(recv_counts_RX: torch.Tensor, capacity: int, num_local_e
 
 class AllToAllDispatcher(LocalDispatcher):
     def __init__(self, owner_E: torch.Tensor, slot_E: torch.Tensor, num_local_experts: int,
-                 collective: AllToAll, timer: StageTimer | None = None) -> None:
+                 collective: AllToAll, timer: StageTimer | None = None, replicas: ReplicaTables | None = None) -> None:
+        """`owner_E`, `slot_E`: each expert's rank and local slot; with `replicas` (redundant copies,
+        per layer) they are unused and every rank holds `num_local_experts` slots."""
         rank = collective.rank
         super().__init__(torch.where(owner_E == rank, slot_E, -1))
         self.owner_E, self.slot_E = owner_E, slot_E
         self.num_local_experts = num_local_experts
         self.num_ranks = collective.world_size
-        self.max_slots = int(torch.bincount(owner_E, minlength=self.num_ranks).max())
+        self.replicas = replicas
+        self.max_slots = (num_local_experts if replicas is not None
+                          else int(torch.bincount(owner_E, minlength=self.num_ranks).max()))
         self.collective = collective
         self.timer = timer
         self.capacity: int | None = None
@@ -151,9 +195,13 @@ class AllToAllDispatcher(LocalDispatcher):
         else:
             self.timer.measure("all_to_all", call, input.device)
 
-    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> Dispatched:
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                 layer: int = 0) -> Dispatched:
+        """`layer`: the MoE layer (its replica tables, with redundant copies)."""
         K = topk_ids_TK.shape[1]
-        send = plan_send(topk_ids_TK, self.owner_E, self.slot_E, self.num_ranks, self.max_slots)
+        key_N = (None if self.replicas is None
+                 else self.replicas.physical_slots(layer, topk_ids_TK, self.collective.rank))
+        send = plan_send(topk_ids_TK, self.owner_E, self.slot_E, self.num_ranks, self.max_slots, key_N)
         recv_counts_RX = torch.empty_like(send.counts_RX)
         self._exchange(recv_counts_RX, send.counts_RX)
         if self.capacity is not None:

@@ -55,7 +55,9 @@ class LocalDispatcher:
     def identity(cls, num_experts: int, device: torch.device | str = "cpu") -> LocalDispatcher:
         return cls(torch.arange(num_experts, device=device))
 
-    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> Dispatched:
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                 layer: int = 0) -> Dispatched:
+        """`layer`: the MoE layer (one table serves every layer here)."""
         K = topk_ids_TK.shape[1]
         local_N = self.expert_to_local_E[topk_ids_TK.reshape(-1)]
         expert_N, order_N = torch.sort(local_N, stable=True)

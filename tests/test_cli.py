@@ -26,7 +26,8 @@ ENGINE_FLAGS = {"--model", "--revision", "--download-dir", "--tokenizer", "--cha
                 "--gpu-memory-utilization", "--enable-prefix-caching", "--no-enable-prefix-caching",
                 "--max-num-seqs", "--max-num-batched-tokens", "--async-scheduling",
                 "--no-async-scheduling", "--ep-size", "--sequence-parallel-min-tokens", "--ray-address",
-                "--cpus-per-rank", "--max-resumptions", "--step-channel", "--max-stop-strings",
+                "--cpus-per-rank", "--max-resumptions", "--step-channel", "--num-redundant-experts",
+                "--eplb-interval", "--eplb-min-imbalance", "--max-stop-strings",
                 "--max-stop-string-chars", "--grammar-compile-timeout-s", "--grammar-compile-workers",
                 "--grammar-max-bytes", "--grammar-max-enum-values", "--grammar-max-regex-chars"}
 SAMPLING_FLAGS = {"--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--seed", "--stop"}
@@ -41,7 +42,8 @@ LLM_KWARGS = ["model", "progress", "revision", "download_dir", "tokenizer", "cha
               "max_model_len", "expert_impl", "load_format", "seed", "kernels", "enforce_eager", "block_size",
               "num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization", "enable_prefix_caching",
               "max_num_seqs", "max_num_batched_tokens", "async_scheduling", "ep_size", "sequence_parallel_min_tokens",
-              "ray_address", "cpus_per_rank", "max_resumptions", "step_channel",
+              "ray_address", "cpus_per_rank", "max_resumptions", "step_channel", "num_redundant_experts",
+              "eplb_interval", "eplb_min_imbalance",
               "max_stop_strings", "max_stop_string_chars", "grammar_compile_timeout_s", "grammar_compile_workers",
               "grammar_max_bytes", "grammar_max_enum_values", "grammar_max_regex_chars"]
 

@@ -409,7 +409,7 @@ def test_metrics(server, client):
                  "expertmesh_inter_token_latency_seconds_bucket", "expertmesh_prompt_tokens_total",
                  "expertmesh_generation_tokens_total", "expertmesh_num_requests_running",
                  "expertmesh_num_requests_waiting", "expertmesh_kv_cache_usage_ratio",
-                 'expertmesh_expert_load_imbalance{layer="0"}'):
+                 'expertmesh_expert_load_imbalance{layer="0"}', 'expertmesh_expert_routed_tokens_total{expert="0"'):
         assert name in text, name
     assert re.search(r'expertmesh_requests_total\{endpoint="chat",status="200"\} [1-9]', text)
     assert re.search(r'expertmesh_requests_total\{endpoint="chat",status="40[04]"\} [1-9]', text)
