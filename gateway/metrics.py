@@ -1,8 +1,11 @@
 """Prometheus metrics of one gateway, in vLLM's vocabulary under the `expertmesh_` prefix.
 
 Request-side series (counters and latency histograms) are recorded by the serving layer as
-requests run; engine-side gauges (running and waiting requests, KV block usage, expert-load
-imbalance per layer) are read from the engine at scrape time, so `/metrics` is always current.
+requests run; engine-side series (running and waiting requests, KV block usage, the prefix cache's
+queried and hit tokens, expert-load imbalance per layer) are read from the engine at scrape time.
+Under Ray Serve they are summed over every engine replica, as each last reported them (within
+about a second: gateway/routing.py), with `expertmesh_engine_replicas` and the
+`expertmesh_replica_*{replica}` series of each replica beside them.
 Each gateway has its own registry: several apps in one process never collide.
 
 `expertmesh_requests_total{endpoint, status}` counts every API request once, refusals included
@@ -14,12 +17,12 @@ started with 200 may still end in 499, 500 or 503). With no transport around it 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -57,6 +60,7 @@ class _EngineCollector(Collector):
     def __init__(self) -> None:
         self.stats: dict[str, float] = {}
         self.expert_load: list[list[float]] | None = None
+        self.replicas: dict[str, dict[str, float]] = {}
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         s = self.stats
@@ -66,8 +70,7 @@ class _EngineCollector(Collector):
             ("expertmesh_kv_cache_usage_ratio", "kv_usage", "Fraction of KV cache blocks in use (0 to 1)."),
             ("expertmesh_kv_cache_free_blocks", "num_free_blocks", "KV cache blocks free."),
             ("expertmesh_kv_cache_blocks", "num_blocks", "KV cache blocks in all."),
-            ("expertmesh_prefix_cache_queries", "prefix_cache_queries", "Prompt blocks looked up in the prefix cache."),
-            ("expertmesh_prefix_cache_hits", "prefix_cache_hits", "Prompt blocks found in the prefix cache."),
+            ("expertmesh_engine_replicas", "num_engine_replicas", "Engine replicas (EP groups) serving."),
             ("expertmesh_num_preemptions", "num_preemptions", "Requests preempted (recomputed) so far."),
             ("expertmesh_num_resumptions", "num_resumptions",
              "Requests this engine replica resumed (on a fresh EP group, or from another replica)."),
@@ -76,6 +79,7 @@ class _EngineCollector(Collector):
         ):
             if key in s:
                 yield GaugeMetricFamily(name, doc, value=float(s[key]))
+        yield from self._prefix_cache()
         if self.expert_load:
             imbalance = GaugeMetricFamily(
                 "expertmesh_expert_load_imbalance",
@@ -85,6 +89,36 @@ class _EngineCollector(Collector):
                 mean = sum(counts) / max(len(counts), 1)
                 imbalance.add_metric([str(layer)], max(counts) / mean if mean > 0 else 1.0)
             yield imbalance
+
+
+    def _prefix_cache(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        """The prefix cache in tokens, as vLLM counts it: queried (prompt tokens looked up at admission)
+        and hit (found cached), summed over the replicas, their ratio, and each replica's own."""
+        s = self.stats
+        if "prefix_cache_queries" in s and "prefix_cache_hits" in s:
+            queries, hits = float(s["prefix_cache_queries"]), float(s["prefix_cache_hits"])
+            yield CounterMetricFamily("expertmesh_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache, over every engine replica.", value=queries)
+            yield CounterMetricFamily("expertmesh_prefix_cache_hits", "Prompt tokens found in the prefix cache, "
+                                      "over every engine replica.", value=hits)
+            yield GaugeMetricFamily("expertmesh_prefix_cache_hit_rate", "Prefix-cache hits over queries in "
+                                    "tokens, since the replicas started (0 before any query).",
+                                    value=hits / queries if queries > 0 else 0.0)
+        if not self.replicas:
+            return
+        families = {key: CounterMetricFamily(f"expertmesh_replica_{key}", f"{doc}, per engine replica.",
+                                             labels=["replica"])
+                    for key, doc in (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+                                     ("prefix_cache_hits", "Prompt tokens found in the prefix cache"))}
+        running = GaugeMetricFamily("expertmesh_replica_num_requests_running",
+                                    "Requests in the running batch, per engine replica.", labels=["replica"])
+        for replica, stats in sorted(self.replicas.items()):
+            for key, family in families.items():
+                if key in stats:
+                    family.add_metric([replica], float(stats[key]))
+            if "num_running" in stats:
+                running.add_metric([replica], float(stats["num_running"]))
+        yield from (*families.values(), running)
 
 
 class Metrics:
@@ -107,8 +141,11 @@ class Metrics:
     def count_request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint, str(status)).inc()
 
-    def observe_engine(self, stats: dict[str, float], expert_load: list[list[float]] | None) -> None:
+    def observe_engine(self, stats: dict[str, float], expert_load: list[list[float]] | None,
+                       replicas: Mapping[str, Mapping[str, float]] | None = None) -> None:
+        """The engine's latest figures: `stats` summed over the replicas, `replicas` by replica id."""
         self._engine.stats, self._engine.expert_load = dict(stats), expert_load
+        self._engine.replicas = {r: dict(v) for r, v in (replicas or {}).items()}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
