@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -216,8 +218,8 @@ class ServeEngineClient:
         key = routing_key(prompt_token_ids, self.block_size) if self.block_size else None
         while True:
             resume = Resume(tuple(tokens), text) if tokens or text else None
-            gen = self.handle.options(stream=True).generate.remote(request_id, prompt_token_ids, params, prompt,
-                                                                   self.caller, resume, routing_key=key)
+            gen = _as_own_request(self.handle.options(stream=True).generate.remote, request_id, prompt_token_ids,
+                                  params, prompt, self.caller, resume, routing_key=key)
             finished = False
             try:
                 async for item in gen:
@@ -262,6 +264,24 @@ class ServeEngineClient:
 
     async def info(self) -> dict[str, Any]:
         return await self.handle.info.remote()
+
+
+def _as_own_request(call, *args, **kwargs):
+    """`call(*args, **kwargs)` (a handle call) as a Serve request of its own. A handle call made while serving an HTTP
+    request inherits that request's internal id, and a request router that matches its choice to the
+    request by that id (Serve's base `RequestRouter`, which `EngineRouter` keeps so that a choice
+    serves the request it was made for) leaves all but one of several concurrent calls (the prompts
+    of one batched completions request) unrouted forever. Serve has no public option for the id."""
+    from ray.serve import context as serve_context
+    from ray.serve._private.utils import generate_request_id
+
+    def run():
+        current = serve_context._get_serve_request_context()
+        serve_context._serve_request_context.set(
+            dataclasses.replace(current, _internal_request_id=generate_request_id()))
+        return call(*args, **kwargs)
+
+    return contextvars.copy_context().run(run)
 
 
 @serve.deployment(name=GATEWAY_DEPLOYMENT, graceful_shutdown_timeout_s=10)

@@ -130,6 +130,17 @@ def test_a_busy_preferred_replica_sends_its_prefix_to_the_other(served):
     assert queries[other] == 3 * len(_prompt(prefix, 0)), queries
 
 
+def test_the_prompts_of_one_batched_request_are_each_routed(served):
+    """Several engine calls from one HTTP request (one per prompt) each reach a replica: Serve's
+    router matches a choice to its request by an id those calls would otherwise share."""
+    prompts = [_prompt(SHARED, 200 + i) for i in range(3)]
+    prompts += [[600 + 29 * i + j for j in range(BLOCK)] for i in range(3)]
+    r = served["client"].with_options(timeout=90).completions.create(model=served["model"], prompt=prompts,
+                                                                      max_tokens=2, temperature=0)
+    assert sorted(c.index for c in r.choices) == list(range(6))
+    assert all(c.finish_reason == "length" for c in r.choices)
+
+
 def test_metrics_sum_the_prefix_cache_of_every_replica_as_the_engines_count_it(served):
     import ray
 
