@@ -38,6 +38,9 @@ def default_max_request_body_bytes(max_model_len: int) -> int:
     9 MiB for a 262,144-token Qwen3-235B, 2.3 MiB for a 40,960-token Qwen3-30B)."""
     return BODY_OVERHEAD_BYTES + BODY_BYTES_PER_TOKEN * max_model_len
 
+REQUEST_ROUTING_POLICIES = ("prefix_affinity", "power_of_two")
+"""Values of `request_routing` (gateway/request_router.py implements both)."""
+
 
 @dataclass
 class ServingConfig:
@@ -90,6 +93,11 @@ class ServingConfig:
     """Gateway replicas (HTTP app and gRPC server; each serves gRPC, sharing the port on its node)."""
     max_ongoing_requests: int = setting(1024, ge=1)
     """Requests one replica holds at once (the engine batches them; Serve's default of 5 would starve it)."""
+    request_routing: str = setting("prefix_affinity", choices=REQUEST_ROUTING_POLICIES)
+    """How the gateway picks an engine replica: prefix_affinity sends a prompt to the replica its first
+    KV blocks hash to (rendezvous hashing), where its prefix is likely cached, unless that replica holds
+    min(max_ongoing_requests, max_num_seqs) requests; then, and for prompts shorter than one block, the
+    less loaded of two random replicas, which is all power_of_two does."""
     log_level: str = setting("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     """Python logging level of expertmesh's and Ray Serve's logs."""
     max_request_body_bytes: int | None = setting(None, ge=1024)

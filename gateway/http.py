@@ -109,7 +109,7 @@ def build_http_app(serving: OpenAIServing, auth: Authenticator | None = None,
         except Exception:
             log.warning("/metrics: the engine did not answer; its gauges are left out", exc_info=True)
             stats, expert_load = {}, None
-        serving.metrics.observe_engine(stats, expert_load)
+        serving.metrics.observe_engine(stats, expert_load, serving.replica_stats())
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")

@@ -1,9 +1,12 @@
 """Prometheus metrics of one gateway, in vLLM's vocabulary under the `expertmesh_` prefix.
 
 Request-side series (counters and latency histograms) are recorded by the serving layer as
-requests run; engine-side gauges (running and waiting requests, KV block usage, expert-load
-imbalance per layer, per expert and across an EP group's ranks, load-balancer rebalances) are read
-from the engine at scrape time, so `/metrics` is always current.
+requests run; engine-side series (running and waiting requests, KV block usage, the prefix cache's
+queried and hit tokens, expert-load imbalance per layer, per expert and across an EP group's ranks,
+load-balancer rebalances) are read from the engine at scrape time. Under Ray Serve the engine
+counters are summed over every engine replica, as each last reported them (within about a second:
+gateway/routing.py), with `expertmesh_engine_replicas` and the `expertmesh_replica_*{replica}`
+series of each replica beside them.
 Each gateway has its own registry: several apps in one process never collide.
 
 `expertmesh_requests_total{endpoint, status}` counts every API request once, refusals included
@@ -15,7 +18,7 @@ started with 200 may still end in 499, 500 or 503). With no transport around it 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -58,6 +61,7 @@ class _EngineCollector(Collector):
     def __init__(self) -> None:
         self.stats: dict[str, float] = {}
         self.expert_load: dict | None = None
+        self.replicas: dict[str, dict[str, float]] = {}
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         s = self.stats
@@ -67,8 +71,7 @@ class _EngineCollector(Collector):
             ("expertmesh_kv_cache_usage_ratio", "kv_usage", "Fraction of KV cache blocks in use (0 to 1)."),
             ("expertmesh_kv_cache_free_blocks", "num_free_blocks", "KV cache blocks free."),
             ("expertmesh_kv_cache_blocks", "num_blocks", "KV cache blocks in all."),
-            ("expertmesh_prefix_cache_queries", "prefix_cache_queries", "Prompt blocks looked up in the prefix cache."),
-            ("expertmesh_prefix_cache_hits", "prefix_cache_hits", "Prompt blocks found in the prefix cache."),
+            ("expertmesh_engine_replicas", "num_engine_replicas", "Engine replicas (EP groups) serving."),
             ("expertmesh_num_preemptions", "num_preemptions", "Requests preempted (recomputed) so far."),
             ("expertmesh_num_resumptions", "num_resumptions",
              "Requests this engine replica resumed (on a fresh EP group, or from another replica)."),
@@ -77,6 +80,7 @@ class _EngineCollector(Collector):
         ):
             if key in s:
                 yield GaugeMetricFamily(name, doc, value=float(s[key]))
+        yield from self._prefix_cache()
         report = self.expert_load or {}
         load = report.get("expert_load")
         if load:
@@ -107,6 +111,35 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily("expertmesh_eplb_rebalances", "Expert placements switched by the load balancer.",
                                       value=float(report["rebalances"]))
 
+    def _prefix_cache(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        """The prefix cache in tokens, as vLLM counts it: queried (prompt tokens looked up at admission)
+        and hit (found cached), summed over the replicas, their ratio, and each replica's own."""
+        s = self.stats
+        if "prefix_cache_queries" in s and "prefix_cache_hits" in s:
+            queries, hits = float(s["prefix_cache_queries"]), float(s["prefix_cache_hits"])
+            yield CounterMetricFamily("expertmesh_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache, over every engine replica.", value=queries)
+            yield CounterMetricFamily("expertmesh_prefix_cache_hits", "Prompt tokens found in the prefix cache, "
+                                      "over every engine replica.", value=hits)
+            yield GaugeMetricFamily("expertmesh_prefix_cache_hit_rate", "Prefix-cache hits over queries in "
+                                    "tokens, since the replicas started (0 before any query).",
+                                    value=hits / queries if queries > 0 else 0.0)
+        if not self.replicas:
+            return
+        families = {key: CounterMetricFamily(f"expertmesh_replica_{key}", f"{doc}, per engine replica.",
+                                             labels=["replica"])
+                    for key, doc in (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+                                     ("prefix_cache_hits", "Prompt tokens found in the prefix cache"))}
+        running = GaugeMetricFamily("expertmesh_replica_num_requests_running",
+                                    "Requests in the running batch, per engine replica.", labels=["replica"])
+        for replica, stats in sorted(self.replicas.items()):
+            for key, family in families.items():
+                if key in stats:
+                    family.add_metric([replica], float(stats[key]))
+            if "num_running" in stats:
+                running.add_metric([replica], float(stats["num_running"]))
+        yield from (*families.values(), running)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -128,12 +161,15 @@ class Metrics:
     def count_request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint, str(status)).inc()
 
-    def observe_engine(self, stats: dict[str, float], expert_load: dict | list[list[float]] | None) -> None:
-        """`expert_load`: the engine's report (`engine_client.expert_load_lists`), or the bare
+    def observe_engine(self, stats: dict[str, float], expert_load: dict | list[list[float]] | None,
+                       replicas: Mapping[str, Mapping[str, float]] | None = None) -> None:
+        """The engine's latest figures: `stats` summed over the replicas, `replicas` by replica id;
+        `expert_load` the engine's report (`engine_client.expert_load_lists`), or the bare
         [layer][expert] token counts of an older engine."""
         if isinstance(expert_load, list):
             expert_load = {"expert_load": expert_load}
         self._engine.stats, self._engine.expert_load = dict(stats), expert_load
+        self._engine.replicas = {r: dict(v) for r, v in (replicas or {}).items()}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

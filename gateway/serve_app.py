@@ -11,6 +11,9 @@
 `build_app(args)` is the import path of a Serve config file (`serve run`/`serve deploy`, and the
 Helm chart's `serveConfigV2`); `args` is an `AppConfig`. `expertmesh serve` builds the same app
 from its flags. Both deployments allow many ongoing requests: the engine batches them itself.
+The gateway's handle routes each request to an engine replica through `EngineRouter`
+(gateway/request_router.py: prefix affinity, else the less loaded of two; gateway/routing.py says
+how), which also brings every replica's counters (`record_routing_stats`) to the gateway's /metrics.
 
 Lost ends, both ways:
 - the engine replica dies: its handle calls fail with Ray's actor errors; the gateway's client
@@ -26,12 +29,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from expertmesh.cluster.placement import rank_bundles
@@ -40,6 +46,14 @@ from expertmesh.engine.core import EngineCore, Resume
 from expertmesh.engine.model_files import load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.gateway.app_config import AppConfig
+from expertmesh.gateway.routing import (
+    ROUTING_STATS_PERIOD_S,
+    ReplicaStats,
+    busy_bound,
+    replica_stats,
+    routing_key,
+    summed_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +140,12 @@ class EngineServer:
                           "vocab_size": self.engine.core.vocab_size}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None, caller: GatewayRef | None = None, resume: Resume | None = None):
+                       prompt: str | None = None, caller: GatewayRef | None = None, resume: Resume | None = None,
+                       routing_key: str | None = None):
         """Streams lists of RequestOutput; a refused request yields {"error": message} once. The
         request is aborted when `caller` (the gateway replica) dies. `resume`: it ran on a replica
-        that died and goes on from there (ServeEngineClient)."""
+        that died and goes on from there (ServeEngineClient). `routing_key` is the router's
+        (gateway/routing.py); the engine does not read it."""
         with self.callers.watching(caller):
             try:
                 async for batch in self.engine.generate(request_id, prompt_token_ids, params, prompt, resume):
@@ -158,6 +174,11 @@ class EngineServer:
         stats = self.engine.stats()
         return {name: float(stats[name]) for name in METRICS}
 
+    def record_routing_stats(self) -> dict[str, float]:
+        """The engine's counters, which Serve's controller polls every ROUTING_STATS_PERIOD_S and hands
+        to every handle's router: the gateways' /metrics sum them over the replicas."""
+        return self.engine.stats()
+
     def check_health(self) -> None:
         if not self.engine.alive:
             raise RuntimeError("the engine loop is not running")
@@ -176,12 +197,18 @@ class ServeEngineClient:
     (`Resume`: the tokens and the text), up to `max_resumptions` times, each after a short pause
     while Serve replaces the replica; greedy decoding gives the tokens it would have given. Past
     that, or for n > 1 (whose completions stream together), the failure surfaces as
-    `EngineDeadError`."""
+    `EngineDeadError`.
+
+    Each call carries the prompt's routing key (`routing_key`, from its first full KV blocks of
+    `block_size` tokens; None without `block_size` or for a prompt shorter than a block), which the
+    deployment's router (gateway/request_router.py) reads to prefer the replica that likely holds
+    the prefix, unless `request_routing` is power_of_two; a resumed request carries it too."""
 
     def __init__(self, handle, caller: GatewayRef | None = None, max_resumptions: int = 3,
-                 retry_pause_s: float = 0.5) -> None:
+                 retry_pause_s: float = 0.5, block_size: int | None = None) -> None:
         self.handle, self.caller = handle, caller
         self.max_resumptions, self.retry_pause_s = max_resumptions, retry_pause_s
+        self.block_size = block_size
         self.resumptions = 0
         """Requests this gateway resumed on another replica (expertmesh_num_resumptions adds them)."""
 
@@ -189,10 +216,11 @@ class ServeEngineClient:
                        prompt: str | None = None):
         tokens: list[int] = []
         text, failures = "", 0
+        key = routing_key(prompt_token_ids, self.block_size) if self.block_size else None
         while True:
             resume = Resume(tuple(tokens), text) if tokens or text else None
-            gen = self.handle.options(stream=True).generate.remote(request_id, prompt_token_ids, params, prompt,
-                                                                   self.caller, resume)
+            gen = _as_own_request(self.handle.options(stream=True).generate.remote, request_id, prompt_token_ids,
+                                  params, prompt, self.caller, resume, routing_key=key)
             finished = False
             try:
                 async for item in gen:
@@ -221,14 +249,40 @@ class ServeEngineClient:
         return await self.handle.heartbeat.remote()
 
     async def stats(self) -> dict[str, float]:
-        """An engine replica's counters, and this gateway's resumptions on another replica."""
-        return {**await self.handle.stats.remote(), "num_replica_resumptions": self.resumptions}
+        """The engine counters summed over every live replica as each last reported them
+        (`replica_stats`), with `num_engine_replicas`, and this gateway's resumptions on another
+        replica. Before any replica has reported: one replica's counters, asked now."""
+        replicas = self.replica_stats()
+        stats = summed_stats(replicas) if any(r.stats for r in replicas) else await self.handle.stats.remote()
+        return {**stats, "num_replica_resumptions": self.resumptions}
+
+    def replica_stats(self) -> tuple[ReplicaStats, ...]:
+        """Every live engine replica's counters, as the deployment's router last received them."""
+        return replica_stats(self.handle.app_name, self.handle.deployment_name)
 
     async def expert_load(self) -> dict | list[list[float]] | None:
         return await self.handle.expert_load.remote()
 
     async def info(self) -> dict[str, Any]:
         return await self.handle.info.remote()
+
+
+def _as_own_request(call, *args, **kwargs):
+    """`call(*args, **kwargs)` (a handle call) as a Serve request of its own. A handle call made while serving an HTTP
+    request inherits that request's internal id, and a request router that matches its choice to the
+    request by that id (Serve's base `RequestRouter`, which `EngineRouter` keeps so that a choice
+    serves the request it was made for) leaves all but one of several concurrent calls (the prompts
+    of one batched completions request) unrouted forever. Serve has no public option for the id."""
+    from ray.serve import context as serve_context
+    from ray.serve._private.utils import generate_request_id
+
+    def run():
+        current = serve_context._get_serve_request_context()
+        serve_context._serve_request_context.set(
+            dataclasses.replace(current, _internal_request_id=generate_request_id()))
+        return call(*args, **kwargs)
+
+    return contextvars.copy_context().run(run)
 
 
 @serve.deployment(name=GATEWAY_DEPLOYMENT, graceful_shutdown_timeout_s=10)
@@ -251,7 +305,8 @@ class Gateway:
         _set_log_level(cfg.log_level)
         context = ray.get_runtime_context()
         client = ServeEngineClient(engine_handle, GatewayRef(context.get_actor_id(), context.current_actor),
-                                   max_resumptions=cfg.max_resumptions)
+                                   max_resumptions=cfg.max_resumptions,
+                                   block_size=cfg.block_size)
         info = await client.info()  # waits for the model: the gateway is ready once it is loaded
         tokenizer = load_tokenizer(cfg.engine_config().load)
         aliases = tuple(a for a in (cfg.model, str(cfg.model_path())) if a)
@@ -314,6 +369,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                                       "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
                                       **({"num_replicas": cfg.engine_replicas} if autoscaling is None
                                          else {"autoscaling_config": autoscaling}),
+                                      "request_router_config": engine_router_config(cfg),
                                       **_engine_replica_resources(cfg, _uses_gpus(cfg.device))}
     engine = EngineServer.options(**engine_options).bind(config)
     gateway = Gateway.options(num_replicas=cfg.gateway_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
@@ -324,8 +380,18 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
 DEPLOYMENT_SETTINGS = frozenset({"engine_replicas", "gateway_replicas", "min_replicas", "max_replicas",
                                  "autoscale_target_seqs", "upscale_delay_s", "downscale_delay_s",
-                                 "autoscale_look_back_s", "drain_timeout_s"})
+                                 "autoscale_look_back_s", "drain_timeout_s", "request_routing"})
 """AppConfig fields that shape the deployments, not what a replica does."""
+
+def engine_router_config(cfg: AppConfig) -> RequestRouterConfig:
+    """The engine deployment's request router (gateway/request_router.py) under `request_routing`,
+    and how often Serve collects each replica's counters for it."""
+    return RequestRouterConfig(
+        request_router_class="expertmesh.gateway.request_router:EngineRouter",
+        request_router_kwargs={"policy": cfg.request_routing,
+                               "busy_bound": busy_bound(cfg.max_ongoing_requests, cfg.max_num_seqs)},
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S)
+
 
 GATEWAY_CPUS = 0.5
 """CPUs of a gateway replica, and of an EP group's engine replica (which only drives its ranks)."""

@@ -142,6 +142,11 @@ class OpenAIServing:
     async def engine_stats(self) -> tuple[dict[str, float], dict | list[list[float]] | None]:
         return await self.client.stats(), await self.client.expert_load()
 
+    def replica_stats(self) -> dict[str, dict[str, float]]:
+        """Each engine replica's counters by replica id, where the client reaches several (Ray Serve's)."""
+        replicas = getattr(self.client, "replica_stats", None)
+        return {r.replica_id: dict(r.stats) for r in replicas()} if replicas is not None else {}
+
     # ---- chat ------------------------------------------------------------------------------
 
     def prepare_chat(self, req: ChatCompletionRequest) -> PreparedChat:

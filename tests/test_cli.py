@@ -35,7 +35,7 @@ SERVING_FLAGS = {"--served-model-name", "--max-n", "--max-prompts", "--api-key",
                  "--redis-password-env", "--grpc-port", "--grpc-host", "--engine-replicas", "--min-replicas",
                  "--max-replicas", "--autoscale-target-seqs", "--upscale-delay-s", "--downscale-delay-s",
                  "--autoscale-look-back-s", "--drain-timeout-s", "--gateway-replicas",
-                 "--max-ongoing-requests", "--max-request-body-bytes", "--health-stall-timeout-s",
+                 "--max-ongoing-requests", "--request-routing", "--max-request-body-bytes", "--health-stall-timeout-s",
                  "--http-keep-alive-timeout-s", "--http-header-timeout-s", "--http-request-timeout-s",
                  "--grpc-max-connection-idle-s", "--grpc-keepalive-time-s", "--grpc-max-concurrent-streams"}
 LLM_KWARGS = ["model", "progress", "revision", "download_dir", "tokenizer", "chat_template", "dtype", "device",

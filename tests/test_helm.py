@@ -167,8 +167,9 @@ def test_bad_values_files_fail_with_the_schema_message(helm, values, patterns):
     (None, ["worker.replicas=3"], "worker.replicas (3) must lie between worker.minReplicas (1) and "
                                   "worker.maxReplicas (1)"),
     ("one-node-8gpu", ["app.ep_size=16"], "needs 16 GPUs, but the worker group has at most 8"),
-    ("one-node-8gpu", ["gateway.onHead=false", "app.gateway_replicas=3"], "app.gateway_replicas (3) needs as many Ray pods (one gateway "
-                                                  "replica a pod), but the head and worker.maxReplicas (1) make 2"),
+    ("one-node-8gpu", ["gateway.onHead=false", "app.gateway_replicas=3"],
+     "app.gateway_replicas (3) needs as many Ray pods (one gateway replica a pod), but the head and "
+     "worker.maxReplicas (1) make 2"),
     (None, ["app.gateway_replicas=0"], "gateway_replicas"),
     (None, ["app.gateway_replicas=-2"], "gateway_replicas"),
     (None, ["app.gateway_replicas=1.5"], "gateway_replicas"),
