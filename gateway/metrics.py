@@ -55,6 +55,12 @@ def endpoint_of(path: str) -> str:
             "/v1/models": "models"}.get(path.rstrip("/"), "models" if path.startswith("/v1/models/") else "other")
 
 
+def load_imbalance(counts: list[float]) -> float:
+    """The busiest expert's tokens over the mean per expert (1 is even, and so is no load yet)."""
+    mean = sum(counts) / max(len(counts), 1)
+    return max(counts) / mean if mean > 0 else 1.0
+
+
 class _EngineCollector(Collector):
     """Gauges from the latest engine snapshot, set by `Metrics.observe_engine` before a scrape."""
 
@@ -92,8 +98,7 @@ class _EngineCollector(Collector):
                                          "Token copies routed to each expert of each MoE layer.",
                                          labels=["layer", "expert"])
             for layer, counts in enumerate(load):
-                mean = sum(counts) / max(len(counts), 1)
-                imbalance.add_metric([str(layer)], max(counts) / mean if mean > 0 else 1.0)
+                imbalance.add_metric([str(layer)], load_imbalance(counts))
                 for expert, count in enumerate(counts):
                     tokens.add_metric([str(layer), str(expert)], float(count))
             yield imbalance

@@ -136,6 +136,9 @@ class EngineServer:
             executor = RayExecutor(engine_config, placement_group=get_current_placement_group(), bundle_offset=1)
         self.engine = AsyncEngine(EngineCore(engine_config, executor, tokenizer))
         self.callers = CallerWatch()
+        from expertmesh.gateway.dashboard_metrics import DashboardMetrics
+
+        self.dashboard = DashboardMetrics()  # this replica's series in Ray's metrics (the dashboard)
         self.info_dict = {"model_name": cfg.model_name(), "max_model_len": self.engine.core.max_model_len,
                           "vocab_size": self.engine.core.vocab_size}
 
@@ -174,10 +177,20 @@ class EngineServer:
         stats = self.engine.stats()
         return {name: float(stats[name]) for name in METRICS}
 
-    def record_routing_stats(self) -> dict[str, float]:
+    async def record_routing_stats(self) -> dict[str, float]:
         """The engine's counters, which Serve's controller polls every ROUTING_STATS_PERIOD_S and hands
-        to every handle's router: the gateways' /metrics sum them over the replicas."""
-        return self.engine.stats()
+        to every handle's router: the gateways' /metrics sum them over the replicas. The same poll
+        exports them, and now and then the expert load, to Ray's dashboard (gateway/dashboard_metrics.py)."""
+        stats = self.engine.stats()
+        report = None
+        if self.dashboard.expert_load_due():
+            try:
+                report = await asyncio.wait_for(self.expert_load(), EXPERT_LOAD_TIMEOUT_S)
+            except Exception as exc:  # a busy or dying engine: the dashboard waits for the next read
+                log.debug("expert load for the dashboard: %r", exc)
+        report = report if isinstance(report, dict) else None
+        self.dashboard.observe(stats, report)
+        return stats
 
     def check_health(self) -> None:
         if not self.engine.alive:
@@ -392,6 +405,9 @@ def engine_router_config(cfg: AppConfig) -> RequestRouterConfig:
                                "busy_bound": busy_bound(cfg.max_ongoing_requests, cfg.max_num_seqs)},
         request_routing_stats_period_s=ROUTING_STATS_PERIOD_S)
 
+
+EXPERT_LOAD_TIMEOUT_S = 5.0
+"""How long the dashboard's read of a replica's expert load may take before it is skipped."""
 
 GATEWAY_CPUS = 0.5
 """CPUs of a gateway replica, and of an EP group's engine replica (which only drives its ranks)."""

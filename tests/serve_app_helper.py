@@ -1,7 +1,8 @@
 """The Serve application of a test, started in this process (so that tests can kill its replicas):
 `running_app(args)` starts Ray with `num_cpus` logical CPUs and the environment its proxy needs,
-deploys the expertmesh app on a free port, waits for /health, and yields the base URL; it shuts
-Serve and Ray down and restores the environment after. (Not a test module: pytest collects none.)"""
+deploys the expertmesh app on a free port (`ray_init`: more ray.init arguments), waits for /health,
+and yields the base URL; it shuts Serve and Ray down and restores the environment after. (Not a
+test module: pytest collects none.)"""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,8 @@ APP = "expertmesh"
 
 
 @contextlib.contextmanager
-def running_app(args: dict, *, num_cpus: int = 2, env: dict[str, str] | None = None, port: int | None = None):
+def running_app(args: dict, *, num_cpus: int = 2, env: dict[str, str] | None = None, port: int | None = None,
+                ray_init: dict | None = None):
     import ray
     from ray import serve
 
@@ -26,7 +28,7 @@ def running_app(args: dict, *, num_cpus: int = 2, env: dict[str, str] | None = N
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the proxy, started by the Ray this process starts, inherits them
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **(ray_init or {}))
     try:
         serve.start(http_options=http_options(args, "127.0.0.1", port))
         serve.run(build_app(args), name=APP, route_prefix="/")
