@@ -192,14 +192,21 @@ class RayExecutor:
     def check_balance(self) -> bool:
         """Between two steps: read the expert load (one gather), and where the ranks' load is uneven
         move experts to the new layouts (one call to every rank at once). Whether it moved any."""
-        layouts = self.balancer.plan(self.expert_load())
+        try:  # a dead or hung rank: the group is replaced and its requests resume, as for a step
+            load = torch.stack(self._gather([w.expert_load.remote() for w in self.workers])).sum(dim=0)
+        finally:
+            self.balancer.steps = 0  # checked (or failed): the next check is `eplb_interval` steps on
+        layouts = self.balancer.plan(load)
         if layouts is None:
             return False
-        try:
-            self._call_all("rebalance", layouts)
-        except Exception as exc:  # the ranks may hold half-moved weights: the group is replaced
-            self._kill()
-            raise ExecutorDiedError(f"rebalancing the experts failed: {type(exc).__name__}: {exc}") from exc
+        try:  # fail-fast: one rank's failure must not leave the others waiting in their transfers
+            self._gather([w.rebalance.remote(layouts) for w in self.workers])
+        except ExecutorDiedError as exc:  # the ranks may hold half-moved weights: the group is replaced
+            # and the balancer stops, so that a move that cannot succeed (memory, shapes) does not
+            # replace the group again every interval
+            self.balancer.interval = 0
+            log.error("rebalancing the experts failed (%s); the load balancer is off for this engine", exc)
+            raise ExecutorDiedError(f"rebalancing the experts failed: {exc}") from exc
         self.balancer.switched(layouts)
         return True
 

@@ -101,6 +101,8 @@ class RankWorker:
                         key=lambda m: m.moe_index)
         written = move_experts([b.experts for b in blocks], plan, self.rank, self.slots_per_rank)
         self.runner.model.dispatcher.replicas.update(layouts_LP)
+        if self.device.type == "cuda":  # the weights and tables are written before the next step reads
+            torch.cuda.synchronize(self.device)  # them (steps run on the compiled graph's own thread)
         self.layouts_LP = layouts_LP
         return written
 

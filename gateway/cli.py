@@ -267,6 +267,8 @@ def _serve(args) -> int:
     from expertmesh.gateway.serve_app import app_bundles, build_app
 
     cfg = AppConfig.model_validate(app_args)
+    if cfg.grpc_port and not args.ray_address:  # the gateway replicas share the port (SO_REUSEPORT), so
+        check_port_free(cfg.grpc_host, cfg.grpc_port, "--grpc-port")  # another app on it would be too
     model_dir(cfg.engine_config().load)  # a repo id is fetched here, once, before the replicas start
     load_tokenizer(cfg.engine_config().load)
     _proxy_environment(cfg.http_header_timeout_s)
@@ -288,6 +290,20 @@ def _serve(args) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """ValueError (the CLI's clear error) when `host:port` cannot be bound by a socket that does not
+    share it: another process listens there, e.g. a second `expertmesh serve`."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart's TIME_WAIT is no listener
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError:
+            raise ValueError(f"{flag}: {host}:{port} is in use (another server listens there); "
+                             "choose another port") from None
 
 
 def banner(model_name: str, http_bound: str, grpc_bound: str | None, dashboard: str | None = None,

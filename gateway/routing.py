@@ -120,9 +120,34 @@ def summed_stats(replicas: Sequence[ReplicaStats]) -> dict[str, float]:
     total: dict[str, float] = {"num_engine_replicas": float(len(replicas))}
     for stats in reported:
         for name, value in stats.items():
-            if name != "kv_usage":
+            if name != "kv_usage" and isinstance(value, (int, float)):  # (not the expert report)
                 total[name] = total.get(name, 0.0) + float(value)
     blocks = sum(float(s.get("num_blocks", 0)) for s in reported)
     if blocks > 0:
         total["kv_usage"] = sum(float(s.get("kv_usage", 0)) * float(s.get("num_blocks", 0)) for s in reported) / blocks
     return total
+
+
+EXPERT_REPORT = "expert_report"
+"""The key of a replica's routing stats that holds its last expert-load report
+(`engine_client.expert_load_lists`, read at most every dashboard_metrics.EXPERT_LOAD_PERIOD_S)."""
+
+
+def merged_expert_reports(replicas: Sequence[ReplicaStats]) -> dict | None:
+    """The expert-load reports of every replica that sent one, as one: routed tokens summed per layer
+    and expert, each layer's rank imbalance the worst replica's, rebalances summed; None when none did
+    (a dense model, or no report yet). Replicas of one deployment serve one model: reports of another
+    shape are left out."""
+    reports = [r.stats[EXPERT_REPORT] for r in replicas if isinstance(r.stats.get(EXPERT_REPORT), dict)]
+    loads = [r["expert_load"] for r in reports if r.get("expert_load")]
+    if not loads:
+        return None
+    shape = [len(row) for row in loads[0]]
+    loads = [load for load in loads if [len(row) for row in load] == shape]
+    merged: dict = {"expert_load": [[sum(rows) for rows in zip(*layer)] for layer in zip(*loads)]}
+    ranks = [r["rank_imbalance"] for r in reports if r.get("rank_imbalance")]
+    if ranks:
+        merged["rank_imbalance"] = [max(values) for values in zip(*ranks)]
+    if any("rebalances" in r for r in reports):
+        merged["rebalances"] = sum(int(r.get("rebalances", 0)) for r in reports)
+    return merged

@@ -47,9 +47,11 @@ from expertmesh.engine.model_files import load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.gateway.app_config import AppConfig
 from expertmesh.gateway.routing import (
+    EXPERT_REPORT,
     ROUTING_STATS_PERIOD_S,
     ReplicaStats,
     busy_bound,
+    merged_expert_reports,
     replica_stats,
     routing_key,
     summed_stats,
@@ -139,6 +141,7 @@ class EngineServer:
         from expertmesh.gateway.dashboard_metrics import DashboardMetrics
 
         self.dashboard = DashboardMetrics()  # this replica's series in Ray's metrics (the dashboard)
+        self.expert_report: dict | None = None
         self.info_dict = {"model_name": cfg.model_name(), "max_model_len": self.engine.core.max_model_len,
                           "vocab_size": self.engine.core.vocab_size}
 
@@ -188,9 +191,11 @@ class EngineServer:
                 report = await asyncio.wait_for(self.expert_load(), EXPERT_LOAD_TIMEOUT_S)
             except Exception as exc:  # a busy or dying engine: the dashboard waits for the next read
                 log.debug("expert load for the dashboard: %r", exc)
-        report = report if isinstance(report, dict) else None
-        self.dashboard.observe(stats, report)
-        return stats
+        if isinstance(report, dict):
+            self.expert_report = report
+        self.dashboard.observe(stats, report if isinstance(report, dict) else None)
+        # the last expert load goes with the counters: the gateways' /metrics merge every replica's
+        return {**stats, EXPERT_REPORT: self.expert_report} if self.expert_report is not None else stats
 
     def check_health(self) -> None:
         if not self.engine.alive:
@@ -274,7 +279,10 @@ class ServeEngineClient:
         return replica_stats(self.handle.app_name, self.handle.deployment_name)
 
     async def expert_load(self) -> dict | list[list[float]] | None:
-        return await self.handle.expert_load.remote()
+        """Every replica's expert load as the replicas last reported it (merged_expert_reports); before
+        any report, one replica's, asked now."""
+        merged = merged_expert_reports(self.replica_stats())
+        return merged if merged is not None else await self.handle.expert_load.remote()
 
     async def info(self) -> dict[str, Any]:
         return await self.handle.info.remote()
@@ -340,7 +348,8 @@ class Gateway:
                                   handshake_timeout_s=cfg.http_header_timeout_s,
                                   max_connection_idle_s=cfg.grpc_max_connection_idle_s,
                                   keepalive_time_s=cfg.grpc_keepalive_time_s,
-                                  max_concurrent_streams=cfg.grpc_max_concurrent_streams, reuse_port=True)
+                                  max_concurrent_streams=cfg.grpc_max_concurrent_streams,
+                                  reuse_port=True)  # (`expertmesh serve` checks the port is free first)
             self.grpc_health = GrpcHealth()
             self.grpc = build_grpc_server(self.serving, self.auth, cfg.grpc_port, host=cfg.grpc_host,
                                           options=options, health=self.grpc_health, replica=self.replica)

@@ -190,3 +190,19 @@ def test_banner_names_the_bound_addresses():
     assert ray_line == ("Ray   http://127.0.0.1:8266  (dashboard; API token in /h/.ray/auth_token: "
                         "RAY_AUTH_MODE=token serve status)")
     assert banner("m", "127.0.0.1:8000", None, "127.0.0.1:8265").endswith("(dashboard; serve status)")
+
+
+def test_serve_refuses_a_grpc_port_another_server_holds():
+    """The gateway replicas share the gRPC port (SO_REUSEPORT): `serve` checks first that no other
+    server (a second `expertmesh serve`) holds it, so that the two are never silently mixed."""
+    import socket
+
+    from expertmesh.gateway.cli import check_port_free
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"--grpc-port: 127.0.0.1:{port} is in use"):
+            check_port_free("127.0.0.1", port, "--grpc-port")
+    check_port_free("127.0.0.1", port, "--grpc-port")  # released: free again

@@ -159,3 +159,33 @@ def test_build_app_gives_serve_the_router_and_keeps_the_setting_off_the_replicas
     assert router.request_routing_stats_period_s == 1.0
     # a deployment setting: changing it reconfigures the router, never restarts an engine
     assert "request_routing" not in engine.init_args[0] and "request_routing" not in gateway.init_args[1]
+
+
+def test_the_serve_internals_each_engine_call_relies_on_are_there():
+    """`serve_app._as_own_request` gives each engine call its own Serve request id through Serve's
+    request context, which Serve has no public option for: a Ray release that renames these fails
+    here, not as an outage of every generate call."""
+    import dataclasses
+
+    from ray.serve import context as serve_context
+    from ray.serve._private.utils import generate_request_id
+
+    current = serve_context._get_serve_request_context()
+    assert "_internal_request_id" in {f.name for f in dataclasses.fields(current)}
+    assert isinstance(generate_request_id(), str)
+    token = serve_context._serve_request_context.set(dataclasses.replace(current, _internal_request_id="x"))
+    serve_context._serve_request_context.reset(token)
+
+
+def test_the_replicas_expert_loads_merge_into_one_report():
+    from expertmesh.gateway.routing import EXPERT_REPORT, ReplicaStats, merged_expert_reports, summed_stats
+
+    a = ReplicaStats("a", {"num_running": 1.0, EXPERT_REPORT: {"expert_load": [[1, 2], [3, 0]],
+                                                               "rank_imbalance": [1.0, 1.5], "rebalances": 1}})
+    b = ReplicaStats("b", {"num_running": 2.0, EXPERT_REPORT: {"expert_load": [[4, 0], [0, 1]],
+                                                               "rank_imbalance": [2.0, 1.1], "rebalances": 2}})
+    odd = ReplicaStats("c", {EXPERT_REPORT: {"expert_load": [[1, 1, 1]]}})  # another shape: left out
+    assert merged_expert_reports([a, b, odd]) == {"expert_load": [[5, 2], [3, 1]], "rank_imbalance": [2.0, 1.5],
+                                                  "rebalances": 3}
+    assert merged_expert_reports([ReplicaStats("d", {"num_running": 0.0})]) is None  # dense, or not yet
+    assert summed_stats([a, b]) == {"num_engine_replicas": 2.0, "num_running": 3.0}  # the report is not summed
