@@ -5,8 +5,9 @@ requests run; engine-side series (running and waiting requests, KV block usage, 
 queried and hit tokens, expert-load imbalance per layer, per expert and across an EP group's ranks,
 load-balancer rebalances) are read from the engine at scrape time. Under Ray Serve the engine
 counters are summed over every engine replica, as each last reported them (within about a second:
-gateway/routing.py; the expert load merged likewise, within about 10 s), with `expertmesh_engine_replicas` and the `expertmesh_replica_*{replica}`
-series of each replica beside them.
+gateway/routing.py; the expert load merged likewise, within about 10 s), with
+`expertmesh_engine_replicas` and the `expertmesh_replica_*{replica}` series of each replica beside
+them.
 Each gateway has its own registry: several apps in one process never collide.
 
 `expertmesh_requests_total{endpoint, status}` counts every API request once, refusals included
