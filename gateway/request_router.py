@@ -46,8 +46,10 @@ class EngineRouter(RequestRouter):
         key = self._key_of(pending_request)
         preferred = preferred_replica(key, list(by_id)) if key is not None else None
         load = await self._queue_len(by_id[preferred]) if preferred is not None else None
+        others = [self.replica_queue_len_cache.get(r.replica_id) for i, r in by_id.items() if i != preferred]
+        least = min((n for n in others if n is not None), default=None)  # Serve's cached figures: no probe
         rng = getattr(self, "rng", None) or random.Random()
-        return [[by_id[i] for i in rank] for rank in route(key, list(by_id), load, self.busy_bound, rng)]
+        return [[by_id[i] for i in rank] for rank in route(key, list(by_id), load, self.busy_bound, rng, least)]
 
     def _key_of(self, pending_request: PendingRequest | None) -> str | None:
         if self.policy != "prefix_affinity" or pending_request is None:

@@ -76,15 +76,25 @@ def two_random(replica_ids: Sequence[str], rng: random.Random) -> list[str]:
     return rng.sample(list(replica_ids), min(2, len(replica_ids)))
 
 
+SPILL_MARGIN = 8
+"""Ongoing requests the preferred replica may hold beyond the least loaded one before its prefix
+spills to the power-of-two pair: an application whose requests share one system prompt (one key)
+stays on one replica under light load and spreads under heavy load, long before that replica's batch
+is full (as Ray Serve LLM's prefix router and SGLang's cache-aware router bound their imbalance)."""
+
+
 def route(key: str | None, replica_ids: Sequence[str], preferred_load: int | None, bound: int,
-          rng: random.Random) -> list[list[str]]:
+          rng: random.Random, least_load: int | None = None) -> list[list[str]]:
     """Ranks of candidate replicas for one request, most preferred first (Serve takes the least
     loaded replica with room in the first rank that has one). `preferred_load`: the ongoing requests
-    of `preferred_replica(key, replica_ids)` (None: unknown, it did not answer)."""
+    of `preferred_replica(key, replica_ids)` (None: unknown, it did not answer); `least_load`: the
+    fewest ongoing requests known of the other replicas (None: none known)."""
     fallback = two_random(replica_ids, rng)
     preferred = preferred_replica(key, replica_ids) if key is not None else None
     if preferred is None or preferred_load is None or preferred_load >= bound:
         return [fallback] if fallback else []
+    if least_load is not None and preferred_load > least_load + SPILL_MARGIN:
+        return [fallback]
     return [[preferred], fallback]
 
 

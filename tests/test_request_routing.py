@@ -189,3 +189,21 @@ def test_the_replicas_expert_loads_merge_into_one_report():
                                                   "rebalances": 3}
     assert merged_expert_reports([ReplicaStats("d", {"num_running": 0.0})]) is None  # dense, or not yet
     assert summed_stats([a, b]) == {"num_engine_replicas": 2.0, "num_running": 3.0}  # the report is not summed
+
+
+def test_a_preferred_replica_far_ahead_of_the_least_loaded_spills_its_prefix():
+    """One system prompt (one key) for a whole application must not pin it to one replica until that
+    replica's batch is full: past SPILL_MARGIN more requests than the least loaded, it spills."""
+    import random
+
+    from expertmesh.gateway.routing import SPILL_MARGIN, preferred_replica, route
+
+    ids = ["a", "b", "c"]
+    key = "k" * 32
+    want = preferred_replica(key, ids)
+    rng = random.Random(0)
+    assert route(key, ids, SPILL_MARGIN, 256, rng, least_load=0)[0] == [want]  # within the margin: affinity
+    assert route(key, ids, 30, 256, rng, least_load=30 - SPILL_MARGIN)[0] == [want]
+    spilled = route(key, ids, SPILL_MARGIN + 1, 256, rng, least_load=0)
+    assert len(spilled) == 1 and len(spilled[0]) == 2  # only the power-of-two pair
+    assert route(key, ids, 50, 256, rng, least_load=None)[0] == [want]  # no other load known: affinity
