@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from expertmesh.gateway.metrics import load_imbalance
+from expertmesh.router.eplb import imbalance as load_imbalance
 
 EXPERT_LOAD_PERIOD_S = 10.0
 """Seconds between two reads of a replica's expert load (Ray exports metrics every 10 s by default)."""

@@ -27,6 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from expertmesh.router.eplb import imbalance as load_imbalance
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
@@ -54,12 +56,6 @@ def endpoint_of(path: str) -> str:
     """The `endpoint` label of an HTTP path (a bounded set: unknown paths are "other")."""
     return {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
             "/v1/models": "models"}.get(path.rstrip("/"), "models" if path.startswith("/v1/models/") else "other")
-
-
-def load_imbalance(counts: list[float]) -> float:
-    """The busiest expert's tokens over the mean per expert (1 is even, and so is no load yet)."""
-    mean = sum(counts) / max(len(counts), 1)
-    return max(counts) / mean if mean > 0 else 1.0
 
 
 class _EngineCollector(Collector):
@@ -99,7 +95,7 @@ class _EngineCollector(Collector):
                                          "Token copies routed to each expert of each MoE layer.",
                                          labels=["layer", "expert"])
             for layer, counts in enumerate(load):
-                imbalance.add_metric([str(layer)], load_imbalance(counts))
+                imbalance.add_metric([str(layer)], load_imbalance(counts))  # busiest expert over the mean
                 for expert, count in enumerate(counts):
                     tokens.add_metric([str(layer), str(expert)], float(count))
             yield imbalance

@@ -12,7 +12,7 @@ import pytest
 from serve_app_helper import running_app, wait_for
 
 from expertmesh.gateway.dashboard_metrics import EXPERT_LOAD_PERIOD_S, DashboardMetrics, expert_series
-from expertmesh.gateway.metrics import load_imbalance
+from expertmesh.router.eplb import imbalance as load_imbalance
 
 
 def test_expert_series_hold_each_layers_imbalance_across_experts_and_ranks():
