@@ -120,6 +120,32 @@ class ServingConfig:
     """The gRPC server pings an idle connection this often; one that does not answer within 20 s is closed."""
     grpc_max_concurrent_streams: int = setting(1024, ge=1)
     """Most gRPC calls one connection may hold open at once."""
+    tool_registry: str | None = setting(None, path=True)
+    """A YAML file of the server-side tools /v1/responses may call: MCP servers (streamable HTTP URL or a
+    stdio command) and webhooks (README, "Server-side tools"). Checked at start-up: a server that cannot be
+    reached or lists no tools stops the start. Default: none."""
+    allow_request_mcp_urls: bool = False
+    """Let a request name an MCP server by its own server_url (not only the registry's labels); even then
+    only http(s) URLs whose every address is public are called (no loopback, private, link-local or
+    metadata address, checked after DNS resolution and on every request, redirects included)."""
+    tool_timeout_s: float = setting(30.0, gt=0)
+    """Default time limit of one server-side tool call, waiting for a free slot of the server included (a
+    registry entry's timeout_s overrides it); past it the call ends as an error the model sees."""
+    tool_response_max_bytes: int = setting(1 << 20, ge=1024)
+    """Largest response of one tool call (bytes of an HTTP response body, or of a stdio server's result);
+    a larger one is cut off as it arrives and ends the call as an error."""
+    tool_output_max_tokens: int = setting(2048, ge=16)
+    """A tool's output is truncated to this many tokens of the model's tokenizer (with a marker) before the
+    model sees it."""
+    tool_max_concurrency: int = setting(8, ge=1)
+    """Default most calls in flight at once to one tool server or webhook, per gateway replica (a registry
+    entry's max_concurrency overrides it); more wait for a slot within their timeout."""
+    max_tool_rounds: int = setting(8, ge=1, le=128)
+    """Most rounds of server-side tool calls in one /v1/responses request; a loop that would go on ends with
+    status "incomplete" (reason max_tool_rounds)."""
+    response_store_ttl_s: float = setting(30 * 86400.0, gt=0)
+    """How long a stored /v1/responses response (store: true) can be read or continued with
+    previous_response_id, in seconds (default 30 days)."""
 
 
 NOT_SERVED = frozenset({"ray_address"})

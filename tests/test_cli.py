@@ -37,7 +37,10 @@ SERVING_FLAGS = {"--served-model-name", "--max-n", "--max-prompts", "--api-key",
                  "--autoscale-look-back-s", "--drain-timeout-s", "--gateway-replicas",
                  "--max-ongoing-requests", "--request-routing", "--max-request-body-bytes", "--health-stall-timeout-s",
                  "--http-keep-alive-timeout-s", "--http-header-timeout-s", "--http-request-timeout-s",
-                 "--grpc-max-connection-idle-s", "--grpc-keepalive-time-s", "--grpc-max-concurrent-streams"}
+                 "--grpc-max-connection-idle-s", "--grpc-keepalive-time-s", "--grpc-max-concurrent-streams",
+                 "--tool-registry", "--allow-request-mcp-urls", "--no-allow-request-mcp-urls", "--tool-timeout-s",
+                 "--tool-response-max-bytes", "--tool-output-max-tokens", "--tool-max-concurrency",
+                 "--max-tool-rounds", "--response-store-ttl-s"}
 LLM_KWARGS = ["model", "progress", "revision", "download_dir", "tokenizer", "chat_template", "dtype", "device",
               "max_model_len", "expert_impl", "load_format", "seed", "kernels", "enforce_eager", "block_size",
               "num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization", "enable_prefix_caching",

@@ -37,8 +37,9 @@ FULLNAME = "em-expertmesh"
 # KubeRay's RayService CRD (ray-project/kuberay ray-operator/config/crd/bases/, commit feeaf72 of
 # 2026-08-19, after v1.7.0; Apache-2.0), kept gzipped beside the tests so a bare checkout has it.
 KUBERAY_CRDS = Path(os.environ.get("EXPERTMESH_KUBERAY_CRDS", ROOT / "tests" / "data" / "kuberay"))
-CHART_SET_ARGS = {"model", "grpc_port", "grpc_host", "redis_url", "redis_password_env", "api_keys", "api_keys_env"}
-"""AppConfig fields the chart fills from its own values (model.path, grpc, redis, apiKeys)."""
+CHART_SET_ARGS = {"model", "grpc_port", "grpc_host", "redis_url", "redis_password_env", "api_keys", "api_keys_env",
+                  "tool_registry"}
+"""AppConfig fields the chart fills from its own values (model.path, grpc, redis, apiKeys, toolRegistry)."""
 
 
 @pytest.fixture(scope="session")
