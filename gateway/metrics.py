@@ -34,6 +34,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+_TOOL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TOOL_OUTCOMES = ("ok", "error", "timeout", "too_large", "refused")
+"""The `outcome` label of `expertmesh_tool_calls_total` (gateway/tools/runner.py)."""
 
 
 @dataclass
@@ -157,11 +160,23 @@ class Metrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("expertmesh_e2e_request_latency_seconds", "Time from arrival to the last token.",
                              buckets=_E2E_BUCKETS, registry=r)
+        self.tool_calls = Counter("expertmesh_tool_calls", "Server-side tool calls (MCP servers and webhooks) by "
+                                  "server (an MCP server_label or webhook name; \"request\" for servers a request "
+                                  "named by URL) and outcome (ok, error, timeout, too_large, refused).",
+                                  ["server", "outcome"], registry=r)
+        self.tool_call_duration = Histogram("expertmesh_tool_call_duration_seconds", "Time of one server-side tool "
+                                            "call, waiting for a free slot of its server included.", ["server"],
+                                            buckets=_TOOL_BUCKETS, registry=r)
         self._engine = _EngineCollector()
         r.register(self._engine)
 
     def count_request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint, str(status)).inc()
+
+    def count_tool_call(self, server: str, outcome: str, duration_s: float) -> None:
+        """One server-side tool call ended with `outcome` (one of TOOL_OUTCOMES) after `duration_s`."""
+        self.tool_calls.labels(server, outcome).inc()
+        self.tool_call_duration.labels(server).observe(duration_s)
 
     def observe_engine(self, stats: dict[str, float], expert_load: dict | list[list[float]] | None,
                        replicas: Mapping[str, Mapping[str, float]] | None = None) -> None:
