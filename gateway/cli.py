@@ -267,6 +267,12 @@ def _serve(args) -> int:
     from expertmesh.gateway.serve_app import app_bundles, build_app
 
     cfg = AppConfig.model_validate(app_args)
+    if cfg.tool_registry:  # every registered tool server reached and listed, before Ray starts
+        from expertmesh.gateway.tools.runner import check_tool_registry
+
+        names = check_tool_registry(cfg)
+        print(f"expertmesh: tool registry {cfg.tool_registry}: {len(names)} tool(s): {', '.join(names)}",
+              file=sys.stderr)
     if cfg.grpc_port and not args.ray_address:  # the gateway replicas share the port (SO_REUSEPORT), so
         check_port_free(cfg.grpc_host, cfg.grpc_port, "--grpc-port")  # another app on it would be too
     model_dir(cfg.engine_config().load)  # a repo id is fetched here, once, before the replicas start
