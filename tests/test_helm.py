@@ -122,6 +122,12 @@ VARIANTS = {  # the value sets, and a few switches flipped
     "keys-in-values": (None, ["apiKeys.keys={key-aaaaaaaa,key-bbbbbbbb}", "service.type=LoadBalancer",
                               "autoscaler.enabled=false", "worker.gpus=0", "model.storage.type=pvc",
                               "model.storage.pvc.claimName=models", "model.path=/models/m"]),
+    "tool-registry": ("multi-node", ["toolRegistry.mcp_servers[0].server_label=calc",
+                                     "toolRegistry.mcp_servers[0].url=http://calc.tools.svc:9001/mcp",
+                                     "toolRegistry.mcp_servers[0].headers_env.Authorization=CALC_AUTH",
+                                     "toolRegistry.secretEnv[0].name=CALC_AUTH",
+                                     "toolRegistry.secretEnv[0].secretName=tool-secrets",
+                                     "toolRegistry.secretEnv[0].key=calc-auth", "head.annotations.team=ml"]),
 }
 
 
@@ -185,6 +191,14 @@ def test_bad_values_files_fail_with_the_schema_message(helm, values, patterns):
     ("one-node-8gpu", ["redis.auth.existingSecret="], "needs redis.auth.existingSecret"),
     ("one-node-8gpu", ["redis.external.host="], "host"),
     (None, ["redis.mode=sentinel"], "mode"),
+    (None, ["toolRegistry.mcp_servers[0].server_label=calc", "toolRegistry.mcp_servers[0].tiemout_s=3"],
+     "tiemout_s"),  # the registry's keys, as the gateway will check them
+    (None, ["toolRegistry.webhooks[0].name=w", "toolRegistry.webhooks[0].url=file:///etc/passwd"], "url"),
+    (None, ["toolRegistry.mcp_servers[0].server_label=a b"], "server_label"),
+    (None, ["toolRegistry.mcp_servers[0].server_label=calc", "toolRegistry.mcp_servers[0].max_concurrency=0"],
+     "max_concurrency"),
+    (None, ["toolRegistry.secretEnv[0].name=CALC_AUTH"], "secretName|key"),
+    (None, ["toolRegistry.mcpServers[0].server_label=calc"], "mcpServers"),
 ])
 def test_bad_values_fail_clearly(helm, value_set, sets, message):
     args = [a for s in sets for a in ("--set", s)]
@@ -523,3 +537,80 @@ def _serve_rendered_app(app: dict, args: dict, errors) -> None:
         serve.shutdown()
         ray.shutdown()
 
+
+
+# ---- server-side tools --------------------------------------------------------------------------
+
+TOOL_VALUES = """
+toolRegistry:
+  mcp_servers:
+    - server_label: calc
+      url: http://calc.tools.svc:9001/mcp
+      headers_env: {Authorization: CALC_AUTH}
+      allowed_tools: [add]
+    - server_label: files
+      command: [python, -m, files_server]
+      env_from: {FILES_TOKEN: FILES_TOKEN}
+  webhooks:
+    - name: get_weather
+      description: Current weather of a city.
+      parameters: {type: object, properties: {city: {type: string}}, required: [city]}
+      url: https://hooks.example.com/weather
+      secret_env: WEATHER_HOOK_SECRET
+  secretEnv:
+    - {name: CALC_AUTH, secretName: tool-secrets, key: calc-auth}
+    - {name: FILES_TOKEN, secretName: tool-secrets, key: files}
+    - {name: WEATHER_HOOK_SECRET, secretName: tool-secrets, key: weather-hook}
+"""
+
+
+def test_the_tool_registry_reaches_every_ray_container(helm, tmp_path):
+    """toolRegistry becomes a ConfigMap that every Ray container mounts, app.tool_registry names the file,
+    the Secrets of secretEnv reach the containers as references, and the file is a registry the gateway
+    loads with those variables set; the pods carry its checksum."""
+    import hashlib
+
+    from expertmesh.gateway.tools.registry import load_registry
+
+    values = tmp_path / "tools.yaml"
+    values.write_text(TOOL_VALUES)
+    docs = render(helm, "multi-node", "-f", str(values))
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == f"{FULLNAME}-tools"]
+    text = cm["data"]["registry.yaml"]
+    (tmp_path / "registry.yaml").write_text(text)
+    env = {"CALC_AUTH": "Bearer x", "FILES_TOKEN": "t", "WEATHER_HOOK_SECRET": "s"}
+    registry = load_registry(tmp_path / "registry.yaml", env)
+    assert registry.model_dump(exclude_defaults=True) == \
+        {k: v for k, v in yaml.safe_load(TOOL_VALUES)["toolRegistry"].items() if k != "secretEnv"}
+    (app,) = serve_config(docs)["applications"]
+    assert app["args"]["tool_registry"] == "/etc/expertmesh/tools/registry.yaml"
+    (rs,) = by_kind(docs, "RayService")
+    cluster = rs["spec"]["rayClusterConfig"]
+    for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        container = pod["spec"]["containers"][0]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["tool-registry"] == {"name": "tool-registry", "mountPath": "/etc/expertmesh/tools",
+                                           "readOnly": True}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["tool-registry"]["configMap"]["name"] == f"{FULLNAME}-tools"
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+        assert refs["CALC_AUTH"] == {"name": "tool-secrets", "key": "calc-auth"}
+        assert refs["WEATHER_HOOK_SECRET"] == {"name": "tool-secrets", "key": "weather-hook"}
+        checksum = pod["metadata"]["annotations"]["expertmesh.io/tool-registry-sha256"]
+        assert checksum == hashlib.sha256(text.rstrip("\n").encode()).hexdigest()
+    # no registry: no ConfigMap, no mount, no tool_registry, no annotation
+    plain = render(helm, "multi-node")
+    assert not [d for d in by_kind(plain, "ConfigMap") if d["metadata"]["name"].endswith("-tools")]
+    assert "tool_registry" not in serve_config(plain)["applications"][0]["args"]
+    assert "tool-registry" not in yaml.safe_dump(by_kind(plain, "RayService"))
+
+
+def test_schema_tool_registry_keys_are_the_registry_fields():
+    """The chart's toolRegistry schema knows exactly the registry's keys (gateway/tools/registry.py), so a
+    typo fails `helm install` as it would fail the gateway."""
+    from expertmesh.gateway.tools.registry import McpServerEntry, ToolRegistry, WebhookEntry
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["toolRegistry"]["properties"]
+    assert set(schema) == set(ToolRegistry.model_fields) | {"secretEnv"}
+    assert set(schema["mcp_servers"]["items"]["properties"]) == set(McpServerEntry.model_fields)
+    assert set(schema["webhooks"]["items"]["properties"]) == set(WebhookEntry.model_fields)

@@ -46,6 +46,27 @@ app.kubernetes.io/component: redis
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
+{{/* The tool registry file (toolRegistry without secretEnv), empty when it names no server and no
+webhook; where the Ray containers see it. */}}
+{{- define "expertmesh.toolRegistry" -}}
+{{- $r := omit .Values.toolRegistry "secretEnv" }}
+{{- if or $r.mcp_servers $r.webhooks }}
+{{- toYaml $r }}
+{{- end }}
+{{- end }}
+{{- define "expertmesh.toolRegistryDir" -}}/etc/expertmesh/tools{{- end }}
+
+{{/* Pod annotations: the values' own, and the tool registry's checksum (a changed registry rolls the pods). */}}
+{{- define "expertmesh.podAnnotations" -}}
+{{- $ann := deepCopy (.annotations | default dict) }}
+{{- with include "expertmesh.toolRegistry" .root }}
+{{- $_ := set $ann "expertmesh.io/tool-registry-sha256" (sha256sum .) }}
+{{- end }}
+{{- with $ann }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
 {{/* Environment variables through which Secrets reach the Serve replicas (AppConfig's *_env). */}}
 {{- define "expertmesh.apiKeysEnv" -}}EXPERTMESH_API_KEYS{{- end }}
 {{- define "expertmesh.redisPasswordEnv" -}}EXPERTMESH_REDIS_PASSWORD{{- end }}
@@ -115,6 +136,13 @@ the Secrets as environment variables, then extraEnv. */}}
       name: {{ $redis }}
       key: {{ .Values.redis.auth.secretKey }}
 {{- end }}
+{{- range .Values.toolRegistry.secretEnv }}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secretName }}
+      key: {{ .key }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -157,6 +185,9 @@ the Secrets as environment variables, then extraEnv. */}}
 {{- end }}
 {{- if include "expertmesh.apiKeysSecret" . }}
 {{- $_ := set $args "api_keys_env" (include "expertmesh.apiKeysEnv" .) }}
+{{- end }}
+{{- if include "expertmesh.toolRegistry" . }}
+{{- $_ := set $args "tool_registry" (printf "%s/registry.yaml" (include "expertmesh.toolRegistryDir" .)) }}
 {{- end }}
 {{- toJson $args }}
 {{- end }}
@@ -231,6 +262,11 @@ one serves gRPC on its port (gateway/serve_app.py Gateway) */}}
     path: {{ $s.hostPath.path }}
     type: {{ $s.hostPath.type }}
 {{- end }}
+{{- if include "expertmesh.toolRegistry" .root }}
+- name: tool-registry
+  configMap:
+    name: {{ include "expertmesh.fullname" .root }}-tools
+{{- end }}
 {{- end }}
 
 {{- define "expertmesh.volumeMounts" -}}
@@ -239,6 +275,11 @@ one serves gRPC on its port (gateway/serve_app.py Gateway) */}}
 {{- if ne .Values.model.storage.type "none" }}
 - name: model
   mountPath: {{ .Values.model.storage.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if include "expertmesh.toolRegistry" . }}
+- name: tool-registry
+  mountPath: {{ include "expertmesh.toolRegistryDir" . }}
   readOnly: true
 {{- end }}
 {{- end }}
