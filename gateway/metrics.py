@@ -10,6 +10,10 @@ gateway/routing.py; the expert load merged likewise, within about 10 s), with
 them.
 Each gateway has its own registry: several apps in one process never collide.
 
+Server-side tools (gateway/tools/runner.py) add `expertmesh_tool_calls_total{server, outcome}` (outcome
+one of TOOL_OUTCOMES) and `expertmesh_tool_call_duration_seconds{server}`; `server` is a registered
+label or webhook name, or "request" for every server a request named by URL (a bounded set).
+
 `expertmesh_requests_total{endpoint, status}` counts every API request once, refusals included
 (a 401, a 413, a malformed body never reach the serving layer): the transport (the HTTP guard,
 the gRPC servicer) opens a `RequestOutcome` for each request and counts it when the request

@@ -8,9 +8,12 @@ allowed_tools naming a tool the server lacks, one tool name given twice; and `ex
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from tool_servers import STDIO_SERVER, McpHttpServer, free_port
 
 from expertmesh.gateway.app_config import AppConfig
@@ -222,3 +225,13 @@ def test_serve_checks_the_registry_before_ray_starts(tmp_path, capsys, monkeypat
         path.write_text(f"mcp_servers:\n  - server_label: calc\n    url: {server.url()}\n"
                         "    allowed_tools: [add, echo]\n")
         assert check_tool_registry(AppConfig(tool_registry=str(path))) == ["add", "echo"]
+
+
+def test_the_readme_registry_example_is_a_valid_registry():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Server-side tools", 1)[1]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S)[1]
+    registry = parse_registry(yaml.safe_load(example))
+    registry.check_env({"CALC_AUTH": "x", "FILES_TOKEN": "y", "WEATHER_HOOK_SECRET": "z"})
+    assert [s.server_label for s in registry.mcp_servers] == ["calc", "files"]
+    assert [w.name for w in registry.webhooks] == ["get_weather"]
