@@ -144,7 +144,8 @@ def test_answers_and_failures_become_outputs_and_error_results(receiver):
         slow = await runner.call(tools["slow"], "{}")
         assert slow.error == "the tool 'slow' did not finish within 0.5 s"
         unsigned = await runner.call(tools["unsigned"], '{"city": "Oslo"}')  # no secret_env: not signed
-        assert unsigned.error.startswith("HTTP 401: missing X-Expertmesh-Timestamp")
+        assert unsigned.error == "HTTP 401: missing X-Expertmesh-Timestamp or X-Expertmesh-Signature header"
+        assert "X-Expertmesh-Signature" not in receiver.requests[-1][1]
         count = len(receiver.requests)
         for bad, message in (('{"town": "Oslo"}', "'city' is a required property"),
                              ('{"city": 7}', "city: 7 is not of type 'string'"), ("{", "not valid JSON")):

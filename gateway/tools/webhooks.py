@@ -9,10 +9,11 @@ A call is one POST of JSON to the registered URL:
 
     {"name": "get_weather", "arguments": {"city": "Paris"}, "call_id": "call_4f0c..."}
 
-With `secret_env` set, the signature is the hex HMAC-SHA256, keyed by the secret, of the timestamp,
-a dot and the exact body bytes (`f"{timestamp}.{body}"`): the timestamp is signed with the body,
-so a captured call cannot be replayed later with a fresh timestamp. A receiver checks both with
-`verify_webhook_signature`, and refuses a replay of a fresh one with a `ReplayCache`:
+The timestamp is always sent; with `secret_env` set, the signature is the hex HMAC-SHA256, keyed
+by the secret, of the timestamp, a dot and the exact body bytes (`f"{timestamp}.{body}"`): the
+timestamp is signed with the body, so a captured call cannot be replayed later with a fresh one.
+A receiver checks both with `verify_webhook_signature`, and refuses a replay within the tolerance
+window with a `ReplayCache`:
 
     from expertmesh.gateway.tools.webhooks import ReplayCache, WebhookSignatureError, verify_webhook_signature
 
@@ -146,13 +147,13 @@ class Webhook:
         self.transport, self.max_bytes = transport, max_bytes
 
     def request(self, arguments: dict[str, Any], call_id: str, now: float | None = None) -> tuple[bytes, dict]:
-        """The body and headers of one call (signed when the webhook has a secret)."""
+        """The body and headers of one call (timestamped; signed when the webhook has a secret)."""
         body = json.dumps({"name": self.name, "arguments": arguments, "call_id": call_id},
                           ensure_ascii=False, separators=(",", ":")).encode()
-        headers = {**self.headers, "Content-Type": "application/json", "User-Agent": "expertmesh-webhook"}
+        timestamp = int(time.time() if now is None else now)
+        headers = {**self.headers, "Content-Type": "application/json", "User-Agent": "expertmesh-webhook",
+                   TIMESTAMP_HEADER: str(timestamp)}
         if self.secret is not None:
-            timestamp = int(time.time() if now is None else now)
-            headers[TIMESTAMP_HEADER] = str(timestamp)
             headers[SIGNATURE_HEADER] = sign_webhook(self.secret, timestamp, body)
         return body, headers
 
