@@ -24,6 +24,7 @@ the operator's own program).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -51,6 +52,7 @@ RESTART_DELAYS_S = (0.5, 30.0)
 """A dead stdio server is started again after the first delay, doubling up to the second."""
 
 
+@functools.cache
 def _client_info() -> Implementation:
     from importlib.metadata import PackageNotFoundError, version
 
