@@ -292,4 +292,6 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if errors and errors[0].get("type") == "json_invalid":
         detail = (errors[0].get("ctx") or {}).get("error") or errors[0].get("msg")
         return APIError(f"the request body is not valid JSON: {detail}", code="invalid_json")
-    return validation_error(list(errors))
+    # a query or path parameter is named as itself (`limit`), as a body field is
+    return validation_error([{**e, "loc": tuple(e.get("loc", ()))[1:]} if tuple(e.get("loc", ()))[:1] in (
+        ("query",), ("path",)) else e for e in errors])
