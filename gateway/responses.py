@@ -174,7 +174,9 @@ def _as_responses_error(exc: APIError) -> APIError:
     if param is not None:
         base = param.split("[", 1)[0].split(".", 1)[0]
         if base in _FORMAT_PARAMS:
-            message = exc.message.replace(base, _FORMAT_PARAMS[base], 1) if base != "messages" else exc.message
+            message = exc.message
+            if base != "messages" or message.startswith("messages "):  # (not messages[3]: the chat's index)
+                message = message.replace(base, _FORMAT_PARAMS[base], 1)
             return APIError(message, status=exc.status, type=exc.type, param=_FORMAT_PARAMS[base], code=exc.code,
                             headers=exc.headers)
         if base in ("tools", "chat_template_kwargs"):
@@ -359,7 +361,7 @@ class ResponsesServing:
             else:
                 found = runner.webhook_tools([spec.name], param=where)
             for t in found:
-                what = (f"MCP server {brief(t.server)}'s tool {brief(t.name)}" if t.kind == "mcp"
+                what = (f"tool {brief(t.name)} of the MCP server {brief(t.server)}" if t.kind == "mcp"
                         else f"webhook {brief(t.name)}")
                 spec_ = {"type": "function", "function": {"name": t.name, "description": t.description,
                                                           "parameters": t.parameters}}
