@@ -4,6 +4,8 @@ client (a scripted engine: the test reads the prompt the model was given).
 """
 from __future__ import annotations
 
+import asyncio
+
 import openai
 import pytest
 from conftest import start_redis_server
@@ -16,7 +18,7 @@ from expertmesh.cluster.state import (
     ResponseTooLarge,
     response_json,
 )
-from expertmesh.gateway.auth import Authenticator
+from expertmesh.gateway.auth import Authenticator, current_identity, hash_key
 from expertmesh.gateway.http import build_http_app
 from expertmesh.gateway.responses import ResponsesServing, ResponsesSettings
 
@@ -100,6 +102,23 @@ def test_in_process_records_expire_and_the_oldest_are_evicted():
     store.put_response("resp_big", big, 100)  # the bytes bound: the oldest make room
     assert store.get_response("resp_big") == big
     assert [store.get_response(f"resp_{n}") is None for n in "cde"] == [True, True, False]
+
+
+def test_the_owner_is_the_callers_key():
+    """What stored responses are scoped by: a store key's id, a static key's digest (never the key),
+    nobody on an open API."""
+    store = InProcessStateStore()
+    raw, record = store.create_key("app")
+
+    async def who(auth: Authenticator, token: str | None) -> str | None:
+        await auth.check(token)
+        return current_identity.get()
+
+    auth = Authenticator(["static-key"], store=store)
+    assert asyncio.run(who(auth, raw)) == f"key:{record.id}"
+    assert asyncio.run(who(auth, "static-key")) == f"static:{hash_key('static-key')}"
+    assert "static-key" not in asyncio.run(who(auth, "static-key"))
+    assert asyncio.run(who(Authenticator(), "anything")) is None
 
 
 # ---- previous_response_id over HTTP --------------------------------------------------------------
