@@ -376,3 +376,24 @@ def test_grpc_refusals(live):
         err = error(pb.ResponsesRequest(body_json=json.dumps({"input": [{"type": "nope"}]})), stream=stream)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "input[0]" in err.details()
     assert wait_idle(live.engine)["kv_usage"] == 0.0
+
+
+def test_a_cancelled_grpc_stream_cancels_its_tool_call(live):
+    async def slow(arguments):
+        await asyncio.sleep(60)
+
+    live.runner.behaviour["add"] = slow
+    try:
+        cancelled = live.runner.cancelled
+        stream = live.stub.ResponsesStream(grpc_body(), metadata=AUTH, timeout=120)
+        for event in stream:
+            if event.type == "response.mcp_call.in_progress":
+                break
+        stream.cancel()
+        deadline = time.monotonic() + 10
+        while live.runner.cancelled == cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert live.runner.cancelled == cancelled + 1 and live.runner.running == 0
+    finally:
+        del live.runner.behaviour["add"]
+    assert wait_idle(live.engine)["kv_usage"] == 0.0
