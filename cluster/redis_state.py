@@ -5,6 +5,8 @@ atomic across replicas and processes, and every time stamp is Redis's own clock 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import secrets
 import time
 import uuid
@@ -26,7 +28,10 @@ from expertmesh.cluster.state import (
     _check_tokens,
     hash_key,
     new_raw_key,
+    response_json,
 )
+
+log = logging.getLogger(__name__)
 
 # A Lua function the rate-limit scripts share: trims a key's token log (KEYS tok, scores: times)
 # and its reservations (KEYS res, scores: expiry times; members "<id>:<tokens>" in both) and
@@ -390,3 +395,27 @@ class RedisStateStore(StateStore):
     def unregister_replica(self, model, replica_id):
         with self._guard():
             self._r.hdel(self._k("replicas", model), replica_id)
+
+    # ---- stored responses
+    def put_response(self, response_id, record, ttl_s):
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be positive (got {ttl_s!r})")
+        text = response_json(record)
+        with self._guard():
+            self._r.set(self._k("resp", response_id), text, ex=max(1, math.ceil(ttl_s)))
+
+    def get_response(self, response_id):
+        with self._guard():
+            text = self._r.get(self._k("resp", response_id))
+        if text is None:
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            log.warning("stored response %s is not JSON; treated as absent", response_id[:64])
+            return None
+        return record if isinstance(record, dict) else None
+
+    def delete_response(self, response_id):
+        with self._guard():
+            return bool(self._r.delete(self._k("resp", response_id)))

@@ -1,4 +1,5 @@
-"""The shared state store: API keys, per-key rate limits and the model/replica registry.
+"""The shared state store: API keys, per-key rate limits, the model/replica registry and the
+Responses API's stored responses.
 
 One interface (`StateStore`), two backends:
 
@@ -45,6 +46,14 @@ concurrent requests never reserve more than the limit between them, and settling
 Registry: `register_replica(model, replica_id, info, ttl_s)` (re-register before `ttl_s` to stay
 listed), `list_replicas(model) -> {replica_id: info}`, `unregister_replica(model, replica_id)`.
 
+Stored responses (`/v1/responses` with `store`): `put_response(id, record, ttl_s)` keeps a
+JSON-serialisable record (the response, the conversation's input items, its owner) for `ttl_s`
+seconds; `get_response(id)` returns a copy or None once it expired or was deleted;
+`delete_response(id)` says whether it was there. A record's JSON is at most
+`MAX_RESPONSE_RECORD_BYTES` (`ResponseTooLarge` beyond). Redis keeps each as one string with an
+expiry (SET EX, whole seconds); the in-process store keeps at most `max_responses` records and
+`max_response_bytes` characters of JSON, evicting the oldest first.
+
 Redis outages: every connection error, timeout or "loading" reply becomes
 `StateStoreUnavailable`, whose message names the (password-redacted) URL. Sockets time out
 quickly and a failed command is retried twice with a short backoff; the connection pool
@@ -62,7 +71,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -72,6 +81,10 @@ WINDOW_S = 60.0
 RESERVATION_TTL_S = 600.0
 """How long an unsettled token reservation holds a key's budget (a request that outlives it, or
 whose gateway died, stops counting then)."""
+
+MAX_RESPONSE_RECORD_BYTES = 16 << 20
+"""Largest stored response record (its JSON): a whole conversation of a 262,144-token context with
+its tool outputs fits several times over."""
 
 KEY_PREFIX = "em-"
 KEY_ID_PREFIX = "key_"
@@ -89,6 +102,19 @@ def new_raw_key() -> str:
 
 class StateStoreUnavailable(RuntimeError):
     """The state store cannot be reached (Redis down, timing out or still loading)."""
+
+
+class ResponseTooLarge(ValueError):
+    """A response record whose JSON exceeds MAX_RESPONSE_RECORD_BYTES."""
+
+
+def response_json(record: dict[str, Any]) -> str:
+    """A response record as the stores keep it (compact JSON), or ResponseTooLarge."""
+    text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    if len(text) > MAX_RESPONSE_RECORD_BYTES // 4 and len(text.encode("utf-8")) > MAX_RESPONSE_RECORD_BYTES:
+        raise ResponseTooLarge(f"the response record is {len(text.encode('utf-8'))} bytes, over the limit of "
+                               f"{MAX_RESPONSE_RECORD_BYTES}")
+    return text
 
 
 @dataclass(frozen=True)
@@ -199,6 +225,20 @@ class StateStore(ABC):
     @abstractmethod
     def unregister_replica(self, model: str, replica_id: str) -> None: ...
 
+    # ---- stored responses (the Responses API)
+    @abstractmethod
+    def put_response(self, response_id: str, record: dict[str, Any], ttl_s: float) -> None:
+        """Keep `record` (JSON-serialisable) under `response_id` for `ttl_s` seconds (replacing any);
+        ResponseTooLarge when its JSON exceeds MAX_RESPONSE_RECORD_BYTES."""
+
+    @abstractmethod
+    def get_response(self, response_id: str) -> dict[str, Any] | None:
+        """A copy of the stored record, or None (never stored, expired, deleted or evicted)."""
+
+    @abstractmethod
+    def delete_response(self, response_id: str) -> bool:
+        """Forget the record; whether there was one."""
+
     # ---- lifecycle
     def ping(self) -> None:  # noqa: B027 (answers by default: the in-process store is always there)
         """Raise StateStoreUnavailable unless the store answers."""
@@ -280,13 +320,19 @@ class InProcessStateStore(StateStore):
     blocking = False
     description = "in-process"
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, max_responses: int = 10_000,
+                 max_response_bytes: int = 256 << 20) -> None:
+        """`max_responses`, `max_response_bytes`: what the stored responses may hold (records, and
+        characters of their JSON) before the oldest are evicted."""
         self._lock = threading.Lock()
         self._clock = clock
         self._by_digest: dict[str, KeyRecord] = {}
         self._digest_of: dict[str, str] = {}  # id -> digest
         self._windows: dict[str, _Window] = {}
         self._replicas: dict[str, dict[str, tuple[float, dict[str, Any]]]] = {}
+        self._responses: OrderedDict[str, tuple[float, str]] = OrderedDict()  # id -> (expires, JSON), oldest first
+        self._response_bytes = 0
+        self.max_responses, self.max_response_bytes = max_responses, max_response_bytes
 
     def create_key(self, name, requests_per_minute=None, tokens_per_minute=None):
         name = _check_name(name)
@@ -416,6 +462,39 @@ class InProcessStateStore(StateStore):
     def unregister_replica(self, model, replica_id):
         with self._lock:
             self._replicas.get(model, {}).pop(replica_id, None)
+
+    def put_response(self, response_id, record, ttl_s):
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be positive (got {ttl_s!r})")
+        text = response_json(record)
+        with self._lock:
+            self._drop_response(response_id)
+            self._responses[response_id] = (self._clock() + ttl_s, text)
+            self._response_bytes += len(text)
+            now = self._clock()
+            while self._responses and (len(self._responses) > self.max_responses
+                                       or self._response_bytes > self.max_response_bytes
+                                       or next(iter(self._responses.values()))[0] <= now):
+                self._drop_response(next(iter(self._responses)))
+
+    def get_response(self, response_id):
+        with self._lock:
+            entry = self._responses.get(response_id)
+            if entry is not None and entry[0] <= self._clock():
+                self._drop_response(response_id)
+                entry = None
+        return None if entry is None else json.loads(entry[1])
+
+    def delete_response(self, response_id):
+        with self._lock:
+            entry = self._responses.get(response_id)
+            self._drop_response(response_id)
+            return entry is not None and entry[0] > self._clock()
+
+    def _drop_response(self, response_id: str) -> None:
+        entry = self._responses.pop(response_id, None)
+        if entry is not None:
+            self._response_bytes -= len(entry[1])
 
 
 def retry_after_header(seconds: float) -> str:

@@ -26,6 +26,9 @@ request's most tokens (prompt + max_tokens x n) it calls `reserve(tokens)` (429 
 fit), and `settle(reservation, used)` when the request ends however it ends (finished, failed,
 cancelled): the difference is refunded. So concurrent requests never hold more than the limit.
 The key comes from the context `check` ran in (`current_key`).
+
+What a caller owns (its stored responses) is scoped by `current_identity`, which `check` sets too:
+"key:<id>" for a store key, "static:<SHA-256 digest>" for a static key, None on an open API.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ from expertmesh.cluster.state import (
 )
 from expertmesh.gateway.protocol import APIError
 
-__all__ = ["Authenticator", "bearer_token", "current_key", "hash_key"]
+__all__ = ["Authenticator", "bearer_token", "current_identity", "current_key", "hash_key"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,10 @@ T = TypeVar("T")
 
 current_key: ContextVar[KeyRecord | None] = ContextVar("expertmesh_current_key", default=None)
 """The store key the current request was admitted under (None: a static key or an open API)."""
+
+current_identity: ContextVar[str | None] = ContextVar("expertmesh_current_identity", default=None)
+"""Who the current request was admitted as, for what it owns (stored responses): "key:<id>" (a store
+key), "static:<digest>" (a static key: its SHA-256 digest, never the key), None (an open API)."""
 
 NO_STORE_KEYS = "no keys configured in the store: every request is refused"
 """`status()` of a key store with no valid key and no static key (also logged as a warning)."""
@@ -115,6 +122,7 @@ class Authenticator:
         Sets `current_key` for `reserve`. Raises APIError 401, 429 or 503."""
         record = await self.authenticate(token)
         current_key.set(record)
+        current_identity.set(identity_of(record, token) if self.enabled else None)
         if record is not None and record.limited:
             admission: Admission = await self._call(self.store.admit, record.id, record.requests_per_minute,
                                                     record.tokens_per_minute, 0)
@@ -209,6 +217,13 @@ class Authenticator:
             raise APIError("The state store is unreachable; requests that need an API key from it are refused "
                            "until it is back.", status=503, type="server_error",
                            code="state_store_unavailable") from None
+
+
+def identity_of(record: KeyRecord | None, token: str | None) -> str | None:
+    """`current_identity` of an admitted caller: its store key's id, else its static key's digest."""
+    if record is not None:
+        return f"key:{record.id}"
+    return None if token is None else f"static:{hash_key(token)}"
 
 
 def _unauthorized(message: str) -> APIError:

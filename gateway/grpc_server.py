@@ -1,4 +1,5 @@
-"""The gRPC front end: `expertmesh.v1.ExpertMesh` over `OpenAIServing`, plus health and reflection.
+"""The gRPC front end: `expertmesh.v1.ExpertMesh` over `OpenAIServing` (and `ResponsesServing`, whose
+RPCs live in `grpc_responses.py`), plus health and reflection.
 
     proto request ──▶ OpenAI-shaped dict ──▶ ChatCompletionRequest / CompletionRequest (pydantic)
         ──▶ serving.chat / serving.completion ──▶ OpenAI-shaped dict (or chunks) ──▶ proto message(s)
@@ -57,6 +58,7 @@ from pydantic import ValidationError
 from expertmesh.engine.async_engine import EngineDeadError
 from expertmesh.gateway.app_config import default_max_request_body_bytes
 from expertmesh.gateway.auth import Authenticator, bearer_token
+from expertmesh.gateway.grpc_responses import ResponsesRpcs
 from expertmesh.gateway.grpc_wire import add_servicer, ascii_metadata, decoded, utf8_details
 from expertmesh.gateway.metrics import RequestOutcome, current_outcome
 from expertmesh.gateway.protocol import (
@@ -66,6 +68,7 @@ from expertmesh.gateway.protocol import (
     loads_json,
     validation_error,
 )
+from expertmesh.gateway.responses import ResponsesServing
 from expertmesh.gateway.serving import OpenAIServing
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.proto.expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -159,7 +162,7 @@ def _health_status(serving: bool) -> int:
 
 def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: int, host: str = "127.0.0.1", *,
                       health: GrpcHealth | None = None, options: GrpcOptions | None = None,
-                      replica: str | None = None) -> grpc.aio.Server:
+                      replica: str | None = None, responses: ResponsesServing | None = None) -> grpc.aio.Server:
     """An asyncio gRPC server (not started) on host:port serving `expertmesh.v1.ExpertMesh`,
     `grpc.health.v1.Health` and server reflection. Call it inside the event loop that runs it.
 
@@ -167,11 +170,13 @@ def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: 
     loading, or on shutdown); without it the server reports SERVING. Raises RuntimeError when
     the port cannot be bound (in use, unless `options.reuse_port` and the holder reuses it too).
     `replica`: sent as `expertmesh-replica` initial metadata on every ExpertMesh call.
+    `responses`: the Responses RPCs' serving (`grpc_responses.py`); None: one with no server-side
+    tools, storing responses in this process (as `build_http_app`).
     """
     health_servicer = health if health is not None else GrpcHealth()
     options = options or GrpcOptions()
     server = grpc.aio.server(options=options.server_options(serving.settings.max_model_len))
-    add_servicer(ExpertMeshServicer(serving, auth, replica), server)
+    add_servicer(ExpertMeshServicer(serving, auth, replica, responses or ResponsesServing(serving)), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -182,9 +187,10 @@ def build_grpc_server(serving: OpenAIServing, auth: Authenticator | None, port: 
     return server
 
 
-class ExpertMeshServicer(pb_grpc.ExpertMeshServicer):
-    def __init__(self, serving: OpenAIServing, auth: Authenticator | None = None, replica: str | None = None) -> None:
-        self.serving, self.auth = serving, auth
+class ExpertMeshServicer(ResponsesRpcs, pb_grpc.ExpertMeshServicer):
+    def __init__(self, serving: OpenAIServing, auth: Authenticator | None = None, replica: str | None = None,
+                 responses: ResponsesServing | None = None) -> None:
+        self.serving, self.auth, self.responses = serving, auth, responses
         self.replica_metadata = ((REPLICA_METADATA, ascii_metadata(replica)),) if replica else None
 
     async def ChatCompletion(self, request: pb.ChatCompletionRequest, context) -> pb.ChatCompletionResponse:

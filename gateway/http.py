@@ -1,6 +1,11 @@
 """The HTTP front end: a FastAPI app over `OpenAIServing`.
 
     /v1/chat/completions, /v1/completions   OpenAI shapes; `stream: true` → server-sent events
+    /v1/responses                           the Responses API with the server's tool loop
+                                            (`responses.py`); `stream: true` → its events as SSE
+                                            (`event: <type>` / `data: <json>`, no [DONE])
+    /v1/responses/{id}                      GET a stored response (the caller's own), DELETE it
+    /v1/responses/{id}/input_items          its conversation's input items (OpenAI's list)
     /v1/models, /v1/models/{id}
     /health                                 200 while the engine makes progress, else 503 with the
                                             reason (open; see `health.py`); names the gateway
@@ -26,9 +31,9 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -48,6 +53,9 @@ from expertmesh.gateway.protocol import (
     loads_json,
     validation_error,
 )
+from expertmesh.gateway.responses import ResponsesServing
+from expertmesh.gateway.responses_events import sse
+from expertmesh.gateway.responses_protocol import parse_request
 from expertmesh.gateway.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
@@ -59,9 +67,12 @@ def build_http_app(serving: OpenAIServing, auth: Authenticator | None = None,
                    ready: Callable[[], bool] = lambda: True, *, max_body_bytes: int | None = None,
                    health_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
                    health_call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S, body_timeout_s: float = 30.0,
-                   replica: str | None = None) -> FastAPI:
+                   replica: str | None = None, responses: ResponsesServing | None = None) -> FastAPI:
     """The FastAPI app. `max_body_bytes` None: sized from the model's max_model_len. `replica`: the
-    gateway replica's id, which `/health` reports (which replica answered)."""
+    gateway replica's id, which `/health` reports (which replica answered). `responses`: the
+    Responses API (None: one with no server-side tools, storing responses in this process)."""
+    if responses is None:
+        responses = ResponsesServing(serving)
     app = FastAPI(title="expertmesh", version="0.1.0",
                   description="OpenAI-compatible API of expertmesh, a server for Qwen3-MoE models.")
     if max_body_bytes is None:
@@ -128,6 +139,28 @@ def build_http_app(serving: OpenAIServing, auth: Authenticator | None = None,
     async def completions(body: CompletionRequest) -> Response:
         return await _respond(await serving.completion(body))
 
+    @app.post("/v1/responses")
+    async def create_response(body: Annotated[dict[str, Any], Body(description="OpenAI's Responses API request")]
+                              ) -> Response:
+        result = await responses.create(parse_request(body))
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(_response_events(result), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict[str, Any]:
+        return await responses.get(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        return await responses.delete(response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(response_id: str, after: str | None = None, limit: int = 20,
+                               order: str = "desc") -> dict[str, Any]:
+        return await responses.input_items(response_id, after=after, limit=limit, order=order)
+
     return app
 
 
@@ -160,6 +193,16 @@ async def _sse(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
     finally:
         await rest.aclose()
     yield "data: [DONE]\n\n"
+
+
+async def _response_events(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """A response's events as SSE; a client that goes away closes `events`, which cancels the loop
+    (the engine aborts the turn and frees its KV blocks; running tool calls are cancelled)."""
+    try:
+        async for event in events:
+            yield sse(event)
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 def _event(data: dict[str, Any], ensure_ascii: bool = False) -> str:
@@ -249,4 +292,6 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if errors and errors[0].get("type") == "json_invalid":
         detail = (errors[0].get("ctx") or {}).get("error") or errors[0].get("msg")
         return APIError(f"the request body is not valid JSON: {detail}", code="invalid_json")
-    return validation_error(list(errors))
+    # a query or path parameter is named as itself (`limit`), as a body field is
+    return validation_error([{**e, "loc": tuple(e.get("loc", ()))[1:]} if tuple(e.get("loc", ()))[:1] in (
+        ("query",), ("path",)) else e for e in errors])

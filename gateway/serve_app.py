@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import importlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -320,6 +321,7 @@ class Gateway:
     async def __init__(self, engine_handle, config: dict[str, Any]) -> None:
         from expertmesh.cluster.state import make_state_store
         from expertmesh.gateway.auth import Authenticator
+        from expertmesh.gateway.responses import ResponsesServing, ResponsesSettings
         from expertmesh.gateway.serving import OpenAIServing, ServingSettings
 
         cfg = AppConfig.model_validate(config)
@@ -335,9 +337,15 @@ class Gateway:
             info["model_name"], info["max_model_len"], max_n=cfg.max_n, max_prompts=cfg.max_prompts,
             model_aliases=aliases, vocab_size=info["vocab_size"]))
         redis_url = cfg.resolved_redis_url()  # the key store, when configured: then a key is always required
-        self.auth = Authenticator(cfg.resolved_api_keys(), store=make_state_store(redis_url) if redis_url else None)
+        store = make_state_store(redis_url) if redis_url else None
+        self.auth = Authenticator(cfg.resolved_api_keys(), store=store)
         self.serving.limiter = self.auth
         log.info("API keys: %s", await self.auth.status(wait_s=5.0))
+        # The Responses API: stored responses in Redis with redis_url (every replica sees them), else
+        # in this replica's memory; server-side tools through the tool runner, started (registry checked).
+        self.tool_runner = await start_tool_runner(cfg, tokenizer, self.serving.metrics)
+        self.responses = ResponsesServing(self.serving, self.tool_runner, store or make_state_store(None),
+                                          ResponsesSettings.from_config(cfg))
         self.cfg, self.max_body_bytes = cfg, cfg.request_body_limit(info["max_model_len"])
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.grpc, self.grpc_health, self.grpc_bound = None, None, None
@@ -352,7 +360,8 @@ class Gateway:
                                   reuse_port=True)  # (`expertmesh serve` checks the port is free first)
             self.grpc_health = GrpcHealth()
             self.grpc = build_grpc_server(self.serving, self.auth, cfg.grpc_port, host=cfg.grpc_host,
-                                          options=options, health=self.grpc_health, replica=self.replica)
+                                          options=options, health=self.grpc_health, replica=self.replica,
+                                          responses=self.responses)
             await self.grpc.start()
             self.grpc_bound = f"{cfg.grpc_host}:{cfg.grpc_port}"
 
@@ -369,7 +378,8 @@ class Gateway:
 
         return build_http_app(self.serving, self.auth, max_body_bytes=self.max_body_bytes,
                               health_stall_timeout_s=self.cfg.health_stall_timeout_s,
-                              body_timeout_s=self.cfg.http_header_timeout_s, replica=self.replica)
+                              body_timeout_s=self.cfg.http_header_timeout_s, replica=self.replica,
+                              responses=self.responses)
 
     async def __del__(self) -> None:
         if getattr(self, "grpc", None) is not None:
@@ -377,6 +387,19 @@ class Gateway:
             # the closed socket leaves the node's port to the other replicas there.
             await self.grpc_health.enter_graceful_shutdown()
             await self.grpc.stop(grace=2)
+        close = getattr(getattr(self, "tool_runner", None), "close", None)
+        if close is not None:
+            await close()
+
+
+async def start_tool_runner(cfg: AppConfig, tokenizer, metrics):
+    """The tool runner of the Responses API's server-side tools, started: its registry's MCP servers
+    are connected and listed (a bad registry fails the replica's start, naming the server)."""
+    from expertmesh.gateway.tools.runner import ToolRunner
+
+    runner = ToolRunner.from_settings(cfg, tokenizer, metrics)
+    await runner.start()
+    return runner
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

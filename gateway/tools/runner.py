@@ -64,6 +64,7 @@ from expertmesh.gateway.tools.registry import (
     check_headers,
     load_registry,
 )
+from expertmesh.gateway.tools.types import ServerTool, ToolRequestError, ToolResult
 from expertmesh.gateway.tools.webhooks import Webhook
 
 logger = logging.getLogger(__name__)
@@ -74,39 +75,6 @@ MAX_REQUEST_HEADERS = 32
 MAX_REQUEST_HEADER_BYTES = 16384
 
 __all__ = ["ServerTool", "ToolRegistryError", "ToolRequestError", "ToolResult", "ToolRunner", "ToolScope"]
-
-
-@dataclass(frozen=True)
-class ServerTool:
-    """A tool the server runs, as the model sees it."""
-
-    kind: Literal["mcp", "webhook"]
-    server: str
-    """The MCP server_label, or the webhook's name."""
-    name: str
-    """The tool name the model sees and calls."""
-    description: str
-    parameters: dict
-    """JSON schema of the arguments (an object schema)."""
-    remote: _RequestServer | None = field(default=None, compare=False, repr=False)
-    """The request-supplied server this tool comes from (None: a registered server or webhook)."""
-
-
-@dataclass(frozen=True)
-class ToolResult:
-    """One call's result: exactly one of `output` (what the model sees, truncated to
-    tool_output_max_tokens) and `error` (a short message for the model and the client) is set."""
-
-    output: str | None
-    error: str | None
-    duration_s: float
-
-
-class ToolRequestError(APIError):
-    """A request's tool spec the server refuses (400); `param` names the request field."""
-
-    def __init__(self, message: str, *, param: str = "tools") -> None:
-        super().__init__(message, status=400, param=param)
 
 
 @dataclass

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ExpertMeshStub:
-    """Chat and completions of the served Qwen3-MoE model, unary and server-streaming.
+    """Chat, completions and responses of the served Qwen3-MoE model, unary and server-streaming.
     """
 
     def __init__(self, channel):
@@ -60,10 +60,20 @@ class ExpertMeshStub:
                 request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Responses = channel.unary_unary(
+                '/expertmesh.v1.ExpertMesh/Responses',
+                request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesResponse.FromString,
+                _registered_method=True)
+        self.ResponsesStream = channel.unary_stream(
+                '/expertmesh.v1.ExpertMesh/ResponsesStream',
+                request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesEvent.FromString,
+                _registered_method=True)
 
 
 class ExpertMeshServicer:
-    """Chat and completions of the served Qwen3-MoE model, unary and server-streaming.
+    """Chat, completions and responses of the served Qwen3-MoE model, unary and server-streaming.
     """
 
     def ChatCompletion(self, request, context):
@@ -102,6 +112,24 @@ class ExpertMeshServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Responses(self, request, context):
+        """The OpenAI Responses API (as POST /v1/responses) with the server's tool loop: the request is
+        the HTTP body as JSON text; the answer is the finished response (status completed or
+        incomplete), typed and as JSON. A refusal is a status, as for chat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResponsesStream(self, request, context):
+        """The same, streamed: one message per Responses event (response.created, ..., the output items'
+        events, then response.completed or response.incomplete; a failure after the first event is an
+        `error` event and response.failed, as over HTTP).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertMeshServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +158,16 @@ def add_ExpertMeshServicer_to_server(servicer, server):
                     request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.ListModelsRequest.FromString,
                     response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.ListModelsResponse.SerializeToString,
             ),
+            'Responses': grpc.unary_unary_rpc_method_handler(
+                    servicer.Responses,
+                    request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesResponse.SerializeToString,
+            ),
+            'ResponsesStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ResponsesStream,
+                    request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesEvent.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'expertmesh.v1.ExpertMesh', rpc_method_handlers)
@@ -139,7 +177,7 @@ def add_ExpertMeshServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ExpertMesh:
-    """Chat and completions of the served Qwen3-MoE model, unary and server-streaming.
+    """Chat, completions and responses of the served Qwen3-MoE model, unary and server-streaming.
     """
 
     @staticmethod
@@ -267,6 +305,60 @@ class ExpertMesh:
             '/expertmesh.v1.ExpertMesh/ListModels',
             expertmesh_dot_v1_dot_expertmesh__pb2.ListModelsRequest.SerializeToString,
             expertmesh_dot_v1_dot_expertmesh__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Responses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expertmesh.v1.ExpertMesh/Responses',
+            expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesRequest.SerializeToString,
+            expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResponsesStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/expertmesh.v1.ExpertMesh/ResponsesStream',
+            expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesRequest.SerializeToString,
+            expertmesh_dot_v1_dot_expertmesh__pb2.ResponsesEvent.FromString,
             options,
             channel_credentials,
             insecure,
