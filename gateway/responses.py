@@ -17,9 +17,10 @@ One request:
 
 Limits: a forcing `tool_choice` binds the first turn only; `max_output_tokens` is one budget over
 every turn (status incomplete, reason max_output_tokens, when it runs out); at most
-`max_tool_rounds` rounds of server-side calls (the request's `max_tool_calls` may lower it): the
-calls of a turn past it never run, become items with an error, and the response is incomplete with
-reason "max_tool_rounds". A tool's failure is an item with an error, never a 5xx. An engine failure
+`max_tool_rounds` rounds of server-side calls and, when the request sets `max_tool_calls`, at most
+that many calls in all (OpenAI's meaning): calls past either never run, become items with an error
+(status incomplete), and the response is incomplete with reason "max_tool_rounds" or
+"max_tool_calls". A tool's failure is an item with an error, never a 5xx. An engine failure
 mid-loop is an OpenAI error: a unary request answers with it, a stream ends with an `error` event
 and response.failed. A client that goes away cancels the turn (the engine aborts it and frees its
 KV blocks: closing OpenAIServing's stream does that) and every running call.
@@ -158,9 +159,13 @@ class _State:
     runner: Any
     stack: contextlib.AsyncExitStack
     max_rounds: int
+    """The server's max_tool_rounds: turns whose server-side calls run."""
+    max_calls: int | None
+    """The request's max_tool_calls: server-side calls that run, over every turn (OpenAI's meaning)."""
     usage: dict[str, Any] = field(default_factory=empty_usage)
     turns: int = 0
     rounds: int = 0
+    calls: int = 0
 
 
 _FORMAT_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
@@ -275,11 +280,9 @@ class ResponsesServing:
             runner = await stack.enter_async_context(_tool_scope(self.runner))
             tools = await self._tools(req, runner)
             first_tools, first_choice = self._first_choice(req, tools)
-            limit = self.settings.max_tool_rounds
-            if req.max_tool_calls is not None:
-                limit = min(limit, req.max_tool_calls)
             st = _State(req, ResponseEvents(self._response_object(req)), conversation, tools, first_tools,
-                        first_choice, current_identity.get(), runner, stack, limit)
+                        first_choice, current_identity.get(), runner, stack, self.settings.max_tool_rounds,
+                        req.max_tool_calls)
             stream = await self._turn(st)
             try:
                 first = await anext(stream)
@@ -470,16 +473,23 @@ class ResponsesServing:
                                    type="server_error", code="engine_unavailable")
                 truncated = turn.finish == "length"
                 status: tuple[Literal["completed", "incomplete"], str | None] | None = None
-                if turn.server_calls and st.rounds >= st.max_rounds:
-                    why = (f"not run: this response reached its limit of {st.max_rounds} rounds of tool calls "
-                           "(max_tool_rounds)")
-                    for index, _ in turn.server_calls:
-                        for event in events.call_done(index, None, why, status="incomplete"):
-                            yield event
-                    status = ("incomplete", "max_tool_rounds")
-                elif turn.server_calls:
+                calls, past, why = turn.server_calls, [], ""
+                if calls and st.rounds >= st.max_rounds:
+                    calls, past = [], calls
+                    why, status = (f"not run: this response reached its limit of {st.max_rounds} rounds of tool "
+                                   "calls (max_tool_rounds)"), ("incomplete", "max_tool_rounds")
+                elif calls and st.max_calls is not None and st.calls + len(calls) > st.max_calls:
+                    room = max(st.max_calls - st.calls, 0)
+                    calls, past = calls[:room], calls[room:]
+                    why, status = (f"not run: this response reached its limit of {st.max_calls} tool calls "
+                                   "(max_tool_calls)"), ("incomplete", "max_tool_calls")
+                for index, _ in past:
+                    for event in events.call_done(index, None, why, status="incomplete"):
+                        yield event
+                if calls:
                     st.rounds += 1
-                    async for event in self._run_calls(st, turn.server_calls):
+                    st.calls += len(calls)
+                    async for event in self._run_calls(st, calls):
                         yield event
                 if status is not None:
                     pass

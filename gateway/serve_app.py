@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import importlib
 import logging
 from dataclasses import dataclass
 from typing import Any

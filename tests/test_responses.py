@@ -151,9 +151,9 @@ def test_a_function_call_goes_back_to_the_client_and_the_conversation_goes_on(li
 def test_the_round_limit_ends_the_response_with_an_error_item(live):
     calls_before = len(live.runner.calls)
     r = live.a.responses.create(**BASE, max_tool_calls=0)
-    assert r.status == "incomplete" and r.incomplete_details.reason == "max_tool_rounds"
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_tool_calls"
     (call,) = r.output
-    assert call.type == "mcp_call" and call.status == "incomplete" and "max_tool_rounds" in call.error
+    assert call.type == "mcp_call" and call.status == "incomplete" and "max_tool_calls" in call.error
     assert len(live.runner.calls) == calls_before
 
 

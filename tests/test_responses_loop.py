@@ -95,11 +95,18 @@ def test_the_round_limit_leaves_calls_unrun_as_error_items(rig, runner):
     unrun = r["output"][2]
     assert unrun["status"] == "incomplete" and unrun["output"] is None
     assert "max_tool_rounds" in unrun["error"] and "2 rounds" in unrun["error"]
-    # the request's max_tool_calls lowers the server's limit
+    # the request's max_tool_calls counts calls over every turn (OpenAI's meaning)
     runner.calls.clear()
     r = create(serve(rig, runner, max_tool_rounds=2), tools=[CALC], max_tool_calls=1)
     assert kinds(r) == ["mcp_call"] * 2 and len(runner.calls) == 1
-    assert r["incomplete_details"] == {"reason": "max_tool_rounds"}
+    assert r["incomplete_details"] == {"reason": "max_tool_calls"} and "max_tool_calls" in r["output"][1]["error"]
+    runner.calls.clear()  # two calls in one turn, one allowed: the first runs, the second does not
+    rig.script.reply = lambda prompt: (tool_call("add", '{"a":1,"b":1}') + "\n" + tool_call("add", '{"a":2,"b":2}')
+                                       if "<tool_response>" not in prompt else "done")
+    r = create(serve(rig, runner, max_tool_rounds=2), tools=[CALC], max_tool_calls=1)
+    assert [(i["status"], i["arguments"]) for i in r["output"]] == [
+        ("completed", '{"a":1,"b":1}'), ("incomplete", '{"a":2,"b":2}')]
+    assert runner.calls == [("add", '{"a":1,"b":1}')] and r["incomplete_details"] == {"reason": "max_tool_calls"}
 
 
 def test_a_turns_calls_run_concurrently(rig, runner):

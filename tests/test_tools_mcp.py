@@ -91,7 +91,7 @@ def test_stdio_server_is_spawned_once_kept_and_started_again_after_it_dies(tmp_p
 
     async def body(runner: ToolRunner, metrics: Metrics):
         tools = {t.name: t for t in await runner.mcp_tools("io")}
-        assert set(tools) == {"add", "pid", "secret", "big", "crash"}
+        assert set(tools) == {"add", "shout", "pid", "secret", "big", "crash"}
         first = (await runner.call(tools["pid"], "")).output
         assert (await runner.call(tools["pid"], "{}")).output == first  # one process, kept
         assert (await runner.call(tools["add"], '{"a": 5, "b": 6}')).output == "11"

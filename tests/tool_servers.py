@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 STDIO_SERVER = Path(__file__).parent / "data" / "mcp_stdio_server.py"
@@ -55,6 +56,25 @@ def make_mcp_server(recorder: Recorder, *, with_tools: bool = True):
         """Add two integers."""
         recorder.record("add", {"a": a, "b": b})
         return a + b
+
+    @mcp.tool()
+    def paint(color: Literal["red", "green", "blue"]) -> str:
+        """Paint the wall (a bounded argument: a forced random model writes one short call)."""
+        recorder.record("paint", {"color": color})
+        return f"the wall is {color} now"
+
+    @mcp.tool()
+    async def nap(length: Literal["long"]) -> str:
+        """Sleep 10 s (past a test's tool timeout), whatever the arguments."""
+        recorder.record("nap", {"length": length})
+        await asyncio.sleep(10)
+        return "rested"
+
+    @mcp.tool()
+    def flood(size: Literal["huge"]) -> str:
+        """10 MB of text, whatever the arguments."""
+        recorder.record("flood", {"size": size})
+        return "f" * (10 << 20)
 
     @mcp.tool()
     def echo(text: str) -> str:

@@ -40,13 +40,12 @@ import uuid
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import httpx2
 from mcp import StdioServerParameters
 
-from expertmesh.gateway.protocol import APIError
 from expertmesh.gateway.tools.mcp_client import (
     HttpMcpServer,
     StdioMcpServer,

@@ -6,6 +6,7 @@ variable the registry's env_from passed; `big` returns `size` characters.
 """
 import json
 import os
+from typing import Literal
 
 from mcp.server.mcpserver import MCPServer
 
@@ -18,6 +19,14 @@ def add(a: int, b: int) -> int:
     with open(os.environ["STDIO_TOOL_LOG"], "a") as f:
         f.write(json.dumps({"a": a, "b": b}) + "\n")
     return a + b
+
+
+@mcp.tool()
+def shout(word: Literal["hello", "world"]) -> str:
+    """Shout a word (a bounded argument); logged like `add`."""
+    with open(os.environ["STDIO_TOOL_LOG"], "a") as f:
+        f.write(json.dumps({"word": word}) + "\n")
+    return word.upper() + "!"
 
 
 @mcp.tool()
