@@ -60,9 +60,16 @@ current_outcome: ContextVar[RequestOutcome | None] = ContextVar("expertmesh_requ
 
 
 def endpoint_of(path: str) -> str:
-    """The `endpoint` label of an HTTP path (a bounded set: unknown paths are "other")."""
-    return {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
-            "/v1/models": "models"}.get(path.rstrip("/"), "models" if path.startswith("/v1/models/") else "other")
+    """The `endpoint` label of an HTTP path (a bounded set: unknown paths are "other"); a stored
+    response's paths (`/v1/responses/{id}`, its input_items) count as "responses"."""
+    known = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
+             "/v1/models": "models"}.get(path.rstrip("/"))
+    if known is not None:
+        return known
+    for prefix, endpoint in (("/v1/models/", "models"), ("/v1/responses/", "responses")):
+        if path.startswith(prefix):
+            return endpoint
+    return "other"
 
 
 class _EngineCollector(Collector):

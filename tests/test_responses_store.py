@@ -179,3 +179,11 @@ def test_previous_response_id_continues_the_conversation(scripted, request, back
         assert scripted.script.prompts[-1].count("mixture of experts") == 1
     for s in stores:
         s.close()
+
+
+def test_stored_response_paths_count_under_the_responses_endpoint():
+    from expertmesh.gateway.metrics import endpoint_of
+
+    assert endpoint_of("/v1/responses") == endpoint_of("/v1/responses/resp_1") == "responses"
+    assert endpoint_of("/v1/responses/resp_1/input_items") == "responses"
+    assert endpoint_of("/v1/responsesX") == "other" and endpoint_of("/v1/models/x") == "models"
