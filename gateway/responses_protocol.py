@@ -339,8 +339,9 @@ def input_items(value: str | list[Any]) -> list[dict[str, Any]]:
             d.setdefault("output", None)
             d.setdefault("error", None)
             d.setdefault("status", "failed" if item.error is not None else "completed")
-        d.setdefault("id", new_id({"message": "msg", "function_call": "fc", "function_call_output": "fco",
-                                   "reasoning": "rs"}[d["type"]]))
+        if "id" not in d:  # (mcp_call and webhook_call items always carry theirs)
+            d["id"] = new_id({"message": "msg", "function_call": "fc", "function_call_output": "fco",
+                              "reasoning": "rs"}[d["type"]])
         items.append(d)
     return items
 

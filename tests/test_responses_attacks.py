@@ -1,0 +1,73 @@
+"""The Responses API under a hostile client or a hostile tool, on the scripted engine (the real
+tokenizer, template, parsers and serving layer; a fake tool runner): what used to crash, leak or
+mislead, each kept fixed here. `tests/test_responses.py` holds the refusals over HTTP and gRPC.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from responses_rig import FakeRunner, scripted_serving, tool_call, wait_idle
+
+from expertmesh.gateway.protocol import APIError
+from expertmesh.gateway.responses import ResponsesServing
+from expertmesh.gateway.responses_protocol import parse_request
+from expertmesh.gateway.tools.types import ToolResult
+
+CALC = {"type": "mcp", "server_label": "calc", "require_approval": "never"}
+
+
+class Script:
+    """The engine's reply to a prompt: `reply(prompt)`; every prompt is kept in `prompts`."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.reply = lambda prompt: "Hello."
+
+    def __call__(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        return self.reply(prompt)
+
+
+@pytest.fixture(scope="module")
+def rig(qwen3_moe_path):
+    script = Script()
+    with scripted_serving(qwen3_moe_path, script) as s:
+        s.script = script
+        yield s
+
+
+@pytest.fixture
+def runner(rig):
+    rig.script.prompts.clear()
+    rig.script.reply = lambda prompt: "Hello."
+    return FakeRunner()
+
+
+def create(responses: ResponsesServing, **body):
+    """The response (unary), or the list of events (stream)."""
+    async def go():
+        result = await responses.create(parse_request({"input": "What is 1+2?", **body}))
+        if isinstance(result, dict):
+            return result
+        return [event async for event in result]
+
+    return asyncio.run(go())
+
+
+def test_server_call_items_in_the_input_continue_the_conversation(rig, runner):
+    """A client replaying a conversation by hand sends back the mcp_call / webhook_call items it was
+    given (their ids included): they become the assistant's calls and the tool messages answering
+    them (this was a KeyError, a 500, for every such item)."""
+    responses = ResponsesServing(rig.serving, runner)
+    response = create(responses, input=[
+        {"role": "user", "content": "What is 1+2, and the weather?"},
+        {"type": "mcp_call", "id": "mcp_1", "server_label": "calc", "name": "add", "arguments": '{"a":1,"b":2}',
+         "output": "3"},
+        {"type": "webhook_call", "id": "wh_1", "name": "get_weather", "arguments": '{"city":"Oslo"}',
+         "error": "timed out"},
+        {"role": "user", "content": "And now?"}])
+    assert response["status"] == "completed"
+    prompt = rig.script.prompts[-1]
+    assert "<tool_response>\n3\n</tool_response>" in prompt and "Error: timed out" in prompt
+    assert wait_idle(rig.engine)["kv_usage"] == 0.0
