@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
@@ -359,8 +360,11 @@ def check_call_outputs(conversation: list[dict[str, Any]], first_new: int) -> No
                            param=where)
 
 
-def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chat messages of a conversation (see the module docstring)."""
+def to_messages(instructions: str | None, items: list[dict[str, Any]],
+                literal: Callable[[str], str] = str) -> list[dict[str, Any]]:
+    """The chat messages of a conversation (see the module docstring). `literal` is applied to the text
+    of every tool message (a server-side call's output or error, a function_call_output): text from a
+    tool, which must reach the model as text (`Tokenizer.literal`), never as its control tokens."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
     assistant: dict[str, Any] | None = None
     results: list[dict[str, Any]] = []
@@ -400,9 +404,10 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[d
             if kind != "function_call":
                 error = item.get("error")
                 results.append({"role": "tool", "tool_call_id": call_id,
-                                "content": item.get("output") or (f"Error: {error}" if error else "")})
+                                "content": literal(item.get("output") or (f"Error: {error}" if error else ""))})
         elif kind == "function_call_output":
             flush()
-            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _parts_text(item["output"])})
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": literal(_parts_text(item["output"]))})
     flush()
     return messages
