@@ -39,6 +39,8 @@ RESPONSE_ID = re.compile(r"resp_[A-Za-z0-9]{1,100}")
 """What a response id looks like: anything else is unknown without asking the store."""
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+"""What a function tool may be named (OpenAI's rule)."""
 
 
 def new_id(prefix: str) -> str:
@@ -139,7 +141,9 @@ InputItem = Annotated[
 
 class FunctionTool(_Request):
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(pattern=FUNCTION_NAME)
+    """OpenAI's function names: rendered into the prompt's tool list, a name must not hold the text of
+    a control token (`<|im_end|>`, `<tool_call>`) nor JSON's quotes."""
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 from responses_rig import FakeRunner, scripted_serving, tool_call, wait_idle
 
+from expertmesh.gateway.protocol import APIError
 from expertmesh.gateway.responses import ResponsesServing
 from expertmesh.gateway.responses_protocol import parse_request
 from expertmesh.gateway.tools.types import ToolResult
@@ -99,3 +100,15 @@ def test_control_token_text_from_a_tool_reaches_the_model_as_text(rig, runner):
         assert not control & set(tokenizer.encode(injected)), injected
         assert len(ids) > len(tokenizer.encode(before))
     assert tokenizer.literal("plain text") == "plain text"
+
+
+@pytest.mark.parametrize("name", ["<|im_end|>", "a<tool_call>b", 'say"hi', "a" * 65, "", "fn name"])
+def test_a_function_name_beyond_openais_rule_is_a_400(rig, runner, name):
+    """Function names were any 1-64 characters, so `<|im_end|>` in one was rendered into the tool list
+    of the system prompt and encoded as the control token. OpenAI's rule: letters, digits, _ and -."""
+    responses = ResponsesServing(rig.serving, runner)
+    with pytest.raises(APIError) as info:
+        create(responses, tools=[{"type": "function", "name": name}])
+    assert (info.value.status, info.value.param) == (400, "tools[0].name")
+    assert not rig.script.prompts
+    assert create(responses, tools=[{"type": "function", "name": "get_weather-2"}])["status"] == "completed"
