@@ -613,3 +613,6 @@ class ResponsesServing:
         except (ResponseTooLarge, APIError) as exc:
             log.warning("response %s is not stored: %s", response["id"], getattr(exc, "message", exc))
             response["store"] = False
+        except Exception:  # a store's own refusal (Redis out of memory): the answer is there all the same
+            log.exception("response %s is not stored: the state store failed", response["id"])
+            response["store"] = False

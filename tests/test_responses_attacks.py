@@ -9,6 +9,7 @@ import asyncio
 import pytest
 from responses_rig import FakeRunner, scripted_serving, tool_call, wait_idle
 
+from expertmesh.cluster.state import InProcessStateStore
 from expertmesh.gateway.protocol import APIError
 from expertmesh.gateway.responses import ResponsesServing
 from expertmesh.gateway.responses_protocol import parse_request
@@ -112,3 +113,24 @@ def test_a_function_name_beyond_openais_rule_is_a_400(rig, runner, name):
     assert (info.value.status, info.value.param) == (400, "tools[0].name")
     assert not rig.script.prompts
     assert create(responses, tools=[{"type": "function", "name": "get_weather-2"}])["status"] == "completed"
+
+
+class RefusingStore(InProcessStateStore):
+    """A store that refuses every write as Redis under `maxmemory` does (an error of its own kind, not
+    unreachable)."""
+
+    def put_response(self, response_id, record, ttl_s):
+        import redis
+
+        raise redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_store_that_refuses_the_write_leaves_the_response_unstored(rig, runner, stream):
+    """A Redis refusal other than being unreachable (OOM) escaped `_save`: a unary request got a 500
+    for an answer already made, a stream ended in response.failed. Now it is `store: false`."""
+    responses = ResponsesServing(rig.serving, runner, store=RefusingStore())
+    result = create(responses, stream=stream)
+    response = result[-1]["response"] if stream else result
+    assert (response["status"], response["store"]) == ("completed", False)
+    assert wait_idle(rig.engine)["kv_usage"] == 0.0
