@@ -406,7 +406,8 @@ class ResponsesServing:
         choice = st.first_choice if first else ("none" if req.tool_choice == "none" else None)
         forced = choice == "required" or isinstance(choice, dict)
         body: dict[str, Any] = {
-            "messages": to_messages(req.instructions, [*st.conversation, *st.events.output]),
+            "messages": to_messages(req.instructions, [*st.conversation, *st.events.output],
+                                    self.serving.tokenizer.literal),
             "stream": True, "stream_options": {"include_usage": True},
             "tools": [t.spec for t in tools.values()] or None, "tool_choice": choice,
             "parallel_tool_calls": req.parallel_tool_calls, "temperature": req.temperature, "top_p": req.top_p,
@@ -611,4 +612,7 @@ class ResponsesServing:
             await self._store_call(self.store.put_response, response["id"], record, self.settings.store_ttl_s)
         except (ResponseTooLarge, APIError) as exc:
             log.warning("response %s is not stored: %s", response["id"], getattr(exc, "message", exc))
+            response["store"] = False
+        except Exception:  # a store's own refusal (Redis out of memory): the answer is there all the same
+            log.exception("response %s is not stored: the state store failed", response["id"])
             response["store"] = False

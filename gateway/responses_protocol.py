@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
@@ -38,6 +39,8 @@ RESPONSE_ID = re.compile(r"resp_[A-Za-z0-9]{1,100}")
 """What a response id looks like: anything else is unknown without asking the store."""
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+"""What a function tool may be named (OpenAI's rule)."""
 
 
 def new_id(prefix: str) -> str:
@@ -138,7 +141,9 @@ InputItem = Annotated[
 
 class FunctionTool(_Request):
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(pattern=FUNCTION_NAME)
+    """OpenAI's function names: rendered into the prompt's tool list, a name must not hold the text of
+    a control token (`<|im_end|>`, `<tool_call>`) nor JSON's quotes."""
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -339,8 +344,9 @@ def input_items(value: str | list[Any]) -> list[dict[str, Any]]:
             d.setdefault("output", None)
             d.setdefault("error", None)
             d.setdefault("status", "failed" if item.error is not None else "completed")
-        d.setdefault("id", new_id({"message": "msg", "function_call": "fc", "function_call_output": "fco",
-                                   "reasoning": "rs"}[d["type"]]))
+        if "id" not in d:  # (mcp_call and webhook_call items always carry theirs)
+            d["id"] = new_id({"message": "msg", "function_call": "fc", "function_call_output": "fco",
+                              "reasoning": "rs"}[d["type"]])
         items.append(d)
     return items
 
@@ -358,8 +364,11 @@ def check_call_outputs(conversation: list[dict[str, Any]], first_new: int) -> No
                            param=where)
 
 
-def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chat messages of a conversation (see the module docstring)."""
+def to_messages(instructions: str | None, items: list[dict[str, Any]],
+                literal: Callable[[str], str] = str) -> list[dict[str, Any]]:
+    """The chat messages of a conversation (see the module docstring). `literal` is applied to the text
+    of every tool message (a server-side call's output or error, a function_call_output): text from a
+    tool, which must reach the model as text (`Tokenizer.literal`), never as its control tokens."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
     assistant: dict[str, Any] | None = None
     results: list[dict[str, Any]] = []
@@ -399,9 +408,10 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[d
             if kind != "function_call":
                 error = item.get("error")
                 results.append({"role": "tool", "tool_call_id": call_id,
-                                "content": item.get("output") or (f"Error: {error}" if error else "")})
+                                "content": literal(item.get("output") or (f"Error: {error}" if error else ""))})
         elif kind == "function_call_output":
             flush()
-            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _parts_text(item["output"])})
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": literal(_parts_text(item["output"]))})
     flush()
     return messages

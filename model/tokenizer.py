@@ -88,6 +88,8 @@ class Tokenizer:
         self.special_tokens_map: dict[str, str | None] = dict(special_tokens_map or {})
         added = raw.get_added_tokens_decoder()
         self.special_token_ids: frozenset[int] = frozenset(i for i, tok in added.items() if tok.special)
+        texts = sorted({tok.content for tok in added.values() if tok.content}, key=len, reverse=True)
+        self._added_texts = re.compile("|".join(map(re.escape, texts))) if texts else None
         self._env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
         )
@@ -158,6 +160,15 @@ class Tokenizer:
         # Through `encode_batch`, which lets go of the GIL while it works: `encode` holds it, so a
         # prompt of megabytes froze every other thread of the process for seconds.
         return self.raw.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def literal(self, text: str) -> str:
+        """`text` with each added token's string in it (`<|im_end|>`, `<tool_call>`, `</tool_response>`)
+        broken by a zero-width space after its first character, so that `encode` of a prompt holding it
+        reads plain text there, never the control token. For text no party of the chat wrote (a tool's
+        output): rendered as it is, it could end the turn it sits in and open one of its own."""
+        if self._added_texts is None:
+            return text
+        return self._added_texts.sub(lambda m: f"{m.group()[0]}\u200b{m.group()[1:]}", text)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.raw.decode(list(ids), skip_special_tokens=skip_special_tokens)
