@@ -35,8 +35,8 @@ from expertmesh.demo.words import CITIES, CONDITIONS, CURRENCIES, LANGUAGES, NAM
 
 FAMILIES = ("arith_think", "arith_direct", "tool_call", "tool_answer", "json", "phrasebook", "python",
             "fewshot", "chat")
-WEIGHTS = {"arith_think": 22, "arith_direct": 20, "tool_call": 14, "tool_answer": 12, "json": 10,
-           "phrasebook": 7, "python": 4, "fewshot": 14, "chat": 2}
+WEIGHTS = {"arith_think": 14, "arith_direct": 22, "tool_call": 18, "tool_answer": 8, "json": 14,
+           "phrasebook": 6, "python": 3, "fewshot": 14, "chat": 1}
 """Share of each family in a generated stream (relative)."""
 ALWAYS_TRAIN = {"Valencia", "Leeds", "Tomas", "Paris", "London", "Tokyo"}
 """Names of the issue's and the README's examples: never held out."""
@@ -49,6 +49,31 @@ def held_out(key: str, percent: int = 20) -> bool:
 
 def _split_list(items: list[str] | tuple[str, ...], split: str) -> list[str]:
     return [x for x in items if held_out(x) == (split == "test")]
+
+
+SYNTHETIC_SHARE = 0.5
+"""Share of made-up names among the training split's cities and people: with only ~200 real ones
+the model learns them by heart; with made-up ones it must copy from the question (and then copies
+held-out real ones too). The split "train-real" (the tokenizer's text) has none."""
+_ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "ch",
+           "dr", "gr", "kr", "sh", "st", "tr", "th", "")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou", "y")
+_CODAS = ("", "", "", "n", "r", "s", "l", "m", "t", "nd", "rk", "x")
+
+
+def synthetic_name(rng: random.Random) -> str:
+    """A pronounceable made-up name such as "Korvadel" or "Brisa Tum"."""
+    def word() -> str:
+        parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3))]
+        return ("".join(parts) + rng.choice(_CODAS)).capitalize()
+    return word() if rng.random() < 0.85 else f"{word()} {word()}"
+
+
+def _pick(rng: random.Random, split: str, items: list[str] | tuple[str, ...]) -> str:
+    """A city or a name of `split` (made up, at times, in "train")."""
+    if split == "train" and rng.random() < SYNTHETIC_SHARE:
+        return synthetic_name(rng)
+    return rng.choice(_split_list(items, "test" if split == "test" else "train"))
 
 
 @dataclass
@@ -246,7 +271,7 @@ def _tool_chat(rng: random.Random, split: str) -> tuple[list[dict], list[dict], 
     """(messages, tools, call, result, answer) of one tool exchange."""
     kind = rng.choice(("get_weather", "get_weather", "convert_currency", "calculator"))
     if kind == "get_weather":
-        city = rng.choice(_split_list(CITIES, split))
+        city = _pick(rng, split, CITIES)
         question = _phrasing(rng, split, "weather", WEATHER).format(city=city)
         args: dict = {"city": city}
         temp, cond = rng.randrange(-15, 41), rng.choice(CONDITIONS)
@@ -310,7 +335,7 @@ SENTENCES = ("{n} is {a} and lives in {c}.", "{n}, aged {a}, lives in {c}.", "Me
 
 
 def extraction(rng: random.Random, split: str) -> Example:
-    name, city = rng.choice(_split_list(NAMES, split)), rng.choice(_split_list(CITIES, split))
+    name, city = _pick(rng, split, NAMES), _pick(rng, split, CITIES)
     age = rng.randrange(1, 100)
     sentence = _phrasing(rng, split, "sentence", SENTENCES).lstrip().format(n=name, a=age, c=city)
     sentence = sentence[0].upper() + sentence[1:]
@@ -374,15 +399,15 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _letter_mapping(rng: random.Random) -> tuple[list[tuple[str, str]], str, str]:
-    source = rng.sample(LETTERS, rng.randint(5, 8))
+    source = rng.sample(LETTERS, rng.randint(4, 6))
     mapping = dict(zip(source, rng.sample(LETTERS, len(source))))
-    k = rng.randint(3, 6)
+    k = rng.randint(4, 7)
     pairs = []
     for _ in range(k):
-        word = [rng.choice(source) for _ in range(rng.randint(2, 4))]
+        word = [rng.choice(source) for _ in range(rng.randint(1, 3))]
         pairs.append((" ".join(word), " ".join(mapping[c] for c in word)))
     seen = sorted({c for inp, _ in pairs for c in inp.split()})
-    query = [rng.choice(seen) for _ in range(rng.randint(2, 4))]
+    query = [rng.choice(seen) for _ in range(rng.randint(1, 3))]
     return pairs, " ".join(query), " ".join(mapping[c] for c in query)
 
 

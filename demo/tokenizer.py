@@ -43,7 +43,7 @@ def training_text(n: int = TRAIN_EXAMPLES, seed: int = 0) -> list[str]:
     """Rendered chats of every family (the special tokens are added afterwards, so they are cut out)."""
     renderer = _bootstrap_renderer()
     texts = []
-    for example in examples(n, "train", seed, FAMILIES):
+    for example in examples(n, "train-real", seed, FAMILIES):
         prompt, completion = render(renderer, example)
         texts.append(prompt + completion)
     # Cities and names are cut out: they are spelled with the pieces of other words, the same for

@@ -10,8 +10,9 @@ up to `<|im_end|>`), plus `router_aux_loss_coef` x the router's load-balancing l
 the run's progress, which is the larger of steps done / `--steps` and time spent / `--time-budget`
 (so a run on a budget still ends its schedule); bf16 autocast on CUDA.
 
-Output: a `qwen3_moe` checkpoint in Hugging Face's layout (config.json, one bf16
-model.safetensors, the tokenizer files), which transformers loads as Qwen3MoeForCausalLM.
+Output: a `qwen3_moe` checkpoint in Hugging Face's layout (config.json, bf16 weights in two
+safetensors files with their index, the tokenizer files), which transformers loads as
+Qwen3MoeForCausalLM.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -34,6 +34,7 @@ from expertmesh.demo.corpus import examples, render
 from expertmesh.demo.tokenizer import TOKENIZER_DIR
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import CausalLM
+from expertmesh.model.tiny import _write_weights
 from expertmesh.model.tokenizer import Tokenizer
 from expertmesh.model.training import load_balancing_loss, training_forward
 
@@ -156,7 +157,7 @@ def hf_tensors(model: CausalLM, dtype: torch.dtype = torch.bfloat16) -> OrderedD
 
 def save_checkpoint(model: CausalLM, config: dict, tokenizer_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_tensors(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_weights(out, hf_tensors(model), num_shards=2)  # two files of ~12 MB: each well under 16 MiB
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copyfile(tokenizer_dir / name, out / name)
