@@ -6,6 +6,7 @@
     expertmesh chat [--model DIR] --message "hi"        one chat turn through the chat template
     expertmesh make-tiny OUT_DIR [--model-type ...]     write a random-weight HF checkpoint
     expertmesh bench gpu|engine|moe_layer|attention     benchmarks beside their ceilings (bench/)
+    expertmesh experts-report [--out DIR]               which experts each task family uses (demo/)
 
 With no --model, the embedded default model is used (generated once into the cache directory,
 $EXPERTMESH_CACHE or ~/.cache/expertmesh).
@@ -192,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=list(BENCHMARKS),
                        help="; ".join(f"{name}: {text}" for name, text in BENCHMARKS.items()))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+
+    report = sub.add_parser("experts-report", help="run each task family's prompts through the engine and draw "
+                                                   "which experts they use (PNG heatmaps and a table; demo/)")
+    report.add_argument("--model", default=None, help="checkpoint folder (default: the embedded demo model)")
+    report.add_argument("--out", default="experts_report", help="folder for the PNGs, experts.md and experts.json")
+    report.add_argument("--per-family", type=int, default=16, help="held-out prompts run per task family")
+    report.add_argument("--device", default="cpu", help="torch device of the engine")
+    report.add_argument("--seed", type=int, default=11, help="seed of the prompts")
     return parser
 
 
@@ -438,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             import importlib
 
             return importlib.import_module(f"expertmesh.bench.{args.what}").main(args.bench_args)
+        elif args.command == "experts-report":
+            from expertmesh.demo.experts_report import main as experts_report
+
+            return experts_report(args)
     except ValueError as exc:
         print(f"expertmesh: error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from expertmesh.engine.grammar import Phase
 from expertmesh.engine.model_runner import unpack_token_bitmask
 from expertmesh.engine.parsers import split_reasoning_and_tools
 from expertmesh.engine.sampling_params import GuidedDecodingParams, ToolCallConstraint
+from expertmesh.model.default import tiny_model_path
 
 SCHEMAS = {
     "nested_object": {
@@ -75,7 +76,8 @@ TYPELESS = {"name": "echo", "parameters": {"properties": {"on": {"type": "boolea
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(device="cpu", progress=False)
+    # the random tiny model: these tests sample grammars over arbitrary tokens, which a trained model avoids
+    return LLM(tiny_model_path(), device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")

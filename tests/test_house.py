@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("model", "experts", "router", "engine", "cluster", "gateway", "bench", "proto")
+FOLDERS = ("model", "experts", "router", "engine", "cluster", "gateway", "bench", "demo", "proto")
 
 
 @pytest.mark.parametrize("folder", FOLDERS)

@@ -15,6 +15,7 @@ import xgrammar as xgr
 
 from expertmesh import LLM, SamplingParams
 from expertmesh.engine.sampling_params import GuidedDecodingParams
+from expertmesh.model.default import tiny_model_path
 
 BOUNDED_STRINGS = {
     "type": "object",
@@ -36,7 +37,8 @@ SEEDS = range(32)
 
 @pytest.fixture(scope="module")
 def llm():
-    llm = LLM(device="cpu", progress=False)
+    # the random tiny model: sampling must wander through every corner of the schema
+    llm = LLM(tiny_model_path(), device="cpu", progress=False)
     yield llm
     llm.shutdown()
 

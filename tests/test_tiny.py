@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from expertmesh.model import tiny
-from expertmesh.model.default import DEFAULT_MODEL_ARGS, default_model_path
+from expertmesh.model.default import TINY_MODEL_ARGS, tiny_model_path
 from expertmesh.model.tiny import make_tiny
 from expertmesh.model.tokenizer import Tokenizer
 
@@ -182,10 +182,10 @@ def test_tokenizer_training_is_deterministic():
     assert [t["content"] for t in vocab["added_tokens"]] == list(tiny.SPECIAL_TOKENS + tiny.CONTROL_TOKENS)
 
 
-def test_default_model_created_once_and_reused(tmp_path):
+def test_tiny_model_created_once_and_reused(tmp_path):
     target = tmp_path / "models" / "tiny"
     results = []
-    threads = [threading.Thread(target=lambda: results.append(default_model_path(target))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: results.append(tiny_model_path(target))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -193,17 +193,17 @@ def test_default_model_created_once_and_reused(tmp_path):
     assert results == [target, target]
     assert [p.name for p in target.parent.iterdir()] == ["tiny"]  # no staging folders left behind
     stamp = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
-    assert default_model_path(target) == target
+    assert tiny_model_path(target) == target
     assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == stamp
 
     config = json.loads((target / "config.json").read_text())
-    assert config["num_hidden_layers"] == DEFAULT_MODEL_ARGS["num_layers"] == 4
+    assert config["num_hidden_layers"] == TINY_MODEL_ARGS["num_layers"] == 4
     assert config["hidden_size"] == 128 and config["model_type"] == "qwen3_moe"
     assert sum(p.stat().st_size for p in target.iterdir()) < 8 * 2**20
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert default_model_path(empty) == empty and (empty / "config.json").is_file()
-    with pytest.raises(ValueError, match="does not hold the default model"):
+    assert tiny_model_path(empty) == empty and (empty / "config.json").is_file()
+    with pytest.raises(ValueError, match="does not hold the tiny model"):
         (tmp_path / "junk").mkdir()
         (tmp_path / "junk" / "notes.txt").write_text("x")
-        default_model_path(tmp_path / "junk")
+        tiny_model_path(tmp_path / "junk")
