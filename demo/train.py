@@ -174,7 +174,7 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1
 
 
 def train(out: str | Path, *, steps: int = 4000, device: str = "cpu", time_budget: float | None = None,
-          batch_tokens: int = 32768, lr: float = 2e-3, workers: int = 0, seed: int = 0, shape: dict | None = None,
+          batch_tokens: int = 65536, lr: float = 2e-3, workers: int = 0, seed: int = 0, shape: dict | None = None,
           tokenizer_dir: str | Path = TOKENIZER_DIR, log_every: int = 50, progress: bool = True) -> dict:
     """Train, write the checkpoint into `out`, return {"losses": [...], "steps", "seconds", "model"}."""
     torch.manual_seed(seed)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch device to train on (default: cuda when there is one)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds of training: the schedule ends at whichever of steps and time comes first")
-    parser.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per batch")
+    parser.add_argument("--batch-tokens", type=int, default=65536, help="padded tokens per batch")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers generating the corpus")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the corpus stream")
