@@ -107,6 +107,18 @@ def http_server(app) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+class Script:
+    """The engine's reply to a prompt: `reply(prompt)`; every prompt is kept in `prompts`."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.reply = lambda prompt: "Hello."
+
+    def __call__(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        return self.reply(prompt)
+
+
 @contextlib.contextmanager
 def scripted_serving(model_path, script: Callable[[str], str], max_model_len: int = 2048):
     """OpenAIServing over a scripted engine: each request's reply is `script(prompt text)` then EOS.

@@ -303,24 +303,7 @@ def test_a_stream_cut_by_the_client_frees_every_kv_block(live):
     assert stats["num_free_blocks"] == stats["num_blocks"]
     assert stats["num_steps"] - steps < 400, "the turn ran on after the client left"
 
-    async def slow(arguments):
-        await asyncio.sleep(60)
-
-    live.runner.behaviour["add"] = slow
-    try:
-        cancelled = live.runner.cancelled
-        stream = live.a.responses.create(stream=True, **BASE)
-        for event in stream:
-            if event.type == "response.mcp_call.in_progress":
-                break
-        stream.close()
-        deadline = time.monotonic() + 10
-        while live.runner.cancelled == cancelled and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert live.runner.cancelled == cancelled + 1 and live.runner.running == 0
-    finally:
-        del live.runner.behaviour["add"]
-    assert wait_idle(live.engine)["kv_usage"] == 0.0
+    _cut_while_the_tool_runs(live, lambda: live.a.responses.create(stream=True, **BASE), lambda s: s.close())
     assert live.a.responses.create(**BASE).status == "completed"  # and the server goes on serving
 
 
@@ -379,17 +362,24 @@ def test_grpc_refusals(live):
 
 
 def test_a_cancelled_grpc_stream_cancels_its_tool_call(live):
+    _cut_while_the_tool_runs(live, lambda: live.stub.ResponsesStream(grpc_body(), metadata=AUTH, timeout=120),
+                             lambda s: s.cancel())
+
+
+def _cut_while_the_tool_runs(live, start, cut) -> None:
+    """Open a stream (`start()`), `cut(stream)` once its tool call runs (a call that would take 60 s):
+    the call is cancelled and every KV block comes back."""
     async def slow(arguments):
         await asyncio.sleep(60)
 
     live.runner.behaviour["add"] = slow
     try:
         cancelled = live.runner.cancelled
-        stream = live.stub.ResponsesStream(grpc_body(), metadata=AUTH, timeout=120)
+        stream = start()
         for event in stream:
             if event.type == "response.mcp_call.in_progress":
                 break
-        stream.cancel()
+        cut(stream)
         deadline = time.monotonic() + 10
         while live.runner.cancelled == cancelled and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from responses_rig import FakeRunner, scripted_serving, tool_call, wait_idle
+from responses_rig import FakeRunner, Script, scripted_serving, tool_call, wait_idle
 
 from expertmesh.cluster.state import InProcessStateStore
 from expertmesh.gateway.protocol import APIError
@@ -16,18 +16,6 @@ from expertmesh.gateway.responses_protocol import parse_request
 from expertmesh.gateway.tools.types import ToolResult
 
 CALC = {"type": "mcp", "server_label": "calc", "require_approval": "never"}
-
-
-class Script:
-    """The engine's reply to a prompt: `reply(prompt)`; every prompt is kept in `prompts`."""
-
-    def __init__(self) -> None:
-        self.prompts: list[str] = []
-        self.reply = lambda prompt: "Hello."
-
-    def __call__(self, prompt: str) -> str:
-        self.prompts.append(prompt)
-        return self.reply(prompt)
 
 
 @pytest.fixture(scope="module")
