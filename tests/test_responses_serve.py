@@ -104,7 +104,7 @@ def test_responses_through_serve(server):
                                                           metadata=(("authorization", f"Bearer {KEY}"),), timeout=120)
     assert [(i.type, i.name, i.arguments) for i in reply.output] == [("function_call", "lookup", call.arguments)]
 
-    def count() -> float:  # three POSTs over HTTP, one gRPC call (counted as it ends: maybe just after)
+    def count() -> float:  # three POSTs, one GET and one DELETE over HTTP, one gRPC call (counted as it ends)
         found = re.search(r'^expertmesh_requests_total\{endpoint="responses",status="200"\} (\S+)$', text, re.M)
         return float(found.group(1)) if found else 0.0
 
@@ -114,10 +114,10 @@ def test_responses_through_serve(server):
     deadline = time.monotonic() + 15
     while True:
         text = httpx.get(f"{server['base']}/metrics", timeout=10).text
-        if (count() >= 4 and kv() == 0) or time.monotonic() > deadline:
+        if (count() >= 6 and kv() == 0) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert count() == 4
+    assert count() == 6
     assert kv() == 0
 
 

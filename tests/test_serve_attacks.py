@@ -467,6 +467,28 @@ def test_item14_refusals_are_counted_with_their_status(server, keys):
                                                      ("chat", "429"): 1, ("chat", "413"): 1, ("chat", "200"): 1}
 
 
+# ---- the embedded default model answers (issue 16) -----------------------------------------------------------------
+
+def test_the_default_model_adds_a_held_out_sum_and_calls_get_weather_for_the_city_asked(server, keys):
+    """`expertmesh serve` with no model serves the trained demo model: a sum the training never saw
+    gets its number in content and the column working in reasoning_content, and a weather question
+    with get_weather offered (tool_choice auto) gets a get_weather call naming the question's city."""
+    from expertmesh.demo import corpus
+
+    assert corpus.held_out("396+471", 10) and corpus.held_out("Hamburg")
+    api = client(server, keys.admin)
+    message = api.chat.completions.create(model=server["model"], temperature=0, max_tokens=200, messages=[
+        {"role": "user", "content": "What is 396 + 471?"}]).choices[0].message
+    assert message.content == "867" and "ones: 6 + 1 = 7" in message.reasoning_content
+    tools = [corpus.TOOLS["convert_currency"], corpus.TOOLS["get_weather"]]
+    choice = api.chat.completions.create(model=server["model"], temperature=0, max_tokens=200, tools=tools,
+                                         tool_choice="auto", messages=[
+                                             {"role": "user", "content": "What's the weather in Hamburg?"}]).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Hamburg"}
+
+
 # ---- after all of them ---------------------------------------------------------------------------------------------
 
 def test_after_the_attacks_the_server_is_healthy_idle_and_holds_no_reservation(server, keys):
