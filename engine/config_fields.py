@@ -131,6 +131,13 @@ def unknown_name_error(what: str, name: str, known: typing.Iterable[str]) -> Typ
     return TypeError(f"{what} got an unexpected keyword argument {name!r}{hint}")
 
 
+def unknown_key_error(key: Any, known: typing.Iterable[str]) -> ValueError:
+    """ValueError for an unknown key of a config file or mapping, with the closest known key when
+    there is one (AppConfig, the tool registry)."""
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    return ValueError(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
 def _strip_none(annotation: Any) -> tuple[Any, bool]:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]

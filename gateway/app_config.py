@@ -11,7 +11,6 @@ below, derived into a pydantic model by `app_config_model` (engine/config_fields
 """
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from expertmesh.engine.config import EngineConfig, engine_settings
-from expertmesh.engine.config_fields import Setting, setting, settings_of
+from expertmesh.engine.config_fields import Setting, setting, settings_of, unknown_key_error
 from expertmesh.model.hub import is_repo_id
 
 BODY_BYTES_PER_TOKEN = 32
@@ -171,8 +170,7 @@ class _AppConfigBase(BaseModel):
         settings = {s.name: s for s in app_settings()}
         for key in data:
             if key not in settings:
-                close = difflib.get_close_matches(str(key), list(settings), n=1, cutoff=0.6)
-                raise ValueError(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                raise unknown_key_error(key, settings)
         return {k: os.path.expanduser(v) if settings[k].path and isinstance(v, str) and v.startswith("~") else v
                 for k, v in data.items()}
 

@@ -30,7 +30,6 @@ tool names unique across servers and webhooks) is checked by `ToolRunner.start`.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import shlex
 from collections.abc import Mapping
@@ -40,6 +39,8 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from expertmesh.engine.config_fields import unknown_key_error
 
 LABEL_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 """server_label and webhook names: what OpenAI allows in a function name."""
@@ -95,8 +96,7 @@ class _Entry(BaseModel):
         if isinstance(data, dict):
             for key in data:
                 if key not in cls.model_fields:
-                    close = difflib.get_close_matches(str(key), list(cls.model_fields), n=1, cutoff=0.6)
-                    raise ValueError(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                    raise unknown_key_error(key, cls.model_fields)
         return data
 
 
