@@ -15,11 +15,10 @@ import time
 
 import httpx2
 import pytest
-from tool_servers import STDIO_SERVER, McpHttpServer
+from tool_servers import STDIO_SERVER, McpHttpServer, run_runner
 
 from expertmesh.gateway.metrics import Metrics
 from expertmesh.gateway.tools.mcp_client import CallState, HttpMcpServer, ToolFailure
-from expertmesh.gateway.tools.registry import parse_registry
 from expertmesh.gateway.tools.runner import ServerTool, ToolRequestError, ToolRunner
 
 
@@ -31,17 +30,7 @@ def server():
 
 def run(registry: dict, body, **kwargs):
     """asyncio.run(body(runner, metrics)) with a started runner over `registry`."""
-    metrics = Metrics()
-
-    async def go():
-        runner = ToolRunner(parse_registry(registry), metrics=metrics, **kwargs)
-        await runner.start()
-        try:
-            return await body(runner, metrics)
-        finally:
-            await runner.close()
-
-    return asyncio.run(go())
+    return run_runner(registry, body, **kwargs)
 
 
 def series(metrics: Metrics, name: str, **labels: str) -> float:

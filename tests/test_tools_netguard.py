@@ -15,11 +15,10 @@ import socket
 
 import httpx2
 import pytest
-from tool_servers import McpHttpServer
+from tool_servers import McpHttpServer, run_runner
 
 from expertmesh.gateway.metrics import Metrics
 from expertmesh.gateway.tools.netguard import GuardedTransport, NetGuard, NetguardRefused, is_public_address
-from expertmesh.gateway.tools.registry import parse_registry
 from expertmesh.gateway.tools.runner import ToolRequestError, ToolRunner
 
 PRIVATE = ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
@@ -81,20 +80,9 @@ def guard(names: Names) -> NetGuard:
 
 
 def run(body, *, allow: bool = True, names: Names | None = None, registry: dict | None = None):
-    metrics = Metrics()
     names = names or Names({"public.test": [["127.0.0.1"]], "private.test": [["10.1.2.3"]],
                             "mixed.test": [["127.0.0.1", "127.0.0.2"]]})
-
-    async def go():
-        runner = ToolRunner(parse_registry(registry or {}), metrics=metrics, allow_request_urls=allow,
-                            netguard=guard(names), timeout_s=5)
-        await runner.start()
-        try:
-            return await body(runner, metrics)
-        finally:
-            await runner.close()
-
-    return asyncio.run(go())
+    return run_runner(registry or {}, body, allow_request_urls=allow, netguard=guard(names), timeout_s=5)
 
 
 def test_request_urls_are_refused_unless_the_operator_allows_them(server):

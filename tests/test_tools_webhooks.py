@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from tool_servers import WebhookServer
+from tool_servers import WebhookServer, run_runner
 
 from expertmesh.gateway.metrics import Metrics
 from expertmesh.gateway.tools.mcp_client import CallState, CallTransport
@@ -86,18 +86,7 @@ def hooks(receiver: WebhookServer) -> dict:
 
 
 def run(receiver: WebhookServer, body, **kwargs):
-    metrics = Metrics()
-
-    async def go():
-        runner = ToolRunner(parse_registry(hooks(receiver)), metrics=metrics,
-                            environ={"EM_HOOK_SECRET": SECRET}, **kwargs)
-        await runner.start()
-        try:
-            return await body(runner, metrics)
-        finally:
-            await runner.close()
-
-    return asyncio.run(go())
+    return run_runner(hooks(receiver), body, environ={"EM_HOOK_SECRET": SECRET}, **kwargs)
 
 
 def test_a_call_is_signed_verified_and_answers_and_a_replay_is_refused(receiver):

@@ -313,3 +313,23 @@ class WebhookServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def run_runner(registry: dict, body, **kwargs):
+    """asyncio.run(body(runner, metrics)): a started ToolRunner over `registry` (keyword arguments go to
+    ToolRunner), closed after, and its Metrics."""
+    from expertmesh.gateway.metrics import Metrics
+    from expertmesh.gateway.tools.registry import parse_registry
+    from expertmesh.gateway.tools.runner import ToolRunner
+
+    metrics = Metrics()
+
+    async def go():
+        runner = ToolRunner(parse_registry(registry), metrics=metrics, **kwargs)
+        await runner.start()
+        try:
+            return await body(runner, metrics)
+        finally:
+            await runner.close()
+
+    return asyncio.run(go())
