@@ -38,6 +38,25 @@ FAMILIES = ("arith_think", "arith_direct", "tool_call", "tool_answer", "json", "
 WEIGHTS = {"arith_think": 14, "arith_direct": 22, "tool_call": 18, "tool_answer": 8, "json": 14,
            "phrasebook": 6, "python": 3, "fewshot": 14, "chat": 1}
 """Share of each family in a generated stream (relative)."""
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """`WEIGHTS` with some families' shares replaced: "tool_call=30,fewshot=25" (a family at 0 is left out)."""
+    mix = dict(WEIGHTS)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        family, sep, value = part.partition("=")
+        if not sep or family.strip() not in WEIGHTS:
+            raise ValueError(f"{part!r}: expected FAMILY=SHARE with FAMILY one of {', '.join(FAMILIES)}")
+        try:
+            share = float(value)
+        except ValueError:
+            share = -1.0
+        if not share >= 0 or share == float("inf"):
+            raise ValueError(f"{part!r}: the share must be a finite number >= 0")
+        mix[family.strip()] = share
+    if not any(mix.values()):
+        raise ValueError(f"{text!r}: every family's share is 0")
+    return mix
 ALWAYS_TRAIN = {"Valencia", "Leeds", "Tomas", "Paris", "London", "Tokyo"}
 """Names of the issue's and the README's examples: never held out."""
 
@@ -465,10 +484,11 @@ def make_example(rng: random.Random, family: str, split: str = "train") -> Examp
             "python": python_code, "fewshot": fewshot, "chat": small_talk}[family](rng, split)
 
 
-def examples(n: int, split: str = "train", seed: int = 0, families: tuple[str, ...] = FAMILIES) -> Iterator[Example]:
-    """`n` examples of `families` in the proportions of `WEIGHTS`, from `seed`."""
+def examples(n: int, split: str = "train", seed: int = 0, families: tuple[str, ...] = FAMILIES,
+             mix: dict[str, float] | None = None) -> Iterator[Example]:
+    """`n` examples of `families` in the proportions of `mix` (default `WEIGHTS`), from `seed`."""
     rng = random.Random(f"{split}:{seed}")
-    weights = [WEIGHTS[f] for f in families]
+    weights = [(mix or WEIGHTS)[f] for f in families]
     for _ in range(n):
         yield make_example(rng, rng.choices(families, weights)[0], split)
 

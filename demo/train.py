@@ -1,6 +1,7 @@
 """Train the demo model: a plain PyTorch loop over the project's own Qwen3-MoE (`CausalLM`).
 
     python -m expertmesh.demo.train --out DIR [--steps N] [--device cuda] [--time-budget S]
+        [--init CHECKPOINT] [--mix tool_call=30,fewshot=25]
 
 Data: an endless stream of corpus examples (`demo/corpus.py`), rendered with the project's chat
 template and tokenized with the demo tokenizer in DataLoader workers; batches hold examples of
@@ -8,7 +9,9 @@ similar length, right-padded. Loss: cross-entropy on the assistant's tokens only
 up to `<|im_end|>`), plus `router_aux_loss_coef` x the router's load-balancing loss
 (`model.training.load_balancing_loss`, Qwen3-MoE's). AdamW, linear warm-up then cosine decay over
 the run's progress, which is the larger of steps done / `--steps` and time spent / `--time-budget`
-(so a run on a budget still ends its schedule); bf16 autocast on CUDA.
+(so a run on a budget still ends its schedule); bf16 autocast on CUDA. `--init` starts from a
+checkpoint's weights instead of fresh ones (training continued over several device calls, or tuned
+on a different family mix, `--mix`), with a fresh optimizer and schedule.
 
 Output: a `qwen3_moe` checkpoint in Hugging Face's layout (config.json, bf16 weights in two
 safetensors files with their index, the tokenizer files), which transformers loads as
@@ -30,10 +33,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from expertmesh.demo.corpus import examples, render
+from expertmesh.demo.corpus import examples, parse_mix, render
 from expertmesh.demo.tokenizer import TOKENIZER_DIR
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import CausalLM
+from expertmesh.model.loader import load_weights
 from expertmesh.model.tiny import _write_weights
 from expertmesh.model.tokenizer import Tokenizer
 from expertmesh.model.training import load_balancing_loss, training_forward
@@ -102,8 +106,10 @@ def collate(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tenso
 class Batches(IterableDataset):
     """Endless batches of at most `batch_tokens` padded tokens; each worker its own example stream."""
 
-    def __init__(self, tokenizer_dir: str, batch_tokens: int, seed: int, pool: int = 4096) -> None:
+    def __init__(self, tokenizer_dir: str, batch_tokens: int, seed: int, pool: int = 4096,
+                 mix: dict[str, float] | None = None) -> None:
         self.tokenizer_dir, self.batch_tokens, self.seed, self.pool = tokenizer_dir, batch_tokens, seed, pool
+        self.mix = mix
 
     def __iter__(self):
         info = get_worker_info()
@@ -113,7 +119,7 @@ class Batches(IterableDataset):
         rng = random.Random(f"batches:{self.seed}:{worker}")
         round_ = 0
         while True:
-            stream = examples(self.pool, "train", seed=self.seed * 100_003 + worker * 1_009 + round_)
+            stream = examples(self.pool, "train", seed=self.seed * 100_003 + worker * 1_009 + round_, mix=self.mix)
             rows = sorted((encode_example(tokenizer, ex) for ex in stream), key=lambda r: len(r[0]))
             batches, current = [], []
             for row in rows:
@@ -175,18 +181,26 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1
 
 def train(out: str | Path, *, steps: int = 4000, device: str = "cpu", time_budget: float | None = None,
           batch_tokens: int = 65536, lr: float = 2e-3, workers: int = 0, seed: int = 0, shape: dict | None = None,
-          tokenizer_dir: str | Path = TOKENIZER_DIR, log_every: int = 50, progress: bool = True) -> dict:
-    """Train, write the checkpoint into `out`, return {"losses": [...], "steps", "seconds", "model"}."""
+          tokenizer_dir: str | Path = TOKENIZER_DIR, log_every: int = 50, progress: bool = True,
+          init: str | Path | None = None, mix: dict[str, float] | None = None) -> dict:
+    """Train, write the checkpoint into `out`, return {"losses": [...], "steps", "seconds", "model"}.
+    `init`: a checkpoint to start from (its config and weights; `shape` is then ignored)."""
     torch.manual_seed(seed)
     tokenizer_dir = Path(tokenizer_dir)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    config = hf_config(tokenizer, shape or SHAPE)
-    model = build_model(config, device, seed)
+    if init is None:
+        config = hf_config(tokenizer, shape or SHAPE)
+        model = build_model(config, device, seed)
+    else:
+        config = json.loads((Path(init) / "config.json").read_text(encoding="utf-8"))
+        model = build_model(config, device, seed)
+        with torch.no_grad():
+            load_weights(model, init, model.config, progress=False)
     decay = [p for n, p in model.named_parameters() if not n.endswith("norm.weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.startswith("cuda"))
-    loader = DataLoader(Batches(str(tokenizer_dir), batch_tokens, seed), batch_size=None, num_workers=workers,
+    loader = DataLoader(Batches(str(tokenizer_dir), batch_tokens, seed, mix=mix), batch_size=None, num_workers=workers,
                         pin_memory=device.startswith("cuda"), prefetch_factor=8 if workers else None,
                         persistent_workers=bool(workers))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
@@ -245,9 +259,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the corpus stream")
     parser.add_argument("--eval", type=int, default=0,
                         help="after training, greedy-decode this many held-out prompts per family and print accuracy")
+    parser.add_argument("--init", default=None, metavar="CHECKPOINT",
+                        help="start from this checkpoint's weights (and config) instead of fresh ones")
+    parser.add_argument("--mix", default="", metavar="FAMILY=SHARE,...",
+                        help="family shares replacing the corpus's defaults, e.g. tool_call=30,fewshot=25")
     args = parser.parse_args(argv)
+    try:
+        mix = parse_mix(args.mix) if args.mix else None
+    except ValueError as exc:
+        parser.error(f"--mix {exc}")
+    if args.init is not None and not (Path(args.init) / "config.json").is_file():
+        parser.error(f"--init {args.init!r}: no config.json there")
     result = train(args.out, steps=args.steps, device=args.device, time_budget=args.time_budget,
-                   batch_tokens=args.batch_tokens, lr=args.lr, workers=args.workers, seed=args.seed)
+                   batch_tokens=args.batch_tokens, lr=args.lr, workers=args.workers, seed=args.seed,
+                   init=args.init, mix=mix)
     print(f"trained {result['steps']} steps in {result['seconds']:.0f} s; loss {result['losses'][0]:.3f} -> "
           f"{result['losses'][-1]:.3f}; wrote {args.out}")
     print("losses every 50 steps:", " ".join(f"{x:.3f}" for x in result["losses"]))

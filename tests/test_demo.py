@@ -89,6 +89,43 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     assert type(model).__name__ == "Qwen3MoeForCausalLM"
 
 
+def test_training_continues_from_a_checkpoint_on_a_chosen_family_mix(tmp_path):
+    """`--init`: the second run starts from the first run's weights (its first loss is the first
+    run's last, not a fresh model's), and `--mix` reaches the stream."""
+    from expertmesh.demo.train import train
+
+    shape = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 16, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16}
+    mix = {f: 0.0 for f in FAMILIES} | {"arith_direct": 1.0}
+    first = train(tmp_path / "a", steps=10, batch_tokens=1024, lr=1e-2, shape=shape, log_every=1,
+                  progress=False, mix=mix)
+    fresh = train(tmp_path / "b", steps=1, batch_tokens=1024, lr=0.0, shape=shape, log_every=1,
+                  progress=False, mix=mix)
+    again = train(tmp_path / "c", steps=1, batch_tokens=1024, lr=0.0, log_every=1, progress=False,
+                  init=tmp_path / "a", mix=mix)
+    assert again["losses"][0] < fresh["losses"][0] - 0.5
+    assert abs(again["losses"][0] - first["losses"][-1]) < 0.5
+    assert all(ex.family == "arith_direct" for ex in examples(50, mix=mix))
+
+
+@pytest.mark.parametrize("text", ["tool_call", "nope=3", "tool_call=-1", "tool_call=nan", "tool_call=inf",
+                                  "tool_call=x", ",".join(f"{f}=0" for f in FAMILIES)])
+def test_a_bad_family_mix_is_refused(text):
+    with pytest.raises(ValueError):
+        corpus.parse_mix(text)
+
+
+def test_train_command_refuses_a_bad_mix_or_a_missing_init(tmp_path, capsys):
+    from expertmesh.demo.train import main
+
+    for argv in (["--mix", "json=-2"], ["--init", str(tmp_path / "none")]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--out", str(tmp_path / "out"), *argv])
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--mix" in err and "--init" in err
+
+
 def test_training_forward_matches_transformers_on_the_shipped_checkpoint():
     from transformers import AutoModelForCausalLM
 
