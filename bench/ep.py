@@ -7,7 +7,7 @@ of --prompt-len random tokens are prefilled, then --decode-steps decode steps ar
 
   step_ms       median wall time of a decode step, as the engine core sees it
   moe_us        one MoE layer (gate, dispatch, experts, combine), CUDA events, per layer
-  a2a_us        all-to-alls inside one MoE layer (counts, tokens out, results back)
+  a2a_us        all-to-alls inside one MoE layer (decode: rows out and partial sums back; prefill: counts too)
   control_ms    the Ray call per step: executor wall time minus the slowest rank's compute
   ceiling_ms    the roofline of the same step (bench/roofline.py; communication excluded)
 

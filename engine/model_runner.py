@@ -233,7 +233,7 @@ class ModelRunner:
         if hasattr(dispatcher, "begin_step"):  # an all-to-all dispatcher: every rank picks the same mode
             max_tokens = graph_size or max(rank_chunks.total_tokens + (sharded.counts[r] if sharded else 0)
                                            for r, rank_chunks in enumerate(plan.chunks_by_rank))
-            dispatcher.begin_step(max_tokens, self.model_config.top_k, row_bytes=self._row_bytes)
+            dispatcher.begin_step(max_tokens, self.model_config.top_k, **self._exchange_shape)
         if not len(chunks) and (sharded is None or not sharded.num_rows):  # others compute: join their exchanges
             if graph_size is not None:
                 self._logits(_EMPTY_STEP, graph_size)
@@ -292,8 +292,9 @@ class ModelRunner:
                             np.array(sampling_rows, dtype=np.int64))
 
     @functools.cached_property
-    def _row_bytes(self) -> int:
-        return self.model_config.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+    def _exchange_shape(self) -> dict:
+        """What an all-to-all dispatcher's `begin_step` sizes a fixed-capacity exchange from."""
+        return {"hidden_size": self.model_config.hidden_size, "dtype": self.dtype}
 
     def _graph_size(self, plan: StepPlan) -> int | None:
         """The captured batch size to replay: only when every rank's step is decode-only (all ranks
@@ -377,7 +378,7 @@ class ModelRunner:
         self.inputs.upload(_EMPTY_STEP, pad_seqs_to=size)
         self.planner.plan(_EMPTY_STEP.query_start_B1, _EMPTY_STEP.seq_lens_B, pad_to=size)
         if hasattr(self.model.dispatcher, "begin_step"):
-            self.model.dispatcher.begin_step(size, self.model_config.top_k, row_bytes=self._row_bytes)
+            self.model.dispatcher.begin_step(size, self.model_config.top_k, **self._exchange_shape)
 
     def _graph_forward(self, size: int) -> torch.Tensor:
         stats = self.model.expert_load

@@ -19,15 +19,11 @@ A rank with no tokens still takes part in both exchanges (with zero rows). The c
 handed in (`AllToAll`); this module never looks up a process group.
 
 Fixed-capacity mode (decode): when the runner announces, through `begin_step`, that no rank
-holds more than `max_tokens` tokens this step, and the experts run grouped, every rank sends
-exactly C = max_tokens * K rows to every rank (its real rows first, padding after). Sizes are
-then known without looking at the data: step 3's host sync disappears, the CPU keeps queueing
-work ahead of the GPU, and the valid rows are told apart on the device:
-
-      3'. a received row i of source r is valid when i < rows r sent; its slot comes from a
-          searchsorted over r's cumulative counts (invalid rows get slot X and sort last)
-      5'. the experts see all R*C rows; grouped_mm stops at the last valid row
-      6'. each copy's result is read back from its (destination, position) in the padded block
+holds more than `max_tokens` tokens this step, and the experts run grouped, the exchange is the
+one of `router/token_exchange.py`: each token travels at most once to each rank, in a row that
+also carries its copies' slots and weights, C = max_tokens rows to every rank; one all-to-all
+each way, sizes known without looking at the data. No host sync: the CPU keeps queueing work
+ahead of the GPU, and the step can be captured in a CUDA graph.
 
 All ranks see the same step plan, so they pick the same mode.
 
@@ -43,6 +39,7 @@ from typing import Protocol
 
 import torch
 
+from expertmesh.router import token_exchange
 from expertmesh.router.dispatch import Dispatched, DispatchHandle, LocalDispatcher
 from expertmesh.router.timing import StageTimer
 
@@ -136,28 +133,6 @@ class AllToAllHandle(DispatchHandle):
     perm_M: torch.Tensor = None
     send_splits: tuple[int, ...] = ()
     recv_splits: tuple[int, ...] = ()
-    padded_rows_N: torch.Tensor | None = None
-    """Fixed-capacity mode: row of each sent copy (in send order) in the padded [R*C] block."""
-
-
-def padded_positions(counts_RX: torch.Tensor, capacity: int, num_copies: int) -> torch.Tensor:
-    """Row in the padded [R*C] send block of each copy, copies in send order (rank, then slot).
-    Worked example: counts per rank (2, 1), C = 3 -> rows 0, 1 (rank 0) and 3 (rank 1)."""
-    per_rank_R = counts_RX.sum(1)
-    ranks = torch.arange(per_rank_R.shape[0], device=counts_RX.device)
-    rank_N = torch.repeat_interleave(ranks, per_rank_R, output_size=num_copies)
-    starts_R = torch.cumsum(per_rank_R, 0) - per_rank_R
-    return rank_N * capacity + (torch.arange(num_copies, device=counts_RX.device) - starts_R[rank_N])
-
-
-def plan_receive_padded(recv_counts_RX: torch.Tensor, capacity: int, num_local_experts: int) -> ReceivePlan:
-    """Regroup a padded [R*C] received block by local expert; padding rows (slot X) sort last."""
-    R = recv_counts_RX.shape[0]
-    cumulative_RX = torch.cumsum(recv_counts_RX, dim=1)
-    rows_RC = torch.arange(capacity, device=recv_counts_RX.device).expand(R, capacity).contiguous()
-    slot_RC = torch.searchsorted(cumulative_RX, rows_RC, right=True)  # X for rows past the real ones
-    expert_M, perm_M = torch.sort(slot_RC.reshape(-1), stable=True)
-    return ReceivePlan(perm_M, expert_M, recv_counts_RX.sum(dim=0)[:num_local_experts])
 
 
 class AllToAllDispatcher(LocalDispatcher):
@@ -179,12 +154,13 @@ class AllToAllDispatcher(LocalDispatcher):
         self.supports_fixed_capacity = False
         """Set by the owner when the experts stop at the last valid row (grouped_mm)."""
 
-    def begin_step(self, max_tokens_per_rank: int, top_k: int, max_bytes: int = 256 << 20,
-                   row_bytes: int = 0) -> None:
+    def begin_step(self, max_tokens_per_rank: int, top_k: int, *, hidden_size: int, dtype: torch.dtype,
+                   max_bytes: int = 256 << 20) -> None:
         """Choose this step's mode from numbers every rank shares (the plan): fixed capacity when
-        the padded exchange stays under `max_bytes` per rank, exact splits otherwise."""
-        capacity = max_tokens_per_rank * top_k
-        fits = self.num_ranks * capacity * row_bytes <= max_bytes
+        the exchange (out and back, `token_exchange.exchange_bytes`) stays under `max_bytes` per
+        rank, exact splits otherwise."""
+        capacity = max_tokens_per_rank
+        fits = token_exchange.exchange_bytes(self.num_ranks, capacity, hidden_size, dtype, top_k) <= max_bytes
         self.capacity = capacity if self.supports_fixed_capacity and fits and capacity > 0 else None
 
     def _exchange(self, output, input, output_splits=None, input_splits=None) -> None:
@@ -201,11 +177,11 @@ class AllToAllDispatcher(LocalDispatcher):
         K = topk_ids_TK.shape[1]
         key_N = (None if self.replicas is None
                  else self.replicas.physical_slots(layer, topk_ids_TK, self.collective.rank))
+        if self.capacity is not None:
+            return self._dispatch_fixed(x_TD, topk_ids_TK, topk_weights_TK, key_N)
         send = plan_send(topk_ids_TK, self.owner_E, self.slot_E, self.num_ranks, self.max_slots, key_N)
         recv_counts_RX = torch.empty_like(send.counts_RX)
         self._exchange(recv_counts_RX, send.counts_RX)
-        if self.capacity is not None:
-            return self._dispatch_padded(x_TD, send, recv_counts_RX, topk_weights_TK, K)
         splits = torch.stack((send.counts_RX.sum(1), recv_counts_RX.sum(1))).tolist()  # the one host sync
         send_splits, recv_splits = splits
         x_send = x_TD.index_select(0, send.order_N // K)
@@ -215,22 +191,28 @@ class AllToAllDispatcher(LocalDispatcher):
         handle = AllToAllHandle(send.order_N, topk_weights_TK, recv.perm_M, tuple(send_splits), tuple(recv_splits))
         return Dispatched(x_recv.index_select(0, recv.perm_M), recv.counts_E, recv.expert_M, handle)
 
-    def _dispatch_padded(self, x_TD, send: SendPlan, recv_counts_RX, topk_weights_TK, K: int) -> Dispatched:
-        C, R, D = self.capacity, self.num_ranks, x_TD.shape[1]
-        rows_N = padded_positions(send.counts_RX, C, send.order_N.shape[0])
-        x_send = x_TD.new_zeros(R * C, D).index_copy_(0, rows_N, x_TD.index_select(0, send.order_N // K))
-        x_recv = torch.empty_like(x_send)
-        self._exchange(x_recv, x_send)
-        recv = plan_receive_padded(recv_counts_RX, C, self.num_local_experts)
-        handle = AllToAllHandle(send.order_N, topk_weights_TK, recv.perm_M, padded_rows_N=rows_N)
-        return Dispatched(x_recv.index_select(0, recv.perm_M), recv.counts_E, recv.expert_M, handle)
+    def _dispatch_fixed(self, x_TD, topk_ids_TK, topk_weights_TK, key_N) -> Dispatched:
+        C = self.capacity
+        if x_TD.shape[0] > C:
+            raise ValueError(f"{x_TD.shape[0]} tokens on rank {self.collective.rank}, over this step's "
+                             f"announced capacity of {C} (begin_step)")
+        if key_N is None:
+            dest_TK, slot_TK = self.owner_E[topk_ids_TK], self.slot_E[topk_ids_TK]
+        else:
+            key_TK = key_N.view(topk_ids_TK.shape)
+            dest_TK, slot_TK = key_TK // self.max_slots, key_TK % self.max_slots
+        sent = token_exchange.pack(x_TD, dest_TK, slot_TK, topk_weights_TK, self.num_ranks, C)
+        received = torch.empty_like(sent.block_MW)
+        self._exchange(received, sent.block_MW)
+        return token_exchange.unpack(received, x_TD.shape[1], x_TD.dtype, topk_ids_TK.shape[1],
+                                     self.num_local_experts, sent, topk_weights_TK, C)
 
     def combine(self, y_ND: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        if handle.padded_rows_N is not None:
-            y_recv = torch.empty_like(y_ND).index_copy_(0, handle.perm_M, y_ND)
-            y_back = torch.empty_like(y_recv)
-            self._exchange(y_back, y_recv)
-            return super().combine(y_back.index_select(0, handle.padded_rows_N), handle)
+        if isinstance(handle, token_exchange.CapacityHandle):
+            partial_MD = token_exchange.partial_sums(y_ND, handle, handle.topk_weights_TK.shape[1])
+            back_MD = torch.empty_like(partial_MD)
+            self._exchange(back_MD, partial_MD)
+            return token_exchange.gather_home(back_MD, handle, y_ND.dtype)
         y_recv = torch.empty_like(y_ND).index_copy_(0, handle.perm_M, y_ND)
         y_back = y_ND.new_empty(sum(handle.send_splits), y_ND.shape[1])
         self._exchange(y_back, y_recv, list(handle.send_splits), list(handle.recv_splits))

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from expertmesh.cluster.placement import ExpertPlacement, rank_bundles, unplaceable
-from expertmesh.router.all_to_all import padded_positions, plan_receive, plan_receive_padded, plan_send
+from expertmesh.router import token_exchange
+from expertmesh.router.all_to_all import plan_receive, plan_send
+from expertmesh.router.dispatch import LocalDispatcher
 
 
 def test_contiguous_placement():
@@ -71,13 +73,82 @@ def test_receive_plan_of_a_rank_with_fewer_experts_and_no_rows():
     assert recv.perm_M.numel() == 0 and recv.counts_E.tolist() == [0]
 
 
-def test_fixed_capacity_positions_and_regrouping():
-    # Send side: 2 copies to rank 0, 1 to rank 1, capacity 3 rows per rank -> rows 0, 1 and 3.
-    rows = padded_positions(torch.tensor([[1, 1], [1, 0]]), capacity=3, num_copies=3)
-    assert rows.tolist() == [0, 1, 3]
-    # Receive side, capacity 3: from rank 0 slot 0 x1, slot 1 x1 (rows 0, 1; row 2 padding);
-    # from rank 1 slot 1 x2 (rows 3, 4; row 5 padding). Slots of the 6 rows: 0 1 X | 1 1 X.
-    recv = plan_receive_padded(torch.tensor([[1, 1], [0, 2]]), capacity=3, num_local_experts=2)
-    assert recv.perm_M.tolist() == [0, 1, 3, 4, 2, 5]
-    assert recv.expert_M.tolist() == [0, 1, 1, 1, 2, 2]  # 2 = X: padding, after every real row
-    assert recv.counts_E.tolist() == [1, 3]
+def test_fixed_capacity_rows_carry_each_token_once_per_rank_with_its_slots_and_weights():
+    # 2 ranks, 2 slots each; 3 tokens, top-2, capacity 3. Token 0 -> rank 1 slot 0 and rank 0 slot 0;
+    # token 1 -> rank 0 slots 1 and 0 (one row carries both); token 2 -> rank 1 slots 1 and 0.
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    dest = torch.tensor([[1, 0], [0, 0], [1, 1]])
+    slot = torch.tensor([[0, 0], [1, 0], [1, 0]])
+    w = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.625, 0.375]])
+    sent = token_exchange.pack(x, dest, slot, w, num_ranks=2, capacity=3)
+    assert sent.sent_TR.tolist() == [[True, True], [True, False], [False, True]]
+    hidden_bytes, width = token_exchange.row_layout(2, torch.float32, 2)
+    assert sent.block_MW.shape == (6, width)
+    rows = sent.block_MW
+    assert rows[:, :hidden_bytes].view(torch.float32).tolist() == [[1, 2], [3, 4], [0, 0], [1, 2], [5, 6], [0, 0]]
+    slots = rows[:, hidden_bytes: hidden_bytes + 8].view(torch.int32).tolist()
+    assert slots == [[0, 1], [2, 1], [0, 0], [1, 0], [2, 1], [0, 0]]  # slot + 1; 0: the copy goes elsewhere
+    assert rows[:, hidden_bytes + 8:].view(torch.float32).tolist() == [
+        [0, 0.25], [0.5, 0.5], [0, 0], [0.75, 0], [0.625, 0.375], [0, 0]]
+
+
+def _exchange_in_process(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What all_to_all_single does with even splits, for R ranks in one process."""
+    R = len(blocks)
+    return [torch.cat([b.chunk(R)[r] for b in blocks]) for r in range(R)]
+
+
+@pytest.mark.parametrize("ranks, tokens", [(2, [5, 3]), (3, [4, 0, 2]), (4, [1, 1, 1, 1])])
+def test_fixed_capacity_exchange_equals_the_local_dispatcher(ranks, tokens):
+    """R ranks in one process, each expert a different scaling: dispatch, experts, combine over the
+    single exchange each way give every rank the local dispatcher's output; rows the experts skip
+    (past the last valid one) hold NaN here and must not leak."""
+    E, K, D, X = 4 * ranks, 3, 8, 4
+    placement = ExpertPlacement.contiguous(E, ranks)
+    owner, slot = torch.tensor(placement.owner_E), torch.tensor(placement.slot_E)
+    gen = torch.Generator().manual_seed(ranks)
+    xs = [torch.randn(t, D, generator=gen) for t in tokens]
+    ids = [torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(t)]) if t else
+           torch.zeros(0, K, dtype=torch.int64) for t in tokens]
+    ws = [torch.softmax(torch.randn(t, K, generator=gen), -1) for t in tokens]
+    scale_E = torch.arange(1, E + 1, dtype=torch.float32)
+    C = max(tokens)
+    sent = [token_exchange.pack(x, owner[i], slot[i], w, ranks, C) for x, i, w in zip(xs, ids, ws)]
+    received = _exchange_in_process([s.block_MW for s in sent])
+    partials, handles = [], []
+    for r in range(ranks):
+        routed = token_exchange.unpack(received[r], D, torch.float32, K, X, sent[r], ws[r], C)
+        valid = int(routed.counts_E.sum())
+        assert routed.expert_N[:valid].tolist() == sorted(routed.expert_N[:valid].tolist())
+        assert (routed.expert_N[valid:] == X).all()
+        global_N = torch.tensor(placement.rank_experts[r])[routed.expert_N[:valid]]
+        y = torch.full_like(routed.x_ND, float("nan"))
+        y[:valid] = routed.x_ND[:valid] * scale_E[global_N][:, None]
+        partials.append(token_exchange.partial_sums(y, routed.handle, K))
+        handles.append(routed.handle)
+    back = _exchange_in_process(partials)
+    for r in range(ranks):
+        got = token_exchange.gather_home(back[r], handles[r], torch.float32)
+        local = LocalDispatcher.identity(E)
+        d = local.dispatch(xs[r], ids[r], ws[r])
+        want = local.combine(d.x_ND * scale_E[d.expert_N][:, None], d.handle)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_fixed_capacity_refuses_more_tokens_than_announced():
+    from expertmesh.router.all_to_all import AllToAllDispatcher
+
+    class OneRank:
+        rank, world_size = 0, 1
+
+        def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None):
+            output.copy_(input)
+
+    d = AllToAllDispatcher(torch.zeros(4, dtype=torch.int64), torch.arange(4), 4, OneRank())
+    d.supports_fixed_capacity = True
+    d.begin_step(2, 2, hidden_size=8, dtype=torch.float32)
+    assert d.capacity == 2
+    with pytest.raises(ValueError, match="over this step's announced capacity of 2"):
+        d.dispatch(torch.zeros(3, 8), torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2))
+    d.begin_step(10**9, 8, hidden_size=4096, dtype=torch.bfloat16)  # too large for the byte cap
+    assert d.capacity is None

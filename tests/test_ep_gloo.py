@@ -81,7 +81,8 @@ def _rank_main(rank, world, port, path, assignment, out_dir, padded):
 
     def begin_step(prompt_lists):  # what the runner does from the plan every rank sees
         max_tokens = max(sum(len(p) for p in prompts) for prompts in prompt_lists)
-        dispatcher.begin_step(max_tokens, runner.model_config.top_k, row_bytes=4 * runner.model_config.hidden_size)
+        dispatcher.begin_step(max_tokens, runner.model_config.top_k, hidden_size=runner.model_config.hidden_size,
+                              dtype=torch.float32)
         assert (dispatcher.capacity is not None) == padded
 
     mine = [PROMPTS[i] for i in assignment[rank]]

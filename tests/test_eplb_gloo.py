@@ -82,7 +82,7 @@ def test_a_rebalance_moves_each_slots_new_expert_into_it(tmp_path, fp8):
     assert changed >= 4  # experts did move between ranks
 
 
-def _rank_main(rank, port, path, out_dir):
+def _rank_main(rank, port, path, out_dir, fixed):
     import torch.distributed as dist
 
     from expertmesh.cluster.collective import ProcessGroupAllToAll
@@ -102,6 +102,12 @@ def _rank_main(rank, port, path, out_dir):
                          expert_ids=list(old[0][rank * SLOTS:(rank + 1) * SLOTS]), dispatcher=dispatcher,
                          progress=False)
     mine = [PROMPTS[i] for i in ASSIGNMENT[rank]]
+    if fixed:  # the decode exchange: one all-to-all each way, rows sized by the most tokens on a rank
+        dispatcher.supports_fixed_capacity = True
+        most = max(sum(len(PROMPTS[i]) for i in a) for a in ASSIGNMENT)
+        dispatcher.begin_step(most, runner.model_config.top_k, hidden_size=runner.model_config.hidden_size,
+                              dtype=torch.float32)
+        assert dispatcher.capacity == most
     with torch.inference_mode():
         before = _logits(runner, mine, torch.device("cpu"))
         new = _new_layouts()
@@ -114,13 +120,14 @@ def _rank_main(rank, port, path, out_dir):
     leave_group()
 
 
-def test_logits_over_replica_tables_equal_one_process_before_and_after_a_move(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("fixed", [False, True], ids=["exact-splits", "fixed-capacity"])
+def test_logits_over_replica_tables_equal_one_process_before_and_after_a_move(tmp_path_factory, tmp_path, fixed):
     path = make_tiny(tmp_path_factory.mktemp("eplb_gloo") / "m12", num_experts=EXPERTS)
     reference = ModelRunner(ModelLoadConfig(str(path), dtype="float32", device="cpu"),
                             CacheConfig(block_size=BLOCK, num_blocks=64), progress=False)
     with torch.inference_mode():
         expected = _logits(reference, PROMPTS, torch.device("cpu"))
-    mp.spawn(_rank_main, args=(free_port(), str(path), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(path), str(tmp_path), fixed), nprocs=WORLD, join=True)
     new = _new_layouts()
     ref_blocks = [layer.mlp for layer in reference.model.layers]
     for rank, indices in enumerate(ASSIGNMENT):
