@@ -86,23 +86,42 @@ def test_bfloat16_logits_close_to_transformers_bf16(qwen3_moe_path, kernels):
     torch.testing.assert_close(ours, ref, atol=0.03, rtol=0.05)
 
 
-def test_two_rank_workers_over_nccl_give_the_tokens_of_one_gpu(qwen3_moe_path):
-    """EP=2: two RankWorker actors on two GPUs, all-to-all over NCCL, data-parallel attention."""
+def _same_tokens_and_logprobs(got, expected):
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    for a, b in zip(got, expected):
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            for token in x:
+                assert x[token] == pytest.approx(y[token], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def one_gpu_outputs(qwen3_moe_path):
+    """EP=1 on one GPU: the short prompts, and two ~600-token prompts for sequence parallelism."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     pytest.importorskip("ray")
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
+    gen = torch.Generator().manual_seed(5)
+    long = [torch.randint(10, 1000, (600 + 37 * i,), generator=gen).tolist() for i in range(2)]
     one = LLM(qwen3_moe_path, device="cuda", dtype="float32", num_kv_blocks=512, progress=False)
-    expected = one.generate(PROMPTS, params)
-    del one
-    torch.cuda.empty_cache()
-    two = LLM(qwen3_moe_path, device="cuda", dtype="float32", ep_size=2, num_kv_blocks=512, progress=False)
     try:
-        got = two.generate(PROMPTS, params)
-        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
-        for a, b in zip(got, expected):
-            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-                for token in x:
-                    assert x[token] == pytest.approx(y[token], abs=1e-3)
+        yield {"params": params, "long": long, "short": one.generate(PROMPTS, params),
+               "long_out": one.generate(long, params)}
+    finally:
+        one.shutdown()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["cuda-graphs", "eager"])
+def test_two_rank_workers_over_nccl_give_the_tokens_of_one_gpu(qwen3_moe_path, one_gpu_outputs, eager):
+    """EP=2: two RankWorker actors on two GPUs, all-to-all over NCCL (decode through the
+    fixed-capacity exchange, replayed from CUDA graphs or eager), data-parallel attention; and
+    prompts over 512 tokens prefilled and decoded sequence-parallel over NCCL. Both equal one GPU."""
+    expected = one_gpu_outputs
+    two = LLM(qwen3_moe_path, device="cuda", dtype="float32", ep_size=2, num_kv_blocks=512, progress=False,
+              enforce_eager=eager, sequence_parallel_min_tokens=512)
+    try:
+        _same_tokens_and_logprobs(two.generate(PROMPTS, expected["params"]), expected["short"])
+        _same_tokens_and_logprobs(two.generate(expected["long"], expected["params"]), expected["long_out"])
     finally:
         two.shutdown()
