@@ -17,6 +17,10 @@ copy bandwidth and the bf16 matmul rate measured at the start of the same run, `
   longdecode the same engine: one 262,144-token sequence among 63 short ones, decode steps
              (the long prompt comes from the prefix cache of the prefill part), median and worst.
   step235b   Qwen3-235B-A22B's layer shape, 24 layers: decode step at batch 1, 64 and 256.
+  ep         (with --ep N, N GPUs) the same 24 layers on EP=1 and on EP=N (Ray RankWorkers, NCCL,
+             CUDA graphs): decode at batch 1, 64 and 256, tokens/s per GPU beside the per-GPU
+             ceiling and EP=1's, and every rank's device view of 8 profiled decode steps
+             (torch.profiler's kernel records: all-to-all per MoE layer, idle time per step).
   moe        one 235B-shape MoE layer at 1, 64, 1,024 and 16,384 tokens (`bench/moe_layer.py`).
   attention  the paged-attention kernel alone (`bench/attention.py`).
 
@@ -43,7 +47,7 @@ import torch
 
 from expertmesh.bench.ep import QWEN3_235B_LAYER, write_model_dir
 from expertmesh.bench.roofline import DeviceRates, measure_rates, step_ceiling
-from expertmesh.engine.config import CacheConfig, EngineConfig, ModelLoadConfig, SchedulerConfig
+from expertmesh.engine.config import CacheConfig, EngineConfig, ModelLoadConfig, ParallelConfig, SchedulerConfig
 from expertmesh.engine.core import EngineCore
 from expertmesh.engine.executor import InProcessExecutor
 from expertmesh.engine.sampling_params import SamplingParams
@@ -54,7 +58,7 @@ QWEN3_30B = {**QWEN3_235B_LAYER, "hidden_size": 2048, "num_attention_heads": 32,
              "max_position_embeddings": 262144 + 1024}
 """Qwen3-30B-A3B-2507's shape (262,144 tokens native; 1,024 more here, so a 262,144-token prompt
 can still decode the few tokens the long-context step is measured on)."""
-PARTS = ("engine", "prefill", "longdecode", "step235b", "moe", "attention", "profile")
+PARTS = ("engine", "prefill", "longdecode", "step235b", "moe", "attention", "profile", "ep")
 LONG = 262144
 
 
@@ -96,22 +100,32 @@ class StepRecorder:
 
 
 def _step_record(plan, seconds: float) -> dict:
-    chunks = plan.chunks_by_rank[0]
-    return {"seconds": seconds, "seqs": len(chunks), "tokens": int(chunks.num_tokens.sum()) if len(chunks) else 0,
-            "decode": bool(len(chunks)) and bool((chunks.num_tokens == 1).all()),
-            "max_context": int((chunks.starts + chunks.num_tokens).max()) if len(chunks) else 0}
+    """The step's shape over every rank's chunks (one rank in-process; an EP group's ranks split the batch)."""
+    ranks = [c for c in plan.chunks_by_rank if len(c)]
+    return {"seconds": seconds, "seqs": sum(len(c) for c in ranks),
+            "tokens": sum(int(c.num_tokens.sum()) for c in ranks),
+            "decode": bool(ranks) and all(bool((c.num_tokens == 1).all()) for c in ranks),
+            "max_context": max((int((c.starts + c.num_tokens).max()) for c in ranks), default=0)}
 
 
 def build_engine(shape: dict, layers: int, *, max_model_len: int, max_num_seqs: int, kv_bytes: int,
                  max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens, device: str = "cuda",
-                 dtype: str = "bfloat16", kernels: str = "auto") -> EngineCore:
+                 dtype: str = "bfloat16", kernels: str = "auto", ep: int = 1) -> EngineCore:
+    """`ep` > 1: an EP group of `ep` RankWorkers on Ray (one GPU each), the step plan over Ray's
+    compiled-graph channel; else the in-process executor."""
     model_dir = write_model_dir(layers, shape)
     config = EngineConfig(
         load=ModelLoadConfig(str(model_dir), dtype=dtype, device=device, load_format="dummy",
                              max_model_len=max_model_len, kernels=kernels),
         cache=CacheConfig(block_size=16, kv_cache_memory_bytes=kv_bytes),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
-    executor = StepRecorder(InProcessExecutor(config, progress=True))
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+        parallel=ParallelConfig(ep_size=ep, startup_timeout_s=900))
+    if ep > 1:
+        from expertmesh.cluster.executor import RayExecutor
+
+        executor = StepRecorder(RayExecutor(config))
+    else:
+        executor = StepRecorder(InProcessExecutor(config, progress=True))
     return EngineCore(config, executor, Tokenizer.from_pretrained(model_dir))
 
 
@@ -509,6 +523,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| {row['batch']} | {row['engine_median_ms']:.2f} | {row['engine_worst_ms']:.2f} | "
                          f"{row['ceiling_step_ms']:.2f} | {row['over_ceiling']:.2f}x |")
         lines.append("")
+    if "ep" in result:
+        from expertmesh.bench.gpu_ep import markdown_ep
+
+        lines += markdown_ep(result["ep"])
     return "\n".join(lines) + "\n"
 
 
@@ -552,13 +570,20 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", required=True, help="directory for gpu.json, gpu.md and gpu_steps.png")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run (default: all)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=None,
+                   help="which parts to run (default: all; ep only with --ep 2 or more)")
+    p.add_argument("--ep", type=int, default=1, metavar="N",
+                   help="expert-parallel ranks of the ep part, one GPU each (N > 1 runs it: EP=1 and EP=N)")
     p.add_argument("--fp8", action="store_true",
                    help="also run the engine part (batch 1 and 64) and the MoE layer with FP8 weights (e4m3, "
                         "128x128 block scales, as Qwen3-*-FP8), beside bf16 and the FP8 ceiling")
     args = p.parse_args(argv)
+    if args.parts is None:
+        args.parts = [part for part in PARTS if part != "ep" or args.ep > 1]
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
+    if "ep" in args.parts and not 2 <= args.ep <= torch.cuda.device_count():
+        p.error(f"the ep part needs --ep N with 2 <= N <= the GPUs here ({torch.cuda.device_count()}), got {args.ep}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rates = measure_rates(torch.device("cuda"), torch.bfloat16)
@@ -589,6 +614,11 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "step235b" in args.parts:
         result["step235b"] = part_step235b(rates)
+        save()
+    if "ep" in args.parts:
+        from expertmesh.bench.gpu_ep import part_ep
+
+        result["ep"] = part_ep(rates, args.ep)
         save()
     if "moe" in args.parts:
         from expertmesh.bench import moe_layer

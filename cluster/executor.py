@@ -266,6 +266,10 @@ class RayExecutor:
         """Each rank's seconds in all-to-alls and MoE layers since the last call (with time_collectives)."""
         return self._call_all("stage_seconds")
 
+    def profile_window(self, steps: int = 0) -> list[dict | None]:
+        """Benchmarks: open (`steps` 0) or close every rank's device profiling window; each rank's summary."""
+        return self._call_all("profile_window", steps)
+
     def ping_seconds(self, repeats: int = 20) -> float:
         """Median round trip of an empty call to every rank at once (the control path's floor)."""
         import statistics

@@ -12,6 +12,7 @@ from expertmesh.cluster.collective import ProcessGroupAllToAll, free_port, host_
 from expertmesh.cluster.placement import ExpertPlacement, rank_cpus
 from expertmesh.cluster.rebalance import move_experts
 from expertmesh.engine.config import EngineConfig
+from expertmesh.engine.device_profile import WindowSlot
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.step import StepPlan, StepResult
 from expertmesh.model.moe import SparseMoeBlock
@@ -38,6 +39,7 @@ class RankWorker:
             torch.set_num_threads(max(1, round(rank_cpus("cpu", config.parallel.cpus_per_rank))))
         self.runner: ModelRunner | None = None
         self.timer = StageTimer() if config.parallel.time_collectives else None
+        self.profile = WindowSlot()
 
     def rendezvous_address(self) -> tuple[str, int]:
         return host_address(), free_port()
@@ -113,6 +115,11 @@ class RankWorker:
     def stage_seconds(self) -> dict[str, float]:
         """Seconds in all-to-alls and in whole MoE layers since the last call (with time_collectives)."""
         return self.timer.take() if self.timer else {}
+
+    def profile_window(self, steps: int = 0) -> dict | None:
+        """Benchmarks: open this rank's device profiling window (`steps` 0), or close it after
+        `steps` steps and return its summary (`engine/device_profile.py`). CUDA graphs stay on."""
+        return self.profile.toggle(self.device, steps, len(self.runner.model_config.moe_layers))
 
     def ping(self) -> int:
         return self.rank

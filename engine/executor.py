@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from expertmesh.engine.config import EngineConfig
+from expertmesh.engine.device_profile import WindowSlot
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.step import StepPlan, StepResult
 from expertmesh.model.config import ModelConfig
@@ -61,6 +62,7 @@ class InProcessExecutor:
         # A GPU computes while this thread goes on; a CPU computes inside submit, so overlapping
         # would only hold each step's tokens back by one step.
         self.overlaps_steps = self.runner.device.type == "cuda"
+        self._profile = WindowSlot()
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
@@ -73,6 +75,11 @@ class InProcessExecutor:
 
     def expert_load(self) -> torch.Tensor | None:
         return self.runner.expert_load()
+
+    def profile_window(self, steps: int = 0) -> list[dict | None]:
+        """Benchmarks: open (`steps` 0) or close the device profiling window (`engine/device_profile.py`);
+        one summary per rank, as `RayExecutor.profile_window`."""
+        return [self._profile.toggle(self.runner.device, steps, len(self.model_config.moe_layers))]
 
     def restart(self) -> None:
         """Nothing to replace in-process: a failed step raised an ordinary error."""

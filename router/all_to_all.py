@@ -151,6 +151,8 @@ class AllToAllDispatcher(LocalDispatcher):
         self.collective = collective
         self.timer = timer
         self.capacity: int | None = None
+        self.row_plan = token_exchange.RowPlan(self.num_ranks, owner_E.device)
+        self.slots_X1 = torch.arange(num_local_experts + 1, device=owner_E.device)
         self.supports_fixed_capacity = False
         """Set by the owner when the experts stop at the last valid row (grouped_mm)."""
 
@@ -201,18 +203,18 @@ class AllToAllDispatcher(LocalDispatcher):
         else:
             key_TK = key_N.view(topk_ids_TK.shape)
             dest_TK, slot_TK = key_TK // self.max_slots, key_TK % self.max_slots
-        sent = token_exchange.pack(x_TD, dest_TK, slot_TK, topk_weights_TK, self.num_ranks, C)
+        sent = token_exchange.pack(x_TD, dest_TK, slot_TK, topk_weights_TK, self.row_plan, C)
         received = torch.empty_like(sent.block_MW)
         self._exchange(received, sent.block_MW)
         return token_exchange.unpack(received, x_TD.shape[1], x_TD.dtype, topk_ids_TK.shape[1],
-                                     self.num_local_experts, sent, topk_weights_TK, C)
+                                     self.num_local_experts, sent, topk_weights_TK, self.slots_X1)
 
     def combine(self, y_ND: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         if isinstance(handle, token_exchange.CapacityHandle):
             partial_MD = token_exchange.partial_sums(y_ND, handle, handle.topk_weights_TK.shape[1])
-            back_MD = torch.empty_like(partial_MD)
-            self._exchange(back_MD, partial_MD)
-            return token_exchange.gather_home(back_MD, handle, y_ND.dtype)
+            back_M1D = token_exchange.home_buffer(partial_MD)
+            self._exchange(back_M1D[:-1], partial_MD)
+            return token_exchange.gather_home(back_M1D, handle, y_ND.dtype)
         y_recv = torch.empty_like(y_ND).index_copy_(0, handle.perm_M, y_ND)
         y_back = y_ND.new_empty(sum(handle.send_splits), y_ND.shape[1])
         self._exchange(y_back, y_recv, list(handle.send_splits), list(handle.recv_splits))

@@ -8,18 +8,20 @@ M = R*C rows received, N = M*K candidate copies.
     send (the token's home rank):
       1. dest_TK, slot_TK: the rank and local slot of each copy's expert (or of its chosen replica)
       2. sent_TR: token t has a copy on rank r; pos_TR: its row in r's block (a cumulative count)
-      3. row (t, r) of the [R*C, W] byte block: the token's hidden state, then K int32 slot+1 and K
-         float32 gate weights, of the copies that go to r (slot+1 = 0: copy k goes elsewhere).
-         Rows no token fills stay zero, so they carry no copy.
+      3. row (t, r) of the [R*C, W] byte block: the token's hidden state, then K int32 slots and K
+         float32 gate weights, of the copies that go to r (slot NONE: copy k goes elsewhere). The
+         block starts filled with byte 0x7F, so rows no token fills read slot NONE too.
       4. one all_to_all_single of the byte block (even splits)
     receive (the experts' rank):
-      5. every (row, k) with slot+1 > 0 is a copy for that local slot: a stable sort by slot (empty
-         ones get slot X and sort last) gives the grouped GEMM its rows and counts
+      5. every (row, k) whose slot is not NONE is a copy for that local slot: a stable sort by slot
+         (NONE is the largest int32 of four equal bytes, so empty ones sort last; then clamped to X)
+         gives the grouped GEMM its rows, and a searchsorted its counts
     combine:
       6. each copy's result times its weight, in float32, summed per received row (the inverse
          permutation, then a sum over K): one partial sum per (token, rank)
       7. one all_to_all_single of the [R*C, D] float32 block back
-      8. home: out_t = sum over r of partial[r, pos_TR[t, r]] where sent_TR, in float32, then cast
+      8. home: out_t = sum over r of partial[row (t, r)], in float32, then cast (pairs that sent
+         nothing read a zero row kept after the block)
 
 Compared with one row per copy (C = max tokens x K to every rank): K times fewer rows at most
 (a token whose K experts sit on one rank travels once), the counts travel inside the rows instead
@@ -35,7 +37,10 @@ import torch
 from expertmesh.router.dispatch import Dispatched, DispatchHandle
 
 META_BYTES_PER_COPY = 8
-"""int32 slot+1 and float32 weight."""
+"""int32 slot and float32 weight."""
+NONE = 0x7F7F7F7F
+"""The slot of "no copy here": the int32 whose four bytes are the block's fill byte."""
+FILL_BYTE = 0x7F
 
 
 def row_layout(hidden: int, dtype: torch.dtype, top_k: int) -> tuple[int, int]:
@@ -53,33 +58,44 @@ def exchange_bytes(num_ranks: int, capacity: int, hidden: int, dtype: torch.dtyp
 class SentRows:
     block_MW: torch.Tensor
     """uint8 [R*C, W]: what this rank sends (row r*C + i goes to rank r)."""
-    sent_TR: torch.Tensor
-    """bool [T, R]: token t has at least one copy on rank r."""
-    pos_TR: torch.Tensor
-    """int64 [T, R]: the token's row in rank r's block (meaningful where sent_TR)."""
+    row_TR: torch.Tensor
+    """int64 [T, R]: the row of (token t, rank r) in the block, and of its partial sum in the block
+    that comes back; R*C (the spare row) where t sends nothing to r."""
+
+
+class RowPlan:
+    """Per-capacity constants on the device (`rank * C - 1` for each rank): made once per capacity
+    and kept, because a captured CUDA graph reads them at their first address."""
+
+    def __init__(self, num_ranks: int, device) -> None:
+        self.num_ranks, self.device = num_ranks, device
+        self.ranks_R = torch.arange(num_ranks, device=device)
+        self._bases: dict[int, torch.Tensor] = {}
+
+    def base(self, capacity: int) -> torch.Tensor:
+        if capacity not in self._bases:
+            self._bases[capacity] = self.ranks_R * capacity - 1
+        return self._bases[capacity]
 
 
 def pack(x_TD: torch.Tensor, dest_TK: torch.Tensor, slot_TK: torch.Tensor, weights_TK: torch.Tensor,
-         num_ranks: int, capacity: int) -> SentRows:
+         plan: RowPlan, capacity: int) -> SentRows:
     """Steps 1-3. Needs T <= capacity (the capacity is the most tokens any rank holds)."""
     T, K = dest_TK.shape
-    D, R, C = x_TD.shape[1], num_ranks, capacity
+    D, R, C = x_TD.shape[1], plan.num_ranks, capacity
     hidden_bytes, W = row_layout(D, x_TD.dtype, K)
-    on_TKR = dest_TK.unsqueeze(-1) == torch.arange(R, device=dest_TK.device)
-    sent_TR = on_TKR.any(dim=1)
-    pos_TR = torch.cumsum(sent_TR, dim=0) - 1
-    ranks_R = torch.arange(R, device=dest_TK.device)
-    # Row of each (t, r) in the block; pairs that send nothing write into a spare last row.
-    row_P = torch.where(sent_TR, ranks_R * C + pos_TR, R * C).reshape(-1)
-    block = torch.zeros(R * C + 1, W, dtype=torch.uint8, device=x_TD.device)
-    hidden_view = block[:, :hidden_bytes].view(x_TD.dtype)[:, :D]
-    hidden_view.index_copy_(0, row_P, x_TD.unsqueeze(1).expand(T, R, D).reshape(T * R, D))
-    on_TRK = on_TKR.transpose(1, 2)
-    slots_TRK = torch.where(on_TRK, slot_TK.unsqueeze(1).to(torch.int32) + 1, 0)
-    weights_TRK = torch.where(on_TRK, weights_TK.unsqueeze(1).float(), 0.0)
-    block[:, hidden_bytes: hidden_bytes + 4 * K].view(torch.int32).index_copy_(0, row_P, slots_TRK.reshape(T * R, K))
-    block[:, hidden_bytes + 4 * K:].view(torch.float32).index_copy_(0, row_P, weights_TRK.reshape(T * R, K))
-    return SentRows(block[: R * C], sent_TR, pos_TR)
+    on_TRK = dest_TK.unsqueeze(1) == plan.ranks_R[:, None]
+    sent_TR = on_TRK.any(dim=2)
+    row_TR = torch.where(sent_TR, plan.base(C) + torch.cumsum(sent_TR, dim=0), R * C)
+    pieces = [x_TD.contiguous().view(torch.uint8).unsqueeze(1).expand(T, R, -1)]
+    if hidden_bytes > pieces[0].shape[-1]:
+        pieces.append(pieces[0].new_zeros(T, R, hidden_bytes - pieces[0].shape[-1]))
+    slots_TRK = torch.where(on_TRK, slot_TK.to(torch.int32).unsqueeze(1), NONE)
+    weights_TRK = on_TRK * weights_TK.float().unsqueeze(1)
+    pieces += [slots_TRK.view(torch.uint8), weights_TRK.view(torch.uint8)]
+    block = torch.full((R * C + 1, W), FILL_BYTE, dtype=torch.uint8, device=x_TD.device)
+    block.index_copy_(0, row_TR.view(-1), torch.cat(pieces, dim=-1).view(T * R, W))
+    return SentRows(block[: R * C], row_TR)
 
 
 @dataclass(frozen=True)
@@ -88,25 +104,24 @@ class CapacityHandle(DispatchHandle):
     valid_N: torch.Tensor = None
     """bool [N]: the sorted row is a real copy."""
     weights_N: torch.Tensor = None
-    """float32 [N]: its gate weight (0 for empty rows)."""
+    """float32 [N]: its gate weight (rows not valid: anything)."""
     sent: SentRows = None
-    capacity: int = 0
 
 
 def unpack(block_MW: torch.Tensor, hidden: int, dtype: torch.dtype, top_k: int, num_local_experts: int,
-           sent: SentRows, topk_weights_TK: torch.Tensor, capacity: int) -> Dispatched:
-    """Step 5: the received block's copies, sorted by local expert (empty ones last, expert X)."""
+           sent: SentRows, topk_weights_TK: torch.Tensor, slots_X1: torch.Tensor) -> Dispatched:
+    """Step 5: the received block's copies, sorted by local expert (empty ones last, expert X).
+    `slots_X1`: int64 arange(X + 1) on the device (the dispatcher keeps one)."""
     K, X = top_k, num_local_experts
     hidden_bytes, _ = row_layout(hidden, dtype, K)
-    hidden_MD = block_MW[:, :hidden_bytes].view(dtype)[:, :hidden]
+    hidden_MD = block_MW[:, : hidden * torch.empty((), dtype=dtype).element_size()].view(dtype)
     slots_N = block_MW[:, hidden_bytes: hidden_bytes + 4 * K].view(torch.int32).reshape(-1)
     weights_N = block_MW[:, hidden_bytes + 4 * K:].view(torch.float32).reshape(-1)
-    key_N = torch.where(slots_N > 0, slots_N.long() - 1, X)
-    expert_N, perm_N = torch.sort(key_N, stable=True)
-    counts = torch.zeros(X + 1, dtype=torch.int64, device=block_MW.device)
-    counts.index_add_(0, key_N, torch.ones_like(key_N))
-    handle = CapacityHandle(perm_N, topk_weights_TK, expert_N < X, weights_N[perm_N], sent, capacity)
-    return Dispatched(hidden_MD.index_select(0, perm_N // K), counts[:X], expert_N, handle)
+    key_N, perm_N = torch.sort(slots_N, stable=True)
+    expert_N = key_N.clamp_max(X).long()
+    counts_E = torch.diff(torch.searchsorted(expert_N, slots_X1))
+    handle = CapacityHandle(perm_N, topk_weights_TK, expert_N < X, weights_N[perm_N], sent)
+    return Dispatched(hidden_MD.index_select(0, perm_N // K), counts_E, expert_N, handle)
 
 
 def partial_sums(y_ND: torch.Tensor, handle: CapacityHandle, top_k: int) -> torch.Tensor:
@@ -117,10 +132,14 @@ def partial_sums(y_ND: torch.Tensor, handle: CapacityHandle, top_k: int) -> torc
     return unsorted.view(-1, top_k, y_ND.shape[1]).sum(dim=1)
 
 
-def gather_home(back_MD: torch.Tensor, handle: CapacityHandle, dtype: torch.dtype) -> torch.Tensor:
+def home_buffer(partial_MD: torch.Tensor) -> torch.Tensor:
+    """Where the partial sums come back: [M + 1, D] float32, its last row zero (the spare row)."""
+    return torch.zeros(partial_MD.shape[0] + 1, partial_MD.shape[1], dtype=partial_MD.dtype,
+                       device=partial_MD.device)
+
+
+def gather_home(back_M1D: torch.Tensor, handle: CapacityHandle, dtype: torch.dtype) -> torch.Tensor:
     """Step 8: [T, D] in `dtype`, each token's partial sums from the ranks it was sent to."""
-    sent = handle.sent
-    R = sent.sent_TR.shape[1]
-    rows_TR = torch.arange(R, device=back_MD.device) * handle.capacity + sent.pos_TR.clamp(min=0)
-    parts_TRD = back_MD.index_select(0, rows_TR.reshape(-1)).view(*rows_TR.shape, back_MD.shape[1])
-    return torch.where(sent.sent_TR[..., None], parts_TRD, 0.0).sum(dim=1).to(dtype)
+    row_TR = handle.sent.row_TR
+    parts_TRD = back_M1D.index_select(0, row_TR.view(-1)).view(*row_TR.shape, back_M1D.shape[1])
+    return parts_TRD.sum(dim=1).to(dtype)

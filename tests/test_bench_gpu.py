@@ -76,3 +76,25 @@ def test_fp8_engine_part_keeps_fp8_weights_and_reports_beside_bf16():
     assert fp8_ceiling < gpu.step_ceiling(config, rates, torch.float32, 1, 1, 8 + 1)
     assert rows[0]["ceiling_step_ms"] == pytest.approx(fp8_ceiling * 1e3)
     assert "FP8 weights" in gpu.markdown({"device": "cpu", "rates": rates.__dict__, "engine_fp8": rows})
+
+
+@pytest.mark.slow
+def test_ep_part_walks_ep1_and_ep2_with_each_ranks_device_view(ray_session):
+    """bench/gpu.py's ep part on two CPU ranks (Ray, gloo): every batch on EP=1 and EP=2, EP=2 beside
+    EP=1, each rank's profiled window (on a CPU the ops stand in for kernels, gloo for NCCL)."""
+    from expertmesh.bench import gpu_ep
+
+    rates = DeviceRates(copy_gb_s=10.0, matmul_tflop_s=0.1)
+    rows = gpu_ep.part_ep(rates, 2, shape={**SMOKE_SHAPE, "max_position_embeddings": 1024}, layers=2,
+                          batches=(1, 3), new_tokens=6, prompt_len=8, profile_steps=2, device="cpu",
+                          dtype="float32", kv_bytes=16 << 20)
+    assert [(r["ep"], r["batch"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    for row in rows:
+        assert row["n"] >= 3 and row["worst_ms"] >= row["median_ms"] > 0 and row["ceiling_tok_s_per_gpu"] > 0
+        assert len(row["idle_us_per_rank"]) == row["ep"] and len(row["ranks"]) == row["ep"]
+        assert all(r["busy_us"] > 0 and r["kernels"] > 0 for r in row["ranks"])
+    for row in rows[2:]:
+        assert row["a2a_us_per_layer"] > 0  # gloo's all-to-alls, inside each MoE layer
+        assert row["throughput_over_ep1"] > 0 and row["step_over_ep1"] > 0
+    table = "\n".join(gpu_ep.markdown_ep(rows))
+    assert "| 2 | 3 |" in table and "| 1 | 1 |" in table

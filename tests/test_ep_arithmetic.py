@@ -80,16 +80,17 @@ def test_fixed_capacity_rows_carry_each_token_once_per_rank_with_its_slots_and_w
     dest = torch.tensor([[1, 0], [0, 0], [1, 1]])
     slot = torch.tensor([[0, 0], [1, 0], [1, 0]])
     w = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.625, 0.375]])
-    sent = token_exchange.pack(x, dest, slot, w, num_ranks=2, capacity=3)
-    assert sent.sent_TR.tolist() == [[True, True], [True, False], [False, True]]
+    sent = token_exchange.pack(x, dest, slot, w, token_exchange.RowPlan(2, "cpu"), capacity=3)
+    assert sent.row_TR.tolist() == [[0, 3], [1, 6], [6, 4]]  # 6 = R*C: the spare row (nothing sent)
     hidden_bytes, width = token_exchange.row_layout(2, torch.float32, 2)
     assert sent.block_MW.shape == (6, width)
     rows = sent.block_MW
-    assert rows[:, :hidden_bytes].view(torch.float32).tolist() == [[1, 2], [3, 4], [0, 0], [1, 2], [5, 6], [0, 0]]
+    none = token_exchange.NONE
+    assert rows[[0, 1, 3, 4], :hidden_bytes].view(torch.float32).tolist() == [[1, 2], [3, 4], [1, 2], [5, 6]]
     slots = rows[:, hidden_bytes: hidden_bytes + 8].view(torch.int32).tolist()
-    assert slots == [[0, 1], [2, 1], [0, 0], [1, 0], [2, 1], [0, 0]]  # slot + 1; 0: the copy goes elsewhere
-    assert rows[:, hidden_bytes + 8:].view(torch.float32).tolist() == [
-        [0, 0.25], [0.5, 0.5], [0, 0], [0.75, 0], [0.625, 0.375], [0, 0]]
+    assert slots == [[none, 0], [1, 0], [none, none], [0, none], [1, 0], [none, none]]  # rows 2, 5: unfilled
+    assert rows[[0, 1, 3, 4], hidden_bytes + 8:].view(torch.float32).tolist() == [
+        [0, 0.25], [0.5, 0.5], [0.75, 0], [0.625, 0.375]]
 
 
 def _exchange_in_process(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -113,11 +114,12 @@ def test_fixed_capacity_exchange_equals_the_local_dispatcher(ranks, tokens):
     ws = [torch.softmax(torch.randn(t, K, generator=gen), -1) for t in tokens]
     scale_E = torch.arange(1, E + 1, dtype=torch.float32)
     C = max(tokens)
-    sent = [token_exchange.pack(x, owner[i], slot[i], w, ranks, C) for x, i, w in zip(xs, ids, ws)]
+    plan = token_exchange.RowPlan(ranks, "cpu")
+    sent = [token_exchange.pack(x, owner[i], slot[i], w, plan, C) for x, i, w in zip(xs, ids, ws)]
     received = _exchange_in_process([s.block_MW for s in sent])
     partials, handles = [], []
     for r in range(ranks):
-        routed = token_exchange.unpack(received[r], D, torch.float32, K, X, sent[r], ws[r], C)
+        routed = token_exchange.unpack(received[r], D, torch.float32, K, X, sent[r], ws[r], torch.arange(X + 1))
         valid = int(routed.counts_E.sum())
         assert routed.expert_N[:valid].tolist() == sorted(routed.expert_N[:valid].tolist())
         assert (routed.expert_N[valid:] == X).all()
@@ -128,7 +130,9 @@ def test_fixed_capacity_exchange_equals_the_local_dispatcher(ranks, tokens):
         handles.append(routed.handle)
     back = _exchange_in_process(partials)
     for r in range(ranks):
-        got = token_exchange.gather_home(back[r], handles[r], torch.float32)
+        home = token_exchange.home_buffer(back[r])
+        home[:-1] = back[r]
+        got = token_exchange.gather_home(home, handles[r], torch.float32)
         local = LocalDispatcher.identity(E)
         d = local.dispatch(xs[r], ids[r], ws[r])
         want = local.combine(d.x_ND * scale_E[d.expert_N][:, None], d.handle)

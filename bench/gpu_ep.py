@@ -1,0 +1,93 @@
+"""bench/gpu.py's ep part: decode of the 235B layer shape on EP=1 and EP=N, one GPU per rank,
+each figure beside its per-GPU ceiling and EP=1's, and every rank's device view (idle time, the
+all-to-all per MoE layer) from torch.profiler's kernel records with CUDA graphs on."""
+from __future__ import annotations
+
+import gc
+import json
+
+import torch
+
+from expertmesh.bench.ep import QWEN3_235B_LAYER
+from expertmesh.bench.gpu import StepRecorder, _free, _prompts, _series, build_engine, run
+from expertmesh.bench.roofline import DeviceRates, step_ceiling
+from expertmesh.engine.core import EngineCore
+from expertmesh.engine.sampling_params import SamplingParams
+
+
+def profiled_decode(engine: EngineCore, prompts: list[list[int]], steps: int, tag: str) -> list[dict]:
+    """Each rank's device view of `steps` decode steps of `prompts` (`engine/device_profile.py`:
+    busy, idle and collective time per step, all-to-all per MoE layer), CUDA graphs on."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=steps + 4,
+                                                                  ignore_eos=True), stream=False)
+    recorder: StepRecorder = engine.executor
+    recorder.steps = []
+    while not (recorder.steps and recorder.steps[-1]["decode"] and recorder.steps[-1]["seqs"] == len(prompts)):
+        engine.step()  # the prefills, then one decode step
+    engine.executor.profile_window()
+    for _ in range(steps):
+        engine.step()
+    ranks = engine.executor.profile_window(steps)
+    while engine.has_unfinished():
+        engine.step()
+    return ranks
+
+
+def part_ep(rates: DeviceRates, ep: int, *, shape: dict = QWEN3_235B_LAYER, layers: int = 24,
+            batches=(1, 64, 256), new_tokens: int = 40, prompt_len: int = 128, profile_steps: int = 8,
+            **engine_kwargs) -> list[dict]:
+    """Decode of the 235B layer shape on EP=1 and EP=`ep` (one GPU per rank), each batch's step
+    (median and worst) beside its per-GPU ceiling, tokens/s per GPU, EP=`ep` over EP=1 at the same
+    batch, and every rank's device view of a profiled window: idle time per step, all-to-all per
+    MoE layer (NCCL's kernels) and its share of the device's busy time. The shape and
+    build_engine's keywords are parameters so the CPU tests can walk it."""
+    rows = []
+    for size in sorted({1, ep}):
+        engine = build_engine(shape, layers, max_model_len=prompt_len + new_tokens + 16, max_num_seqs=max(batches),
+                              max_num_batched_tokens=max(8192, max(batches) * prompt_len // size),
+                              ep=size, **{"kv_bytes": 6 << 30, **engine_kwargs})
+        c = engine.executor.model_config
+        dtype = {"float32": torch.float32}.get(engine.config.load.dtype, torch.bfloat16)
+        for batch in batches:
+            prompts = _prompts(batch, prompt_len, c.vocab_size, seed=batch)
+            run(engine, prompts, 4, f"warm{size}-{batch}")
+            gc.collect()
+            result = run(engine, prompts, new_tokens, f"ep{size}-b{batch}")
+            decode = [s for s in result["steps"] if s["decode"] and s["seqs"] == batch]
+            series = _series(decode, lambda s: True)
+            ceiling = step_ceiling(c, rates, dtype, batch, batch, prompt_len + new_tokens // 2, size)
+            ranks = profiled_decode(engine, prompts, profile_steps, f"prof{size}-{batch}")
+            row = {"ep": size, "batch": batch, "ceiling_step_ms": ceiling * 1e3, **series,
+                   "tok_s_per_gpu": batch / (series["engine_median_ms"] / 1e3) / size,
+                   "ceiling_tok_s_per_gpu": batch / ceiling / size,
+                   "a2a_us_per_layer": max(r["a2a_us_per_layer"] for r in ranks),
+                   "a2a_share_of_busy": max(r["collective_us"] / r["busy_us"] if r["busy_us"] else 0.0 for r in ranks),
+                   "idle_us_per_rank": [r["idle_us"] for r in ranks], "ranks": ranks}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+        _free(engine)
+    one = {r["batch"]: r for r in rows if r["ep"] == 1}
+    for row in rows:
+        if row["ep"] > 1 and row["batch"] in one:
+            base = one[row["batch"]]
+            row["throughput_over_ep1"] = row["tok_s_per_gpu"] * row["ep"] / base["tok_s_per_gpu"]
+            row["step_over_ep1"] = row["engine_median_ms"] / base["engine_median_ms"]
+    return rows
+
+
+def markdown_ep(rows: list[dict]) -> list[str]:
+    lines = ["## Expert parallelism, 235B layer shape: EP=1 and EP=N on one GPU per rank", "",
+              "| EP | batch | tok/s per GPU | ceiling tok/s per GPU | step median ms | worst ms | ceiling ms "
+              "| over EP=1 (throughput, step) | a2a us/layer | a2a share of busy | idle us/step per rank |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        over = (f"{row['throughput_over_ep1']:.2f}x, {row['step_over_ep1']:.2f}x"
+                if "throughput_over_ep1" in row else "-")
+        idle = " / ".join(f"{x:.0f}" for x in row["idle_us_per_rank"])
+        lines.append(f"| {row['ep']} | {row['batch']} | {row['tok_s_per_gpu']:,.0f} | "
+                     f"{row['ceiling_tok_s_per_gpu']:,.0f} | {row['engine_median_ms']:.2f} | "
+                     f"{row['engine_worst_ms']:.2f} | {row['ceiling_step_ms']:.2f} | {over} | "
+                     f"{row['a2a_us_per_layer']:.0f} | {row['a2a_share_of_busy']:.0%} | {idle} |")
+    lines.append("")
+    return lines
