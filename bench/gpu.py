@@ -73,7 +73,8 @@ class StepRecorder:
         """The record of the step whose tokens came back last."""
         self._submitted: collections.deque[dict] = collections.deque()
         self.__dict__.update({k: getattr(executor, k)
-                              for k in ("model_config", "num_blocks", "num_ranks", "overlaps_steps")})
+                              for k in ("model_config", "num_blocks", "num_ranks", "overlaps_steps")
+                              if hasattr(executor, k)})  # an EP group's executor never overlaps steps
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -66,6 +66,15 @@ def summarize(records: list[Record], window_us: float, steps: int, moe_layers: i
             "kernels": len(records) / steps}
 
 
+def _all_threads():
+    from torch._C._profiler import _ExperimentalConfig
+
+    try:
+        return _ExperimentalConfig(profile_all_threads=True)
+    except TypeError:  # a torch before the option: the starting thread's ops only
+        return None
+
+
 class KernelWindow:
     """torch.profiler around a run of steps on one rank (started and stopped by the caller)."""
 
@@ -83,9 +92,11 @@ class KernelWindow:
 
         if self._profiler is not None:
             raise RuntimeError("the profiling window is open already")
-        activity = ProfilerActivity.CUDA if self.device.type == "cuda" else ProfilerActivity.CPU
         self._sync()
-        self._profiler = profile(activities=[activity])
+        if self.device.type == "cuda":  # CUPTI's kernel records are the whole process's, every thread's
+            self._profiler = profile(activities=[ProfilerActivity.CUDA])
+        else:  # CPU ops are recorded per thread: a Ray rank runs its steps on its compiled graph's thread
+            self._profiler = profile(activities=[ProfilerActivity.CPU], experimental_config=_all_threads())
         self._profiler.__enter__()
         self._start = time.perf_counter()
 
