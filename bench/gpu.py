@@ -21,6 +21,8 @@ copy bandwidth and the bf16 matmul rate measured at the start of the same run, `
              CUDA graphs): decode at batch 1, 64 and 256, tokens/s per GPU beside the per-GPU
              ceiling and EP=1's, and every rank's device view of 8 profiled decode steps
              (torch.profiler's kernel records: all-to-all per MoE layer, idle time per step).
+  sp         (with --ep N) one 262,144-token prompt of the 30B shape on one GPU and sequence-
+             parallel on N: time to the first token beside its compute ceiling, and the speed-up.
   moe        one 235B-shape MoE layer at 1, 64, 1,024 and 16,384 tokens (`bench/moe_layer.py`).
   attention  the paged-attention kernel alone (`bench/attention.py`).
 
@@ -58,7 +60,8 @@ QWEN3_30B = {**QWEN3_235B_LAYER, "hidden_size": 2048, "num_attention_heads": 32,
              "max_position_embeddings": 262144 + 1024}
 """Qwen3-30B-A3B-2507's shape (262,144 tokens native; 1,024 more here, so a 262,144-token prompt
 can still decode the few tokens the long-context step is measured on)."""
-PARTS = ("engine", "prefill", "longdecode", "step235b", "moe", "attention", "profile", "ep")
+PARTS = ("engine", "prefill", "longdecode", "step235b", "moe", "attention", "profile", "ep", "sp")
+MULTI_GPU_PARTS = ("ep", "sp")
 LONG = 262144
 
 
@@ -111,7 +114,8 @@ def _step_record(plan, seconds: float) -> dict:
 
 def build_engine(shape: dict, layers: int, *, max_model_len: int, max_num_seqs: int, kv_bytes: int,
                  max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens, device: str = "cuda",
-                 dtype: str = "bfloat16", kernels: str = "auto", ep: int = 1) -> EngineCore:
+                 dtype: str = "bfloat16", kernels: str = "auto", ep: int = 1,
+                 sequence_parallel_min_tokens: int | None = None) -> EngineCore:
     """`ep` > 1: an EP group of `ep` RankWorkers on Ray (one GPU each), the step plan over Ray's
     compiled-graph channel; else the in-process executor."""
     model_dir = write_model_dir(layers, shape)
@@ -120,7 +124,8 @@ def build_engine(shape: dict, layers: int, *, max_model_len: int, max_num_seqs: 
                              max_model_len=max_model_len, kernels=kernels),
         cache=CacheConfig(block_size=16, kv_cache_memory_bytes=kv_bytes),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-        parallel=ParallelConfig(ep_size=ep, startup_timeout_s=900))
+        parallel=ParallelConfig(ep_size=ep, startup_timeout_s=900,
+                                sequence_parallel_min_tokens=sequence_parallel_min_tokens))
     if ep > 1:
         from expertmesh.cluster.executor import RayExecutor
 
@@ -528,6 +533,10 @@ def markdown(result: dict) -> str:
         from expertmesh.bench.gpu_ep import markdown_ep
 
         lines += markdown_ep(result["ep"])
+    if "sp" in result:
+        from expertmesh.bench.gpu_ep import markdown_sp
+
+        lines += markdown_sp(result["sp"])
     return "\n".join(lines) + "\n"
 
 
@@ -572,19 +581,20 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", required=True, help="directory for gpu.json, gpu.md and gpu_steps.png")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=None,
-                   help="which parts to run (default: all; ep only with --ep 2 or more)")
+                   help="which parts to run (default: all; ep and sp only with --ep 2 or more)")
     p.add_argument("--ep", type=int, default=1, metavar="N",
-                   help="expert-parallel ranks of the ep part, one GPU each (N > 1 runs it: EP=1 and EP=N)")
+                   help="GPUs of the ep and sp parts, one rank each (N > 1 runs them: 1 and N side by side)")
     p.add_argument("--fp8", action="store_true",
                    help="also run the engine part (batch 1 and 64) and the MoE layer with FP8 weights (e4m3, "
                         "128x128 block scales, as Qwen3-*-FP8), beside bf16 and the FP8 ceiling")
     args = p.parse_args(argv)
     if args.parts is None:
-        args.parts = [part for part in PARTS if part != "ep" or args.ep > 1]
+        args.parts = [part for part in PARTS if part not in MULTI_GPU_PARTS or args.ep > 1]
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    if "ep" in args.parts and not 2 <= args.ep <= torch.cuda.device_count():
-        p.error(f"the ep part needs --ep N with 2 <= N <= the GPUs here ({torch.cuda.device_count()}), got {args.ep}")
+    if set(MULTI_GPU_PARTS) & set(args.parts) and not 2 <= args.ep <= torch.cuda.device_count():
+        p.error(f"the ep and sp parts need --ep N with 2 <= N <= the GPUs here ({torch.cuda.device_count()}), "
+                f"got {args.ep}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rates = measure_rates(torch.device("cuda"), torch.bfloat16)
@@ -620,6 +630,11 @@ def main(argv: list[str] | None = None) -> int:
         from expertmesh.bench.gpu_ep import part_ep
 
         result["ep"] = part_ep(rates, args.ep)
+        save()
+    if "sp" in args.parts:
+        from expertmesh.bench.gpu_ep import part_sp_prefill
+
+        result["sp"] = part_sp_prefill(rates, args.ep)
         save()
     if "moe" in args.parts:
         from expertmesh.bench import moe_layer

@@ -1,6 +1,7 @@
-"""bench/gpu.py's ep part: decode of the 235B layer shape on EP=1 and EP=N, one GPU per rank,
-each figure beside its per-GPU ceiling and EP=1's, and every rank's device view (idle time, the
-all-to-all per MoE layer) from torch.profiler's kernel records with CUDA graphs on."""
+"""bench/gpu.py's parts for N GPUs: `ep`, decode of the 235B layer shape on EP=1 and EP=N, one
+GPU per rank, each figure beside its per-GPU ceiling and EP=1's, and every rank's device view
+(idle time, the all-to-all per MoE layer) from torch.profiler's kernel records with CUDA graphs
+on; `sp`, one 262,144-token prompt prefilled on one GPU and sequence-parallel on N."""
 from __future__ import annotations
 
 import gc
@@ -9,7 +10,7 @@ import json
 import torch
 
 from expertmesh.bench.ep import QWEN3_235B_LAYER
-from expertmesh.bench.gpu import StepRecorder, _free, _prompts, _series, build_engine, run
+from expertmesh.bench.gpu import LONG, QWEN3_30B, StepRecorder, _free, _prompts, _series, build_engine, run
 from expertmesh.bench.roofline import DeviceRates, step_ceiling
 from expertmesh.engine.core import EngineCore
 from expertmesh.engine.sampling_params import SamplingParams
@@ -74,6 +75,48 @@ def part_ep(rates: DeviceRates, ep: int, *, shape: dict = QWEN3_235B_LAYER, laye
             row["throughput_over_ep1"] = row["tok_s_per_gpu"] * row["ep"] / base["tok_s_per_gpu"]
             row["step_over_ep1"] = row["engine_median_ms"] / base["engine_median_ms"]
     return rows
+
+
+def part_sp_prefill(rates: DeviceRates, ep: int, *, shape: dict | None = None, layers: int = 48,
+                    length: int = LONG, min_tokens: int | None = None, **engine_kwargs) -> list[dict]:
+    """One `length`-token prompt (the 30B shape by default) prefilled on one GPU and, sequence-
+    parallel, on `ep` (the default threshold shards it: each rank holds 1/ep of its KV and computes
+    1/ep of each chunk's attention). Time to the first token beside the compute ceiling of the
+    same prefill on that many GPUs (communication not counted), and the speed-up over one GPU.
+    `min_tokens`: the sharding threshold on N GPUs (None: the engine's default, 32,768)."""
+    rows = []
+    for size in sorted({1, ep}):
+        engine = build_engine(shape or QWEN3_30B, layers, max_model_len=length + 1024, max_num_seqs=8, ep=size,
+                              sequence_parallel_min_tokens=min_tokens if size > 1 else None,
+                              **{"kv_bytes": 34 << 30, **engine_kwargs})
+        c = engine.executor.model_config
+        dtype = {"float32": torch.float32}.get(engine.config.load.dtype, torch.bfloat16)
+        run(engine, _prompts(2, 256, c.vocab_size, seed=1), 2, f"warm-sp{size}")  # kernels and graphs warm
+        prompt = _prompts(1, length, c.vocab_size, seed=length + size)[0]
+        result = run(engine, [prompt], 1, f"sp{size}")
+        ceiling = step_ceiling(c, rates, dtype, length, 1, length // 2, size)
+        row = {"ep": size, "prompt_tokens": length, "prefill_s": result["wall_s"], "ceiling_s": ceiling,
+               "steps": len(result["steps"]), "sharded": engine.sharded.wants(length),
+               **_series(result["steps"], lambda s: True)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        _free(engine)
+    if len(rows) == 2:
+        rows[1]["speedup_over_one_gpu"] = rows[0]["prefill_s"] / rows[1]["prefill_s"]
+    return rows
+
+
+def markdown_sp(rows: list[dict]) -> list[str]:
+    lines = ["## Sequence-parallel prefill: one long prompt on one GPU and on N", "",
+             "| GPUs | prompt tokens | sharded | prefill s | ceiling s | speed-up over one GPU | worst step ms |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
+    for row in rows:
+        speedup = row.get("speedup_over_one_gpu")
+        lines.append(f"| {row['ep']} | {row['prompt_tokens']:,} | {'yes' if row['sharded'] else 'no'} | "
+                     f"{row['prefill_s']:.2f} | {row['ceiling_s']:.2f} | "
+                     f"{'-' if speedup is None else f'{speedup:.2f}x'} | {row['worst_ms']:.1f} |")
+    lines.append("")
+    return lines
 
 
 def markdown_ep(rows: list[dict]) -> list[str]:

@@ -109,6 +109,9 @@ class KernelWindow:
         profiler.__exit__(None, None, None)
         records = [Record(e.name, float(e.time_range.start), float(e.time_range.end - e.time_range.start))
                    for e in profiler.events() if self._counts(e)]
+        if self.device.type == "cuda" and not records:
+            raise RuntimeError("the profiler recorded no CUDA kernel in the window (is CUPTI available?): "
+                               "its busy and idle times would be meaningless")
         return summarize(records, window_us, steps, moe_layers)
 
     def _counts(self, event) -> bool:

@@ -113,6 +113,18 @@ class _RequestState:
         return head + self.output_token_ids[tail_start: start + n - prompt_len]
 
 
+def fixed_capacity_sizes(dispatcher, sizes: list[int], top_k: int, exchange_shape: dict) -> list[int]:
+    """The decode batch sizes an all-to-all dispatcher would exchange at a fixed capacity (none
+    without `supports_fixed_capacity`; none past its byte cap): the exact-split exchange reads
+    sizes on the host, which a CUDA graph cannot capture."""
+    fitting = []
+    for size in sizes:
+        dispatcher.begin_step(size, top_k, **exchange_shape)
+        if dispatcher.capacity is not None:
+            fitting.append(size)
+    return fitting
+
+
 class ModelRunner:
     def __init__(self, load: ModelLoadConfig, cache: CacheConfig, model_config: ModelConfig | None = None,
                  *, scheduler: SchedulerConfig | None = None, rank: int = 0, ep_size: int = 1,
@@ -165,7 +177,10 @@ class ModelRunner:
         then, on a GPU, freeze the garbage collector's heap (`freeze_startup_heap`)."""
         if self.graphs is not None:
             dispatcher = self.model.dispatcher
-            if (hasattr(dispatcher, "begin_step") and not dispatcher.supports_fixed_capacity) or not all(
+            if hasattr(dispatcher, "begin_step"):  # only sizes whose exchange has a fixed capacity
+                self.graphs.sizes = fixed_capacity_sizes(dispatcher, self.graphs.sizes, self.model_config.top_k,
+                                                         self._exchange_shape)
+            if not self.graphs.sizes or not all(
                     m.capturable for m in self.model.modules() if isinstance(m, SparseMoeBlock)):
                 self.graphs = None  # exact-split all-to-alls or batched experts read sizes on the host
             else:

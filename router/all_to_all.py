@@ -151,18 +151,20 @@ class AllToAllDispatcher(LocalDispatcher):
         self.collective = collective
         self.timer = timer
         self.capacity: int | None = None
+        self.max_exchange_bytes = 256 << 20
+        """The fixed-capacity exchange's cap on what one rank holds for one MoE layer."""
         self.row_plan = token_exchange.RowPlan(self.num_ranks, owner_E.device)
         self.slots_X1 = torch.arange(num_local_experts + 1, device=owner_E.device)
         self.supports_fixed_capacity = False
         """Set by the owner when the experts stop at the last valid row (grouped_mm)."""
 
-    def begin_step(self, max_tokens_per_rank: int, top_k: int, *, hidden_size: int, dtype: torch.dtype,
-                   max_bytes: int = 256 << 20) -> None:
+    def begin_step(self, max_tokens_per_rank: int, top_k: int, *, hidden_size: int, dtype: torch.dtype) -> None:
         """Choose this step's mode from numbers every rank shares (the plan): fixed capacity when
-        the exchange (out and back, `token_exchange.exchange_bytes`) stays under `max_bytes` per
-        rank, exact splits otherwise."""
+        what the exchange holds (`token_exchange.exchange_bytes`) stays under `max_exchange_bytes`
+        per rank (decode steps and short prefills), exact splits otherwise."""
         capacity = max_tokens_per_rank
-        fits = token_exchange.exchange_bytes(self.num_ranks, capacity, hidden_size, dtype, top_k) <= max_bytes
+        fits = (token_exchange.exchange_bytes(self.num_ranks, capacity, hidden_size, dtype, top_k)
+                <= self.max_exchange_bytes)
         self.capacity = capacity if self.supports_fixed_capacity and fits and capacity > 0 else None
 
     def _exchange(self, output, input, output_splits=None, input_splits=None) -> None:

@@ -98,3 +98,16 @@ def test_ep_part_walks_ep1_and_ep2_with_each_ranks_device_view(ray_session):
         assert row["throughput_over_ep1"] > 0 and row["step_over_ep1"] > 0
     table = "\n".join(gpu_ep.markdown_ep(rows))
     assert "| 2 | 3 |" in table and "| 1 | 1 |" in table
+
+
+@pytest.mark.slow
+def test_sp_part_prefills_one_long_prompt_on_one_rank_and_sharded_on_two(ray_session):
+    from expertmesh.bench import gpu_ep
+
+    rates = DeviceRates(copy_gb_s=10.0, matmul_tflop_s=0.1)
+    rows = gpu_ep.part_sp_prefill(rates, 2, shape={**SMOKE_SHAPE, "max_position_embeddings": 4096}, layers=2,
+                                  length=600, min_tokens=256, device="cpu", dtype="float32", kv_bytes=16 << 20)
+    assert [(r["ep"], r["sharded"]) for r in rows] == [(1, False), (2, True)]
+    assert all(r["prefill_s"] > 0 and r["ceiling_s"] > 0 and r["steps"] >= 1 for r in rows)
+    assert rows[1]["speedup_over_one_gpu"] == pytest.approx(rows[0]["prefill_s"] / rows[1]["prefill_s"])
+    assert "| 2 | 600 | yes |" in "\n".join(gpu_ep.markdown_sp(rows))

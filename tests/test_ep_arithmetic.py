@@ -156,3 +156,25 @@ def test_fixed_capacity_refuses_more_tokens_than_announced():
         d.dispatch(torch.zeros(3, 8), torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2))
     d.begin_step(10**9, 8, hidden_size=4096, dtype=torch.bfloat16)  # too large for the byte cap
     assert d.capacity is None
+
+
+def test_graphs_are_captured_only_for_sizes_with_a_fixed_capacity():
+    """A size past the byte cap would take the exact-split exchange, whose sizes the host reads:
+    it is left out of the capture (the runner's `capture_graphs`); none at all without
+    `supports_fixed_capacity`."""
+    from expertmesh.engine.model_runner import fixed_capacity_sizes
+    from expertmesh.router.all_to_all import AllToAllDispatcher
+
+    class TwoRanks:
+        rank, world_size = 0, 2
+
+        def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None):
+            raise AssertionError("not called")
+
+    d = AllToAllDispatcher(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1]), 2, TwoRanks())
+    shape = {"hidden_size": 4096, "dtype": torch.bfloat16}
+    assert fixed_capacity_sizes(d, [1, 8, 256], 8, shape) == []
+    d.supports_fixed_capacity = True
+    per_token = token_exchange.exchange_bytes(2, 1, 4096, torch.bfloat16, 8)
+    d.max_exchange_bytes = 100 * per_token
+    assert fixed_capacity_sizes(d, [1, 8, 64, 100, 101, 256], 8, shape) == [1, 8, 64, 100]
