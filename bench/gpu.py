@@ -21,6 +21,8 @@ copy bandwidth and the bf16 matmul rate measured at the start of the same run, `
              CUDA graphs): decode at batch 1, 64 and 256, tokens/s per GPU beside the per-GPU
              ceiling and EP=1's, and every rank's device view of 8 profiled decode steps
              (torch.profiler's kernel records: all-to-all per MoE layer, idle time per step).
+             With --fp8, also the whole 235B model (94 layers) in FP8 on EP=N alone (one GPU
+             cannot hold it), beside its FP8 ceiling.
   sp         (with --ep N) one 262,144-token prompt of the 30B shape on one GPU and sequence-
              parallel on N: time to the first token beside its compute ceiling, and the speed-up.
   moe        one 235B-shape MoE layer at 1, 64, 1,024 and 16,384 tokens (`bench/moe_layer.py`).
@@ -533,6 +535,10 @@ def markdown(result: dict) -> str:
         from expertmesh.bench.gpu_ep import markdown_ep
 
         lines += markdown_ep(result["ep"])
+    if "ep_fp8" in result:
+        from expertmesh.bench.gpu_ep import markdown_ep
+
+        lines += markdown_ep(result["ep_fp8"], "Qwen3-235B-A22B, all 94 layers, FP8 weights (128x128 blocks): EP=N")
     if "sp" in result:
         from expertmesh.bench.gpu_ep import markdown_sp
 
@@ -631,6 +637,10 @@ def main(argv: list[str] | None = None) -> int:
 
         result["ep"] = part_ep(rates, args.ep)
         save()
+        if args.fp8:  # the whole 235B model (94 layers) in FP8: more than one GPU holds, so EP=N only
+            fp8_shape = {**QWEN3_235B_LAYER, "quantization_config": FP8_BLOCK_CONFIG}
+            result["ep_fp8"] = part_ep(rates, args.ep, shape=fp8_shape, layers=94, with_ep1=False, kv_bytes=8 << 30)
+            save()
     if "sp" in args.parts:
         from expertmesh.bench.gpu_ep import part_sp_prefill
 

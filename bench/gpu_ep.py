@@ -37,14 +37,17 @@ def profiled_decode(engine: EngineCore, prompts: list[list[int]], steps: int, ta
 
 def part_ep(rates: DeviceRates, ep: int, *, shape: dict = QWEN3_235B_LAYER, layers: int = 24,
             batches=(1, 64, 256), new_tokens: int = 40, prompt_len: int = 128, profile_steps: int = 8,
-            **engine_kwargs) -> list[dict]:
+            with_ep1: bool = True, **engine_kwargs) -> list[dict]:
     """Decode of the 235B layer shape on EP=1 and EP=`ep` (one GPU per rank), each batch's step
     (median and worst) beside its per-GPU ceiling, tokens/s per GPU, EP=`ep` over EP=1 at the same
     batch, and every rank's device view of a profiled window: idle time per step, all-to-all per
-    MoE layer (NCCL's kernels) and its share of the device's busy time. The shape and
+    MoE layer (NCCL's kernels) and its share of the device's busy time. `with_ep1` False: EP=`ep`
+    alone (a model one GPU cannot hold). A `quantization_config` in `shape` stores the weights as
+    Qwen's FP8 checkpoints are, and the ceiling reads them as one byte each. The shape and
     build_engine's keywords are parameters so the CPU tests can walk it."""
     rows = []
-    for size in sorted({1, ep}):
+    fp8 = "quantization_config" in shape
+    for size in sorted({1, ep} if with_ep1 else {ep}):
         engine = build_engine(shape, layers, max_model_len=prompt_len + new_tokens + 16, max_num_seqs=max(batches),
                               max_num_batched_tokens=max(8192, max(batches) * prompt_len // size),
                               ep=size, **{"kv_bytes": 6 << 30, **engine_kwargs})
@@ -57,9 +60,11 @@ def part_ep(rates: DeviceRates, ep: int, *, shape: dict = QWEN3_235B_LAYER, laye
             result = run(engine, prompts, new_tokens, f"ep{size}-b{batch}")
             decode = [s for s in result["steps"] if s["decode"] and s["seqs"] == batch]
             series = _series(decode, lambda s: True)
-            ceiling = step_ceiling(c, rates, dtype, batch, batch, prompt_len + new_tokens // 2, size)
+            ceiling = step_ceiling(c, rates, dtype, batch, batch, prompt_len + new_tokens // 2, size,
+                                   fp8_weights=fp8)
             ranks = profiled_decode(engine, prompts, profile_steps, f"prof{size}-{batch}")
-            row = {"ep": size, "batch": batch, "ceiling_step_ms": ceiling * 1e3, **series,
+            row = {"ep": size, "batch": batch, "layers": layers, "fp8": fp8, "ceiling_step_ms": ceiling * 1e3,
+                   **series,
                    "tok_s_per_gpu": batch / (series["engine_median_ms"] / 1e3) / size,
                    "ceiling_tok_s_per_gpu": batch / ceiling / size,
                    "a2a_us_per_layer": max(r["a2a_us_per_layer"] for r in ranks),
@@ -119,8 +124,9 @@ def markdown_sp(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown_ep(rows: list[dict]) -> list[str]:
-    lines = ["## Expert parallelism, 235B layer shape: EP=1 and EP=N on one GPU per rank", "",
+def markdown_ep(rows: list[dict], title: str = "Expert parallelism, 235B layer shape, 24 layers: EP=1 and EP=N "
+                                                "on one GPU per rank") -> list[str]:
+    lines = [f"## {title}", "",
               "| EP | batch | tok/s per GPU | ceiling tok/s per GPU | step median ms | worst ms | ceiling ms "
               "| over EP=1 (throughput, step) | a2a us/layer | a2a share of busy | idle us/step per rank |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -98,6 +98,15 @@ def test_ep_part_walks_ep1_and_ep2_with_each_ranks_device_view(ray_session):
         assert row["throughput_over_ep1"] > 0 and row["step_over_ep1"] > 0
     table = "\n".join(gpu_ep.markdown_ep(rows))
     assert "| 2 | 3 |" in table and "| 1 | 1 |" in table
+    # The whole-model FP8 row: EP=N alone, its ceiling reading one byte a weight.
+    fp8_shape = {**SMOKE_SHAPE, "max_position_embeddings": 1024,
+                 "quantization_config": {**gpu.FP8_BLOCK_CONFIG, "weight_block_size": [16, 16]}}
+    fp8 = gpu_ep.part_ep(rates, 2, shape=fp8_shape, layers=1, batches=(2,), new_tokens=4, prompt_len=8,
+                         profile_steps=1, with_ep1=False, device="cpu", dtype="float32", kv_bytes=16 << 20)
+    assert [(r["ep"], r["batch"], r["fp8"]) for r in fp8] == [(2, 2, True)] and "throughput_over_ep1" not in fp8[0]
+    config = ModelConfig.from_hf_dict({**fp8_shape, "num_hidden_layers": 1})
+    ceiling = gpu.step_ceiling(config, rates, torch.float32, 2, 2, 8 + 2, 2, fp8_weights=True)
+    assert fp8[0]["ceiling_step_ms"] == pytest.approx(ceiling * 1e3)
 
 
 @pytest.mark.slow
