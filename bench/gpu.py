@@ -25,6 +25,9 @@ copy bandwidth and the bf16 matmul rate measured at the start of the same run, `
              cannot hold it), beside its FP8 ceiling.
   sp         (with --ep N) one 262,144-token prompt of the 30B shape on one GPU and sequence-
              parallel on N: time to the first token beside its compute ceiling, and the speed-up.
+  eplb       (with --ep N) the load balancer under a skewed routing load (8 experts' router rows
+             scaled x4, 8 redundant slots): decode at batch 256 before and after one balancer
+             check, the ranks' load imbalance and the step beside its ceiling.
   moe        one 235B-shape MoE layer at 1, 64, 1,024 and 16,384 tokens (`bench/moe_layer.py`).
   attention  the paged-attention kernel alone (`bench/attention.py`).
 
@@ -62,8 +65,8 @@ QWEN3_30B = {**QWEN3_235B_LAYER, "hidden_size": 2048, "num_attention_heads": 32,
              "max_position_embeddings": 262144 + 1024}
 """Qwen3-30B-A3B-2507's shape (262,144 tokens native; 1,024 more here, so a 262,144-token prompt
 can still decode the few tokens the long-context step is measured on)."""
-PARTS = ("engine", "prefill", "longdecode", "step235b", "moe", "attention", "profile", "ep", "sp")
-MULTI_GPU_PARTS = ("ep", "sp")
+PARTS = ("engine", "prefill", "longdecode", "step235b", "moe", "attention", "profile", "ep", "sp", "eplb")
+MULTI_GPU_PARTS = ("ep", "sp", "eplb")
 LONG = 262144
 
 
@@ -116,18 +119,17 @@ def _step_record(plan, seconds: float) -> dict:
 
 def build_engine(shape: dict, layers: int, *, max_model_len: int, max_num_seqs: int, kv_bytes: int,
                  max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens, device: str = "cuda",
-                 dtype: str = "bfloat16", kernels: str = "auto", ep: int = 1,
-                 sequence_parallel_min_tokens: int | None = None) -> EngineCore:
+                 dtype: str = "bfloat16", kernels: str = "auto", ep: int = 1, **parallel) -> EngineCore:
     """`ep` > 1: an EP group of `ep` RankWorkers on Ray (one GPU each), the step plan over Ray's
-    compiled-graph channel; else the in-process executor."""
+    compiled-graph channel; else the in-process executor. `parallel`: more `ParallelConfig` fields
+    (the load balancer's, the sequence-parallel threshold)."""
     model_dir = write_model_dir(layers, shape)
     config = EngineConfig(
         load=ModelLoadConfig(str(model_dir), dtype=dtype, device=device, load_format="dummy",
                              max_model_len=max_model_len, kernels=kernels),
         cache=CacheConfig(block_size=16, kv_cache_memory_bytes=kv_bytes),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-        parallel=ParallelConfig(ep_size=ep, startup_timeout_s=900,
-                                sequence_parallel_min_tokens=sequence_parallel_min_tokens))
+        parallel=ParallelConfig(ep_size=ep, startup_timeout_s=900, **parallel))
     if ep > 1:
         from expertmesh.cluster.executor import RayExecutor
 
@@ -543,6 +545,10 @@ def markdown(result: dict) -> str:
         from expertmesh.bench.gpu_ep import markdown_sp
 
         lines += markdown_sp(result["sp"])
+    if "eplb" in result:
+        from expertmesh.bench.gpu_ep import markdown_eplb
+
+        lines += markdown_eplb(result["eplb"])
     return "\n".join(lines) + "\n"
 
 
@@ -587,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", required=True, help="directory for gpu.json, gpu.md and gpu_steps.png")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=None,
-                   help="which parts to run (default: all; ep and sp only with --ep 2 or more)")
+                   help="which parts to run (default: all; ep, sp and eplb only with --ep 2 or more)")
     p.add_argument("--ep", type=int, default=1, metavar="N",
                    help="GPUs of the ep and sp parts, one rank each (N > 1 runs them: 1 and N side by side)")
     p.add_argument("--fp8", action="store_true",
@@ -599,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     if set(MULTI_GPU_PARTS) & set(args.parts) and not 2 <= args.ep <= torch.cuda.device_count():
-        p.error(f"the ep and sp parts need --ep N with 2 <= N <= the GPUs here ({torch.cuda.device_count()}), "
+        p.error(f"the ep, sp and eplb parts need --ep N with 2 <= N <= the GPUs here ({torch.cuda.device_count()}), "
                 f"got {args.ep}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -645,6 +651,11 @@ def main(argv: list[str] | None = None) -> int:
         from expertmesh.bench.gpu_ep import part_sp_prefill
 
         result["sp"] = part_sp_prefill(rates, args.ep)
+        save()
+    if "eplb" in args.parts:
+        from expertmesh.bench.gpu_ep import part_eplb
+
+        result["eplb"] = part_eplb(rates, args.ep)
         save()
     if "moe" in args.parts:
         from expertmesh.bench import moe_layer

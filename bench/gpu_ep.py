@@ -111,6 +111,67 @@ def part_sp_prefill(rates: DeviceRates, ep: int, *, shape: dict | None = None, l
     return rows
 
 
+def _decode_window(engine: EngineCore, prompts: list[list[int]], steps: int, tag: str) -> dict:
+    """`steps` decode steps of `prompts` (after their prefill): the step series, and the ranks' load
+    imbalance (busiest rank's routed copies over the mean, per MoE layer) since the balancer's last
+    check (since the start before the first)."""
+    executor = engine.executor.inner
+    result = run(engine, prompts, steps, tag)
+    report = executor.load_report(executor.expert_load())
+    decode = [s for s in result["steps"] if s["decode"] and s["seqs"] == len(prompts)]
+    imbalance = report["rank_imbalance"]
+    return {**_series(decode, lambda s: True), "imbalance_mean": sum(imbalance) / len(imbalance),
+            "imbalance_max": max(imbalance), "rebalances": report["rebalances"]}
+
+
+def part_eplb(rates: DeviceRates, ep: int, *, shape: dict = QWEN3_235B_LAYER, layers: int = 24, batch: int = 256,
+              steps: int = 32, prompt_len: int = 128, hot: int = 8, factor: float = 4.0, redundant: int | None = None,
+              **engine_kwargs) -> dict:
+    """The load balancer under a skewed routing load at EP=`ep`: the router rows of `hot` experts of
+    rank 0 scaled by `factor` (random weights route a skewed load then), `redundant` extra slots
+    (default: `hot`). Decode at `batch` before and after one balancer check (`check_balance`:
+    copies of the hot experts, experts moved between ranks): step median and worst, the ranks'
+    load imbalance, and the step ceiling (an even load) beside them."""
+    redundant = hot if redundant is None else redundant
+    engine = build_engine(shape, layers, max_model_len=prompt_len + 2 * steps + 16, max_num_seqs=batch,
+                          max_num_batched_tokens=max(8192, batch * prompt_len // ep), ep=ep,
+                          num_redundant_experts=redundant, **{"kv_bytes": 6 << 30, **engine_kwargs})
+    try:
+        executor = engine.executor.inner
+        c = executor.model_config
+        dtype = {"float32": torch.float32}.get(engine.config.load.dtype, torch.bfloat16)
+        executor.scale_router(list(range(hot)), factor)
+        prompts = _prompts(batch, prompt_len, c.vocab_size, seed=batch)
+        run(engine, prompts, 4, "eplb-warm")
+        before = _decode_window(engine, prompts, steps, "eplb-before")
+        moved = executor.check_balance()
+        run(engine, prompts, 4, "eplb-warm-after")
+        after = _decode_window(engine, prompts, steps, "eplb-after")
+        ceiling = step_ceiling(c, rates, dtype, batch, batch, prompt_len + steps // 2, ep)
+    finally:
+        _free(engine)
+    row = {"ep": ep, "batch": batch, "layers": layers, "hot_experts": hot, "router_factor": factor,
+           "redundant": redundant, "moved": moved, "ceiling_step_ms": ceiling * 1e3, "before": before, "after": after,
+           "step_after_over_before": after["engine_median_ms"] / before["engine_median_ms"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def markdown_eplb(row: dict) -> list[str]:
+    lines = [f"## Load balancer under a skewed load: EP={row['ep']}, batch {row['batch']}, {row['layers']} layers, "
+             f"{row['hot_experts']} hot experts (router rows x{row['router_factor']:g}), "
+             f"{row['redundant']} redundant slots", "",
+             "| | step median ms | worst ms | ceiling ms | busiest rank / mean (mean over layers, worst layer) |",
+             "|---|---:|---:|---:|---:|"]
+    for name in ("before", "after"):
+        r = row[name]
+        lines.append(f"| {name} | {r['engine_median_ms']:.2f} | {r['engine_worst_ms']:.2f} | "
+                     f"{row['ceiling_step_ms']:.2f} | {r['imbalance_mean']:.2f}, {r['imbalance_max']:.2f} |")
+    lines += ["", f"Experts moved: {'yes' if row['moved'] else 'no'}; step after / before: "
+              f"{row['step_after_over_before']:.2f}x.", ""]
+    return lines
+
+
 def markdown_sp(rows: list[dict]) -> list[str]:
     lines = ["## Sequence-parallel prefill: one long prompt on one GPU and on N", "",
              "| GPUs | prompt tokens | sharded | prefill s | ceiling s | speed-up over one GPU | worst step ms |",

@@ -121,6 +121,15 @@ class RankWorker:
         `steps` steps and return its summary (`engine/device_profile.py`). CUDA graphs stay on."""
         return self.profile.toggle(self.device, steps, len(self.runner.model_config.moe_layers))
 
+    def scale_router(self, experts: list[int], factor: float) -> int:
+        """Benchmarks: multiply the router rows of `experts` in every MoE layer by `factor` (random
+        weights then route a skewed load: a scaled row wins the top-k more often). The layers changed."""
+        blocks = [m for m in self.runner.model.modules() if isinstance(m, SparseMoeBlock)]
+        with torch.no_grad():
+            for block in blocks:
+                block.gate.weight[experts] *= factor
+        return len(blocks)
+
     def ping(self) -> int:
         return self.rank
 
