@@ -25,9 +25,10 @@ copy bandwidth and the bf16 matmul rate measured at the start of the same run, `
              cannot hold it), beside its FP8 ceiling.
   sp         (with --ep N) one 262,144-token prompt of the 30B shape on one GPU and sequence-
              parallel on N: time to the first token beside its compute ceiling, and the speed-up.
-  eplb       (with --ep N) the load balancer under a skewed routing load (8 experts' router rows
-             scaled x4, 8 redundant slots): decode at batch 256 before and after one balancer
-             check, the ranks' load imbalance and the step beside its ceiling.
+  eplb       (with --ep N) the load balancer under a skewed routing load (8 experts only rank 0
+             holds given twice the router rows of each layer's 8 busiest, 8 redundant slots): decode at
+             batch 256 before and after one balancer check, the ranks' load imbalance and the
+             step beside its ceiling.
   moe        one 235B-shape MoE layer at 1, 64, 1,024 and 16,384 tokens (`bench/moe_layer.py`).
   attention  the paged-attention kernel alone (`bench/attention.py`).
 

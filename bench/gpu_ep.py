@@ -113,25 +113,26 @@ def part_sp_prefill(rates: DeviceRates, ep: int, *, shape: dict | None = None, l
 
 def _decode_window(engine: EngineCore, prompts: list[list[int]], steps: int, tag: str) -> dict:
     """`steps` decode steps of `prompts` (after their prefill): the step series, and the ranks' load
-    imbalance (busiest rank's routed copies over the mean, per MoE layer) since the balancer's last
-    check (since the start before the first)."""
+    imbalance over the window (busiest rank's routed copies over the mean, per MoE layer, under
+    the layouts in force)."""
     executor = engine.executor.inner
+    start = executor.expert_load()
     result = run(engine, prompts, steps, tag)
-    report = executor.load_report(executor.expert_load())
+    imbalance = executor.balancer.rank_imbalance(executor.expert_load() - start)
     decode = [s for s in result["steps"] if s["decode"] and s["seqs"] == len(prompts)]
-    imbalance = report["rank_imbalance"]
     return {**_series(decode, lambda s: True), "imbalance_mean": sum(imbalance) / len(imbalance),
-            "imbalance_max": max(imbalance), "rebalances": report["rebalances"]}
+            "imbalance_max": max(imbalance)}
 
 
 def part_eplb(rates: DeviceRates, ep: int, *, shape: dict = QWEN3_235B_LAYER, layers: int = 24, batch: int = 256,
-              steps: int = 32, prompt_len: int = 128, hot: int = 8, factor: float = 4.0, redundant: int | None = None,
+              steps: int = 32, prompt_len: int = 128, hot: int = 8, factor: float = 2.0, redundant: int | None = None,
               **engine_kwargs) -> dict:
-    """The load balancer under a skewed routing load at EP=`ep`: the router rows of `hot` experts of
-    rank 0 scaled by `factor` (random weights route a skewed load then), `redundant` extra slots
-    (default: `hot`). Decode at `batch` before and after one balancer check (`check_balance`:
-    copies of the hot experts, experts moved between ranks): step median and worst, the ranks'
-    load imbalance, and the step ceiling (an even load) beside them."""
+    """The load balancer under a skewed routing load at EP=`ep`. After a warm-up, each MoE layer's
+    router rows of `hot` experts that only rank 0 holds become `factor` x the rows of that layer's
+    `hot` busiest experts (`RankWorker.skew_router`: random weights then send rank 0 the popular
+    choices); `redundant` extra slots (default: `hot`). Decode at `batch` before and after one
+    balancer check (`check_balance`: copies of the hot experts, experts moved between ranks): step
+    median and worst, the ranks' load imbalance, and the step ceiling (an even load) beside them."""
     redundant = hot if redundant is None else redundant
     engine = build_engine(shape, layers, max_model_len=prompt_len + 2 * steps + 16, max_num_seqs=batch,
                           max_num_batched_tokens=max(8192, batch * prompt_len // ep), ep=ep,
@@ -140,9 +141,13 @@ def part_eplb(rates: DeviceRates, ep: int, *, shape: dict = QWEN3_235B_LAYER, la
         executor = engine.executor.inner
         c = executor.model_config
         dtype = {"float32": torch.float32}.get(engine.config.load.dtype, torch.bfloat16)
-        executor.scale_router(list(range(hot)), factor)
         prompts = _prompts(batch, prompt_len, c.vocab_size, seed=batch)
         run(engine, prompts, 4, "eplb-warm")
+        layout = executor.balancer.layouts_LP[0]
+        rank0 = layout[: len(layout) // ep]
+        hot_experts = [e for e in rank0 if layout.count(e) == 1][:hot]  # one copy, on rank 0
+        busiest_L = executor.expert_load().topk(len(hot_experts), dim=1).indices.tolist()
+        executor.skew_router(hot_experts, busiest_L, factor)
         before = _decode_window(engine, prompts, steps, "eplb-before")
         moved = executor.check_balance()
         run(engine, prompts, 4, "eplb-warm-after")
@@ -159,7 +164,7 @@ def part_eplb(rates: DeviceRates, ep: int, *, shape: dict = QWEN3_235B_LAYER, la
 
 def markdown_eplb(row: dict) -> list[str]:
     lines = [f"## Load balancer under a skewed load: EP={row['ep']}, batch {row['batch']}, {row['layers']} layers, "
-             f"{row['hot_experts']} hot experts (router rows x{row['router_factor']:g}), "
+             f"{row['hot_experts']} hot experts (the busiest rows x{row['router_factor']:g}), "
              f"{row['redundant']} redundant slots", "",
              "| | step median ms | worst ms | ceiling ms | busiest rank / mean (mean over layers, worst layer) |",
              "|---|---:|---:|---:|---:|"]

@@ -270,9 +270,9 @@ class RayExecutor:
         """Benchmarks: open (`steps` 0) or close every rank's device profiling window; each rank's summary."""
         return self._call_all("profile_window", steps)
 
-    def scale_router(self, experts: list[int], factor: float) -> None:
-        """Benchmarks: skew the routing of every rank the same way (`RankWorker.scale_router`)."""
-        self._call_all("scale_router", experts, factor)
+    def skew_router(self, hot: list[int], sources_L: list[list[int]], factor: float) -> None:
+        """Benchmarks: skew the routing of every rank the same way (`RankWorker.skew_router`)."""
+        self._call_all("skew_router", hot, sources_L, factor)
 
     def ping_seconds(self, repeats: int = 20) -> float:
         """Median round trip of an empty call to every rank at once (the control path's floor)."""

@@ -121,13 +121,15 @@ class RankWorker:
         `steps` steps and return its summary (`engine/device_profile.py`). CUDA graphs stay on."""
         return self.profile.toggle(self.device, steps, len(self.runner.model_config.moe_layers))
 
-    def scale_router(self, experts: list[int], factor: float) -> int:
-        """Benchmarks: multiply the router rows of `experts` in every MoE layer by `factor` (random
-        weights then route a skewed load: a scaled row wins the top-k more often). The layers changed."""
-        blocks = [m for m in self.runner.model.modules() if isinstance(m, SparseMoeBlock)]
+    def skew_router(self, hot: list[int], sources_L: list[list[int]], factor: float) -> int:
+        """Benchmarks: in MoE layer l, the router rows of the `hot` experts become `factor` times the
+        rows of `sources_L[l]` (its busiest experts, say): on random weights the hot experts then
+        win the top-k where those did, and the load leans to their rank. The layers changed."""
+        blocks = sorted((m for m in self.runner.model.modules() if isinstance(m, SparseMoeBlock)),
+                        key=lambda m: m.moe_index)
         with torch.no_grad():
-            for block in blocks:
-                block.gate.weight[experts] *= factor
+            for block, sources in zip(blocks, sources_L):
+                block.gate.weight[hot] = factor * block.gate.weight[sources]
         return len(blocks)
 
     def ping(self) -> int:

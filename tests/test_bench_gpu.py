@@ -124,17 +124,17 @@ def test_sp_part_prefills_one_long_prompt_on_one_rank_and_sharded_on_two(ray_ses
 
 @pytest.mark.slow
 def test_eplb_part_skews_the_routing_and_the_balancer_evens_it(ray_session):
-    """bench/gpu.py's eplb part on two CPU ranks: scaled router rows of rank 0's first experts make
-    rank 0 the busiest; one balancer check moves experts (and fills the redundant slots), and the
-    load after is more even than before."""
+    """bench/gpu.py's eplb part on two CPU ranks: experts only rank 0 holds given the busiest experts'
+    router rows make rank 0 the busiest; one balancer check moves experts (and fills the redundant
+    slots), and the load after is more even than before."""
     from expertmesh.bench import gpu_ep
 
     rates = DeviceRates(copy_gb_s=10.0, matmul_tflop_s=0.1)
     row = gpu_ep.part_eplb(rates, 2, shape={**SMOKE_SHAPE, "max_position_embeddings": 1024}, layers=2, batch=4,
-                           steps=6, prompt_len=8, hot=2, factor=6.0, device="cpu", dtype="float32",
+                           steps=6, prompt_len=8, hot=4, device="cpu", dtype="float32",
                            kv_bytes=16 << 20)
     before, after = row["before"], row["after"]
-    assert before["imbalance_mean"] > 1.2 and row["moved"] and after["rebalances"] == 1
+    assert before["imbalance_mean"] > 1.2 and row["moved"]
     assert after["imbalance_mean"] < before["imbalance_mean"]
     assert before["n"] >= 5 and after["n"] >= 5 and row["ceiling_step_ms"] > 0
     assert "| before |" in "\n".join(gpu_ep.markdown_eplb(row))
