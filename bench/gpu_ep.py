@@ -16,6 +16,11 @@ from expertmesh.engine.core import EngineCore
 from expertmesh.engine.sampling_params import SamplingParams
 
 
+def _dtype(engine: EngineCore) -> torch.dtype:
+    """The weights' dtype as the ceilings count it (the bench loads bfloat16, or float32 on a CPU)."""
+    return torch.float32 if engine.config.load.dtype == "float32" else torch.bfloat16
+
+
 def profiled_decode(engine: EngineCore, prompts: list[list[int]], steps: int, tag: str) -> list[dict]:
     """Each rank's device view of `steps` decode steps of `prompts` (`engine/device_profile.py`:
     busy, idle and collective time per step, all-to-all per MoE layer), CUDA graphs on."""
@@ -52,7 +57,7 @@ def part_ep(rates: DeviceRates, ep: int, *, shape: dict = QWEN3_235B_LAYER, laye
                               max_num_batched_tokens=max(8192, max(batches) * prompt_len // size),
                               ep=size, **{"kv_bytes": 6 << 30, **engine_kwargs})
         c = engine.executor.model_config
-        dtype = {"float32": torch.float32}.get(engine.config.load.dtype, torch.bfloat16)
+        dtype = _dtype(engine)
         for batch in batches:
             prompts = _prompts(batch, prompt_len, c.vocab_size, seed=batch)
             run(engine, prompts, 4, f"warm{size}-{batch}")
@@ -95,7 +100,7 @@ def part_sp_prefill(rates: DeviceRates, ep: int, *, shape: dict | None = None, l
                               sequence_parallel_min_tokens=min_tokens if size > 1 else None,
                               **{"kv_bytes": 34 << 30, **engine_kwargs})
         c = engine.executor.model_config
-        dtype = {"float32": torch.float32}.get(engine.config.load.dtype, torch.bfloat16)
+        dtype = _dtype(engine)
         run(engine, _prompts(2, 256, c.vocab_size, seed=1), 2, f"warm-sp{size}")  # kernels and graphs warm
         prompt = _prompts(1, length, c.vocab_size, seed=length + size)[0]
         result = run(engine, [prompt], 1, f"sp{size}")
@@ -140,7 +145,7 @@ def part_eplb(rates: DeviceRates, ep: int, *, shape: dict = QWEN3_235B_LAYER, la
     try:
         executor = engine.executor.inner
         c = executor.model_config
-        dtype = {"float32": torch.float32}.get(engine.config.load.dtype, torch.bfloat16)
+        dtype = _dtype(engine)
         prompts = _prompts(batch, prompt_len, c.vocab_size, seed=batch)
         run(engine, prompts, 4, "eplb-warm")
         layout = executor.balancer.layouts_LP[0]

@@ -47,7 +47,7 @@ FILL_BYTE = 0x7F
 
 def row_layout(hidden: int, dtype: torch.dtype, top_k: int) -> tuple[int, int]:
     """(bytes of the hidden state, padded to 4; bytes of a whole row)."""
-    hidden_bytes = -(-hidden * torch.empty((), dtype=dtype).element_size() // 4) * 4
+    hidden_bytes = -(-hidden * dtype.itemsize // 4) * 4
     return hidden_bytes, hidden_bytes + META_BYTES_PER_COPY * top_k
 
 
@@ -55,9 +55,8 @@ def exchange_bytes(num_ranks: int, capacity: int, hidden: int, dtype: torch.dtyp
     """Bytes one rank holds for one MoE layer's exchange: the blocks out and back, and on the
     receiving side the R*C*K candidate copies (in `dtype`, and once in float32 while they are
     weighted and summed)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
     rows = num_ranks * capacity
-    return rows * (row_layout(hidden, dtype, top_k)[1] + 4 * hidden) + rows * top_k * hidden * (2 * itemsize + 4)
+    return rows * (row_layout(hidden, dtype, top_k)[1] + 4 * hidden) + rows * top_k * hidden * (2 * dtype.itemsize + 4)
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class RowPlan:
     and kept, because a captured CUDA graph reads them at their first address."""
 
     def __init__(self, num_ranks: int, device) -> None:
-        self.num_ranks, self.device = num_ranks, device
+        self.num_ranks = num_ranks
         self.ranks_R = torch.arange(num_ranks, device=device)
         self._bases: dict[int, torch.Tensor] = {}
 
@@ -122,7 +121,7 @@ def unpack(block_MW: torch.Tensor, hidden: int, dtype: torch.dtype, top_k: int, 
     `slots_X1`: int64 arange(X + 1) on the device (the dispatcher keeps one)."""
     K, X = top_k, num_local_experts
     hidden_bytes, _ = row_layout(hidden, dtype, K)
-    hidden_MD = block_MW[:, : hidden * torch.empty((), dtype=dtype).element_size()].view(dtype)
+    hidden_MD = block_MW[:, : hidden * dtype.itemsize].view(dtype)
     slots_N = block_MW[:, hidden_bytes: hidden_bytes + 4 * K].view(torch.int32).reshape(-1)
     weights_MK = block_MW[:, hidden_bytes + 4 * K:].view(torch.float32)
     key_N, perm_N = torch.sort(slots_N, stable=True)

@@ -122,7 +122,7 @@ class Script:
 @contextlib.contextmanager
 def scripted_serving(model_path, script: Callable[[str], str], max_model_len: int = 2048):
     """OpenAIServing over a scripted engine: each request's reply is `script(prompt text)` then EOS.
-    Yields (serving, engine)."""
+    Yields a namespace of serving, engine, tokenizer and the script."""
     from expertmesh.engine.async_engine import AsyncEngine
     from expertmesh.engine.config import CacheConfig, EngineConfig, ModelLoadConfig
     from expertmesh.engine.core import EngineCore
@@ -141,7 +141,7 @@ def scripted_serving(model_path, script: Callable[[str], str], max_model_len: in
     engine = AsyncEngine(EngineCore(config, executor, tokenizer))
     serving = OpenAIServing(LocalEngineClient(engine), tokenizer, ServingSettings("tiny", max_model_len))
     try:
-        yield SimpleNamespace(serving=serving, engine=engine, tokenizer=tokenizer)
+        yield SimpleNamespace(serving=serving, engine=engine, tokenizer=tokenizer, script=script)
     finally:
         engine.shutdown()
 

@@ -21,9 +21,7 @@ CALC = {"type": "mcp", "server_label": "calc", "require_approval": "never"}
 
 @pytest.fixture(scope="module")
 def rig(qwen3_moe_path):
-    script = Script()
-    with scripted_serving(qwen3_moe_path, script) as s:
-        s.script = script
+    with scripted_serving(qwen3_moe_path, Script()) as s:
         yield s
 
 

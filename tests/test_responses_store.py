@@ -136,9 +136,7 @@ class Script:
 
 @pytest.fixture(scope="module")
 def scripted(qwen3_moe_path):
-    script = Script()
-    with scripted_serving(qwen3_moe_path, script) as rig:
-        rig.script = script
+    with scripted_serving(qwen3_moe_path, Script()) as rig:
         yield rig
 
 
