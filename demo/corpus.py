@@ -70,7 +70,7 @@ def _split_list(items: list[str] | tuple[str, ...], split: str) -> list[str]:
     return [x for x in items if held_out(x) == (split == "test")]
 
 
-SYNTHETIC_SHARE = 0.5
+SYNTHETIC_SHARE = 0.65
 """Share of made-up names among the training split's cities and people: with only ~200 real ones
 the model learns them by heart; with made-up ones it must copy from the question (and then copies
 held-out real ones too). The split "train-real" (the tokenizer's text) has none."""
@@ -78,13 +78,27 @@ _ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s",
            "dr", "gr", "kr", "sh", "st", "tr", "th", "")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou", "y")
 _CODAS = ("", "", "", "n", "r", "s", "l", "m", "t", "nd", "rk", "x")
+_LETTERS_BY_USE = "eeeeaaaaiiiooouunnnrrrsssttllmmddkkbbgghhccppvvwwzyfjxq"
+_REAL = frozenset(CITIES) | frozenset(NAMES)
+_SPLICEABLE = tuple(sorted(x for x in _REAL if not held_out(x)))
 
 
 def synthetic_name(rng: random.Random) -> str:
-    """A pronounceable made-up name such as "Korvadel" or "Brisa Tum"."""
+    """A made-up name: syllables ("Korvadel"), letters at random ("Tkaenvr"), or two real names
+    spliced ("Frankholm" from the front of one and the back of another), at times two words.
+    The three kinds leave the model no spelling habit to fall back on: it must copy."""
     def word() -> str:
-        parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3))]
-        return ("".join(parts) + rng.choice(_CODAS)).capitalize()
+        kind = rng.random()
+        if kind < 0.4:
+            parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3))]
+            return ("".join(parts) + rng.choice(_CODAS)).capitalize()
+        if kind < 0.7:
+            return "".join(rng.choice(_LETTERS_BY_USE) for _ in range(rng.randint(3, 10))).capitalize()
+        while True:
+            a, b = rng.choice(_SPLICEABLE), rng.choice(_SPLICEABLE)
+            spliced = (a[: rng.randint(2, max(2, len(a) - 1))] + b[rng.randint(1, max(1, len(b) - 2)):]).capitalize()
+            if spliced not in _REAL:  # never a real (perhaps held-out) name by chance
+                return spliced
     return word() if rng.random() < 0.85 else f"{word()} {word()}"
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -112,6 +113,7 @@ class Batches(IterableDataset):
         self.mix = mix
 
     def __iter__(self):
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
         info = get_worker_info()
         worker = info.id if info is not None else 0
         tokenizer = Tokenizer.from_pretrained(self.tokenizer_dir)
@@ -207,8 +209,12 @@ def train(out: str | Path, *, steps: int = 4000, device: str = "cpu", time_budge
         "cpu", enabled=False)
     top_k, losses, start = config["num_experts_per_tok"], [], time.monotonic()
     bar = tqdm(total=steps, desc="train", unit="step", disable=not progress)
-    step, window = 0, []
-    for ids_BS, labels_BS in loader:
+    step, window, waited = 0, [], 0.0
+    batches = iter(loader)
+    while True:
+        before = time.monotonic()
+        ids_BS, labels_BS = next(batches)
+        waited += time.monotonic() - before
         elapsed = time.monotonic() - start
         fraction = max(step / steps, elapsed / time_budget if time_budget else 0.0)
         if fraction >= 1.0:
@@ -235,14 +241,16 @@ def train(out: str | Path, *, steps: int = 4000, device: str = "cpu", time_budge
             lm, ax = (torch.stack(x).mean().item() for x in zip(*window))
             losses.append(lm)
             window = []
-            bar.set_postfix(loss=f"{lm:.3f}", aux=f"{ax:.3f}", lr=f"{lr_at(fraction, lr):.1e}")
+            bar.set_postfix(loss=f"{lm:.3f}", aux=f"{ax:.3f}", lr=f"{lr_at(fraction, lr):.1e}",
+                            data=f"{waited / max(elapsed, 1e-9):.0%}")
         bar.update(1)
     bar.close()
     if window:
         losses.append(torch.stack([w[0] for w in window]).mean().item())
     seconds = time.monotonic() - start
     save_checkpoint(model, config, tokenizer_dir, Path(out))
-    return {"losses": losses, "steps": step, "seconds": seconds, "model": model, "tokenizer": tokenizer}
+    return {"losses": losses, "steps": step, "seconds": seconds, "waited": waited, "model": model,
+            "tokenizer": tokenizer}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,8 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     result = train(args.out, steps=args.steps, device=args.device, time_budget=args.time_budget,
                    batch_tokens=args.batch_tokens, lr=args.lr, workers=args.workers, seed=args.seed,
                    init=args.init, mix=mix)
-    print(f"trained {result['steps']} steps in {result['seconds']:.0f} s; loss {result['losses'][0]:.3f} -> "
-          f"{result['losses'][-1]:.3f}; wrote {args.out}")
+    print(f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['waited']:.0f} s waiting for "
+          f"data); loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}; wrote {args.out}")
     print("losses every 50 steps:", " ".join(f"{x:.3f}" for x in result["losses"]))
     if args.eval:
         from expertmesh.demo.quick_eval import quick_eval
