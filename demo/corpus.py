@@ -35,8 +35,11 @@ from expertmesh.demo.words import CITIES, CONDITIONS, CURRENCIES, LANGUAGES, NAM
 
 FAMILIES = ("arith_think", "arith_direct", "tool_call", "tool_answer", "json", "phrasebook", "python",
             "fewshot", "chat")
+TRAINING_FAMILIES = FAMILIES + ("copy",)
+"""`copy` (say a made-up name or phrase back, or pick the city or the person out of a sentence) is
+trained, never evaluated: it drills the copying the tool-call and JSON families need."""
 WEIGHTS = {"arith_think": 14, "arith_direct": 22, "tool_call": 18, "tool_answer": 8, "json": 14,
-           "phrasebook": 6, "python": 3, "fewshot": 14, "chat": 1}
+           "phrasebook": 6, "python": 3, "fewshot": 14, "chat": 1, "copy": 6}
 """Share of each family in a generated stream (relative)."""
 
 
@@ -46,7 +49,7 @@ def parse_mix(text: str) -> dict[str, float]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         family, sep, value = part.partition("=")
         if not sep or family.strip() not in WEIGHTS:
-            raise ValueError(f"{part!r}: expected FAMILY=SHARE with FAMILY one of {', '.join(FAMILIES)}")
+            raise ValueError(f"{part!r}: expected FAMILY=SHARE with FAMILY one of {', '.join(TRAINING_FAMILIES)}")
         try:
             share = float(value)
         except ValueError:
@@ -87,18 +90,20 @@ def synthetic_name(rng: random.Random) -> str:
     """A made-up name: syllables ("Korvadel"), letters at random ("Tkaenvr"), or two real names
     spliced ("Frankholm" from the front of one and the back of another), at times two words.
     The three kinds leave the model no spelling habit to fall back on: it must copy."""
-    def word() -> str:
+    def candidate() -> str:
         kind = rng.random()
         if kind < 0.4:
             parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3))]
             return ("".join(parts) + rng.choice(_CODAS)).capitalize()
         if kind < 0.7:
             return "".join(rng.choice(_LETTERS_BY_USE) for _ in range(rng.randint(3, 10))).capitalize()
-        while True:
-            a, b = rng.choice(_SPLICEABLE), rng.choice(_SPLICEABLE)
-            spliced = (a[: rng.randint(2, max(2, len(a) - 1))] + b[rng.randint(1, max(1, len(b) - 2)):]).capitalize()
-            if spliced not in _REAL:  # never a real (perhaps held-out) name by chance
-                return spliced
+        a, b = rng.choice(_SPLICEABLE), rng.choice(_SPLICEABLE)
+        return (a[: rng.randint(2, max(2, len(a) - 1))] + b[rng.randint(1, max(1, len(b) - 2)):]).capitalize()
+
+    def word() -> str:
+        while (made := candidate()) in _REAL:  # never a real (perhaps held-out) name by chance
+            pass
+        return made
     return word() if rng.random() < 0.85 else f"{word()} {word()}"
 
 
@@ -489,20 +494,40 @@ def small_talk(rng: random.Random, split: str) -> Example:
                    None, _thinking_switch(rng), {"answer": answers})
 
 
+COPY = ("Repeat exactly: {x}", "Say \"{x}\" back to me.", "Copy this: {x}", "Echo: {x}",
+        "Write down exactly what follows: {x}")
+PICK = ("Which city is in this sentence? {s}", "Name the city: {s}", "Who is this sentence about? {s}",
+        "Give just the person's name: {s}")
+
+
+def copying(rng: random.Random, split: str) -> Example:
+    """Say a made-up name or phrase back, or pick the city or the person out of a sentence."""
+    if rng.random() < 0.5:
+        text = " ".join(_pick(rng, split, rng.choice((CITIES, NAMES, WORDS))) for _ in range(rng.randint(1, 4)))
+        request = _phrasing(rng, split, "copy", COPY).format(x=text)
+    else:
+        name, city = _pick(rng, split, NAMES), _pick(rng, split, CITIES)
+        sentence = rng.choice(SENTENCES).format(n=name, a=rng.randrange(1, 100), c=city)
+        template = _phrasing(rng, split, "pick", PICK)
+        request, text = template.format(s=sentence), city if "city" in template else name
+    return Example("copy", _chat(rng, request), {"role": "assistant", "content": text}, None, _thinking_switch(rng),
+                   {"answer": (text,)})
+
+
 # -- streams and rendering ------------------------------------------------------------------------
 
 def make_example(rng: random.Random, family: str, split: str = "train") -> Example:
     if family in ("arith_think", "arith_direct"):
         return arithmetic(rng, split, family == "arith_think")
     return {"tool_call": tool_call, "tool_answer": tool_answer, "json": extraction, "phrasebook": phrasebook,
-            "python": python_code, "fewshot": fewshot, "chat": small_talk}[family](rng, split)
+            "python": python_code, "fewshot": fewshot, "chat": small_talk, "copy": copying}[family](rng, split)
 
 
 def examples(n: int, split: str = "train", seed: int = 0, families: tuple[str, ...] = FAMILIES,
              mix: dict[str, float] | None = None) -> Iterator[Example]:
     """`n` examples of `families` in the proportions of `mix` (default `WEIGHTS`), from `seed`."""
     rng = random.Random(f"{split}:{seed}")
-    weights = [(mix or WEIGHTS)[f] for f in families]
+    weights = [(mix or WEIGHTS).get(f, 0.0) for f in families]
     for _ in range(n):
         yield make_example(rng, rng.choices(families, weights)[0], split)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from expertmesh.demo.corpus import examples, parse_mix, render
+from expertmesh.demo.corpus import TRAINING_FAMILIES, examples, parse_mix, render
 from expertmesh.demo.tokenizer import TOKENIZER_DIR
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import CausalLM
@@ -121,7 +121,8 @@ class Batches(IterableDataset):
         rng = random.Random(f"batches:{self.seed}:{worker}")
         round_ = 0
         while True:
-            stream = examples(self.pool, "train", seed=self.seed * 100_003 + worker * 1_009 + round_, mix=self.mix)
+            stream = examples(self.pool, "train", seed=self.seed * 100_003 + worker * 1_009 + round_,
+                              families=TRAINING_FAMILIES, mix=self.mix)
             rows = sorted((encode_example(tokenizer, ex) for ex in stream), key=lambda r: len(r[0]))
             batches, current = [], []
             for row in rows:

@@ -30,6 +30,23 @@ def test_corpus_is_deterministic_and_covers_every_family(tokenizer):
         assert completion.endswith("<|im_end|>") and completion.count("<|im_end|>") == 1
 
 
+def test_training_adds_the_copy_drill_and_made_up_names_the_evaluation_never_asks():
+    from expertmesh.demo.words import CITIES, NAMES
+
+    rng = __import__("random").Random(11)
+    drills = [make_example(rng, "copy") for _ in range(200)]
+    assert "copy" not in FAMILIES and "copy" in corpus.TRAINING_FAMILIES
+    for ex in drills:  # the answer is always in the question, word for word
+        assert ex.target["content"] and ex.target["content"] in ex.messages[-1]["content"]
+    assert {ex.family for ex in examples(400, seed=3, families=corpus.TRAINING_FAMILIES)} == \
+        set(corpus.TRAINING_FAMILIES)
+    made_up = [corpus.synthetic_name(rng) for _ in range(2000)]
+    real = set(CITIES) | set(NAMES)
+    assert not real & set(made_up)  # a splice never lands on a real (perhaps held-out) name
+    assert len(set(made_up)) > 1800 and all(w[0].isupper() for w in made_up)
+    assert not any(corpus.held_out(n) for n in made_up if n in real)
+
+
 def test_held_out_split_shares_no_city_name_or_sum_with_training():
     from expertmesh.demo.words import CITIES, NAMES
 
@@ -109,7 +126,7 @@ def test_training_continues_from_a_checkpoint_on_a_chosen_family_mix(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["tool_call", "nope=3", "tool_call=-1", "tool_call=nan", "tool_call=inf",
-                                  "tool_call=x", ",".join(f"{f}=0" for f in FAMILIES)])
+                                  "tool_call=x", ",".join(f"{f}=0" for f in corpus.TRAINING_FAMILIES)])
 def test_a_bad_family_mix_is_refused(text):
     with pytest.raises(ValueError):
         corpus.parse_mix(text)
