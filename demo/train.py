@@ -226,9 +226,9 @@ def train(out: str | Path, *, steps: int = 4000, device: str = "cpu", time_budge
         labels_BS = labels_BS.to(device, non_blocking=True)
         with autocast:
             hidden_BSD, router_logits = training_forward(model, ids_BS)
-            picked = labels_BS != IGNORE
-            logits = model.lm_head(hidden_BSD[picked]).float()
-            lm_loss = F.cross_entropy(logits, labels_BS[picked])
+            # every position's logits, the prompt's ignored: a boolean pick would sync with the host each step
+            logits = model.lm_head(hidden_BSD).float()
+            lm_loss = F.cross_entropy(logits.flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE)
             real_T = (ids_BS != tokenizer.token_to_id("<|endoftext|>")).flatten()
             aux = load_balancing_loss(router_logits, top_k, real_T)
             loss = lm_loss + ROUTER_AUX_LOSS_COEF * aux
