@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The image the Helm chart runs (values.yaml: image.repository ghcr.io/expertmesh/expertmesh, tag =
 # the chart's appVersion): Ray on CUDA with Python 3.12, PyTorch, expertmesh and its dependencies,
-# and the small demo model at /opt/expertmesh/models/demo-qwen3-moe-v2 (the chart's default model).
+# and the small demo model at /opt/expertmesh/models/demo-qwen3-moe-v3 (the chart's default model).
 #
 #   docker build -t ghcr.io/expertmesh/expertmesh:0.1.0 .
 #   docker run --rm -p 8000:8000 ghcr.io/expertmesh/expertmesh:0.1.0          # serves the demo model

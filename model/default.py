@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .tiny import make_tiny
 
-DEFAULT_MODEL_NAME = "demo-qwen3-moe-v2"
+DEFAULT_MODEL_NAME = "demo-qwen3-moe-v3"
 """Change the version suffix whenever the shipped checkpoint changes."""
 SHIPPED_MODEL_DIR = Path(__file__).parent.parent / "demo" / "checkpoint"
 """The demo checkpoint inside the installed package (DESIGN.md: how the default is found)."""
@@ -86,7 +86,7 @@ def _copy_shipped(staging: Path) -> None:
 def default_model_path(cache_dir: str | Path | None = None) -> Path:
     """Folder of the default (trained demo) model, copied from the package on first use.
 
-    `cache_dir` is the model folder itself; None means `~/.cache/expertmesh/models/demo-qwen3-moe-v2`.
+    `cache_dir` is the model folder itself; None means `~/.cache/expertmesh/models/demo-qwen3-moe-v3`.
     An existing complete folder is reused as is.
     """
     target = Path(cache_dir) if cache_dir is not None else _models_dir() / DEFAULT_MODEL_NAME

@@ -179,7 +179,7 @@ def test_default_model_needs_no_network(tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["prompt"] == "Hi"
-    assert (tmp_path / "models" / "demo-qwen3-moe-v2" / "config.json").is_file()
+    assert (tmp_path / "models" / "demo-qwen3-moe-v3" / "config.json").is_file()
 
 
 def test_banner_names_the_bound_addresses():

@@ -77,8 +77,8 @@ def test_print_config_writes_no_path_of_the_home_folder(qwen3_moe_path, tmp_path
     out = capsys.readouterr().out
     assert str(home) not in out
     args = yaml.safe_load(out)["applications"][0]["args"]
-    assert args["model"] == "~/.cache/expertmesh/models/demo-qwen3-moe-v2"
-    assert AppConfig.model_validate(args).model_path() == home / ".cache/expertmesh/models/demo-qwen3-moe-v2"
+    assert args["model"] == "~/.cache/expertmesh/models/demo-qwen3-moe-v3"
+    assert AppConfig.model_validate(args).model_path() == home / ".cache/expertmesh/models/demo-qwen3-moe-v3"
 
 
 @pytest.mark.parametrize(("flags", "grpc_host"), [([], "127.0.0.1"), (["--host", "0.0.0.0"], "0.0.0.0"),
