@@ -17,6 +17,8 @@ Families (`FAMILIES`):
 - ``python``: four short functions from templated requests.
 - ``fewshot``: k examples of a random letter mapping or a random word rule, then a new input.
 - ``chat``: greetings and "who are you".
+- ``copy`` (trained, never evaluated: `TRAINING_FAMILIES`): say a made-up name or phrase back, or
+  pick the city or the person out of a sentence.
 
 Held out (`split="test"`): arithmetic operand pairs, cities and names are split by a hash, and
 every family's phrasings are prefix x body combinations of which a fifth (never the issue's own
