@@ -412,7 +412,9 @@ def test_token_bitmask_unpacking_matches_xgrammar():
 def test_n2_chunked_prefill_preemption_and_pickled_plans(tok):
     """Small KV cache (preemption), 8-token step budget (chunked prefill), n=2 (a matcher per
     sequence), and every plan pickled on its way to the runner, as through Ray."""
-    llm = LLM(device="cpu", block_size=4, num_kv_blocks=24, max_num_batched_tokens=8, progress=False)
+    # 16 blocks of 4: one sequence (15 prompt tokens, at most ~20 the schema allows) needs 9, the six
+    # together far more, whatever the default model answers, so some are preempted
+    llm = LLM(device="cpu", block_size=4, num_kv_blocks=16, max_num_batched_tokens=8, progress=False)
     runner_execute = llm.engine.executor.execute
     masked_steps = []
 
