@@ -85,7 +85,7 @@ _VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou", "y")
 _CODAS = ("", "", "", "n", "r", "s", "l", "m", "t", "nd", "rk", "x")
 _LETTERS_BY_USE = "eeeeaaaaiiiooouunnnrrrsssttllmmddkkbbgghhccppvvwwzyfjxq"
 _REAL = frozenset(CITIES) | frozenset(NAMES)
-_SPLICEABLE = tuple(sorted(x for x in _REAL if not held_out(x)))
+_SPLICEABLE = tuple(_split_list(sorted(_REAL), "train"))
 
 
 def synthetic_name(rng: random.Random) -> str:
